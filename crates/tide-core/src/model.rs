@@ -1,0 +1,219 @@
+//! The reference model of one namespace on a sync server: the oracle that
+//! the fake transport serves from and every convergence test checks against.
+//!
+//! It is the semantics of PROTOCOL.md in a few lines of plain Rust, with no
+//! storage, no time and no I/O; real servers must agree with it on every
+//! per-op result and every page.
+
+use std::collections::BTreeMap;
+
+use crate::limits::json_len;
+use crate::lww::{Decision, decide};
+use crate::wire::{
+    Change, Cursor, ErrorCode, Op, OpResult, PROTOCOL_VERSION, Payload, SyncRequest, SyncResponse,
+    Violation,
+};
+use crate::{Limits, Stamp};
+
+/// A document's key: `(collection, id)`.
+pub type Key = (String, String);
+
+/// The stored version of one key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// The stamp of the write that won.
+    pub stamp: Stamp,
+    /// The document, or a tombstone.
+    pub payload: Payload,
+    /// The seq this version was stored under.
+    pub seq: u64,
+}
+
+/// One page of changes after a cursor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// The changes, in ascending seq.
+    pub changes: Vec<Change>,
+    /// Every seq at or below it has been examined.
+    pub cursor: Cursor,
+    /// Whether changes remain after `cursor`.
+    pub has_more: bool,
+}
+
+/// The server's state for one namespace: one row per key, and a global seq
+/// that moves only when an op is applied.
+#[derive(Debug, Clone, Default)]
+pub struct Model {
+    limits: Limits,
+    rows: BTreeMap<Key, Row>,
+    by_seq: BTreeMap<u64, Key>,
+    seq: u64,
+    lamport_max: u64,
+}
+
+impl Model {
+    /// An empty namespace enforcing `limits`.
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// The limits this model enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The highest seq issued so far (0 before the first applied op).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The highest counter seen in any valid op.
+    pub fn lamport_max(&self) -> u64 {
+        self.lamport_max
+    }
+
+    /// The stored version of a key, tombstones included.
+    pub fn row(&self, collection: &str, id: &str) -> Option<&Row> {
+        self.rows.get(&(collection.to_owned(), id.to_owned()))
+    }
+
+    /// Every stored row in key order, tombstones included.
+    pub fn rows(&self) -> impl Iterator<Item = (&Key, &Row)> {
+        self.rows.iter()
+    }
+
+    /// One sync exchange: validate every op (all or nothing), apply them in
+    /// order, then answer with a page of changes after the request's cursor.
+    ///
+    /// The model never waits: a `wait` in the request is ignored.
+    pub fn exchange(&mut self, req: &SyncRequest) -> Result<SyncResponse, Violation> {
+        self.limits.check_request(req)?;
+        let lead_bound = self
+            .lamport_max
+            .saturating_add(self.limits.lamport_lead_max);
+        if let Some(i) = req.ops.iter().position(|op| op.stamp.lamport > lead_bound) {
+            return Err(Violation::new(
+                ErrorCode::LamportOutOfRange,
+                format!(
+                    "lamport {} is more than {} ahead of the highest counter seen ({})",
+                    req.ops[i].stamp.lamport, self.limits.lamport_lead_max, self.lamport_max
+                ),
+            )
+            .at_op(i));
+        }
+        let results = req.ops.iter().map(|op| self.apply(op)).collect();
+
+        let requested = req.cursor.unwrap_or_default();
+        let reset = requested.seq() > self.seq;
+        let (from, own) = if reset {
+            (Cursor::START, None)
+        } else {
+            // A client past the start already holds its own accepted writes;
+            // a fresh one (no cursor) gets them, so a wiped store recovers.
+            (
+                requested,
+                (requested > Cursor::START).then_some(req.node_id.as_str()),
+            )
+        };
+        let limit = req
+            .limit
+            .map_or(usize::MAX, |l| l as usize)
+            .clamp(1, self.limits.changes_per_response_max);
+        let page = self.page(from, own, limit);
+        Ok(SyncResponse {
+            cursor: page.cursor,
+            changes: page.changes,
+            protocol: Some(PROTOCOL_VERSION),
+            results,
+            has_more: page.has_more,
+            reset,
+        })
+    }
+
+    /// Applies one already-validated op and says what became of it.
+    pub fn apply(&mut self, op: &Op) -> OpResult {
+        self.lamport_max = self.lamport_max.max(op.stamp.lamport);
+        let key = (op.collection.clone(), op.id.clone());
+        let stored = self.rows.get(&key);
+        match decide(
+            stored.map(|r| (&r.stamp, &r.payload)),
+            &op.stamp,
+            &op.payload,
+        ) {
+            Decision::Apply => {
+                self.seq += 1;
+                if let Some(old) = stored {
+                    self.by_seq.remove(&old.seq);
+                }
+                self.by_seq.insert(self.seq, key.clone());
+                let row = Row {
+                    stamp: op.stamp.clone(),
+                    payload: op.payload.clone(),
+                    seq: self.seq,
+                };
+                self.rows.insert(key, row);
+                OpResult::Applied { seq: self.seq }
+            }
+            Decision::Duplicate => OpResult::Duplicate,
+            Decision::Superseded => {
+                let winner = &stored.expect("superseded implies a stored row").stamp;
+                OpResult::Superseded {
+                    lamport: winner.lamport,
+                    node_id: winner.node_id.clone(),
+                }
+            }
+            Decision::Collision => OpResult::Rejected {
+                code: ErrorCode::StampCollision,
+                message: format!(
+                    "stamp ({}, {:?}) is already stored with a different payload; two writers share node id {:?}",
+                    op.stamp.lamport, op.stamp.node_id, op.stamp.node_id
+                ),
+            },
+        }
+    }
+
+    /// The changes after `cursor` in seq order, at most `limit` of them and
+    /// at most [`Limits::response_bytes_max`] bytes (a first change larger
+    /// than that is sent alone). Changes written by `skip_node` are passed
+    /// over but still advance the cursor.
+    pub fn page(&self, cursor: Cursor, skip_node: Option<&str>, limit: usize) -> Page {
+        let mut changes = Vec::new();
+        let mut bytes = 0;
+        let mut last = cursor.seq();
+        let mut rest = self.by_seq.range(cursor.seq() + 1..).peekable();
+        while let Some(&(&seq, key)) = rest.peek() {
+            let row = &self.rows[key];
+            if skip_node == Some(row.stamp.node_id.as_str()) {
+                last = seq;
+                rest.next();
+                continue;
+            }
+            if changes.len() == limit {
+                break;
+            }
+            let change = Change {
+                collection: key.0.clone(),
+                id: key.1.clone(),
+                stamp: row.stamp.clone(),
+                payload: row.payload.clone(),
+                seq,
+            };
+            let size = json_len(&change) + 1;
+            if !changes.is_empty() && bytes + size > self.limits.response_bytes_max {
+                break;
+            }
+            bytes += size;
+            changes.push(change);
+            last = seq;
+            rest.next();
+        }
+        Page {
+            changes,
+            cursor: Cursor(last),
+            has_more: rest.peek().is_some(),
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! tide-testkit's integration tests, one binary.
+
+mod layering;

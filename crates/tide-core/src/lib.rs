@@ -43,7 +43,7 @@ mod stamp;
 pub mod wire;
 
 pub use limits::Limits;
-pub use lww::{Decision, decide};
+pub use lww::{Decision, decide, wins};
 pub use model::Model;
 pub use stamp::{LAMPORT_MAX, LamportClock, Stamp};
 pub use wire::{

@@ -35,10 +35,20 @@ pub fn decide(stored: Option<(&Stamp, &Payload)>, stamp: &Stamp, payload: &Paylo
     let Some((stored_stamp, stored_payload)) = stored else {
         return Decision::Apply;
     };
+    if wins(stamp, Some(stored_stamp)) {
+        return Decision::Apply;
+    }
     match stamp.cmp(stored_stamp) {
-        std::cmp::Ordering::Greater => Decision::Apply,
+        std::cmp::Ordering::Greater => unreachable!("a greater stamp wins"),
         std::cmp::Ordering::Less => Decision::Superseded,
         std::cmp::Ordering::Equal if payload == stored_payload => Decision::Duplicate,
         std::cmp::Ordering::Equal => Decision::Collision,
     }
+}
+
+/// Whether a write stamped `stamp` replaces the stored version stamped
+/// `stored`: exactly when [`decide`] says [`Decision::Apply`]. It needs no
+/// payloads, so a replica can decide from stamps alone.
+pub fn wins(stamp: &Stamp, stored: Option<&Stamp>) -> bool {
+    stored.is_none_or(|stored| stamp > stored)
 }

@@ -1,4 +1,699 @@
 //! tide-store: the client's durable local store and outbox on sqlx SQLite.
 //!
-//! A shell for now: issue #3 fills it. Layer rule: depends only on
-//! tide-core; `sqlx` never appears in its public signatures.
+//! A [`Store`] is one SQLite file (or an in-memory database) holding the
+//! documents and tombstones, the outbox of ops not yet acknowledged by the
+//! server, the ops the server rejected, the cursor, the Lamport clock and
+//! the node id. Its promise: a write that returned `Ok` is durable (under
+//! the chosen [`Durability`]) and will be delivered, exactly once in effect.
+//!
+//! - Writes go through one writer connection owned by a task, which commits
+//!   concurrent writes together (group commit) and issues their stamps.
+//! - Reads use a small set of reader connections and never wait for the
+//!   writer (WAL).
+//! - A page of remote changes, its cursor and the observed clock commit in
+//!   one transaction, decided by [`tide_core::wins`].
+//!
+//! Layer rule: depends only on tide-core among tide crates; `sqlx` never
+//! appears in its public API. It needs a tokio runtime.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tide_store::Error> {
+//! let store = tide_store::Store::open_in_memory().await?;
+//! let doc = serde_json::json!({"title": "Hello"}).as_object().cloned().unwrap();
+//! let stamp = store.put("notes", "n1", doc.clone()).await?;
+//! assert_eq!(store.get("notes", "n1").await?, Some(doc));
+//! assert_eq!(store.pending(10).await?[0].op.stamp, stamp);
+//! # Ok(()) }
+//! ```
+
+mod conn;
+mod error;
+mod schema;
+mod writer;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tide_core::{Change, Cursor, Doc, ErrorCode, Limits, Op, Payload, Stamp};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+pub use conn::{ConnectionSettings, Durability};
+pub use error::{Error, Result};
+pub use schema::SCHEMA_VERSION;
+pub use writer::{GROUP_OPS_MAX, Rejection};
+
+use conn::{Location, Readers, Settings};
+use error::db;
+use writer::{Command, Writer};
+
+/// Default for [`OpenOptions::readers`]: reader connections of a file store.
+pub const READERS_DEFAULT: usize = 4;
+/// Default for [`OpenOptions::busy_timeout`]: how long to wait for a lock
+/// held by another process.
+pub const BUSY_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+/// Capacity of the writer's queue; callers wait when it is full.
+pub const WRITER_QUEUE_MAX: usize = 1_024;
+/// The most rows one read ([`Store::list`], [`Store::pending`], [`Store::rejected`]) returns.
+pub const READ_ROWS_MAX: usize = 10_000;
+/// The oldest SQLite this store accepts: 3.51.3 fixes a WAL-reset corruption.
+pub const SQLITE_VERSION_MIN: (u32, u32, u32) = (3, 51, 3);
+
+/// One local write, for [`Store::write`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    /// The collection.
+    pub collection: String,
+    /// The document id.
+    pub id: String,
+    /// The new document, or its deletion.
+    pub payload: Payload,
+}
+
+/// An op waiting in the outbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingOp {
+    /// Its place in the outbox: increasing with every local write.
+    pub seq: u64,
+    /// The op as it is sent.
+    pub op: Op,
+}
+
+/// An op the server rejected, set aside with its reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedOp {
+    /// Its former outbox seq.
+    pub seq: u64,
+    /// The op.
+    pub op: Op,
+    /// Why, for machines.
+    pub code: ErrorCode,
+    /// Why, for people.
+    pub message: String,
+}
+
+/// The stored version of a document, tombstones included.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Version {
+    /// The stamp of the write that produced it.
+    pub stamp: Stamp,
+    /// The document or its deletion.
+    pub payload: Payload,
+}
+
+/// How to open a [`Store`].
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    durability: Durability,
+    node_id: Option<String>,
+    readers: usize,
+    busy_timeout: Duration,
+    verify: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Full,
+            node_id: None,
+            readers: READERS_DEFAULT,
+            busy_timeout: BUSY_TIMEOUT_DEFAULT,
+            verify: true,
+        }
+    }
+}
+
+impl OpenOptions {
+    /// The defaults: FULL durability, a generated node id, 4 readers, 5 s
+    /// busy timeout, integrity verified on open.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The durability of every commit (default [`Durability::Full`]).
+    #[must_use]
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// The node id for a new store. A store keeps the node id it was
+    /// created with; opening it with another is an error.
+    #[must_use]
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.node_id = Some(node_id.into());
+        self
+    }
+
+    /// How many reader connections a file store opens (at least 1).
+    #[must_use]
+    pub fn readers(mut self, readers: usize) -> Self {
+        self.readers = readers.max(1);
+        self
+    }
+
+    /// How long to wait for a lock held by another process before failing
+    /// with [`Error::Busy`].
+    #[must_use]
+    pub fn busy_timeout(mut self, timeout: Duration) -> Self {
+        self.busy_timeout = timeout;
+        self
+    }
+
+    /// Whether to run SQLite's `quick_check` on open (default on): a damaged
+    /// file is refused at once instead of failing later.
+    #[must_use]
+    pub fn verify_integrity(mut self, verify: bool) -> Self {
+        self.verify = verify;
+        self
+    }
+
+    /// Opens (or creates) the store file at `path`.
+    pub async fn open(self, path: impl AsRef<Path>) -> Result<Store> {
+        self.open_at(Location::File(path.as_ref().to_owned())).await
+    }
+
+    /// Opens a store that lives in memory and vanishes when closed.
+    pub async fn open_in_memory(self) -> Result<Store> {
+        self.open_at(Location::Memory).await
+    }
+
+    async fn open_at(self, location: Location) -> Result<Store> {
+        let memory = matches!(location, Location::Memory);
+        let settings = Settings {
+            location,
+            durability: self.durability,
+            busy_timeout: self.busy_timeout,
+        };
+        let mut conn = settings.connect_writer().await?;
+        settings.verify(&mut conn).await?;
+        check_sqlite_version(&mut conn).await?;
+        if self.verify {
+            let report: Vec<String> = sqlx::query_scalar("PRAGMA quick_check")
+                .fetch_all(&mut conn)
+                .await
+                .map_err(db)?;
+            if report.first().map(String::as_str) != Some("ok") {
+                return Err(Error::Corrupt {
+                    detail: report.join("; "),
+                });
+            }
+        }
+        schema::migrate(&mut conn).await?;
+        let node_id = node_id(&mut conn, self.node_id).await?;
+        let seed: i64 = sqlx::query_scalar("SELECT lamport FROM tide_clock WHERE id = 1")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(db)?;
+        let clock = tide_core::LamportClock::new(u64::try_from(seed).unwrap_or(0))?;
+
+        let writer_conn = Arc::new(Mutex::new(Some(conn)));
+        let readers = if memory {
+            vec![Arc::clone(&writer_conn)]
+        } else {
+            let mut readers = Vec::with_capacity(self.readers);
+            for _ in 0..self.readers {
+                let mut reader = settings.connect_reader().await?;
+                settings.verify(&mut reader).await?;
+                readers.push(Arc::new(Mutex::new(Some(reader))));
+            }
+            readers
+        };
+        let (tx, rx) = mpsc::channel(WRITER_QUEUE_MAX);
+        let writer = Writer {
+            conn: writer_conn,
+            clock,
+            node_id: node_id.clone(),
+        };
+        let task = tokio::spawn(writer.run(rx));
+        Ok(Store {
+            inner: Arc::new(Inner {
+                tx,
+                readers: Readers::new(readers),
+                node_id,
+                limits: Limits::default(),
+                task: Mutex::new(Some(task)),
+            }),
+        })
+    }
+}
+
+async fn check_sqlite_version(conn: &mut sqlx::SqliteConnection) -> Result<()> {
+    let version: String = sqlx::query_scalar("SELECT sqlite_version()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+    let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
+    let found = (
+        parts.first().copied().unwrap_or(0),
+        parts.get(1).copied().unwrap_or(0),
+        parts.get(2).copied().unwrap_or(0),
+    );
+    if found < SQLITE_VERSION_MIN {
+        let (a, b, c) = SQLITE_VERSION_MIN;
+        return Err(Error::Setting {
+            name: "sqlite_version",
+            expected: format!(">= {a}.{b}.{c}"),
+            found: version,
+        });
+    }
+    Ok(())
+}
+
+/// Reads the persisted node id, or persists the requested or a new one.
+async fn node_id(conn: &mut sqlx::SqliteConnection, requested: Option<String>) -> Result<String> {
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'node_id'")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+    match (stored, requested) {
+        (Some(stored), Some(requested)) if stored != requested => {
+            Err(Error::NodeIdMismatch { stored, requested })
+        }
+        (Some(stored), _) => Ok(stored),
+        (None, requested) => {
+            let id = requested.unwrap_or_else(|| ulid::Ulid::generate().to_string());
+            let mut probe = tide_core::SyncRequest::new(id.clone(), None);
+            probe.protocol = None;
+            Limits::default().check_request(&probe)?;
+            sqlx::query("INSERT INTO tide_meta (key, value) VALUES ('node_id', ?1)")
+                .bind(&id)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+            Ok(id)
+        }
+    }
+}
+
+struct Inner {
+    tx: mpsc::Sender<Command>,
+    readers: Readers,
+    node_id: String,
+    limits: Limits,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// The durable local store. Cheap to clone; all clones share one store.
+///
+/// Every async method is cancel safe in this sense: dropping its future
+/// before it completes either leaves the store as it was or lets the
+/// operation finish in the background; it never leaves half a write.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("node_id", &self.inner.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store file at `path` with default options.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        OpenOptions::new().open(path).await
+    }
+
+    /// Opens an in-memory store with default options.
+    pub async fn open_in_memory() -> Result<Self> {
+        OpenOptions::new().open_in_memory().await
+    }
+
+    /// This store's node id: the second half of every stamp it issues.
+    pub fn node_id(&self) -> &str {
+        &self.inner.node_id
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Puts a whole document; returns the write's stamp.
+    pub async fn put(&self, collection: &str, id: &str, doc: Doc) -> Result<Stamp> {
+        let write = Write {
+            collection: collection.into(),
+            id: id.into(),
+            payload: Payload::Put(doc),
+        };
+        Ok(self.write(vec![write]).await?.remove(0))
+    }
+
+    /// Deletes a document, leaving a tombstone; returns the write's stamp.
+    pub async fn delete(&self, collection: &str, id: &str) -> Result<Stamp> {
+        let write = Write {
+            collection: collection.into(),
+            id: id.into(),
+            payload: Payload::Delete,
+        };
+        Ok(self.write(vec![write]).await?.remove(0))
+    }
+
+    /// Commits several writes atomically: all or none. Each gets its own
+    /// stamp, strictly increasing in the order given; the stamps are returned
+    /// in that order. The documents, outbox entries and clock commit in one
+    /// transaction.
+    pub async fn write(&self, writes: Vec<Write>) -> Result<Vec<Stamp>> {
+        if writes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if writes.len() > GROUP_OPS_MAX {
+            return Err(tide_core::Violation::new(
+                ErrorCode::TooManyOps,
+                format!(
+                    "{} writes in one batch; the limit is {GROUP_OPS_MAX}",
+                    writes.len()
+                ),
+            )
+            .into());
+        }
+        for w in &writes {
+            self.inner.limits.check_collection(&w.collection)?;
+            self.inner.limits.check_id(&w.id)?;
+            self.inner.limits.check_payload(&w.payload)?;
+        }
+        self.call(|reply| Command::Write { writes, reply }).await
+    }
+
+    /// The live document under `(collection, id)`, if any.
+    pub async fn get(&self, collection: &str, id: &str) -> Result<Option<Doc>> {
+        let mut conn = self.inner.readers.get().await?;
+        let doc: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT doc FROM tide_docs WHERE collection = ?1 AND id = ?2 AND deleted = 0",
+        )
+        .bind(collection)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+        doc.flatten().map(|d| parse_doc(&d)).transpose()
+    }
+
+    /// The stored version under `(collection, id)`, tombstone or not.
+    pub async fn version(&self, collection: &str, id: &str) -> Result<Option<Version>> {
+        let mut conn = self.inner.readers.get().await?;
+        let row: Option<(Option<String>, i64, String, bool)> = sqlx::query_as(
+            "SELECT doc, lamport, node_id, deleted FROM tide_docs WHERE collection = ?1 AND id = ?2",
+        )
+        .bind(collection)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
+        row.map(|(doc, lamport, node, deleted)| {
+            let payload = match (deleted, doc) {
+                (false, Some(doc)) => Payload::Put(parse_doc(&doc)?),
+                _ => Payload::Delete,
+            };
+            Ok(Version {
+                stamp: Stamp::new(u64::try_from(lamport).unwrap_or(0), node),
+                payload,
+            })
+        })
+        .transpose()
+    }
+
+    /// Live documents of a collection ordered by id, at most `limit` (capped
+    /// at [`READ_ROWS_MAX`]), starting after the id `after` if given: pass the
+    /// last id of one page to get the next.
+    pub async fn list(
+        &self,
+        collection: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Doc)>> {
+        let limit = i64::try_from(limit.min(READ_ROWS_MAX)).expect("bounded");
+        let mut conn = self.inner.readers.get().await?;
+        let rows: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(id, doc) ORDER BY id) FROM \
+             (SELECT id, doc FROM tide_docs WHERE collection = ?1 AND deleted = 0 AND id > ?2 ORDER BY id LIMIT ?3)",
+        )
+        .bind(collection)
+        .bind(after.unwrap_or(""))
+        .bind(limit)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        let rows: Vec<(String, String)> = parse_json(&rows)?;
+        rows.into_iter()
+            .map(|(id, doc)| Ok((id, parse_doc(&doc)?)))
+            .collect()
+    }
+
+    /// How many live documents a collection holds.
+    pub async fn count(&self, collection: &str) -> Result<u64> {
+        let mut conn = self.inner.readers.get().await?;
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM tide_docs WHERE collection = ?1 AND deleted = 0",
+        )
+        .bind(collection)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The oldest pending ops, oldest first, at most `limit` (capped at
+    /// [`READ_ROWS_MAX`]).
+    pub async fn pending(&self, limit: usize) -> Result<Vec<PendingOp>> {
+        let limit = i64::try_from(limit.min(READ_ROWS_MAX)).expect("bounded");
+        let mut conn = self.inner.readers.get().await?;
+        let rows: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(seq, collection, id, kind, doc, lamport, node_id) ORDER BY seq) \
+             FROM (SELECT * FROM tide_outbox ORDER BY seq LIMIT ?1)",
+        )
+        .bind(limit)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        let rows: Vec<OpRow> = parse_json(&rows)?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(PendingOp {
+                    seq: r.0,
+                    op: r.into_op()?,
+                })
+            })
+            .collect()
+    }
+
+    /// How many ops wait in the outbox.
+    pub async fn pending_count(&self) -> Result<u64> {
+        let mut conn = self.inner.readers.get().await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tide_outbox")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Removes the acknowledged ops from the outbox and moves the rejected
+    /// ones to the rejected set, in one transaction. Seqs no longer in the
+    /// outbox are ignored, so settling twice is harmless.
+    pub async fn settle(&self, acked: Vec<u64>, rejected: Vec<Rejection>) -> Result<()> {
+        self.call(|reply| Command::Settle {
+            acked,
+            rejected,
+            reply,
+        })
+        .await
+    }
+
+    /// The ops the server rejected, oldest first, at most [`READ_ROWS_MAX`].
+    pub async fn rejected(&self) -> Result<Vec<RejectedOp>> {
+        let mut conn = self.inner.readers.get().await?;
+        let rows: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(seq, collection, id, kind, doc, lamport, node_id, code, message) \
+             ORDER BY seq) FROM (SELECT * FROM tide_rejected ORDER BY seq LIMIT 10000)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        let rows: Vec<RejectedRow> = parse_json(&rows)?;
+        rows.into_iter()
+            .map(
+                |RejectedRow(seq, collection, id, kind, doc, lamport, node, code, message)| {
+                    let op = OpRow(seq, collection, id, kind, doc, lamport, node).into_op()?;
+                    let code = serde_json::from_value(serde_json::Value::String(code))
+                        .unwrap_or(ErrorCode::Unknown);
+                    Ok(RejectedOp {
+                        seq,
+                        op,
+                        code,
+                        message,
+                    })
+                },
+            )
+            .collect()
+    }
+
+    /// Forgets rejected ops; returns how many were removed.
+    pub async fn discard_rejected(&self, seqs: Vec<u64>) -> Result<u64> {
+        self.call(|reply| Command::Discard { seqs, reply }).await
+    }
+
+    /// The cursor saved with the last applied page, if any.
+    pub async fn cursor(&self) -> Result<Option<Cursor>> {
+        let mut conn = self.inner.readers.get().await?;
+        let value: Option<String> =
+            sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'cursor'")
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
+        match value.as_deref() {
+            None | Some("") => Ok(None),
+            Some(v) => u64::from_str(v)
+                .map(|v| Some(Cursor(v)))
+                .map_err(|_| Error::Corrupt {
+                    detail: format!("stored cursor {v:?} is not a decimal integer"),
+                }),
+        }
+    }
+
+    /// The persisted Lamport counter: the largest issued or observed.
+    pub async fn lamport(&self) -> Result<u64> {
+        let mut conn = self.inner.readers.get().await?;
+        let n: i64 = sqlx::query_scalar("SELECT lamport FROM tide_clock WHERE id = 1")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// Applies a page of remote changes, saves `cursor` and observes their
+    /// counters, in one transaction. Each change replaces the local version
+    /// only if its stamp wins ([`tide_core::wins`]). Returns the changes that
+    /// altered local state, in page order, for watch events.
+    pub async fn apply_page(&self, changes: Vec<Change>, cursor: Cursor) -> Result<Vec<Change>> {
+        for c in &changes {
+            self.inner.limits.check_collection(&c.collection)?;
+            self.inner.limits.check_id(&c.id)?;
+        }
+        self.call(|reply| Command::Apply {
+            changes,
+            cursor,
+            reply,
+        })
+        .await
+    }
+
+    /// Caps the database at `pages` pages (SQLite's `max_page_count`); a
+    /// write that needs more fails with [`Error::Full`]. Returns the cap in
+    /// force, which is never below the current size.
+    pub async fn set_max_page_count(&self, pages: u64) -> Result<u64> {
+        self.call(|reply| Command::MaxPages { pages, reply }).await
+    }
+
+    /// The settings read back from every connection, the writer's first.
+    pub async fn connection_settings(&self) -> Result<Vec<ConnectionSettings>> {
+        let mut all = vec![self.call(|reply| Command::Settings { reply }).await?];
+        for conn in self.inner.readers.all() {
+            all.push(conn::read_settings(&mut *conn::lock(conn).await?).await?);
+        }
+        Ok(all)
+    }
+
+    /// The version of the SQLite library in use.
+    pub async fn sqlite_version(&self) -> Result<String> {
+        let mut conn = self.inner.readers.get().await?;
+        sqlx::query_scalar("SELECT sqlite_version()")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)
+    }
+
+    /// Runs SQLite's full `integrity_check`.
+    pub async fn check_integrity(&self) -> Result<()> {
+        let mut conn = self.inner.readers.get().await?;
+        let report: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+        if report.first().map(String::as_str) == Some("ok") {
+            Ok(())
+        } else {
+            Err(Error::Corrupt {
+                detail: report.join("; "),
+            })
+        }
+    }
+
+    /// Finishes queued writes, then closes every connection; when it
+    /// returns the file is consistent and complete on disk. Every clone of
+    /// this store then fails with [`Error::Closed`].
+    pub async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.inner.tx.send(Command::Close { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+        if let Some(task) = self.inner.task.lock().await.take() {
+            let _ = task.await;
+        }
+        self.inner.readers.close_all().await;
+    }
+}
+
+/// An outbox or rejected row as read back in one JSON array.
+#[derive(Deserialize)]
+struct OpRow(u64, String, String, String, Option<String>, u64, String);
+
+/// A rejected row: an [`OpRow`] with its code and message.
+#[derive(Deserialize)]
+struct RejectedRow(
+    u64,
+    String,
+    String,
+    String,
+    Option<String>,
+    u64,
+    String,
+    String,
+    String,
+);
+
+impl OpRow {
+    fn into_op(self) -> Result<Op> {
+        let OpRow(_, collection, id, kind, doc, lamport, node_id) = self;
+        let payload = match (kind.as_str(), doc) {
+            ("delete", _) => Payload::Delete,
+            (_, Some(doc)) => Payload::Put(parse_doc(&doc)?),
+            (kind, None) => {
+                return Err(Error::Corrupt {
+                    detail: format!("outbox {kind} op without a document"),
+                });
+            }
+        };
+        Ok(Op {
+            collection,
+            id,
+            stamp: Stamp::new(lamport, node_id),
+            payload,
+            op_id: None,
+        })
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Corrupt {
+        detail: format!("unreadable row: {e}"),
+    })
+}
+
+fn parse_doc(text: &str) -> Result<Doc> {
+    serde_json::from_str(text).map_err(|e| Error::Corrupt {
+        detail: format!("stored document is not a JSON object: {e}"),
+    })
+}

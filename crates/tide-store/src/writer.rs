@@ -1,0 +1,364 @@
+//! The writer task: owns the one writer connection and the Lamport clock,
+//! and commits every write, in order.
+//!
+//! Concurrent local writes are committed together (group commit): the task
+//! drains whatever is queued, stamps it in order, and runs one statement for
+//! the whole group. A trigger turns each outbox row into its document
+//! upsert and clock bump, and the statement is its own transaction, so the
+//! group is atomic and costs one round trip and one sync.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use sqlx::Connection;
+use tide_core::{Change, Cursor, ErrorCode, LAMPORT_MAX, LamportClock, Payload, Stamp};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Write;
+use crate::conn::{self, ConnectionSettings, Shared, read_settings};
+use crate::error::{Error, Result, db};
+
+/// The most ops committed in one group.
+pub const GROUP_OPS_MAX: usize = 4_096;
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// An op the server refused, to move out of the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The op's outbox seq.
+    pub seq: u64,
+    /// Why, for machines.
+    pub code: ErrorCode,
+    /// Why, for people.
+    pub message: String,
+}
+
+pub(crate) enum Command {
+    Write {
+        writes: Vec<Write>,
+        reply: Reply<Vec<Stamp>>,
+    },
+    Apply {
+        changes: Vec<Change>,
+        cursor: Cursor,
+        reply: Reply<Vec<Change>>,
+    },
+    Settle {
+        acked: Vec<u64>,
+        rejected: Vec<Rejection>,
+        reply: Reply<()>,
+    },
+    Discard {
+        seqs: Vec<u64>,
+        reply: Reply<u64>,
+    },
+    MaxPages {
+        pages: u64,
+        reply: Reply<u64>,
+    },
+    Settings {
+        reply: Reply<ConnectionSettings>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+pub(crate) struct Writer {
+    pub(crate) conn: Shared,
+    pub(crate) clock: LamportClock,
+    pub(crate) node_id: String,
+}
+
+impl Writer {
+    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut next = None;
+        loop {
+            let cmd = match next.take() {
+                Some(cmd) => cmd,
+                None => match rx.recv().await {
+                    Some(cmd) => cmd,
+                    None => break,
+                },
+            };
+            match cmd {
+                Command::Write { writes, reply } => {
+                    let mut ops = writes.len();
+                    let mut group = vec![(writes, reply)];
+                    while ops < GROUP_OPS_MAX {
+                        match rx.try_recv() {
+                            Ok(Command::Write { writes, reply }) => {
+                                ops += writes.len();
+                                group.push((writes, reply));
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.write_group(group).await;
+                }
+                Command::Apply {
+                    changes,
+                    cursor,
+                    reply,
+                } => {
+                    let _ = reply.send(self.apply(changes, cursor).await);
+                }
+                Command::Settle {
+                    acked,
+                    rejected,
+                    reply,
+                } => {
+                    let _ = reply.send(self.settle(&acked, &rejected).await);
+                }
+                Command::Discard { seqs, reply } => {
+                    let _ = reply.send(self.discard(&seqs).await);
+                }
+                Command::MaxPages { pages, reply } => {
+                    let _ = reply.send(self.max_pages(pages).await);
+                }
+                Command::Settings { reply } => {
+                    let result = match conn::lock(&self.conn).await {
+                        Ok(mut held) => read_settings(&mut held).await,
+                        Err(e) => Err(e),
+                    };
+                    let _ = reply.send(result);
+                }
+                Command::Close { reply } => {
+                    rx.close();
+                    conn::close(&self.conn).await;
+                    let _ = reply.send(());
+                    return;
+                }
+            }
+        }
+        conn::close(&self.conn).await;
+    }
+
+    async fn write_group(&mut self, group: Vec<(Vec<Write>, Reply<Vec<Stamp>>)>) {
+        #[derive(Serialize)]
+        struct Row<'a>(&'a str, &'a str, &'static str, Option<String>, u64);
+
+        let mut rows = Vec::new();
+        let mut committing = Vec::new();
+        for (writes, reply) in group {
+            let mut stamps = Vec::with_capacity(writes.len());
+            let mut clock = self.clock;
+            let ticked: Result<()> = writes.iter().try_for_each(|_| {
+                stamps.push(Stamp::new(clock.tick()?, self.node_id.clone()));
+                Ok(())
+            });
+            if let Err(e) = ticked {
+                let _ = reply.send(Err(e));
+                continue;
+            }
+            self.clock = clock;
+            committing.push((writes, stamps, reply));
+        }
+        for (writes, stamps, _) in &committing {
+            for (w, stamp) in writes.iter().zip(stamps) {
+                let (kind, doc) = match &w.payload {
+                    Payload::Put(doc) => (
+                        "put",
+                        Some(serde_json::Value::Object(doc.clone()).to_string()),
+                    ),
+                    Payload::Delete => ("delete", None),
+                };
+                rows.push(Row(&w.collection, &w.id, kind, doc, stamp.lamport));
+            }
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let rows = serde_json::to_string(&rows).expect("plain rows serialize");
+        let result = match conn::lock(&self.conn).await {
+            Ok(mut held) => self.insert_group(&mut held, rows).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                for (_, stamps, reply) in committing {
+                    let _ = reply.send(Ok(stamps));
+                }
+            }
+            Err(e) => {
+                for (_, _, reply) in committing {
+                    let _ = reply.send(Err(e.replicate()));
+                }
+            }
+        }
+    }
+
+    async fn insert_group(&self, conn: &mut sqlx::SqliteConnection, rows: String) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tide_outbox (collection, id, kind, doc, lamport, node_id) \
+             SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ?2 FROM jsonb_each(?1)",
+        )
+        .bind(rows)
+        .bind(&self.node_id)
+        .execute(conn)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Applies a page of remote changes and its cursor in one transaction;
+    /// returns the changes that altered local state, in page order.
+    async fn apply(&mut self, changes: Vec<Change>, cursor: Cursor) -> Result<Vec<Change>> {
+        let lamport_max = changes.iter().map(|c| c.stamp.lamport).max().unwrap_or(0);
+        if lamport_max > LAMPORT_MAX {
+            return Err(tide_core::Error::LamportOutOfRange {
+                lamport: lamport_max,
+            }
+            .into());
+        }
+        let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+
+        // The stored stamps of the page's keys, as one row.
+        let keys: Vec<(&str, &str)> = changes
+            .iter()
+            .map(|c| (c.collection.as_str(), c.id.as_str()))
+            .collect();
+        let stored: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(j.key, d.lamport, d.node_id)) \
+             FROM json_each(?1) AS j JOIN tide_docs AS d ON d.collection = j.value->>0 AND d.id = j.value->>1",
+        )
+        .bind(serde_json::to_string(&keys).expect("keys serialize"))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let stored: Vec<(usize, u64, String)> =
+            serde_json::from_str(&stored).map_err(|e| Error::Corrupt {
+                detail: format!("stored stamps: {e}"),
+            })?;
+        let mut current: HashMap<(&str, &str), Stamp> = stored
+            .into_iter()
+            .map(|(i, lamport, node)| (keys[i], Stamp::new(lamport, node)))
+            .collect();
+
+        // The same rule as everywhere: tide_core decides, in page order.
+        let mut applied = Vec::new();
+        let mut last_winner: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, change) in changes.iter().enumerate() {
+            if tide_core::wins(&change.stamp, current.get(&keys[i])) {
+                current.insert(keys[i], change.stamp.clone());
+                last_winner.insert(keys[i], i);
+                applied.push(i);
+            }
+        }
+        if !last_winner.is_empty() {
+            #[derive(Serialize)]
+            struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8);
+            let mut winners: Vec<usize> = last_winner.into_values().collect();
+            winners.sort_unstable();
+            let rows: Vec<Row> = winners
+                .iter()
+                .map(|&i| {
+                    let c = &changes[i];
+                    let doc = c
+                        .payload
+                        .doc()
+                        .map(|d| serde_json::Value::Object(d.clone()).to_string());
+                    let deleted = u8::from(doc.is_none());
+                    Row(
+                        &c.collection,
+                        &c.id,
+                        doc,
+                        c.stamp.lamport,
+                        &c.stamp.node_id,
+                        deleted,
+                    )
+                })
+                .collect();
+            sqlx::query(
+                "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5 FROM jsonb_each(?1) WHERE true \
+                 ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
+                 node_id = excluded.node_id, deleted = excluded.deleted \
+                 WHERE (excluded.lamport, excluded.node_id) > (tide_docs.lamport, tide_docs.node_id)",
+            )
+            .bind(serde_json::to_string(&rows).expect("rows serialize"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        sqlx::query(
+            "INSERT INTO tide_meta (key, value) VALUES ('cursor', ?1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(cursor.to_string())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("UPDATE tide_clock SET lamport = max(lamport, ?1) WHERE id = 1")
+            .bind(i64::try_from(lamport_max).expect("bounded by LAMPORT_MAX"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.clock.observe(lamport_max)?;
+
+        let mut keep = applied.into_iter().peekable();
+        Ok(changes
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, c)| keep.next_if_eq(&i).map(|_| c))
+            .collect())
+    }
+
+    /// Removes acknowledged ops and moves rejected ones aside, in one transaction.
+    async fn settle(&mut self, acked: &[u64], rejected: &[Rejection]) -> Result<()> {
+        let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        if !rejected.is_empty() {
+            let rows: Vec<(u64, &str, &str)> = rejected
+                .iter()
+                .map(|r| (r.seq, r.code.as_str(), r.message.as_str()))
+                .collect();
+            sqlx::query(
+                "INSERT OR REPLACE INTO tide_rejected (seq, collection, id, kind, doc, lamport, node_id, code, message) \
+                 SELECT o.seq, o.collection, o.id, o.kind, o.doc, o.lamport, o.node_id, r.value->>1, r.value->>2 \
+                 FROM json_each(?1) AS r JOIN tide_outbox AS o ON o.seq = r.value->>0",
+            )
+            .bind(serde_json::to_string(&rows).expect("rows serialize"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        let seqs: Vec<u64> = acked
+            .iter()
+            .copied()
+            .chain(rejected.iter().map(|r| r.seq))
+            .collect();
+        sqlx::query("DELETE FROM tide_outbox WHERE seq IN (SELECT value FROM json_each(?1))")
+            .bind(serde_json::to_string(&seqs).expect("seqs serialize"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn discard(&mut self, seqs: &[u64]) -> Result<u64> {
+        let done =
+            sqlx::query("DELETE FROM tide_rejected WHERE seq IN (SELECT value FROM json_each(?1))")
+                .bind(serde_json::to_string(seqs).expect("seqs serialize"))
+                .execute(&mut *conn::lock(&self.conn).await?)
+                .await
+                .map_err(db)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn max_pages(&mut self, pages: u64) -> Result<u64> {
+        let sql = format!("PRAGMA max_page_count = {pages}");
+        let now: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&mut *conn::lock(&self.conn).await?)
+            .await
+            .map_err(db)?;
+        Ok(u64::try_from(now).unwrap_or(0))
+    }
+}

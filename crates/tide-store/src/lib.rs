@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tide_core::{Change, Cursor, Doc, ErrorCode, Limits, Op, Payload, Stamp};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, oneshot};
 
 pub use conn::{ConnectionSettings, Durability};
 pub use error::{Error, Result};
@@ -55,8 +55,6 @@ pub const READERS_DEFAULT: usize = 4;
 /// Default for [`OpenOptions::busy_timeout`]: how long to wait for a lock
 /// held by another process.
 pub const BUSY_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
-/// Capacity of the writer's queue; callers wait when it is full.
-pub const WRITER_QUEUE_MAX: usize = 1_024;
 /// The most rows one read ([`Store::list`], [`Store::pending`], [`Store::rejected`]) returns.
 pub const READ_ROWS_MAX: usize = 10_000;
 /// The oldest SQLite this store accepts: 3.51.3 fixes a WAL-reset corruption.
@@ -222,20 +220,13 @@ impl OpenOptions {
             }
             readers
         };
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE_MAX);
-        let writer = Writer {
-            conn: writer_conn,
-            clock,
-            node_id: node_id.clone(),
-        };
-        let task = tokio::spawn(writer.run(rx));
+        let writer = Writer::new(writer_conn, clock, node_id.clone());
         Ok(Store {
             inner: Arc::new(Inner {
-                tx,
+                writer,
                 readers: Readers::new(readers),
                 node_id,
                 limits: Limits::default(),
-                task: Mutex::new(Some(task)),
             }),
         })
     }
@@ -291,11 +282,10 @@ async fn node_id(conn: &mut sqlx::SqliteConnection, requested: Option<String>) -
 }
 
 struct Inner {
-    tx: mpsc::Sender<Command>,
+    writer: Writer,
     readers: Readers,
     node_id: String,
     limits: Limits,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The durable local store. Cheap to clone; all clones share one store.
@@ -333,13 +323,7 @@ impl Store {
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
-        let (reply, rx) = oneshot::channel();
-        self.inner
-            .tx
-            .send(make(reply))
-            .await
-            .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        self.inner.writer.call(make).await
     }
 
     /// Puts a whole document; returns the write's stamp.
@@ -635,13 +619,7 @@ impl Store {
     /// returns the file is consistent and complete on disk. Every clone of
     /// this store then fails with [`Error::Closed`].
     pub async fn close(&self) {
-        let (reply, done) = oneshot::channel();
-        if self.inner.tx.send(Command::Close { reply }).await.is_ok() {
-            let _ = done.await;
-        }
-        if let Some(task) = self.inner.task.lock().await.take() {
-            let _ = task.await;
-        }
+        let _ = self.call(|reply| Command::Close { reply }).await;
         self.inner.readers.close_all().await;
     }
 }

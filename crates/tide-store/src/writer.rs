@@ -1,8 +1,8 @@
-//! The writer task: owns the one writer connection and the Lamport clock,
-//! and commits every write, in order.
+//! The writer: the one writer connection and the Lamport clock, and the
+//! group commit that runs every write, in order.
 //!
-//! Concurrent local writes are committed together (group commit): the task
-//! drains whatever is queued, stamps it in order, and runs one statement for
+//! Concurrent local writes are committed together (group commit): the lock
+//! holder drains whatever is queued, stamps it in order, and runs one statement for
 //! the whole group. A trigger turns each outbox row into its document
 //! upsert and clock bump, and the statement is its own transaction, so the
 //! group is atomic and costs one round trip and one sync.
@@ -11,8 +11,11 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use sqlx::Connection;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tide_core::{Change, Cursor, ErrorCode, LAMPORT_MAX, LamportClock, Payload, Stamp};
-use tokio::sync::{mpsc, oneshot};
+
+use tokio::sync::{Mutex, oneshot};
 
 use crate::Write;
 use crate::conn::{self, ConnectionSettings, Shared, read_settings};
@@ -61,88 +64,220 @@ pub(crate) enum Command {
         reply: Reply<ConnectionSettings>,
     },
     Close {
-        reply: oneshot::Sender<()>,
+        reply: Reply<()>,
     },
 }
 
+/// The write side of a store: a queue of commands and the state that only
+/// the current drainer touches.
+///
+/// There is no long-lived writer task. A caller queues its command; if no
+/// one is draining the queue it becomes the drainer. A drainer whose batch
+/// is only its own write runs it inline, saving a hop between threads;
+/// otherwise (other callers' commands, or anything but a write) the batch
+/// runs in a spawned task, so dropping one caller's future never abandons
+/// another's command or a transaction halfway. The drainer keeps draining
+/// until the queue is empty, so commands that queue up while it is busy are
+/// committed together (group commit).
 pub(crate) struct Writer {
+    shared: Arc<Core>,
+}
+
+struct Core {
+    queue: std::sync::Mutex<Vec<(u64, Command)>>,
+    draining: AtomicBool,
+    next: AtomicU64,
+    state: Mutex<State>,
+}
+
+pub(crate) struct State {
     pub(crate) conn: Shared,
     pub(crate) clock: LamportClock,
     pub(crate) node_id: String,
+    closed: bool,
 }
 
 impl Writer {
-    pub(crate) async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
-        let mut next = None;
+    pub(crate) fn new(conn: Shared, clock: LamportClock, node_id: String) -> Self {
+        let state = State {
+            conn,
+            clock,
+            node_id,
+            closed: false,
+        };
+        Self {
+            shared: Arc::new(Core {
+                queue: std::sync::Mutex::new(Vec::new()),
+                draining: AtomicBool::new(false),
+                next: AtomicU64::new(0),
+                state: Mutex::new(state),
+            }),
+        }
+    }
+
+    /// Queues a command and sees it run; returns its reply.
+    pub(crate) async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        let me = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        self.shared.push(me, make(reply));
+        if !self.shared.draining.swap(true, Ordering::AcqRel) {
+            let drainer = Drainer(Arc::clone(&self.shared));
+            let batch = self.shared.take();
+            if let [(id, Command::Write { .. })] = batch.as_slice()
+                && *id == me
+            {
+                self.shared.state.lock().await.run(batch).await;
+            } else if !batch.is_empty() {
+                let shared = Arc::clone(&self.shared);
+                std::mem::forget(drainer);
+                tokio::spawn(drain(shared, batch));
+                return rx.await.map_err(|_| Error::Closed)?;
+            }
+            drop(drainer);
+        }
+        rx.await.map_err(|_| Error::Closed)?
+    }
+}
+
+impl Core {
+    fn push(&self, id: u64, cmd: Command) {
+        self.queue
+            .lock()
+            .expect("queue lock is never poisoned")
+            .push((id, cmd));
+    }
+
+    fn take(&self) -> Vec<(u64, Command)> {
+        std::mem::take(&mut *self.queue.lock().expect("queue lock is never poisoned"))
+    }
+
+    /// Gives up draining; returns the batch to run if commands arrived and
+    /// this caller is still (or again) the drainer.
+    fn release(&self) -> Option<Vec<(u64, Command)>> {
         loop {
-            let cmd = match next.take() {
-                Some(cmd) => cmd,
-                None => match rx.recv().await {
-                    Some(cmd) => cmd,
-                    None => break,
-                },
-            };
-            match cmd {
-                Command::Write { writes, reply } => {
-                    let mut ops = writes.len();
-                    let mut group = vec![(writes, reply)];
-                    while ops < GROUP_OPS_MAX {
-                        match rx.try_recv() {
-                            Ok(Command::Write { writes, reply }) => {
-                                ops += writes.len();
-                                group.push((writes, reply));
-                            }
-                            Ok(other) => {
-                                next = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.write_group(group).await;
-                }
-                Command::Apply {
-                    changes,
-                    cursor,
-                    reply,
-                } => {
-                    let _ = reply.send(self.apply(changes, cursor).await);
-                }
-                Command::Settle {
-                    acked,
-                    rejected,
-                    reply,
-                } => {
-                    let _ = reply.send(self.settle(&acked, &rejected).await);
-                }
-                Command::Discard { seqs, reply } => {
-                    let _ = reply.send(self.discard(&seqs).await);
-                }
-                Command::MaxPages { pages, reply } => {
-                    let _ = reply.send(self.max_pages(pages).await);
-                }
-                Command::Settings { reply } => {
-                    let result = match conn::lock(&self.conn).await {
-                        Ok(mut held) => read_settings(&mut held).await,
-                        Err(e) => Err(e),
-                    };
-                    let _ = reply.send(result);
-                }
-                Command::Close { reply } => {
-                    rx.close();
-                    conn::close(&self.conn).await;
-                    let _ = reply.send(());
-                    return;
-                }
+            let batch = self.take();
+            if !batch.is_empty() {
+                return Some(batch);
+            }
+            self.draining.store(false, Ordering::Release);
+            // A command queued between the take and the store saw
+            // `draining` set and is waiting on us: take it back if no one
+            // else has.
+            let queued = !self
+                .queue
+                .lock()
+                .expect("queue lock is never poisoned")
+                .is_empty();
+            if !queued || self.draining.swap(true, Ordering::AcqRel) {
+                return None;
             }
         }
-        conn::close(&self.conn).await;
+    }
+}
+
+/// The drainer's duty, handed on when it ends: whoever drops it (normally
+/// or by cancellation) spawns a task for anything still queued.
+struct Drainer(Arc<Core>);
+
+impl Drop for Drainer {
+    fn drop(&mut self) {
+        if let Some(batch) = self.0.release() {
+            tokio::spawn(drain(Arc::clone(&self.0), batch));
+        }
+    }
+}
+
+async fn drain(shared: Arc<Core>, mut batch: Vec<(u64, Command)>) {
+    let mut state = shared.state.lock().await;
+    loop {
+        state.run(batch).await;
+        // Let the callers just answered queue their next commands, so the
+        // next group is large rather than one command long.
+        tokio::task::yield_now().await;
+        match shared.release() {
+            Some(next) => batch = next,
+            None => return,
+        }
+    }
+}
+
+impl State {
+    /// Runs a batch in order, committing runs of consecutive writes together.
+    async fn run(&mut self, batch: Vec<(u64, Command)>) {
+        let mut group = Vec::new();
+        let mut ops = 0;
+        for (_, cmd) in batch {
+            if let Command::Write { writes, reply } = cmd {
+                ops += writes.len();
+                group.push((writes, reply));
+                if ops >= GROUP_OPS_MAX {
+                    self.write_group(std::mem::take(&mut group)).await;
+                    ops = 0;
+                }
+                continue;
+            }
+            if !group.is_empty() {
+                self.write_group(std::mem::take(&mut group)).await;
+                ops = 0;
+            }
+            self.run_one(cmd).await;
+        }
+        if !group.is_empty() {
+            self.write_group(group).await;
+        }
+    }
+
+    async fn run_one(&mut self, cmd: Command) {
+        if self.closed {
+            return refuse(cmd);
+        }
+        match cmd {
+            Command::Write { .. } => unreachable!("writes are grouped"),
+            Command::Apply {
+                changes,
+                cursor,
+                reply,
+            } => {
+                let _ = reply.send(self.apply(changes, cursor).await);
+            }
+            Command::Settle {
+                acked,
+                rejected,
+                reply,
+            } => {
+                let _ = reply.send(self.settle(&acked, &rejected).await);
+            }
+            Command::Discard { seqs, reply } => {
+                let _ = reply.send(self.discard(&seqs).await);
+            }
+            Command::MaxPages { pages, reply } => {
+                let _ = reply.send(self.max_pages(pages).await);
+            }
+            Command::Settings { reply } => {
+                let result = match conn::lock(&self.conn).await {
+                    Ok(mut held) => read_settings(&mut held).await,
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Close { reply } => {
+                self.closed = true;
+                conn::close(&self.conn).await;
+                let _ = reply.send(Ok(()));
+            }
+        }
     }
 
     async fn write_group(&mut self, group: Vec<(Vec<Write>, Reply<Vec<Stamp>>)>) {
         #[derive(Serialize)]
         struct Row<'a>(&'a str, &'a str, &'static str, Option<String>, u64);
 
+        if self.closed {
+            for (_, reply) in group {
+                let _ = reply.send(Err(Error::Closed));
+            }
+            return;
+        }
         let mut rows = Vec::new();
         let mut committing = Vec::new();
         for (writes, reply) in group {
@@ -164,7 +299,7 @@ impl Writer {
                 let (kind, doc) = match &w.payload {
                     Payload::Put(doc) => (
                         "put",
-                        Some(serde_json::Value::Object(doc.clone()).to_string()),
+                        Some(serde_json::to_string(doc).expect("documents serialize")),
                     ),
                     Payload::Delete => ("delete", None),
                 };
@@ -263,7 +398,7 @@ impl Writer {
                     let doc = c
                         .payload
                         .doc()
-                        .map(|d| serde_json::Value::Object(d.clone()).to_string());
+                        .map(|d| serde_json::to_string(d).expect("documents serialize"));
                     let deleted = u8::from(doc.is_none());
                     Row(
                         &c.collection,
@@ -360,5 +495,20 @@ impl Writer {
             .await
             .map_err(db)?;
         Ok(u64::try_from(now).unwrap_or(0))
+    }
+}
+
+/// Answers a command that arrives after the store closed.
+fn refuse(cmd: Command) {
+    match cmd {
+        Command::Write { reply, .. } => drop(reply.send(Err(Error::Closed))),
+        Command::Apply { reply, .. } => drop(reply.send(Err(Error::Closed))),
+        Command::Settle { reply, .. } | Command::Close { reply } => {
+            drop(reply.send(Err(Error::Closed)))
+        }
+        Command::Discard { reply, .. } | Command::MaxPages { reply, .. } => {
+            drop(reply.send(Err(Error::Closed)))
+        }
+        Command::Settings { reply } => drop(reply.send(Err(Error::Closed))),
     }
 }

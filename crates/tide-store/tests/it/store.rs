@@ -256,7 +256,7 @@ async fn the_node_id_is_generated_once_and_kept() {
     drop(same);
     match OpenOptions::new().node_id("someone-else").open(&path).await {
         Err(Error::NodeIdMismatch { stored, requested }) => {
-            assert_eq!((stored, requested.as_str()), (id, "someone-else"))
+            assert_eq!((stored, requested.as_str()), (id, "someone-else"));
         }
         other => panic!("expected a node id mismatch, got {other:?}"),
     }

@@ -13,6 +13,9 @@ use tokio::sync::{Mutex, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{Error, Result, db};
 
+/// The writer connection's page cache: 16 MiB (`cache_size` takes negative KiB).
+const WRITER_CACHE_KIB_PRAGMA: &str = "-16384";
+
 /// How hard a commit works to survive power loss.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
@@ -72,7 +75,9 @@ impl Settings {
 
     /// The writer connection: creates the file, switches it to WAL.
     pub(crate) async fn connect_writer(&self) -> Result<SqliteConnection> {
-        let mut options = self.options();
+        // A page of changes dirties a few MiB; a cache that holds it avoids
+        // spilling to the WAL in the middle of the transaction.
+        let mut options = self.options().pragma("cache_size", WRITER_CACHE_KIB_PRAGMA);
         if let Location::File(_) = self.location {
             options = options.journal_mode(SqliteJournalMode::Wal);
         }

@@ -501,14 +501,20 @@ impl State {
 /// Answers a command that arrives after the store closed.
 fn refuse(cmd: Command) {
     match cmd {
-        Command::Write { reply, .. } => drop(reply.send(Err(Error::Closed))),
-        Command::Apply { reply, .. } => drop(reply.send(Err(Error::Closed))),
+        Command::Write { reply, .. } => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        Command::Apply { reply, .. } => {
+            let _ = reply.send(Err(Error::Closed));
+        }
         Command::Settle { reply, .. } | Command::Close { reply } => {
-            drop(reply.send(Err(Error::Closed)))
+            let _ = reply.send(Err(Error::Closed));
         }
         Command::Discard { reply, .. } | Command::MaxPages { reply, .. } => {
-            drop(reply.send(Err(Error::Closed)))
+            let _ = reply.send(Err(Error::Closed));
         }
-        Command::Settings { reply } => drop(reply.send(Err(Error::Closed))),
+        Command::Settings { reply } => {
+            let _ = reply.send(Err(Error::Closed));
+        }
     }
 }

@@ -1,0 +1,312 @@
+//! The HTTP(S) transport: one `POST` per exchange over hyper, with rustls.
+
+use std::io::Read as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER,
+};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tide_core::{SyncRequest, SyncResponse};
+
+use crate::{Error, Headers, Transport};
+
+/// Default for [`HttpTransportBuilder::connect_timeout`].
+pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Default for [`HttpTransportBuilder::exchange_timeout`]: longer than the
+/// protocol's longest long-poll (`tide_core::limits::WAIT_MAX`, 30 s).
+pub const EXCHANGE_TIMEOUT_DEFAULT: Duration = Duration::from_mins(1);
+/// Default for [`HttpTransportBuilder::response_bytes_max`]: 64 MiB, after
+/// decompression.
+pub const RESPONSE_BYTES_MAX_DEFAULT: usize = 64 << 20;
+/// Request bodies at least this large are gzip-compressed once the server
+/// has said it accepts gzip.
+pub const GZIP_REQUEST_BYTES_MIN: usize = 1024;
+/// How long an idle pooled connection is kept for reuse.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Configures an [`HttpTransport`].
+#[derive(Debug)]
+#[must_use]
+pub struct HttpTransportBuilder {
+    endpoint: String,
+    headers: Headers,
+    connect_timeout: Duration,
+    exchange_timeout: Duration,
+    response_bytes_max: usize,
+    roots_pem: Vec<Vec<u8>>,
+}
+
+impl HttpTransportBuilder {
+    /// Adds a header sent with every request (turning the headers static).
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        let mut list = match self.headers {
+            Headers::Static(list) => list,
+            _ => Vec::new(),
+        };
+        list.push((name.into(), value.into()));
+        self.headers = Headers::Static(list);
+        self
+    }
+
+    /// Sets the headers: static, or a provider asked before every request.
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// How long to wait for a TCP connection (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a whole exchange may take, from sending to the last byte of
+    /// the response (default 60 s).
+    pub fn exchange_timeout(mut self, timeout: Duration) -> Self {
+        self.exchange_timeout = timeout;
+        self
+    }
+
+    /// The largest response body accepted, after decompression (default 64 MiB).
+    pub fn response_bytes_max(mut self, bytes: usize) -> Self {
+        self.response_bytes_max = bytes;
+        self
+    }
+
+    /// Trusts the certificates in `pem` as roots, besides the public web's
+    /// (for a private CA or a self-signed server).
+    pub fn add_root_certificates_pem(mut self, pem: &[u8]) -> Self {
+        self.roots_pem.push(pem.to_vec());
+        self
+    }
+
+    /// Builds the transport.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an endpoint that is not an `http` or `https`
+    /// URL, or a root certificate that does not parse.
+    pub fn build(self) -> Result<HttpTransport, Error> {
+        let endpoint: http::Uri = self.endpoint.parse().map_err(|e| Error::Config {
+            message: format!("endpoint {:?}: {e}", self.endpoint),
+        })?;
+        if !matches!(endpoint.scheme_str(), Some("http" | "https")) || endpoint.host().is_none() {
+            return Err(Error::Config {
+                message: format!("endpoint {:?} is not an http(s) URL", self.endpoint),
+            });
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        for pem in &self.roots_pem {
+            use rustls::pki_types::pem::PemObject;
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| Error::Config {
+                    message: format!("root certificate: {e}"),
+                })?;
+                roots.add(cert).map_err(|e| Error::Config {
+                    message: format!("root certificate: {e}"),
+                })?;
+            }
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Config {
+            message: format!("TLS: {e}"),
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut connector = HttpConnector::new();
+        connector.enforce_http(false);
+        connector.set_connect_timeout(Some(self.connect_timeout));
+        connector.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(https);
+        Ok(HttpTransport {
+            client,
+            endpoint,
+            headers: self.headers,
+            exchange_timeout: self.exchange_timeout,
+            response_bytes_max: self.response_bytes_max,
+            gzip_requests: AtomicBool::new(false),
+        })
+    }
+}
+
+/// Sync exchanges as `POST` requests over HTTP/1.1 or HTTPS, reusing
+/// connections.
+pub struct HttpTransport {
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    endpoint: http::Uri,
+    headers: Headers,
+    exchange_timeout: Duration,
+    response_bytes_max: usize,
+    /// Set once the server has said (with `Accept-Encoding`) that it takes gzip.
+    gzip_requests: AtomicBool,
+}
+
+impl std::fmt::Debug for HttpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTransport")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpTransport {
+    /// A transport to `endpoint` (for example `https://example.com/sync`)
+    /// with the default settings.
+    ///
+    /// # Errors
+    /// See [`HttpTransportBuilder::build`].
+    pub fn new(endpoint: &str) -> Result<Self, Error> {
+        Self::builder(endpoint).build()
+    }
+
+    /// Starts configuring a transport to `endpoint`.
+    pub fn builder(endpoint: &str) -> HttpTransportBuilder {
+        HttpTransportBuilder {
+            endpoint: endpoint.to_owned(),
+            headers: Headers::None,
+            connect_timeout: CONNECT_TIMEOUT_DEFAULT,
+            exchange_timeout: EXCHANGE_TIMEOUT_DEFAULT,
+            response_bytes_max: RESPONSE_BYTES_MAX_DEFAULT,
+            roots_pem: Vec::new(),
+        }
+    }
+
+    async fn request(&self, request: &SyncRequest) -> Result<http::Request<Full<Bytes>>, Error> {
+        let extra = self
+            .headers
+            .resolve()
+            .await
+            .map_err(|source| Error::Headers { source })?;
+        let mut body = serde_json::to_vec(request).expect("requests serialize");
+        let mut req = http::Request::post(self.endpoint.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT_ENCODING, "gzip");
+        if self.gzip_requests.load(Ordering::Relaxed) && body.len() >= GZIP_REQUEST_BYTES_MIN {
+            body = gzip(&body);
+            req = req.header(CONTENT_ENCODING, "gzip");
+        }
+        let mut req = req
+            .body(Full::new(Bytes::from(body)))
+            .expect("a valid request");
+        for (name, value) in extra {
+            let bad = |e: &dyn std::fmt::Display| Error::Headers {
+                source: format!("header {name:?}: {e}").into(),
+            };
+            let name_h = HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad(&e))?;
+            let value_h = HeaderValue::from_str(&value).map_err(|e| bad(&e))?;
+            // The caller's headers win, as in the original (`content-type` included).
+            req.headers_mut().insert(name_h, value_h);
+        }
+        Ok(req)
+    }
+
+    async fn send(
+        &self,
+        req: http::Request<Full<Bytes>>,
+    ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), Error> {
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| Error::network("request failed", e))?;
+        let (parts, body) = resp.into_parts();
+        let bytes = Limited::new(body, self.response_bytes_max)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    Error::ResponseTooLarge {
+                        limit: self.response_bytes_max,
+                    }
+                } else {
+                    Error::Network {
+                        message: "response body broke off".into(),
+                        source: Some(e),
+                    }
+                }
+            })?;
+        let mut bytes = bytes.to_bytes();
+        let gzipped = parts
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        if gzipped {
+            bytes = gunzip(&bytes, self.response_bytes_max)?;
+        }
+        Ok((parts.status, parts.headers, bytes))
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for HttpTransport {
+    async fn exchange(&self, request: &SyncRequest) -> Result<SyncResponse, Error> {
+        let req = self.request(request).await?;
+        let (status, headers, body) = tokio::time::timeout(self.exchange_timeout, self.send(req))
+            .await
+            .map_err(|_| Error::Timeout {
+                after: self.exchange_timeout,
+            })??;
+        let accepts_gzip = headers.get_all(ACCEPT_ENCODING).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|e| e.trim().eq_ignore_ascii_case("gzip")))
+        });
+        if accepts_gzip {
+            self.gzip_requests.store(true, Ordering::Relaxed);
+        }
+        if !status.is_success() {
+            let retry_after = headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(Error::from_status(status.as_u16(), &body, retry_after));
+        }
+        serde_json::from_slice(&body).map_err(|e| Error::MalformedResponse {
+            message: e.to_string(),
+        })
+    }
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(body).expect("writing to memory cannot fail");
+    enc.finish().expect("writing to memory cannot fail")
+}
+
+fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, Error> {
+    let mut out = Vec::new();
+    let mut dec = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
+    dec.read_to_end(&mut out)
+        .map_err(|e| Error::MalformedResponse {
+            message: format!("gzip body: {e}"),
+        })?;
+    if out.len() > limit {
+        return Err(Error::ResponseTooLarge { limit });
+    }
+    Ok(Bytes::from(out))
+}

@@ -1,5 +1,26 @@
-//! tide-server: the hyper sync server, its storage backends, and the
-//! `tide-server` binary.
+//! tide-server: the sync server, as a library and as the `tide-server`
+//! binary.
 //!
-//! A shell for now: issue #5 fills it. Layer rule: depends on tide-core
-//! only among tide crates.
+//! - [`Server`]: the hyper service. [`Server::handle`] answers one request
+//!   (embed it in any hyper or axum app, or call it in tests);
+//!   [`Server::serve`] runs it on a listener with connection limits,
+//!   timeouts and graceful shutdown.
+//! - [`Backend`]: where namespaces are stored; [`SqliteBackend`] is the
+//!   default. Every backend gives `tide_core::Model`'s exact results.
+//! - [`Authenticator`]: a token in, a [`Principal`] and its [`Namespace`]
+//!   out; [`NoAuth`] and [`StaticTokens`] ship with it.
+//!
+//! Layer rule: depends on tide-core only among tide crates.
+
+mod auth;
+pub mod backend;
+mod http;
+mod metrics;
+
+pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError};
+pub use backend::sqlite::{Durability, SqliteBackend};
+pub use backend::{Backend, BackendError, Reply};
+pub use http::{
+    AUTHORIZATION_BYTES_MAX, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT,
+    HEADER_READ_TIMEOUT_DEFAULT, SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig,
+};

@@ -1,0 +1,177 @@
+//! Storage behind the handler: one trait, one call per exchange.
+
+pub mod sqlite;
+
+use tide_core::{Cursor, OpResult, PROTOCOL_VERSION, SyncRequest, SyncResponse, Violation};
+
+use crate::auth::Namespace;
+
+/// Why a backend could not answer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The request breaks a rule that needs stored state to check (a counter
+    /// too far ahead of the namespace's highest). Nothing was applied.
+    #[error(transparent)]
+    Refused(#[from] Violation),
+    /// The database cannot be reached or is busy; retrying can succeed.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else; a bug or a damaged database.
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+/// The answer to one exchange, with the page already rendered as JSON so
+/// the server never re-parses stored documents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// One result per op.
+    pub results: Vec<OpResult>,
+    /// The cursor to return.
+    pub cursor: Cursor,
+    /// The changes as JSON objects joined by commas (no brackets).
+    pub changes_json: String,
+    /// How many changes `changes_json` holds.
+    pub change_count: usize,
+    /// Whether more changes wait after `cursor`.
+    pub has_more: bool,
+    /// Whether the request's cursor was ahead of the namespace's state.
+    pub reset: bool,
+}
+
+impl Reply {
+    /// The response body, byte for byte what `serde_json` writes for the
+    /// equivalent [`SyncResponse`].
+    pub fn body(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.changes_json.len() + 128);
+        out.extend_from_slice(br#"{"cursor":""#);
+        out.extend_from_slice(self.cursor.to_string().as_bytes());
+        out.extend_from_slice(br#"","changes":["#);
+        out.extend_from_slice(self.changes_json.as_bytes());
+        out.extend_from_slice(br#"],"protocol":"#);
+        out.extend_from_slice(PROTOCOL_VERSION.to_string().as_bytes());
+        if !self.results.is_empty() {
+            out.extend_from_slice(br#","results":"#);
+            serde_json::to_writer(&mut out, &self.results).expect("results serialize");
+        }
+        if self.has_more {
+            out.extend_from_slice(br#","has_more":true"#);
+        }
+        if self.reset {
+            out.extend_from_slice(br#","reset":true"#);
+        }
+        out.push(b'}');
+        out
+    }
+
+    /// The typed response (parses the rendered page; for tests and tools).
+    pub fn to_response(&self) -> SyncResponse {
+        serde_json::from_slice(&self.body()).expect("a rendered reply parses")
+    }
+}
+
+/// Where a server keeps its namespaces. Implementations must give exactly
+/// the per-op results and pages of `tide_core::Model` (PROTOCOL.md).
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Applies a validated request's ops in one transaction (all or
+    /// nothing), then reads the page after its cursor.
+    ///
+    /// The caller has run `Limits::check_request`; the backend checks what
+    /// needs stored state (the counter lead) and may refuse with
+    /// [`BackendError::Refused`].
+    async fn exchange(
+        &self,
+        namespace: &Namespace,
+        request: &SyncRequest,
+    ) -> Result<Reply, BackendError>;
+
+    /// Whether the backend can serve now (for readiness checks).
+    async fn ready(&self) -> Result<(), BackendError>;
+}
+
+/// One row of a page window, as a backend reads it.
+pub(crate) struct PageRow {
+    pub(crate) seq: u64,
+    pub(crate) own: bool,
+    pub(crate) json: String,
+}
+
+/// Builds a page the way `tide_core::Model::page` does, from windows of
+/// rows in seq order that the backend reads one after another.
+pub(crate) struct PageBuilder {
+    limit: usize,
+    bytes_max: usize,
+    json: String,
+    count: usize,
+    bytes: usize,
+    last: u64,
+    has_more: Option<bool>,
+}
+
+impl PageBuilder {
+    pub(crate) fn new(from: Cursor, limit: usize, bytes_max: usize) -> Self {
+        Self {
+            limit,
+            bytes_max,
+            json: String::new(),
+            count: 0,
+            bytes: 0,
+            last: from.seq(),
+            has_more: None,
+        }
+    }
+
+    /// How many rows to read next.
+    pub(crate) fn window(&self) -> usize {
+        self.limit.saturating_add(1).min(PAGE_WINDOW_ROWS_MAX)
+    }
+
+    /// The seq to read after.
+    pub(crate) fn after(&self) -> u64 {
+        self.last
+    }
+
+    /// Takes the next window; returns whether the page is complete.
+    pub(crate) fn feed(&mut self, rows: Vec<PageRow>) -> bool {
+        let full = rows.len() == self.window();
+        for row in rows {
+            if row.own {
+                self.last = row.seq;
+                continue;
+            }
+            let size = row.json.len() + 1;
+            if self.count == self.limit || (self.count > 0 && self.bytes + size > self.bytes_max) {
+                self.has_more = Some(true);
+                return true;
+            }
+            if self.count > 0 {
+                self.json.push(',');
+            }
+            self.json.push_str(&row.json);
+            self.count += 1;
+            self.bytes += size;
+            self.last = row.seq;
+        }
+        if full {
+            return false;
+        }
+        self.has_more = Some(false);
+        true
+    }
+
+    /// The page: changes, their count, the cursor and `has_more`.
+    pub(crate) fn finish(self) -> (String, usize, Cursor, bool) {
+        (
+            self.json,
+            self.count,
+            Cursor(self.last),
+            self.has_more.unwrap_or(true),
+        )
+    }
+}
+
+/// The most rows one page query reads; a page of many own (skipped) rows
+/// takes several queries.
+pub const PAGE_WINDOW_ROWS_MAX: usize = 1_001;

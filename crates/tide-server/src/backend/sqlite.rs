@@ -1,0 +1,447 @@
+//! The SQLite backend (the default): sqlx, WAL, one writer connection and
+//! a few readers.
+//!
+//! Seqs are per namespace, like `tide_core::Model`'s: a namespace row holds
+//! its counter and the highest counter seen, and every stored version has
+//! the seq it was written under. SQLite has one writer, so seq order is
+//! commit order and a page read after a commit never skips a change.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use tide_core::{
+    Cursor, Decision, ErrorCode, Limits, OpResult, Payload, Stamp, SyncRequest, Violation, decide,
+};
+use tokio::sync::{Mutex, Semaphore};
+
+use super::{Backend, BackendError, PageBuilder, PageRow, Reply};
+use crate::auth::Namespace;
+
+/// Reader connections of the SQLite backend.
+pub const SQLITE_READERS: usize = 4;
+
+const SCHEMA: &str = r"
+CREATE TABLE IF NOT EXISTS tide_server_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO tide_server_meta (key, value) VALUES ('schema_version', '1');
+CREATE TABLE IF NOT EXISTS tide_namespaces (
+    namespace   TEXT PRIMARY KEY,
+    seq         INTEGER NOT NULL,
+    lamport_max INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tide_rows (
+    namespace  TEXT NOT NULL,
+    collection TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    doc        TEXT,
+    lamport    INTEGER NOT NULL,
+    node_id    TEXT NOT NULL,
+    deleted    INTEGER NOT NULL,
+    seq        INTEGER NOT NULL,
+    PRIMARY KEY (namespace, collection, id)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tide_rows_by_seq ON tide_rows (namespace, seq);
+";
+
+/// Durability of the server's commits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// `synchronous=FULL`: an acknowledged op survives power loss. The
+    /// default: the client deletes an op from its outbox once acknowledged.
+    #[default]
+    Full,
+    /// `synchronous=NORMAL`: faster; the last commits may roll back on power loss.
+    Normal,
+}
+
+/// The SQLite backend.
+pub struct SqliteBackend {
+    writer: Mutex<SqliteConnection>,
+    readers: Vec<Mutex<SqliteConnection>>,
+    free: Semaphore,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for SqliteBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteBackend").finish_non_exhaustive()
+    }
+}
+
+#[expect(clippy::needless_pass_by_value, reason = "the shape `map_err` wants")]
+fn unavailable(e: sqlx::Error) -> BackendError {
+    if let sqlx::Error::Database(d) = &e {
+        let code: i32 = d.code().and_then(|c| c.parse().ok()).unwrap_or(0);
+        if matches!(code & 0xff, 5 | 6 | 13) {
+            return BackendError::Unavailable(e.to_string());
+        }
+    }
+    BackendError::Internal(e.to_string())
+}
+
+impl SqliteBackend {
+    /// Opens (or creates) the server database at `path`.
+    pub async fn open(
+        path: &Path,
+        durability: Durability,
+        limits: Limits,
+    ) -> Result<Arc<Self>, BackendError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5))
+            .synchronous(match durability {
+                Durability::Full => SqliteSynchronous::Full,
+                Durability::Normal => SqliteSynchronous::Normal,
+            });
+        let mut writer = options
+            .clone()
+            .journal_mode(SqliteJournalMode::Wal)
+            .connect()
+            .await
+            .map_err(unavailable)?;
+        let mut tx = writer
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        sqlx::raw_sql(SCHEMA)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        let version: String =
+            sqlx::query_scalar("SELECT value FROM tide_server_meta WHERE key = 'schema_version'")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        if version != "1" {
+            return Err(BackendError::Internal(format!(
+                "server database schema v{version} is not supported by this build (v1)"
+            )));
+        }
+        tx.commit().await.map_err(unavailable)?;
+        let mut readers = Vec::with_capacity(SQLITE_READERS);
+        for _ in 0..SQLITE_READERS {
+            let conn = options
+                .clone()
+                .pragma("query_only", "ON")
+                .connect()
+                .await
+                .map_err(unavailable)?;
+            readers.push(Mutex::new(conn));
+        }
+        Ok(Arc::new(Self {
+            writer: Mutex::new(writer),
+            readers,
+            free: Semaphore::new(SQLITE_READERS),
+            limits,
+        }))
+    }
+
+    async fn apply(
+        &self,
+        ns: &Namespace,
+        req: &SyncRequest,
+    ) -> Result<Vec<OpResult>, BackendError> {
+        #[derive(Serialize)]
+        struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8, u64);
+
+        let mut conn = self.writer.lock().await;
+        let mut tx = conn
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(unavailable)?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO tide_namespaces (namespace, seq, lamport_max) VALUES (?1, 0, 0)",
+        )
+        .bind(ns.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let (seq, lamport_max): (i64, i64) =
+            sqlx::query_as("SELECT seq, lamport_max FROM tide_namespaces WHERE namespace = ?1")
+                .bind(ns.as_str())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        let (seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
+        let bound = lamport_max.saturating_add(self.limits.lamport_lead_max);
+        if let Some(i) = req.ops.iter().position(|op| op.stamp.lamport > bound) {
+            return Err(Violation::new(
+                ErrorCode::LamportOutOfRange,
+                format!(
+                    "lamport {} is more than {} ahead of the highest counter seen ({lamport_max})",
+                    req.ops[i].stamp.lamport, self.limits.lamport_lead_max
+                ),
+            )
+            .at_op(i)
+            .into());
+        }
+
+        // What is stored for the request's keys, as one row.
+        let keys: Vec<(&str, &str)> = req
+            .ops
+            .iter()
+            .map(|o| (o.collection.as_str(), o.id.as_str()))
+            .collect();
+        let stored: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.doc, r.seq)) \
+             FROM json_each(?2) AS j JOIN tide_rows AS r \
+             ON r.namespace = ?1 AND r.collection = j.value->>0 AND r.id = j.value->>1",
+        )
+        .bind(ns.as_str())
+        .bind(serde_json::to_string(&keys).expect("keys serialize"))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let stored: Vec<(usize, u64, String, u8, Option<String>, u64)> =
+            serde_json::from_str(&stored)
+                .map_err(|e| BackendError::Internal(format!("stored rows: {e}")))?;
+        let mut current: HashMap<(&str, &str), (Stamp, Payload)> = HashMap::new();
+        for (i, lamport, node, deleted, doc, _) in stored {
+            let payload = match (deleted, doc) {
+                (0, Some(doc)) => Payload::Put(
+                    serde_json::from_str(&doc)
+                        .map_err(|e| BackendError::Internal(format!("stored document: {e}")))?,
+                ),
+                _ => Payload::Delete,
+            };
+            current.insert(keys[i], (Stamp::new(lamport, node), payload));
+        }
+
+        let (results, written, seq) = decide_all(req, &keys, current, seq);
+        if !written.is_empty() {
+            let mut rows: Vec<Row> = written
+                .values()
+                .map(|&(i, seq)| {
+                    let op = &req.ops[i];
+                    let doc = op
+                        .payload
+                        .doc()
+                        .map(|d| serde_json::to_string(d).expect("documents serialize"));
+                    let deleted = u8::from(doc.is_none());
+                    Row(
+                        &op.collection,
+                        &op.id,
+                        doc,
+                        op.stamp.lamport,
+                        &op.stamp.node_id,
+                        deleted,
+                        seq,
+                    )
+                })
+                .collect();
+            rows.sort_by_key(|r| r.6);
+            sqlx::query(
+                "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq) \
+                 SELECT ?1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 \
+                 FROM jsonb_each(?2) WHERE true \
+                 ON CONFLICT (namespace, collection, id) DO UPDATE SET doc = excluded.doc, \
+                 lamport = excluded.lamport, node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq",
+            )
+            .bind(ns.as_str())
+            .bind(serde_json::to_string(&rows).expect("rows serialize"))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        }
+        let op_max = req.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0);
+        sqlx::query("UPDATE tide_namespaces SET seq = ?2, lamport_max = max(lamport_max, ?3) WHERE namespace = ?1")
+            .bind(ns.as_str())
+            .bind(to_i64(seq))
+            .bind(to_i64(op_max))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(results)
+    }
+
+    async fn page(
+        &self,
+        ns: &Namespace,
+        req: &SyncRequest,
+    ) -> Result<(String, usize, Cursor, bool, bool), BackendError> {
+        let _permit = self
+            .free
+            .acquire()
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?;
+        let reader = self.readers.iter().find_map(|r| r.try_lock().ok());
+        let mut conn = match reader {
+            Some(conn) => conn,
+            None => self.readers[0].lock().await,
+        };
+        let ns_seq: Option<i64> =
+            sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = ?1")
+                .bind(ns.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+        let requested = req.cursor.unwrap_or_default();
+        let reset = requested.seq() > to_u64(ns_seq.unwrap_or(0));
+        let (from, skip_own) = if reset {
+            (Cursor::START, false)
+        } else {
+            (requested, requested > Cursor::START)
+        };
+        let limit = req
+            .limit
+            .map_or(usize::MAX, |l| l as usize)
+            .clamp(1, self.limits.changes_per_response_max);
+        let mut page = PageBuilder::new(from, limit, self.limits.response_bytes_max);
+        loop {
+            let rows = window(
+                &mut conn,
+                ns,
+                &req.node_id,
+                skip_own,
+                page.after(),
+                page.window(),
+            )
+            .await?;
+            if page.feed(rows) {
+                break;
+            }
+        }
+        let (json, count, cursor, has_more) = page.finish();
+        Ok((json, count, cursor, has_more, reset))
+    }
+}
+
+/// Up to `n` rows after seq `after`, each rendered exactly as `serde_json`
+/// renders a `tide_core::Change`, joined by control characters that JSON
+/// text never holds raw.
+async fn window(
+    conn: &mut SqliteConnection,
+    ns: &Namespace,
+    node_id: &str,
+    skip_own: bool,
+    after: u64,
+    n: usize,
+) -> Result<Vec<PageRow>, BackendError> {
+    let text: Option<String> = sqlx::query_scalar(
+        "SELECT group_concat(seq || char(31) || (?3 AND node_id = ?4) || char(31) || \
+           '{\"collection\":' || json_quote(collection) || ',\"id\":' || json_quote(id) || \
+           ',\"kind\":' || CASE deleted WHEN 1 THEN '\"delete\"' ELSE '\"put\"' END || \
+           ',\"doc\":' || coalesce(doc, 'null') || ',\"lamport\":' || lamport || \
+           ',\"node_id\":' || json_quote(node_id) || ',\"seq\":' || seq || '}', char(30)) \
+         FROM (SELECT * FROM tide_rows WHERE namespace = ?1 AND seq > ?2 ORDER BY seq LIMIT ?5)",
+    )
+    .bind(ns.as_str())
+    .bind(to_i64(after))
+    .bind(skip_own)
+    .bind(node_id)
+    .bind(to_i64(n as u64))
+    .fetch_one(conn)
+    .await
+    .map_err(unavailable)?;
+    let Some(text) = text else {
+        return Ok(Vec::new());
+    };
+    text.split('\u{1e}')
+        .map(|row| {
+            let mut parts = row.splitn(3, '\u{1f}');
+            let (Some(seq), Some(own), Some(json)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(BackendError::Internal(format!(
+                    "unreadable page row {row:?}"
+                )));
+            };
+            let seq = seq
+                .parse()
+                .map_err(|_| BackendError::Internal(format!("unreadable seq {seq:?}")))?;
+            Ok(PageRow {
+                seq,
+                own: own == "1",
+                json: json.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Per key written by a request: the index of its last applied op and that op's seq.
+type Written<'a> = HashMap<(&'a str, &'a str), (usize, u64)>;
+
+/// The ops of a request in order, by the one LWW rule, against what is
+/// stored: their results, the last applied op and seq per key, and the new
+/// namespace seq.
+fn decide_all<'a>(
+    req: &'a SyncRequest,
+    keys: &[(&'a str, &'a str)],
+    mut current: HashMap<(&'a str, &'a str), (Stamp, Payload)>,
+    mut seq: u64,
+) -> (Vec<OpResult>, Written<'a>, u64) {
+    let mut results = Vec::with_capacity(req.ops.len());
+    let mut written = HashMap::new();
+    for (i, op) in req.ops.iter().enumerate() {
+        let stored = current.get(&keys[i]).map(|(s, p)| (s, p));
+        results.push(match decide(stored, &op.stamp, &op.payload) {
+            Decision::Apply => {
+                seq += 1;
+                current.insert(keys[i], (op.stamp.clone(), op.payload.clone()));
+                written.insert(keys[i], (i, seq));
+                OpResult::Applied { seq }
+            }
+            Decision::Duplicate => OpResult::Duplicate,
+            Decision::Superseded => {
+                let winner = &current[&keys[i]].0;
+                OpResult::Superseded { lamport: winner.lamport, node_id: winner.node_id.clone() }
+            }
+            Decision::Collision => OpResult::Rejected {
+                code: ErrorCode::StampCollision,
+                message: format!(
+                    "stamp ({}, {:?}) is already stored with a different payload; two writers share node id {:?}",
+                    op.stamp.lamport, op.stamp.node_id, op.stamp.node_id
+                ),
+            },
+        });
+    }
+    (results, written, seq)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).expect("stored counters are never negative")
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).expect("counters stay below 2^53")
+}
+
+#[async_trait::async_trait]
+impl Backend for SqliteBackend {
+    async fn exchange(
+        &self,
+        namespace: &Namespace,
+        request: &SyncRequest,
+    ) -> Result<Reply, BackendError> {
+        let results = if request.ops.is_empty() {
+            Vec::new()
+        } else {
+            self.apply(namespace, request).await?
+        };
+        let (changes_json, change_count, cursor, has_more, reset) =
+            self.page(namespace, request).await?;
+        Ok(Reply {
+            results,
+            cursor,
+            changes_json,
+            change_count,
+            has_more,
+            reset,
+        })
+    }
+
+    async fn ready(&self) -> Result<(), BackendError> {
+        let mut conn = self.readers[0].lock().await;
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM tide_namespaces")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,478 @@
+//! The HTTP side: routing, the `/sync` handler's checks in order, and the
+//! accept loop with its bounds and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::Read as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{
+    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
+};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tide_core::{ErrorBody, ErrorCode, Limits, SyncRequest, Violation};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::Instrument as _;
+
+use crate::auth::{AuthError, Authenticator};
+use crate::backend::{Backend, BackendError};
+use crate::metrics::Metrics;
+
+/// Default for [`ServerConfig::header_read_timeout`]: a client that has not
+/// sent its headers by then is cut off (and an idle keep-alive connection closed).
+pub const HEADER_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Default for [`ServerConfig::body_read_timeout`].
+pub const BODY_READ_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
+/// Default for [`ServerConfig::connections_max`].
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1_024;
+/// Default for [`ServerConfig::shutdown_grace`]: how long in-flight
+/// exchanges may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE_DEFAULT: Duration = Duration::from_secs(30);
+/// The largest `Authorization` header read.
+pub const AUTHORIZATION_BYTES_MAX: usize = 4_096;
+/// Responses at least this large are gzip-compressed for clients that accept it.
+const GZIP_RESPONSE_BYTES_MIN: usize = 1_024;
+/// hyper's read buffer: bounds the size of the request head.
+const READ_BUFFER_BYTES_MAX: usize = 64 * 1024;
+
+/// How a [`Server`] runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The protocol limits (body size, ops, documents, pages, counters).
+    pub limits: Limits,
+    /// The sync endpoint's path (default `/sync`).
+    pub path: String,
+    /// See [`HEADER_READ_TIMEOUT_DEFAULT`].
+    pub header_read_timeout: Duration,
+    /// How long a request body may take to arrive (408 after).
+    pub body_read_timeout: Duration,
+    /// Most connections open at once; further clients wait to be accepted.
+    pub connections_max: usize,
+    /// See [`SHUTDOWN_GRACE_DEFAULT`].
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            path: "/sync".into(),
+            header_read_timeout: HEADER_READ_TIMEOUT_DEFAULT,
+            body_read_timeout: BODY_READ_TIMEOUT_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            shutdown_grace: SHUTDOWN_GRACE_DEFAULT,
+        }
+    }
+}
+
+struct App {
+    backend: Arc<dyn Backend>,
+    auth: Arc<dyn Authenticator>,
+    config: ServerConfig,
+    metrics: Metrics,
+}
+
+/// The sync server: a service to embed in any hyper (or axum) app with
+/// [`Server::handle`], or to run on a listener with [`Server::serve`].
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Server {
+    app: Arc<App>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.app.config)
+            .finish_non_exhaustive()
+    }
+}
+
+type Response = http::Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
+    let mut resp = http::Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error(status: u16, body: &ErrorBody) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(
+        status,
+        serde_json::to_vec(body).expect("error bodies serialize"),
+    )
+}
+
+fn refuse(v: &Violation) -> Response {
+    error(v.status(), &v.to_body())
+}
+
+fn plain(code: ErrorCode, message: impl Into<String>) -> Response {
+    error(
+        code.status(),
+        &ErrorBody {
+            error: message.into(),
+            code: Some(code),
+            op: None,
+        },
+    )
+}
+
+fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
+    let Some(value) = headers.get(AUTHORIZATION) else {
+        return Ok(None);
+    };
+    if value.len() > AUTHORIZATION_BYTES_MAX {
+        return Err(AuthError::Invalid);
+    }
+    let value = value.to_str().map_err(|_| AuthError::Invalid)?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Ok(Some(token.trim())),
+        _ => Err(AuthError::Invalid),
+    }
+}
+
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers.get_all(ACCEPT_ENCODING).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")))
+    })
+}
+
+impl Server {
+    /// A server over `backend`, authenticating with `auth`.
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        auth: Arc<dyn Authenticator>,
+        config: ServerConfig,
+    ) -> Self {
+        Self {
+            app: Arc::new(App {
+                backend,
+                auth,
+                config,
+                metrics: Metrics::default(),
+            }),
+        }
+    }
+
+    /// Answers one request: `POST` to the sync path, `GET /healthz`,
+    /// `GET /readyz` (checks the database) and `GET /metrics`.
+    pub async fn handle<B>(&self, req: http::Request<B>) -> Response
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let start = Instant::now();
+        let app = &self.app;
+        let path = req.uri().path();
+        let (route, resp) = if path == app.config.path {
+            if req.method() == Method::POST {
+                ("sync", self.sync(req).await)
+            } else {
+                let mut resp = plain(
+                    ErrorCode::MethodNotAllowed,
+                    format!("{} is not allowed; use POST", req.method()),
+                );
+                resp.headers_mut()
+                    .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+                ("sync", resp)
+            }
+        } else if req.method() == Method::GET && path == "/healthz" {
+            (
+                "healthz",
+                json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
+            )
+        } else if req.method() == Method::GET && path == "/readyz" {
+            let resp = match app.backend.ready().await {
+                Ok(()) => json_response(StatusCode::OK, br#"{"status":"ready"}"#.to_vec()),
+                Err(e) => plain(ErrorCode::Unavailable, format!("not ready: {e}")),
+            };
+            ("readyz", resp)
+        } else if req.method() == Method::GET && path == "/metrics" {
+            let mut resp = http::Response::new(Full::new(Bytes::from(app.metrics.render())));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            ("metrics", resp)
+        } else {
+            (
+                "other",
+                plain(ErrorCode::NotFound, format!("no route for {path}")),
+            )
+        };
+        app.metrics
+            .request(route, resp.status().as_u16(), start.elapsed());
+        resp
+    }
+
+    async fn sync<B>(&self, req: http::Request<B>) -> Response
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let app = &self.app;
+        let limits = &app.config.limits;
+        // 1. Who is asking, before reading a byte of the body.
+        let principal = match bearer(req.headers()) {
+            Ok(token) => app.auth.authenticate(token).await,
+            Err(e) => Err(e),
+        };
+        let principal = match principal {
+            Ok(p) => p,
+            Err(AuthError::Unavailable(why)) => {
+                return plain(
+                    ErrorCode::Unavailable,
+                    format!("authentication unavailable: {why}"),
+                );
+            }
+            Err(e) => {
+                let mut resp = plain(ErrorCode::Unauthorized, e.to_string());
+                resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+                return resp;
+            }
+        };
+        // 2. A declared length over the limit is refused unread.
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limits.request_bytes_max as u64) {
+            return too_large(limits.request_bytes_max);
+        }
+        let gzipped = match req
+            .headers()
+            .get(CONTENT_ENCODING)
+            .map(HeaderValue::as_bytes)
+        {
+            None | Some(b"identity") => false,
+            Some(b"gzip") => true,
+            Some(other) => {
+                let v = Violation::new(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "content-encoding {:?} is not supported; use gzip",
+                        String::from_utf8_lossy(other)
+                    ),
+                );
+                return refuse(&v);
+            }
+        };
+        let gzip_reply = accepts_gzip(req.headers());
+        // 3. The body, bounded in size and time (chunked bodies included).
+        let body = match read_body(
+            req.into_body(),
+            gzipped,
+            limits.request_bytes_max,
+            app.config.body_read_timeout,
+        )
+        .await
+        {
+            Ok(body) => body,
+            Err(resp) => return resp,
+        };
+        // 4. Shape, then every limit: all before anything is applied.
+        let request = match SyncRequest::from_json(&body) {
+            Ok(r) => r,
+            Err(v) => return refuse(&v),
+        };
+        if let Err(v) = limits.check_request(&request) {
+            return refuse(&v);
+        }
+        // 5. Apply in a task of its own: a client that hangs up cannot
+        // cancel a transaction halfway.
+        let span = tracing::info_span!(
+            "sync",
+            namespace = %principal.namespace,
+            principal = %principal.id,
+            node_id = %request.node_id,
+            ops = request.ops.len(),
+            changes = tracing::field::Empty,
+        );
+        let backend = Arc::clone(&app.backend);
+        let namespace = principal.namespace.clone();
+        let started = Instant::now();
+        let result = tokio::spawn(
+            async move { backend.exchange(&namespace, &request).await }.instrument(span.clone()),
+        )
+        .await;
+        let resp = match result {
+            Ok(Ok(reply)) => {
+                app.metrics.results(&reply.results);
+                app.metrics.changes(reply.change_count);
+                span.record("changes", reply.change_count);
+                let mut body = reply.body();
+                let mut resp_headers = vec![(ACCEPT_ENCODING, HeaderValue::from_static("gzip"))];
+                if gzip_reply && body.len() >= GZIP_RESPONSE_BYTES_MIN {
+                    body = gzip(&body);
+                    resp_headers.push((CONTENT_ENCODING, HeaderValue::from_static("gzip")));
+                }
+                let mut resp = json_response(StatusCode::OK, body);
+                for (name, value) in resp_headers {
+                    resp.headers_mut().insert(name, value);
+                }
+                resp
+            }
+            Ok(Err(BackendError::Refused(v))) => refuse(&v),
+            Ok(Err(BackendError::Unavailable(why))) => {
+                tracing::warn!(parent: &span, %why, "storage unavailable");
+                plain(ErrorCode::Unavailable, "storage unavailable; retry later")
+            }
+            Ok(Err(BackendError::Internal(why))) => {
+                tracing::error!(parent: &span, %why, "storage failure");
+                plain(ErrorCode::Internal, "internal error")
+            }
+            Err(e) => {
+                tracing::error!(parent: &span, error = %e, "exchange task failed");
+                plain(ErrorCode::Internal, "internal error")
+            }
+        };
+        tracing::info!(parent: &span, status = resp.status().as_u16(), micros = started.elapsed().as_micros(), "exchange");
+        resp
+    }
+
+    /// Serves connections from `listener` until `shutdown` completes, then
+    /// stops accepting, lets in-flight exchanges finish (up to
+    /// [`ServerConfig::shutdown_grace`]) and returns.
+    ///
+    /// # Errors
+    /// Never for accept failures (they are logged and retried); the result
+    /// is for future use.
+    pub async fn serve(
+        &self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let config = &self.app.config;
+        let graceful = GracefulShutdown::new();
+        let permits = Arc::new(Semaphore::new(config.connections_max));
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .keep_alive(true)
+            .max_buf_size(READ_BUFFER_BYTES_MAX);
+        tokio::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+                () = &mut shutdown => break,
+            };
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let server = self.clone();
+            let service = service_fn(move |req| {
+                let server = server.clone();
+                async move { Ok::<_, Infallible>(server.handle(req).await) }
+            });
+            let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+            let app = Arc::clone(&self.app);
+            app.metrics.connection_opened();
+            tokio::spawn(async move {
+                let _ = conn.await;
+                app.metrics.connection_closed();
+                drop(permit);
+            });
+        }
+        drop(listener);
+        tracing::info!("shutting down: finishing in-flight exchanges");
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("all connections closed"),
+            () = tokio::time::sleep(config.shutdown_grace) => tracing::warn!("shutdown grace ran out with connections open"),
+        }
+        Ok(())
+    }
+}
+
+/// Reads a request body within `limit` bytes (before and after gzip) and
+/// `timeout`; the error is the response to send.
+async fn read_body<B>(
+    body: B,
+    gzipped: bool,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, Response>
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let collect = Limited::new(body, limit).collect();
+    let body = match tokio::time::timeout(timeout, collect).await {
+        Err(_) => {
+            return Err(plain(
+                ErrorCode::Timeout,
+                "request body not received in time",
+            ));
+        }
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(too_large(limit));
+        }
+        Ok(Err(e)) => {
+            return Err(refuse(&Violation::new(
+                ErrorCode::InvalidRequest,
+                format!("request body: {e}"),
+            )));
+        }
+        Ok(Ok(body)) => body.to_bytes(),
+    };
+    if !gzipped {
+        return Ok(body);
+    }
+    let mut out = Vec::new();
+    match flate2::read::GzDecoder::new(&body[..])
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+    {
+        Err(e) => Err(refuse(&Violation::new(
+            ErrorCode::InvalidRequest,
+            format!("gzip body: {e}"),
+        ))),
+        Ok(_) if out.len() > limit => Err(too_large(limit)),
+        Ok(_) => Ok(Bytes::from(out)),
+    }
+}
+
+fn too_large(limit: usize) -> Response {
+    plain(
+        ErrorCode::BodyTooLarge,
+        format!("bad request: request body larger than {limit} bytes"),
+    )
+}
+
+fn gzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(body).expect("writing to memory cannot fail");
+    enc.finish().expect("writing to memory cannot fail")
+}

@@ -1,0 +1,199 @@
+//! The `tide-server` binary: flags and environment in, the library's
+//! server out.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tide_core::limits;
+use tide_server::{
+    Authenticator, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT, Durability,
+    HEADER_READ_TIMEOUT_DEFAULT, NoAuth, SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig,
+    SqliteBackend, StaticTokens,
+};
+
+/// tide's sync server: clients POST their pending writes and pull what
+/// changed, over one endpoint. SQLite is the default storage.
+#[derive(Parser, Debug)]
+#[command(name = "tide-server", version, about, long_about = None)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "TIDE_SERVER_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// SQLite database file (created if missing).
+    #[arg(long, env = "TIDE_SERVER_DB", default_value = "tide-server.db")]
+    db: PathBuf,
+    /// Path of the sync endpoint.
+    #[arg(long, env = "TIDE_SERVER_PATH", default_value = "/sync")]
+    path: String,
+    /// Serve everyone in one namespace without authentication (local use only).
+    #[arg(long, env = "TIDE_SERVER_NO_AUTH", conflicts_with_all = ["tokens_file", "tokens"])]
+    no_auth: bool,
+    /// The namespace of --no-auth mode.
+    #[arg(long, env = "TIDE_SERVER_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// File of bearer tokens: one `TOKEN NAMESPACE [PRINCIPAL]` per line.
+    #[arg(long, env = "TIDE_SERVER_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// Bearer tokens as `TOKEN=NAMESPACE,TOKEN=NAMESPACE`.
+    #[arg(long, env = "TIDE_SERVER_TOKENS", hide_env_values = true)]
+    tokens: Option<String>,
+    /// Commit durability: `full` (an acknowledged op survives power loss) or `normal`.
+    #[arg(long, env = "TIDE_SERVER_DURABILITY", default_value = "full", value_parser = ["full", "normal"])]
+    durability: String,
+    /// Largest request body in bytes (with or without Content-Length).
+    #[arg(long, env = "TIDE_SERVER_REQUEST_BYTES_MAX", default_value_t = limits::REQUEST_BYTES_MAX)]
+    request_bytes_max: usize,
+    /// Most ops in one request (the original client sends up to 500).
+    #[arg(long, env = "TIDE_SERVER_OPS_PER_REQUEST_MAX", default_value_t = limits::OPS_PER_REQUEST_MAX)]
+    ops_per_request_max: usize,
+    /// Largest document in bytes of compact JSON.
+    #[arg(long, env = "TIDE_SERVER_DOC_BYTES_MAX", default_value_t = limits::DOC_BYTES_MAX)]
+    doc_bytes_max: usize,
+    /// Longest document id in bytes.
+    #[arg(long, env = "TIDE_SERVER_ID_BYTES_MAX", default_value_t = limits::ID_BYTES_MAX)]
+    id_bytes_max: usize,
+    /// Longest collection name in bytes.
+    #[arg(long, env = "TIDE_SERVER_COLLECTION_BYTES_MAX", default_value_t = limits::COLLECTION_BYTES_MAX)]
+    collection_bytes_max: usize,
+    /// Most changes in one response.
+    #[arg(long, env = "TIDE_SERVER_CHANGES_PER_RESPONSE_MAX", default_value_t = limits::CHANGES_PER_RESPONSE_MAX)]
+    changes_per_response_max: usize,
+    /// Most bytes of changes in one response.
+    #[arg(long, env = "TIDE_SERVER_RESPONSE_BYTES_MAX", default_value_t = limits::RESPONSE_BYTES_MAX)]
+    response_bytes_max: usize,
+    /// How far an op's counter may run ahead of the highest the namespace has seen.
+    #[arg(long, env = "TIDE_SERVER_LAMPORT_LEAD_MAX", default_value_t = limits::LAMPORT_LEAD_MAX)]
+    lamport_lead_max: u64,
+    /// Seconds a client has to send its request headers (also the keep-alive idle limit).
+    #[arg(long, env = "TIDE_SERVER_HEADER_READ_TIMEOUT", default_value_t = HEADER_READ_TIMEOUT_DEFAULT.as_secs_f64())]
+    header_read_timeout: f64,
+    /// Seconds a client has to send its request body.
+    #[arg(long, env = "TIDE_SERVER_BODY_READ_TIMEOUT", default_value_t = BODY_READ_TIMEOUT_DEFAULT.as_secs_f64())]
+    body_read_timeout: f64,
+    /// Most connections open at once.
+    #[arg(long, env = "TIDE_SERVER_CONNECTIONS_MAX", default_value_t = CONNECTIONS_MAX_DEFAULT)]
+    connections_max: usize,
+    /// Seconds in-flight exchanges get to finish on shutdown.
+    #[arg(long, env = "TIDE_SERVER_SHUTDOWN_GRACE", default_value_t = SHUTDOWN_GRACE_DEFAULT.as_secs_f64())]
+    shutdown_grace: f64,
+    /// Log filter, as in `RUST_LOG` (`info`, `tide_server=debug`, ...).
+    #[arg(long, env = "TIDE_LOG", default_value = "info")]
+    log: String,
+}
+
+fn authenticator(args: &Args) -> Result<Arc<dyn Authenticator>, String> {
+    if args.no_auth {
+        return Ok(Arc::new(NoAuth::new(args.namespace.clone())));
+    }
+    let tokens = match (&args.tokens_file, &args.tokens) {
+        (Some(path), _) => StaticTokens::from_file(path).map_err(|e| e.to_string())?,
+        (None, Some(list)) => StaticTokens::parse_list(list).map_err(|e| e.to_string())?,
+        (None, None) => {
+            return Err("no authentication configured: pass --tokens-file, --tokens, or --no-auth for local use".into());
+        }
+    };
+    if tokens.is_empty() {
+        return Err("the token list is empty".into());
+    }
+    Ok(Arc::new(tokens))
+}
+
+fn seconds(name: &str, secs: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("--{name} {secs}: {e}"))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let auth = authenticator(&args)?;
+    let limits = limits::Limits {
+        request_bytes_max: args.request_bytes_max,
+        ops_per_request_max: args.ops_per_request_max,
+        doc_bytes_max: args.doc_bytes_max,
+        id_bytes_max: args.id_bytes_max,
+        collection_bytes_max: args.collection_bytes_max,
+        changes_per_response_max: args.changes_per_response_max,
+        response_bytes_max: args.response_bytes_max,
+        lamport_lead_max: args.lamport_lead_max,
+        ..limits::Limits::default()
+    };
+    let config = ServerConfig {
+        limits: limits.clone(),
+        path: args.path.clone(),
+        header_read_timeout: seconds("header-read-timeout", args.header_read_timeout)?,
+        body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
+        connections_max: args.connections_max.max(1),
+        shutdown_grace: seconds("shutdown-grace", args.shutdown_grace)?,
+    };
+    let durability = if args.durability == "normal" {
+        Durability::Normal
+    } else {
+        Durability::Full
+    };
+    let backend = SqliteBackend::open(&args.db, durability, limits)
+        .await
+        .map_err(|e| format!("opening {}: {e}", args.db.display()))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let server = Server::new(backend, auth, config);
+    // The first line on stdout tells scripts and tests where to connect.
+    println!("tide-server listening on http://{addr}{}", args.path);
+    tracing::info!(%addr, db = %args.db.display(), no_auth = args.no_auth, "serving");
+    server
+        .serve(listener, shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tide-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tide-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! The server's behaviour through real HTTP: the protocol, namespaces and
+//! authentication, the operational endpoints, and graceful shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tide_core::{Cursor, ErrorCode, Op, OpResult, Payload, Stamp, SyncRequest};
+use tide_server::{AuthError, Authenticator, Principal, ServerConfig, StaticTokens};
+use tide_transport::{HttpTransport, Transport};
+use tokio::io::AsyncWriteExt;
+
+use crate::support::{self, raw};
+
+fn doc(v: serde_json::Value) -> tide_core::Doc {
+    v.as_object().cloned().unwrap()
+}
+
+fn put(node: &str, id: &str, lamport: u64, v: i64) -> Op {
+    Op {
+        collection: "notes".into(),
+        id: id.into(),
+        stamp: Stamp::new(lamport, node),
+        payload: Payload::Put(doc(json!({"v": v}))),
+        op_id: None,
+    }
+}
+
+fn req(node: &str, cursor: Option<u64>, ops: Vec<Op>) -> SyncRequest {
+    let mut r = SyncRequest::new(node, cursor.map(Cursor));
+    r.ops = ops;
+    r
+}
+
+#[tokio::test]
+async fn two_clients_converge_with_per_op_results() {
+    let running = support::start().await;
+    let a = HttpTransport::new(&running.endpoint()).unwrap();
+    let b = HttpTransport::new(&running.endpoint()).unwrap();
+    let ra = a
+        .exchange(&req(
+            "a",
+            None,
+            vec![put("a", "n1", 1, 1), put("a", "n2", 2, 1)],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        ra.results,
+        [OpResult::Applied { seq: 1 }, OpResult::Applied { seq: 2 }]
+    );
+    // b wrote n2 offline at (1, b): it loses to (2, a) and learns the winner.
+    let rb = b
+        .exchange(&req("b", None, vec![put("b", "n2", 1, 9)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        rb.results,
+        [OpResult::Superseded {
+            lamport: 2,
+            node_id: "a".into()
+        }]
+    );
+    assert_eq!(rb.changes.len(), 2);
+    // b deletes n1 at (3, b); a pulls it, and its own writes are not echoed.
+    let mut del = put("b", "n1", 3, 0);
+    del.payload = Payload::Delete;
+    b.exchange(&req("b", Some(rb.cursor.seq()), vec![del]))
+        .await
+        .unwrap();
+    let ra = a
+        .exchange(&req("a", Some(ra.cursor.seq()), vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        ra.changes
+            .iter()
+            .map(|c| (c.id.as_str(), c.payload.kind()))
+            .collect::<Vec<_>>(),
+        [("n1", tide_core::Kind::Delete)]
+    );
+    // A resend is harmless.
+    let again = a
+        .exchange(&req("a", None, vec![put("a", "n1", 1, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.results,
+        [OpResult::Superseded {
+            lamport: 3,
+            node_id: "b".into()
+        }]
+    );
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn a_cursor_beyond_the_namespace_is_reset() {
+    let running = support::start().await;
+    let a = HttpTransport::new(&running.endpoint()).unwrap();
+    a.exchange(&req("a", None, vec![put("a", "x", 1, 1)]))
+        .await
+        .unwrap();
+    let r = a.exchange(&req("b", Some(57), vec![])).await.unwrap();
+    assert!(r.reset);
+    assert_eq!((r.changes.len(), r.cursor), (1, Cursor(1)));
+}
+
+#[tokio::test]
+async fn namespaces_are_isolated_by_token() {
+    let tokens = StaticTokens::parse_file("tok-alpha alpha alice\ntok-beta beta bob\n").unwrap();
+    let running = support::start_with(ServerConfig::default(), Arc::new(tokens)).await;
+    let alice = HttpTransport::builder(&running.endpoint())
+        .header("authorization", "Bearer tok-alpha")
+        .build()
+        .unwrap();
+    let bob = HttpTransport::builder(&running.endpoint())
+        .header("authorization", "Bearer tok-beta")
+        .build()
+        .unwrap();
+    alice
+        .exchange(&req("a", None, vec![put("a", "secret", 1, 1)]))
+        .await
+        .unwrap();
+    let seen = bob
+        .exchange(&req("b", None, vec![put("b", "secret", 1, 2)]))
+        .await
+        .unwrap();
+    assert!(
+        seen.changes.iter().all(|c| c.stamp.node_id == "b"),
+        "bob never sees alice's data"
+    );
+    assert_eq!(
+        seen.results,
+        [OpResult::Applied { seq: 1 }],
+        "bob's namespace has its own seq and keys"
+    );
+    let back = alice.exchange(&req("a", None, vec![])).await.unwrap();
+    assert_eq!(back.changes.len(), 1);
+    assert_eq!(
+        back.changes[0].payload,
+        Payload::Put(doc(json!({"v": 1}))),
+        "bob's write landed only in beta"
+    );
+
+    for header in [
+        "",
+        "authorization: Bearer wrong\r\n",
+        "authorization: Basic dG9rLWFscGhh\r\n",
+    ] {
+        let (status, body) = raw(running.addr, &support::post(r#"{"node_id":"a"}"#, header)).await;
+        assert_eq!(status, 401, "{header:?}");
+        assert!(body.contains(r#""code":"unauthorized""#), "{body}");
+    }
+}
+
+struct Down;
+
+#[async_trait::async_trait]
+impl Authenticator for Down {
+    async fn authenticate(&self, _: Option<&str>) -> Result<Principal, AuthError> {
+        Err(AuthError::Unavailable("token service unreachable".into()))
+    }
+}
+
+#[tokio::test]
+async fn an_unavailable_verifier_is_a_503_never_a_pass() {
+    let running = support::start_with(ServerConfig::default(), Arc::new(Down)).await;
+    let (status, body) = raw(
+        running.addr,
+        &support::post(r#"{"node_id":"a"}"#, "authorization: Bearer x\r\n"),
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(body.contains(r#""code":"unavailable""#), "{body}");
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_routes() {
+    let running = support::start().await;
+    let get = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").into_bytes()
+    };
+    assert_eq!(raw(running.addr, &get("/healthz")).await.0, 200);
+    assert_eq!(raw(running.addr, &get("/readyz")).await.0, 200);
+    let a = HttpTransport::new(&running.endpoint()).unwrap();
+    a.exchange(&req(
+        "a",
+        None,
+        vec![put("a", "x", 1, 1), put("a", "x", 1, 1)],
+    ))
+    .await
+    .unwrap();
+    let (status, metrics) = raw(running.addr, &get("/metrics")).await;
+    assert_eq!(status, 200);
+    for line in [
+        r#"tide_requests_total{route="sync",status="200"} 1"#,
+        r#"tide_ops_total{result="applied"} 1"#,
+        r#"tide_ops_total{result="duplicate"} 1"#,
+        "tide_changes_served_total 1",
+        "tide_request_duration_seconds_count",
+        "tide_open_connections",
+    ] {
+        assert!(metrics.contains(line), "metrics lack {line:?}:\n{metrics}");
+    }
+    let (status, body) = raw(running.addr, &get("/sync")).await;
+    assert_eq!(status, 405);
+    assert!(body.contains("method_not_allowed"));
+    let (status, body) = raw(running.addr, &support::post("{}", "").replace_path("/nope")).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("not_found"));
+}
+
+trait ReplacePath {
+    fn replace_path(self, path: &str) -> Vec<u8>;
+}
+
+impl ReplacePath for Vec<u8> {
+    fn replace_path(self, path: &str) -> Vec<u8> {
+        String::from_utf8(self)
+            .unwrap()
+            .replacen("/sync", path, 1)
+            .into_bytes()
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_exchange_finish() {
+    let running = support::start().await;
+    let body = serde_json::to_string(&req("a", None, vec![put("a", "late", 1, 1)])).unwrap();
+    let (head, tail) = body.split_at(body.len() / 2);
+    let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    let headers = format!(
+        "POST /sync HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(headers.as_bytes()).await.unwrap();
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let addr = running.addr;
+    let stopping = tokio::spawn(running.stop());
+    // Wait until the listener is gone: new connections are refused.
+    for _ in 0..400 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "shutdown stops accepting"
+    );
+    stream.write_all(tail.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut out)
+        .await
+        .unwrap();
+    let (status, body) = support::parse(&out);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""status":"applied""#), "{body}");
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("the server stops")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_foreign_node_id_names_the_op() {
+    let running = support::start().await;
+    let a = HttpTransport::new(&running.endpoint()).unwrap();
+    let err = a
+        .exchange(&req(
+            "a",
+            None,
+            vec![put("a", "x", 1, 1), put("b", "y", 1, 1)],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::ForeignNodeId));
+    assert!(matches!(
+        err,
+        tide_transport::Error::Status {
+            status: 400,
+            op: Some(1),
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn gzip_requests_and_responses() {
+    use std::io::Write as _;
+    let running = support::start().await;
+    let ops: Vec<Op> = (1..=50)
+        .map(|i| put("a", &format!("k{i}"), i, i64::try_from(i).unwrap()))
+        .collect();
+    let body = serde_json::to_vec(&req("a", None, ops)).unwrap();
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&body).unwrap();
+    let gz = enc.finish().unwrap();
+    let mut bytes = format!(
+        "POST /sync HTTP/1.1\r\nhost: x\r\ncontent-encoding: gzip\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        gz.len()
+    )
+    .into_bytes();
+    bytes.extend_from_slice(&gz);
+    let (status, body) = raw(running.addr, &bytes).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body.matches(r#""status":"applied""#).count(), 50);
+    // A client that accepts gzip gets a compressed page, which decodes.
+    let pull = HttpTransport::new(&running.endpoint())
+        .unwrap()
+        .exchange(&req("b", None, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(pull.changes.len(), 50);
+    let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    let q = r#"{"node_id":"b"}"#;
+    let head = format!(
+        "POST /sync HTTP/1.1\r\nhost: x\r\naccept-encoding: gzip\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{q}",
+        q.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut out)
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.to_ascii_lowercase().contains("content-encoding: gzip"),
+        "the page was compressed"
+    );
+}

@@ -1,0 +1,94 @@
+//! The `tide-server` binary as an operator runs it.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tide_core::SyncRequest;
+use tide_transport::{HttpTransport, Transport};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tide-server");
+
+/// Starts the binary on a free port; returns the child and its endpoint.
+pub(crate) fn spawn(args: &[&str]) -> (std::process::Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let endpoint = line
+        .trim()
+        .strip_prefix("tide-server listening on ")
+        .expect("the ready line")
+        .to_owned();
+    (child, endpoint)
+}
+
+#[tokio::test]
+async fn it_serves_and_stops_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let (mut child, endpoint) = spawn(&["--no-auth", "--db", db.to_str().unwrap()]);
+    let t = HttpTransport::new(&endpoint).unwrap();
+    let resp = t.exchange(&SyncRequest::new("a", None)).await.unwrap();
+    assert_eq!(resp.protocol, Some(1));
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .expect("exits after SIGTERM")
+    .unwrap()
+    .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    assert!(db.exists());
+}
+
+#[test]
+fn it_refuses_to_start_without_an_auth_choice() {
+    let out = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--db", "/nonexistent/never.db"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--no-auth"), "{err}");
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--db",
+        "--no-auth",
+        "--tokens-file",
+        "--tokens",
+        "--durability",
+        "--request-bytes-max",
+        "--ops-per-request-max",
+        "--doc-bytes-max",
+        "--changes-per-response-max",
+        "--response-bytes-max",
+        "--lamport-lead-max",
+        "--header-read-timeout",
+        "--body-read-timeout",
+        "--connections-max",
+        "--log",
+        "TIDE_SERVER_DB",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}

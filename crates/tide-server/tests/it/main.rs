@@ -1,0 +1,8 @@
+//! tide-server's integration tests, one binary.
+
+mod abuse;
+mod behaviour;
+mod binary;
+mod differential;
+mod original_client;
+mod support;

@@ -1,0 +1,105 @@
+//! Running a server in-process for tests: SQLite in a temp dir, a real
+//! loopback port, and a handle to stop it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tide_core::Limits;
+use tide_server::{Authenticator, Durability, NoAuth, Server, ServerConfig, SqliteBackend};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    pub(crate) task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    pub(crate) fn endpoint(&self) -> String {
+        format!("http://{}/sync", self.addr)
+    }
+
+    /// Signals shutdown and waits for the server to return.
+    pub(crate) async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+pub(crate) async fn start_with(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SqliteBackend::open(
+        &dir.path().join("server.db"),
+        Durability::Normal,
+        config.limits.clone(),
+    )
+    .await
+    .unwrap();
+    let server = Server::new(backend, auth, config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let s = server.clone();
+    let task = tokio::spawn(async move {
+        s.serve(listener, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Running {
+        addr,
+        stop: Some(stop),
+        task: Some(task),
+        _dir: dir,
+    }
+}
+
+pub(crate) async fn start() -> Running {
+    start_with(ServerConfig::default(), Arc::new(NoAuth::new("default"))).await
+}
+
+pub(crate) fn config(limits: Limits) -> ServerConfig {
+    ServerConfig {
+        limits,
+        ..ServerConfig::default()
+    }
+}
+
+/// Sends raw bytes on a fresh connection and reads the whole response
+/// (the request should say `connection: close`). Returns status and body.
+pub(crate) async fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut out))
+        .await
+        .expect("a response in time")
+        .unwrap();
+    parse(&out)
+}
+
+pub(crate) fn parse(out: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A `POST /sync` with a JSON body, closing the connection after.
+pub(crate) fn post(body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "POST /sync HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}

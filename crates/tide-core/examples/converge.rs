@@ -6,9 +6,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::json;
-use tide_core::{
-    Cursor, Decision, LamportClock, Limits, Model, Op, Payload, Stamp, SyncRequest, decide,
-};
+use tide_core::{Cursor, Decision, LamportClock, Limits, Model, Op, Payload, Stamp, SyncRequest, decide};
 
 struct Replica {
     node: &'static str,
@@ -20,26 +18,13 @@ struct Replica {
 
 impl Replica {
     fn new(node: &'static str) -> Self {
-        Self {
-            node,
-            clock: LamportClock::default(),
-            docs: BTreeMap::new(),
-            outbox: Vec::new(),
-            cursor: None,
-        }
+        Self { node, clock: LamportClock::default(), docs: BTreeMap::new(), outbox: Vec::new(), cursor: None }
     }
 
     fn write(&mut self, id: &str, payload: Payload) -> Result<(), tide_core::Error> {
         let stamp = Stamp::new(self.clock.tick()?, self.node);
-        self.docs
-            .insert(id.into(), (stamp.clone(), payload.clone()));
-        self.outbox.push(Op {
-            collection: "notes".into(),
-            id: id.into(),
-            stamp,
-            payload,
-            op_id: None,
-        });
+        self.docs.insert(id.into(), (stamp.clone(), payload.clone()));
+        self.outbox.push(Op { collection: "notes".into(), id: id.into(), stamp, payload, op_id: None });
         Ok(())
     }
 
@@ -49,21 +34,13 @@ impl Replica {
             req.ops = std::mem::take(&mut self.outbox);
             let resp = server.exchange(&req)?;
             for (op, result) in req.ops.iter().zip(&resp.results) {
-                println!(
-                    "  {} pushed {}@{:?}: {result:?}",
-                    self.node,
-                    op.id,
-                    (op.stamp.lamport, &op.stamp.node_id)
-                );
+                println!("  {} pushed {}@{:?}: {result:?}", self.node, op.id, (op.stamp.lamport, &op.stamp.node_id));
             }
             for change in resp.changes {
                 self.clock.observe(change.stamp.lamport)?;
                 let stored = self.docs.get(&change.id).map(|(s, p)| (s, p));
                 if decide(stored, &change.stamp, &change.payload) == Decision::Apply {
-                    println!(
-                        "  {} applied {} from {}",
-                        self.node, change.id, change.stamp.node_id
-                    );
+                    println!("  {} applied {} from {}", self.node, change.id, change.stamp.node_id);
                     self.docs.insert(change.id, (change.stamp, change.payload));
                 }
             }
@@ -76,13 +53,8 @@ impl Replica {
 
     fn show(&self) {
         for (id, (stamp, payload)) in &self.docs {
-            let value = payload.doc().map_or("<deleted>".into(), |d| {
-                serde_json::to_string(d).unwrap_or_default()
-            });
-            println!(
-                "  {}: {id} = {value} at ({}, {})",
-                self.node, stamp.lamport, stamp.node_id
-            );
+            let value = payload.doc().map_or("<deleted>".into(), |d| serde_json::to_string(d).unwrap_or_default());
+            println!("  {}: {id} = {value} at ({}, {})", self.node, stamp.lamport, stamp.node_id);
         }
     }
 }
@@ -114,10 +86,6 @@ fn main() -> Result<(), tide_core::Error> {
     a.show();
     b.show();
     assert_eq!(a.docs, b.docs, "replicas converged");
-    println!(
-        "converged: {} documents, server seq {}",
-        a.docs.len(),
-        server.seq()
-    );
+    println!("converged: {} documents, server seq {}", a.docs.len(), server.seq());
     Ok(())
 }

@@ -47,8 +47,8 @@ pub use lww::{Decision, decide, wins};
 pub use model::Model;
 pub use stamp::{LAMPORT_MAX, LamportClock, Stamp};
 pub use wire::{
-    Change, Cursor, Doc, ErrorBody, ErrorCode, Kind, Op, OpResult, PROTOCOL_VERSION, Payload,
-    SyncRequest, SyncResponse, Violation,
+    Change, Cursor, Doc, ErrorBody, ErrorCode, Kind, Op, OpResult, PROTOCOL_VERSION, Payload, SyncRequest,
+    SyncResponse, Violation,
 };
 
 /// The errors of tide-core.

@@ -86,20 +86,11 @@ impl Limits {
                 format!("protocol {v} is not supported; this server speaks 0..={PROTOCOL_VERSION}"),
             ));
         }
-        check_name(
-            &req.node_id,
-            "node id",
-            self.node_id_bytes_max,
-            ErrorCode::InvalidNodeId,
-        )?;
+        check_name(&req.node_id, "node id", self.node_id_bytes_max, ErrorCode::InvalidNodeId)?;
         if req.ops.len() > self.ops_per_request_max {
             return Err(Violation::new(
                 ErrorCode::TooManyOps,
-                format!(
-                    "{} ops in one request; the limit is {}",
-                    req.ops.len(),
-                    self.ops_per_request_max
-                ),
+                format!("{} ops in one request; the limit is {}", req.ops.len(), self.ops_per_request_max),
             ));
         }
         for (i, op) in req.ops.iter().enumerate() {
@@ -115,19 +106,13 @@ impl Limits {
         if op.stamp.node_id != node_id {
             return Err(Violation::new(
                 ErrorCode::ForeignNodeId,
-                format!(
-                    "op node id {:?} differs from the request's node id {node_id:?}",
-                    op.stamp.node_id
-                ),
+                format!("op node id {:?} differs from the request's node id {node_id:?}", op.stamp.node_id),
             ));
         }
         if op.stamp.lamport > LAMPORT_MAX {
             return Err(Violation::new(
                 ErrorCode::LamportOutOfRange,
-                format!(
-                    "lamport {} is above the maximum {LAMPORT_MAX}",
-                    op.stamp.lamport
-                ),
+                format!("lamport {} is above the maximum {LAMPORT_MAX}", op.stamp.lamport),
             ));
         }
         self.check_payload(&op.payload)
@@ -136,12 +121,7 @@ impl Limits {
     /// Checks a collection name: non-empty, at most
     /// [`Limits::collection_bytes_max`] bytes, no `/`, no control character.
     pub fn check_collection(&self, name: &str) -> Result<(), Violation> {
-        check_name(
-            name,
-            "collection name",
-            self.collection_bytes_max,
-            ErrorCode::InvalidCollection,
-        )?;
+        check_name(name, "collection name", self.collection_bytes_max, ErrorCode::InvalidCollection)?;
         if name.contains('/') {
             return Err(Violation::new(
                 ErrorCode::InvalidCollection,
@@ -167,10 +147,7 @@ impl Limits {
         if bytes > self.doc_bytes_max {
             return Err(Violation::new(
                 ErrorCode::DocTooLarge,
-                format!(
-                    "document of {bytes} bytes; the limit is {}",
-                    self.doc_bytes_max
-                ),
+                format!("document of {bytes} bytes; the limit is {}", self.doc_bytes_max),
             ));
         }
         Ok(())
@@ -182,16 +159,10 @@ fn check_name(value: &str, what: &str, max: usize, code: ErrorCode) -> Result<()
         return Err(Violation::new(code, format!("{what} must not be empty")));
     }
     if value.len() > max {
-        return Err(Violation::new(
-            code,
-            format!("{what} of {} bytes; the limit is {max}", value.len()),
-        ));
+        return Err(Violation::new(code, format!("{what} of {} bytes; the limit is {max}", value.len())));
     }
     if value.chars().any(char::is_control) {
-        return Err(Violation::new(
-            code,
-            format!("{what} {value:?} must not contain control characters"),
-        ));
+        return Err(Violation::new(code, format!("{what} {value:?} must not contain control characters")));
     }
     Ok(())
 }

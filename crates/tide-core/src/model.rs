@@ -10,8 +10,7 @@ use std::collections::BTreeMap;
 use crate::limits::json_len;
 use crate::lww::{Decision, decide};
 use crate::wire::{
-    Change, Cursor, ErrorCode, Op, OpResult, PROTOCOL_VERSION, Payload, SyncRequest, SyncResponse,
-    Violation,
+    Change, Cursor, ErrorCode, Op, OpResult, PROTOCOL_VERSION, Payload, SyncRequest, SyncResponse, Violation,
 };
 use crate::{Limits, Stamp};
 
@@ -54,10 +53,7 @@ pub struct Model {
 impl Model {
     /// An empty namespace enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
-        Self {
-            limits,
-            ..Self::default()
-        }
+        Self { limits, ..Self::default() }
     }
 
     /// The limits this model enforces.
@@ -91,9 +87,7 @@ impl Model {
     /// The model never waits: a `wait` in the request is ignored.
     pub fn exchange(&mut self, req: &SyncRequest) -> Result<SyncResponse, Violation> {
         self.limits.check_request(req)?;
-        let lead_bound = self
-            .lamport_max
-            .saturating_add(self.limits.lamport_lead_max);
+        let lead_bound = self.lamport_max.saturating_add(self.limits.lamport_lead_max);
         if let Some(i) = req.ops.iter().position(|op| op.stamp.lamport > lead_bound) {
             return Err(Violation::new(
                 ErrorCode::LamportOutOfRange,
@@ -113,15 +107,9 @@ impl Model {
         } else {
             // A client past the start already holds its own accepted writes;
             // a fresh one (no cursor) gets them, so a wiped store recovers.
-            (
-                requested,
-                (requested > Cursor::START).then_some(req.node_id.as_str()),
-            )
+            (requested, (requested > Cursor::START).then_some(req.node_id.as_str()))
         };
-        let limit = req
-            .limit
-            .map_or(usize::MAX, |l| l as usize)
-            .clamp(1, self.limits.changes_per_response_max);
+        let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, self.limits.changes_per_response_max);
         let page = self.page(from, own, limit);
         Ok(SyncResponse {
             cursor: page.cursor,
@@ -138,32 +126,21 @@ impl Model {
         self.lamport_max = self.lamport_max.max(op.stamp.lamport);
         let key = (op.collection.clone(), op.id.clone());
         let stored = self.rows.get(&key);
-        match decide(
-            stored.map(|r| (&r.stamp, &r.payload)),
-            &op.stamp,
-            &op.payload,
-        ) {
+        match decide(stored.map(|r| (&r.stamp, &r.payload)), &op.stamp, &op.payload) {
             Decision::Apply => {
                 self.seq += 1;
                 if let Some(old) = stored {
                     self.by_seq.remove(&old.seq);
                 }
                 self.by_seq.insert(self.seq, key.clone());
-                let row = Row {
-                    stamp: op.stamp.clone(),
-                    payload: op.payload.clone(),
-                    seq: self.seq,
-                };
+                let row = Row { stamp: op.stamp.clone(), payload: op.payload.clone(), seq: self.seq };
                 self.rows.insert(key, row);
                 OpResult::Applied { seq: self.seq }
             }
             Decision::Duplicate => OpResult::Duplicate,
             Decision::Superseded => {
                 let winner = &stored.expect("superseded implies a stored row").stamp;
-                OpResult::Superseded {
-                    lamport: winner.lamport,
-                    node_id: winner.node_id.clone(),
-                }
+                OpResult::Superseded { lamport: winner.lamport, node_id: winner.node_id.clone() }
             }
             Decision::Collision => OpResult::Rejected {
                 code: ErrorCode::StampCollision,
@@ -210,10 +187,6 @@ impl Model {
             last = seq;
             rest.next();
         }
-        Page {
-            changes,
-            cursor: Cursor(last),
-            has_more: rest.peek().is_some(),
-        }
+        Page { changes, cursor: Cursor(last), has_more: rest.peek().is_some() }
     }
 }

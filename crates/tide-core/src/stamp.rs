@@ -27,10 +27,7 @@ pub struct Stamp {
 impl Stamp {
     /// A stamp from its two parts.
     pub fn new(lamport: u64, node_id: impl Into<String>) -> Self {
-        Self {
-            lamport,
-            node_id: node_id.into(),
-        }
+        Self { lamport, node_id: node_id.into() }
     }
 }
 

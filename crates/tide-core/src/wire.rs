@@ -45,12 +45,7 @@ pub struct SyncRequest {
     pub limit: Option<u32>,
     /// Extension: how long the server may hold the request when it has
     /// nothing to send (long-poll), on the wire as `wait_ms`.
-    #[serde(
-        default,
-        rename = "wait_ms",
-        skip_serializing_if = "Option::is_none",
-        with = "duration_ms"
-    )]
+    #[serde(default, rename = "wait_ms", skip_serializing_if = "Option::is_none", with = "duration_ms")]
     pub wait: Option<Duration>,
 }
 
@@ -169,10 +164,9 @@ fn payload_from_wire(kind: Kind, doc: Option<serde_json::Value>) -> Result<Paylo
     match (kind, doc) {
         (Kind::Put, Some(serde_json::Value::Object(doc))) => Ok(Payload::Put(doc)),
         (Kind::Put, None) => Err("a put must carry a JSON object `doc`, found null".into()),
-        (Kind::Put, Some(other)) => Err(format!(
-            "a put must carry a JSON object `doc`, found {}",
-            json_type_name(&other)
-        )),
+        (Kind::Put, Some(other)) => {
+            Err(format!("a put must carry a JSON object `doc`, found {}", json_type_name(&other)))
+        }
         (Kind::Delete, None) => Ok(Payload::Delete),
         (Kind::Delete, Some(_)) => Err("a delete must carry `doc: null`".into()),
     }
@@ -212,15 +206,7 @@ fn serialize_write<S: Serializer>(
 impl Serialize for Op {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let fields = 6 + usize::from(self.op_id.is_some());
-        let mut st = serialize_write(
-            s,
-            "Op",
-            fields,
-            &self.collection,
-            &self.id,
-            &self.stamp,
-            &self.payload,
-        )?;
+        let mut st = serialize_write(s, "Op", fields, &self.collection, &self.id, &self.stamp, &self.payload)?;
         if let Some(op_id) = &self.op_id {
             st.serialize_field("op_id", op_id)?;
         }
@@ -256,10 +242,7 @@ pub struct SyncResponse {
     pub reset: bool,
 }
 
-#[expect(
-    clippy::trivially_copy_pass_by_ref,
-    reason = "serde's skip_serializing_if passes a reference"
-)]
+#[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -311,15 +294,7 @@ impl TryFrom<ChangeWire> for Change {
 
 impl Serialize for Change {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut st = serialize_write(
-            s,
-            "Change",
-            7,
-            &self.collection,
-            &self.id,
-            &self.stamp,
-            &self.payload,
-        )?;
+        let mut st = serialize_write(s, "Change", 7, &self.collection, &self.id, &self.stamp, &self.payload)?;
         st.serialize_field("seq", &self.seq)?;
         st.end()
     }
@@ -463,10 +438,7 @@ impl ErrorCode {
 
     /// Whether sending the same request again later can succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            Self::Timeout | Self::RateLimited | Self::Unavailable | Self::Internal
-        )
+        matches!(self, Self::Timeout | Self::RateLimited | Self::Unavailable | Self::Internal)
     }
 
     /// The wire spelling.
@@ -518,11 +490,7 @@ pub struct Violation {
 impl Violation {
     /// A violation not tied to one op.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-            op: None,
-        }
+        Self { code, message: message.into(), op: None }
     }
 
     /// A violation caused by the op at `index`.
@@ -538,9 +506,7 @@ impl Violation {
         use serde_json::error::Category;
         match e.classify() {
             Category::Data => Self::new(ErrorCode::InvalidRequest, e.to_string()),
-            Category::Syntax | Category::Eof | Category::Io => {
-                Self::new(ErrorCode::InvalidJson, e.to_string())
-            }
+            Category::Syntax | Category::Eof | Category::Io => Self::new(ErrorCode::InvalidJson, e.to_string()),
         }
     }
 
@@ -550,11 +516,7 @@ impl Violation {
             ErrorCode::InvalidJson => format!("invalid JSON: {}", self.message),
             _ => format!("bad request: {}", self.message),
         };
-        ErrorBody {
-            error,
-            code: Some(self.code),
-            op: self.op,
-        }
+        ErrorBody { error, code: Some(self.code), op: self.op }
     }
 
     /// The HTTP status for this violation.
@@ -629,13 +591,9 @@ impl<'de> Visitor<'de> for CursorVisitor {
             return Ok(None);
         }
         if !v.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(E::custom(format_args!(
-                "invalid cursor {v:?}: expected a decimal string"
-            )));
+            return Err(E::custom(format_args!("invalid cursor {v:?}: expected a decimal string")));
         }
-        v.parse()
-            .map(|v| Some(Cursor(v)))
-            .map_err(|_| E::custom(format_args!("invalid cursor {v:?}: out of range")))
+        v.parse().map(|v| Some(Cursor(v))).map_err(|_| E::custom(format_args!("invalid cursor {v:?}: out of range")))
     }
 }
 
@@ -660,9 +618,7 @@ mod duration_ms {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
     }
 }

@@ -67,19 +67,14 @@ pub struct NoAuth {
 impl NoAuth {
     /// Everyone shares `namespace`.
     pub fn new(namespace: impl Into<String>) -> Self {
-        Self {
-            namespace: Namespace::new(namespace),
-        }
+        Self { namespace: Namespace::new(namespace) }
     }
 }
 
 #[async_trait::async_trait]
 impl Authenticator for NoAuth {
     async fn authenticate(&self, _token: Option<&str>) -> Result<Principal, AuthError> {
-        Ok(Principal {
-            id: "anonymous".into(),
-            namespace: self.namespace.clone(),
-        })
+        Ok(Principal { id: "anonymous".into(), namespace: self.namespace.clone() })
     }
 }
 
@@ -92,9 +87,7 @@ pub struct StaticTokens {
 
 impl std::fmt::Debug for StaticTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StaticTokens")
-            .field("tokens", &self.tokens.len())
-            .finish()
+        f.debug_struct("StaticTokens").field("tokens", &self.tokens.len()).finish()
     }
 }
 
@@ -115,13 +108,7 @@ impl StaticTokens {
             .into_iter()
             .map(|(t, n)| {
                 let n = n.into();
-                (
-                    t.into().into_bytes(),
-                    Principal {
-                        id: n.clone(),
-                        namespace: Namespace::new(n),
-                    },
-                )
+                (t.into().into_bytes(), Principal { id: n.clone(), namespace: Namespace::new(n) })
             })
             .collect();
         Self { tokens }
@@ -141,46 +128,27 @@ impl StaticTokens {
                 [t, n] => (*t, *n, *n),
                 [t, n, p] => (*t, *n, *p),
                 _ => {
-                    return Err(TokensError {
-                        line: i + 1,
-                        message: "expected TOKEN NAMESPACE [PRINCIPAL]".into(),
-                    });
+                    return Err(TokensError { line: i + 1, message: "expected TOKEN NAMESPACE [PRINCIPAL]".into() });
                 }
             };
-            tokens.push((
-                token.as_bytes().to_vec(),
-                Principal {
-                    id: id.into(),
-                    namespace: Namespace::new(namespace),
-                },
-            ));
+            tokens.push((token.as_bytes().to_vec(), Principal { id: id.into(), namespace: Namespace::new(namespace) }));
         }
         Ok(Self { tokens })
     }
 
     /// Reads [`StaticTokens::parse_file`]'s format from `path`.
     pub fn from_file(path: &Path) -> Result<Self, TokensError> {
-        let text = std::fs::read_to_string(path).map_err(|e| TokensError {
-            line: 0,
-            message: format!("{}: {e}", path.display()),
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TokensError { line: 0, message: format!("{}: {e}", path.display()) })?;
         Self::parse_file(&text)
     }
 
     /// Parses `TOKEN=NAMESPACE,TOKEN=NAMESPACE` (as in an environment variable).
     pub fn parse_list(list: &str) -> Result<Self, TokensError> {
         let mut pairs = Vec::new();
-        for (i, entry) in list
-            .split(',')
-            .map(str::trim)
-            .filter(|e| !e.is_empty())
-            .enumerate()
-        {
+        for (i, entry) in list.split(',').map(str::trim).filter(|e| !e.is_empty()).enumerate() {
             let Some((token, namespace)) = entry.split_once('=') else {
-                return Err(TokensError {
-                    line: i + 1,
-                    message: "expected TOKEN=NAMESPACE".into(),
-                });
+                return Err(TokensError { line: i + 1, message: "expected TOKEN=NAMESPACE".into() });
             };
             pairs.push((token.trim().to_owned(), namespace.trim().to_owned()));
         }

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{
-    ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE,
-};
+use http::header::{ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::server::conn::http1;
@@ -90,9 +88,7 @@ pub struct Server {
 
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Server")
-            .field("config", &self.app.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Server").field("config", &self.app.config).finish_non_exhaustive()
     }
 }
 
@@ -101,17 +97,13 @@ type Response = http::Response<Full<Bytes>>;
 fn json_response(status: StatusCode, body: Vec<u8>) -> Response {
     let mut resp = http::Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
 
 fn error(status: u16, body: &ErrorBody) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_response(
-        status,
-        serde_json::to_vec(body).expect("error bodies serialize"),
-    )
+    json_response(status, serde_json::to_vec(body).expect("error bodies serialize"))
 }
 
 fn refuse(v: &Violation) -> Response {
@@ -119,14 +111,7 @@ fn refuse(v: &Violation) -> Response {
 }
 
 fn plain(code: ErrorCode, message: impl Into<String>) -> Response {
-    error(
-        code.status(),
-        &ErrorBody {
-            error: message.into(),
-            code: Some(code),
-            op: None,
-        },
-    )
+    error(code.status(), &ErrorBody { error: message.into(), code: Some(code), op: None })
 }
 
 fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
@@ -144,27 +129,16 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
 }
 
 fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers.get_all(ACCEPT_ENCODING).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip")))
-    })
+    headers
+        .get_all(ACCEPT_ENCODING)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip"))))
 }
 
 impl Server {
     /// A server over `backend`, authenticating with `auth`.
-    pub fn new(
-        backend: Arc<dyn Backend>,
-        auth: Arc<dyn Authenticator>,
-        config: ServerConfig,
-    ) -> Self {
-        Self {
-            app: Arc::new(App {
-                backend,
-                auth,
-                config,
-                metrics: Metrics::default(),
-            }),
-        }
+    pub fn new(backend: Arc<dyn Backend>, auth: Arc<dyn Authenticator>, config: ServerConfig) -> Self {
+        Self { app: Arc::new(App { backend, auth, config, metrics: Metrics::default() }) }
     }
 
     /// Answers one request: `POST` to the sync path, `GET /healthz`,
@@ -181,19 +155,12 @@ impl Server {
             if req.method() == Method::POST {
                 ("sync", self.sync(req).await)
             } else {
-                let mut resp = plain(
-                    ErrorCode::MethodNotAllowed,
-                    format!("{} is not allowed; use POST", req.method()),
-                );
-                resp.headers_mut()
-                    .insert(http::header::ALLOW, HeaderValue::from_static("POST"));
+                let mut resp = plain(ErrorCode::MethodNotAllowed, format!("{} is not allowed; use POST", req.method()));
+                resp.headers_mut().insert(http::header::ALLOW, HeaderValue::from_static("POST"));
                 ("sync", resp)
             }
         } else if req.method() == Method::GET && path == "/healthz" {
-            (
-                "healthz",
-                json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()),
-            )
+            ("healthz", json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()))
         } else if req.method() == Method::GET && path == "/readyz" {
             let resp = match app.backend.ready().await {
                 Ok(()) => json_response(StatusCode::OK, br#"{"status":"ready"}"#.to_vec()),
@@ -202,19 +169,12 @@ impl Server {
             ("readyz", resp)
         } else if req.method() == Method::GET && path == "/metrics" {
             let mut resp = http::Response::new(Full::new(Bytes::from(app.metrics.render())));
-            resp.headers_mut().insert(
-                CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
+            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             ("metrics", resp)
         } else {
-            (
-                "other",
-                plain(ErrorCode::NotFound, format!("no route for {path}")),
-            )
+            ("other", plain(ErrorCode::NotFound, format!("no route for {path}")))
         };
-        app.metrics
-            .request(route, resp.status().as_u16(), start.elapsed());
+        app.metrics.request(route, resp.status().as_u16(), start.elapsed());
         resp
     }
 
@@ -226,66 +186,33 @@ impl Server {
         let app = &self.app;
         let limits = &app.config.limits;
         // 1. Who is asking, before reading a byte of the body.
-        let principal = match bearer(req.headers()) {
-            Ok(token) => app.auth.authenticate(token).await,
-            Err(e) => Err(e),
-        };
-        let principal = match principal {
+        let principal = match self.authenticate(req.headers()).await {
             Ok(p) => p,
-            Err(AuthError::Unavailable(why)) => {
-                return plain(
-                    ErrorCode::Unavailable,
-                    format!("authentication unavailable: {why}"),
-                );
-            }
-            Err(e) => {
-                let mut resp = plain(ErrorCode::Unauthorized, e.to_string());
-                resp.headers_mut().insert(
-                    http::header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
-                );
-                return resp;
-            }
+            Err(resp) => return resp,
         };
         // 2. A declared length over the limit is refused unread.
-        let declared = req
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limits.request_bytes_max as u64) {
             return too_large(limits.request_bytes_max);
         }
-        let gzipped = match req
-            .headers()
-            .get(CONTENT_ENCODING)
-            .map(HeaderValue::as_bytes)
-        {
+        let gzipped = match req.headers().get(CONTENT_ENCODING).map(HeaderValue::as_bytes) {
             None | Some(b"identity") => false,
             Some(b"gzip") => true,
             Some(other) => {
                 let v = Violation::new(
                     ErrorCode::InvalidRequest,
-                    format!(
-                        "content-encoding {:?} is not supported; use gzip",
-                        String::from_utf8_lossy(other)
-                    ),
+                    format!("content-encoding {:?} is not supported; use gzip", String::from_utf8_lossy(other)),
                 );
                 return refuse(&v);
             }
         };
         let gzip_reply = accepts_gzip(req.headers());
         // 3. The body, bounded in size and time (chunked bodies included).
-        let body = match read_body(
-            req.into_body(),
-            gzipped,
-            limits.request_bytes_max,
-            app.config.body_read_timeout,
-        )
-        .await
-        {
-            Ok(body) => body,
-            Err(resp) => return resp,
-        };
+        let body =
+            match read_body(req.into_body(), gzipped, limits.request_bytes_max, app.config.body_read_timeout).await {
+                Ok(body) => body,
+                Err(resp) => return resp,
+            };
         // 4. Shape, then every limit: all before anything is applied.
         let request = match SyncRequest::from_json(&body) {
             Ok(r) => r,
@@ -307,26 +234,14 @@ impl Server {
         let backend = Arc::clone(&app.backend);
         let namespace = principal.namespace.clone();
         let started = Instant::now();
-        let result = tokio::spawn(
-            async move { backend.exchange(&namespace, &request).await }.instrument(span.clone()),
-        )
-        .await;
+        let result =
+            tokio::spawn(async move { backend.exchange(&namespace, &request).await }.instrument(span.clone())).await;
         let resp = match result {
             Ok(Ok(reply)) => {
                 app.metrics.results(&reply.results);
                 app.metrics.changes(reply.change_count);
                 span.record("changes", reply.change_count);
-                let mut body = reply.body();
-                let mut resp_headers = vec![(ACCEPT_ENCODING, HeaderValue::from_static("gzip"))];
-                if gzip_reply && body.len() >= GZIP_RESPONSE_BYTES_MIN {
-                    body = gzip(&body);
-                    resp_headers.push((CONTENT_ENCODING, HeaderValue::from_static("gzip")));
-                }
-                let mut resp = json_response(StatusCode::OK, body);
-                for (name, value) in resp_headers {
-                    resp.headers_mut().insert(name, value);
-                }
-                resp
+                reply_response(&reply, gzip_reply)
             }
             Ok(Err(BackendError::Refused(v))) => refuse(&v),
             Ok(Err(BackendError::Unavailable(why))) => {
@@ -346,6 +261,22 @@ impl Server {
         resp
     }
 
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<crate::auth::Principal, Response> {
+        let principal = match bearer(headers) {
+            Ok(token) => self.app.auth.authenticate(token).await,
+            Err(e) => Err(e),
+        };
+        principal.map_err(|e| match e {
+            AuthError::Unavailable(why) => plain(ErrorCode::Unavailable, format!("authentication unavailable: {why}")),
+            e => {
+                let mut resp = plain(ErrorCode::Unauthorized, e.to_string());
+                let challenge = HeaderValue::from_static("Bearer error=\"invalid_token\"");
+                resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, challenge);
+                resp
+            }
+        })
+    }
+
     /// Serves connections from `listener` until `shutdown` completes, then
     /// stops accepting, lets in-flight exchanges finish (up to
     /// [`ServerConfig::shutdown_grace`]) and returns.
@@ -353,11 +284,7 @@ impl Server {
     /// # Errors
     /// Never for accept failures (they are logged and retried); the result
     /// is for future use.
-    pub async fn serve(
-        &self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) -> std::io::Result<()> {
+    pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
         let config = &self.app.config;
         let graceful = GracefulShutdown::new();
         let permits = Arc::new(Semaphore::new(config.connections_max));
@@ -411,12 +338,7 @@ impl Server {
 
 /// Reads a request body within `limit` bytes (before and after gzip) and
 /// `timeout`; the error is the response to send.
-async fn read_body<B>(
-    body: B,
-    gzipped: bool,
-    limit: usize,
-    timeout: Duration,
-) -> Result<Bytes, Response>
+async fn read_body<B>(body: B, gzipped: bool, limit: usize, timeout: Duration) -> Result<Bytes, Response>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -424,22 +346,13 @@ where
     let collect = Limited::new(body, limit).collect();
     let body = match tokio::time::timeout(timeout, collect).await {
         Err(_) => {
-            return Err(plain(
-                ErrorCode::Timeout,
-                "request body not received in time",
-            ));
+            return Err(plain(ErrorCode::Timeout, "request body not received in time"));
         }
-        Ok(Err(e))
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
             return Err(too_large(limit));
         }
         Ok(Err(e)) => {
-            return Err(refuse(&Violation::new(
-                ErrorCode::InvalidRequest,
-                format!("request body: {e}"),
-            )));
+            return Err(refuse(&Violation::new(ErrorCode::InvalidRequest, format!("request body: {e}"))));
         }
         Ok(Ok(body)) => body.to_bytes(),
     };
@@ -447,32 +360,35 @@ where
         return Ok(body);
     }
     let mut out = Vec::new();
-    match flate2::read::GzDecoder::new(&body[..])
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-    {
-        Err(e) => Err(refuse(&Violation::new(
-            ErrorCode::InvalidRequest,
-            format!("gzip body: {e}"),
-        ))),
+    match flate2::read::GzDecoder::new(&body[..]).take(limit as u64 + 1).read_to_end(&mut out) {
+        Err(e) => Err(refuse(&Violation::new(ErrorCode::InvalidRequest, format!("gzip body: {e}")))),
         Ok(_) if out.len() > limit => Err(too_large(limit)),
         Ok(_) => Ok(Bytes::from(out)),
     }
 }
 
+/// A 200 with the rendered reply, gzipped for clients that take it.
+fn reply_response(reply: &crate::backend::Reply, gzip_reply: bool) -> Response {
+    let mut body = reply.body();
+    let compress = gzip_reply && body.len() >= GZIP_RESPONSE_BYTES_MIN;
+    if compress {
+        body = gzip(&body);
+    }
+    let mut resp = json_response(StatusCode::OK, body);
+    resp.headers_mut().insert(ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+    if compress {
+        resp.headers_mut().insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    resp
+}
+
 fn too_large(limit: usize) -> Response {
-    plain(
-        ErrorCode::BodyTooLarge,
-        format!("bad request: request body larger than {limit} bytes"),
-    )
+    plain(ErrorCode::BodyTooLarge, format!("bad request: request body larger than {limit} bytes"))
 }
 
 fn gzip(body: &[u8]) -> Vec<u8> {
     use std::io::Write as _;
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(body.len() / 4),
-        flate2::Compression::fast(),
-    );
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
     enc.write_all(body).expect("writing to memory cannot fail");
     enc.finish().expect("writing to memory cannot fail")
 }

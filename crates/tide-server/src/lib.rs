@@ -21,6 +21,6 @@ pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTok
 pub use backend::sqlite::{Durability, SqliteBackend};
 pub use backend::{Backend, BackendError, Reply};
 pub use http::{
-    AUTHORIZATION_BYTES_MAX, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT,
-    HEADER_READ_TIMEOUT_DEFAULT, SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig,
+    AUTHORIZATION_BYTES_MAX, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT, HEADER_READ_TIMEOUT_DEFAULT,
+    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig,
 };

@@ -10,9 +10,8 @@ use std::time::Duration;
 use clap::Parser;
 use tide_core::limits;
 use tide_server::{
-    Authenticator, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT, Durability,
-    HEADER_READ_TIMEOUT_DEFAULT, NoAuth, SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig,
-    SqliteBackend, StaticTokens,
+    Authenticator, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT, Durability, HEADER_READ_TIMEOUT_DEFAULT, NoAuth,
+    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens,
 };
 
 /// tide's sync server: clients POST their pending writes and pull what
@@ -127,26 +126,18 @@ async fn run(args: Args) -> Result<(), String> {
         connections_max: args.connections_max.max(1),
         shutdown_grace: seconds("shutdown-grace", args.shutdown_grace)?,
     };
-    let durability = if args.durability == "normal" {
-        Durability::Normal
-    } else {
-        Durability::Full
-    };
+    let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
     let backend = SqliteBackend::open(&args.db, durability, limits)
         .await
         .map_err(|e| format!("opening {}: {e}", args.db.display()))?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", args.listen))?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let server = Server::new(backend, auth, config);
     // The first line on stdout tells scripts and tests where to connect.
     println!("tide-server listening on http://{addr}{}", args.path);
     tracing::info!(%addr, db = %args.db.display(), no_auth = args.no_auth, "serving");
-    server
-        .serve(listener, shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    server.serve(listener, shutdown_signal()).await.map_err(|e| e.to_string())
 }
 
 async fn shutdown_signal() {
@@ -173,16 +164,11 @@ async fn shutdown_signal() {
 fn main() -> ExitCode {
     let args = Args::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tide-server: cannot start the runtime: {e}");

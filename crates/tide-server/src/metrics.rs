@@ -9,9 +9,7 @@ use std::time::Duration;
 use tide_core::OpResult;
 
 /// Upper bounds of the latency histogram's buckets, in seconds.
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-];
+const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
 
 #[derive(Default)]
 pub(crate) struct Metrics {
@@ -26,12 +24,8 @@ pub(crate) struct Metrics {
 
 impl Metrics {
     pub(crate) fn request(&self, route: &'static str, status: u16, took: Duration) {
-        *self
-            .requests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .entry((route, status))
-            .or_default() += 1;
+        *self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry((route, status)).or_default() +=
+            1;
         let secs = took.as_secs_f64();
         for (bucket, bound) in self.latency_buckets.iter().zip(LATENCY_BUCKETS) {
             if secs <= bound {
@@ -39,10 +33,7 @@ impl Metrics {
             }
         }
         self.latency_count.fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros.fetch_add(
-            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+        self.latency_sum_micros.fetch_add(u64::try_from(took.as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     pub(crate) fn results(&self, results: &[OpResult]) {
@@ -71,43 +62,22 @@ impl Metrics {
 
     pub(crate) fn render(&self) -> String {
         let mut out = String::new();
-        out.push_str("# HELP tide_requests_total HTTP requests by route and status.\n# TYPE tide_requests_total counter\n");
-        for ((route, status), n) in self
-            .requests
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-        {
-            let _ = writeln!(
-                out,
-                "tide_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
-            );
+        out.push_str(
+            "# HELP tide_requests_total HTTP requests by route and status.\n# TYPE tide_requests_total counter\n",
+        );
+        for ((route, status), n) in self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
+            let _ = writeln!(out, "tide_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+        out.push_str("# HELP tide_ops_total Ops received, by result.\n# TYPE tide_ops_total counter\n");
+        for (i, name) in ["applied", "duplicate", "superseded", "rejected"].iter().enumerate() {
+            let _ = writeln!(out, "tide_ops_total{{result=\"{name}\"}} {}", self.ops[i].load(Ordering::Relaxed));
         }
         out.push_str(
-            "# HELP tide_ops_total Ops received, by result.\n# TYPE tide_ops_total counter\n",
+            "# HELP tide_changes_served_total Changes sent to clients.\n# TYPE tide_changes_served_total counter\n",
         );
-        for (i, name) in ["applied", "duplicate", "superseded", "rejected"]
-            .iter()
-            .enumerate()
-        {
-            let _ = writeln!(
-                out,
-                "tide_ops_total{{result=\"{name}\"}} {}",
-                self.ops[i].load(Ordering::Relaxed)
-            );
-        }
-        out.push_str("# HELP tide_changes_served_total Changes sent to clients.\n# TYPE tide_changes_served_total counter\n");
-        let _ = writeln!(
-            out,
-            "tide_changes_served_total {}",
-            self.changes.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(out, "tide_changes_served_total {}", self.changes.load(Ordering::Relaxed));
         out.push_str("# HELP tide_open_connections Open client connections.\n# TYPE tide_open_connections gauge\n");
-        let _ = writeln!(
-            out,
-            "tide_open_connections {}",
-            self.open_connections.load(Ordering::Relaxed)
-        );
+        let _ = writeln!(out, "tide_open_connections {}", self.open_connections.load(Ordering::Relaxed));
         out.push_str(
             "# HELP tide_request_duration_seconds Time to answer a sync request.\n# TYPE tide_request_duration_seconds histogram\n",
         );
@@ -119,14 +89,8 @@ impl Metrics {
             );
         }
         let count = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "tide_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
-        );
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "a sum of microseconds is shown to a few digits"
-        )]
+        let _ = writeln!(out, "tide_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        #[expect(clippy::cast_precision_loss, reason = "a sum of microseconds is shown to a few digits")]
         let sum = self.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "tide_request_duration_seconds_sum {sum}");
         let _ = writeln!(out, "tide_request_duration_seconds_count {count}");

@@ -8,10 +8,7 @@
 //! Ratios matter more than absolute rates on a shared machine: each pair is
 //! measured back to back in the same run.
 
-#![expect(
-    clippy::cast_precision_loss,
-    reason = "rates are counts over seconds; a few digits are plenty"
-)]
+#![expect(clippy::cast_precision_loss, reason = "rates are counts over seconds; a few digits are plenty")]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,12 +19,7 @@ use tide_core::{Change, Cursor, Doc, Payload, Stamp};
 use tide_store::{Durability, OpenOptions, Store};
 
 fn secs() -> Duration {
-    Duration::from_secs_f64(
-        std::env::var("TIDE_BENCH_SECS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(2.0),
-    )
+    Duration::from_secs_f64(std::env::var("TIDE_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0))
 }
 
 fn doc200(i: u64) -> Doc {
@@ -62,18 +54,19 @@ const RAW_SCHEMA: &str = "
 fn raw(dir: &std::path::Path, sync: &str) -> rusqlite::Connection {
     let conn = rusqlite::Connection::open(dir.join("raw.db")).unwrap();
     conn.execute_batch(RAW_SCHEMA).unwrap();
-    conn.execute_batch(&format!("PRAGMA synchronous = {sync}"))
-        .unwrap();
+    conn.execute_batch(&format!("PRAGMA synchronous = {sync}")).unwrap();
     conn
 }
 
 /// The raw equivalent of one local put: outbox row, document, clock, one transaction.
 fn raw_put(conn: &rusqlite::Connection, i: u64, doc: &str) {
     conn.execute_batch("BEGIN IMMEDIATE").unwrap();
-    conn.prepare_cached("INSERT INTO outbox (collection, id, kind, doc, lamport, node_id) VALUES ('c', ?1, 'put', ?2, ?3, 'n')")
-        .unwrap()
-        .execute(rusqlite::params![id(i), doc, i.cast_signed()])
-        .unwrap();
+    conn.prepare_cached(
+        "INSERT INTO outbox (collection, id, kind, doc, lamport, node_id) VALUES ('c', ?1, 'put', ?2, ?3, 'n')",
+    )
+    .unwrap()
+    .execute(rusqlite::params![id(i), doc, i.cast_signed()])
+    .unwrap();
     conn.prepare_cached(
         "INSERT INTO docs (collection, id, doc, lamport, node_id, deleted) VALUES ('c', ?1, ?2, ?3, 'n', 0) \
          ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, node_id = excluded.node_id, deleted = 0",
@@ -100,11 +93,7 @@ fn report(name: &str, ours: f64, raw: Option<f64>, unit: &str, target: &str) -> 
 
 async fn t1_put_full(results: &mut Vec<serde_json::Value>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = OpenOptions::new()
-        .durability(Durability::Full)
-        .open(dir.path().join("s.db"))
-        .await
-        .unwrap();
+    let store = OpenOptions::new().durability(Durability::Full).open(dir.path().join("s.db")).await.unwrap();
     let d = doc200(0);
     let (mut n, start) = (0u64, Instant::now());
     while start.elapsed() < secs() {
@@ -125,22 +114,12 @@ async fn t1_put_full(results: &mut Vec<serde_json::Value>) {
     })
     .await
     .unwrap();
-    results.push(report(
-        "T1 one put, FULL",
-        ours,
-        Some(raw_rate),
-        "puts/s",
-        ">= 0.6x raw",
-    ));
+    results.push(report("T1 one put, FULL", ours, Some(raw_rate), "puts/s", ">= 0.6x raw"));
 }
 
 async fn t2_concurrent_normal(results: &mut Vec<serde_json::Value>) {
     let dir = tempfile::tempdir().unwrap();
-    let store = OpenOptions::new()
-        .durability(Durability::Normal)
-        .open(dir.path().join("s.db"))
-        .await
-        .unwrap();
+    let store = OpenOptions::new().durability(Durability::Normal).open(dir.path().join("s.db")).await.unwrap();
     let count = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let tasks: Vec<_> = (0..32u64)
@@ -150,10 +129,7 @@ async fn t2_concurrent_normal(results: &mut Vec<serde_json::Value>) {
                 let d = doc200(t);
                 let mut i = 0;
                 while start.elapsed() < secs() {
-                    store
-                        .put("c", &format!("{t}-{i}"), d.clone())
-                        .await
-                        .unwrap();
+                    store.put("c", &format!("{t}-{i}"), d.clone()).await.unwrap();
                     i += 1;
                     count.fetch_add(1, Ordering::Relaxed);
                 }
@@ -164,13 +140,7 @@ async fn t2_concurrent_normal(results: &mut Vec<serde_json::Value>) {
         t.await.unwrap();
     }
     let ours = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
-    results.push(report(
-        "T2 32 tasks putting, NORMAL",
-        ours,
-        None,
-        "puts/s",
-        ">= 50,000/s",
-    ));
+    results.push(report("T2 32 tasks putting, NORMAL", ours, None, "puts/s", ">= 50,000/s"));
 }
 
 fn page(base: u64) -> Vec<Change> {
@@ -189,18 +159,8 @@ fn page(base: u64) -> Vec<Change> {
                     _ => (k, 10, "a"),
                 }
             };
-            let payload = if i % 10 == 0 {
-                Payload::Delete
-            } else {
-                Payload::Put(doc200(i))
-            };
-            Change {
-                collection: "c".into(),
-                id: id(key),
-                stamp: Stamp::new(lamport, node),
-                payload,
-                seq: i + 1,
-            }
+            let payload = if i % 10 == 0 { Payload::Delete } else { Payload::Put(doc200(i)) };
+            Change { collection: "c".into(), id: id(key), stamp: Stamp::new(lamport, node), payload, seq: i + 1 }
         })
         .collect()
 }
@@ -211,11 +171,7 @@ async fn t3_apply_page(results: &mut Vec<serde_json::Value>) {
     let mut raws = Vec::new();
     for rep in 0..reps as u64 {
         let dir = tempfile::tempdir().unwrap();
-        let store = OpenOptions::new()
-            .durability(Durability::Normal)
-            .open(dir.path().join("s.db"))
-            .await
-            .unwrap();
+        let store = OpenOptions::new().durability(Durability::Normal).open(dir.path().join("s.db")).await.unwrap();
         let fixture: Vec<Change> = (0..10_000u64)
             .map(|k| Change {
                 collection: "c".into(),
@@ -230,11 +186,7 @@ async fn t3_apply_page(results: &mut Vec<serde_json::Value>) {
         let start = Instant::now();
         let applied = store.apply_page(p, Cursor(20_000)).await.unwrap();
         ours.push(10_000.0 / start.elapsed().as_secs_f64());
-        assert_eq!(
-            applied.len(),
-            7_500,
-            "5,000 new + 1,250 newer + 1,250 tie-winners"
-        );
+        assert_eq!(applied.len(), 7_500, "5,000 new + 1,250 newer + 1,250 tie-winners");
         store.close().await;
 
         raws.push(
@@ -286,33 +238,18 @@ async fn t4_gets(results: &mut Vec<serde_json::Value>, python: Option<f64>) {
     const DOCS: u64 = 100_000;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.db");
-    let store = OpenOptions::new()
-        .durability(Durability::Normal)
-        .readers(8)
-        .open(&path)
-        .await
-        .unwrap();
+    let store = OpenOptions::new().durability(Durability::Normal).readers(8).open(&path).await.unwrap();
     for chunk in (0..DOCS).collect::<Vec<_>>().chunks(4_000) {
         let writes = chunk
             .iter()
-            .map(|&i| tide_store::Write {
-                collection: "c".into(),
-                id: id(i),
-                payload: Payload::Put(doc200(i)),
-            })
+            .map(|&i| tide_store::Write { collection: "c".into(), id: id(i), payload: Payload::Put(doc200(i)) })
             .collect();
         store.write(writes).await.unwrap();
     }
     let mut rng = Rng(7);
     let (mut n, start) = (0u64, Instant::now());
     while start.elapsed() < secs() {
-        assert!(
-            store
-                .get("c", &id(rng.below(DOCS)))
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(store.get("c", &id(rng.below(DOCS))).await.unwrap().is_some());
         n += 1;
     }
     let single = n as f64 / start.elapsed().as_secs_f64();
@@ -325,13 +262,7 @@ async fn t4_gets(results: &mut Vec<serde_json::Value>, python: Option<f64>) {
             tokio::spawn(async move {
                 let mut rng = Rng(t);
                 while start.elapsed() < secs() {
-                    assert!(
-                        store
-                            .get("c", &id(rng.below(DOCS)))
-                            .await
-                            .unwrap()
-                            .is_some()
-                    );
+                    assert!(store.get("c", &id(rng.below(DOCS))).await.unwrap().is_some());
                     count.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -346,9 +277,7 @@ async fn t4_gets(results: &mut Vec<serde_json::Value>, python: Option<f64>) {
     let raw_single = tokio::task::spawn_blocking(move || {
         let conn = rusqlite::Connection::open(&path).unwrap();
         let mut st = conn
-            .prepare_cached(
-                "SELECT doc FROM tide_docs WHERE collection = 'c' AND id = ?1 AND deleted = 0",
-            )
+            .prepare_cached("SELECT doc FROM tide_docs WHERE collection = 'c' AND id = ?1 AND deleted = 0")
             .unwrap();
         let mut rng = Rng(7);
         let (mut n, start) = (0u64, Instant::now());
@@ -361,24 +290,11 @@ async fn t4_gets(results: &mut Vec<serde_json::Value>, python: Option<f64>) {
     })
     .await
     .unwrap();
-    let target = python.map_or(
-        "the original's rate (not measured: set TIDE_PYTHON)".into(),
-        |p| format!(">= original Python {p:.0}/s"),
-    );
-    results.push(report(
-        "T4 get by key, 1 task",
-        single,
-        Some(raw_single),
-        "gets/s",
-        &target,
-    ));
-    results.push(report(
-        "T4 get by key, 8 tasks",
-        eight,
-        None,
-        "gets/s",
-        ">= 40,000/s",
-    ));
+    let target = python.map_or("the original's rate (not measured: set TIDE_PYTHON)".into(), |p| {
+        format!(">= original Python {p:.0}/s")
+    });
+    results.push(report("T4 get by key, 1 task", single, Some(raw_single), "gets/s", &target));
+    results.push(report("T4 get by key, 8 tasks", eight, None, "gets/s", ">= 40,000/s"));
 }
 
 /// The original Python tide 0.2.1's get rate on the same data shape.
@@ -406,15 +322,9 @@ async def main():
         print(n / (time.perf_counter() - start))
 asyncio.run(main())
 "#;
-    let out = std::process::Command::new(python)
-        .args(["-c", script])
-        .output()
-        .ok()?;
+    let out = std::process::Command::new(python).args(["-c", script]).output().ok()?;
     if !out.status.success() {
-        eprintln!(
-            "original tide not measured: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        eprintln!("original tide not measured: {}", String::from_utf8_lossy(&out.stderr));
         return None;
     }
     String::from_utf8_lossy(&out.stdout).trim().parse().ok()
@@ -422,16 +332,9 @@ asyncio.run(main())
 
 fn main() {
     let rt = if std::env::var("TIDE_BENCH_RT").as_deref() == Ok("current") {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
     } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
     };
     let python = python_gets();
     if let Some(p) = python {
@@ -449,18 +352,10 @@ fn main() {
         t4_gets(&mut results, python).await;
         results
     });
-    let sqlite = rt.block_on(async {
-        Store::open_in_memory()
-            .await
-            .unwrap()
-            .sqlite_version()
-            .await
-            .unwrap()
-    });
+    let sqlite = rt.block_on(async { Store::open_in_memory().await.unwrap().sqlite_version().await.unwrap() });
     let out = json!({"sqlite": sqlite, "python_gets_per_s": python, "results": results});
-    let path = std::env::var("TIDE_BENCH_JSON").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-store.json").into()
-    });
+    let path = std::env::var("TIDE_BENCH_JSON")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-store.json").into());
     std::fs::write(&path, serde_json::to_string_pretty(&out).unwrap()).unwrap();
     println!("written to {path}");
 }

@@ -87,11 +87,7 @@ impl Settings {
     /// A reader connection: WAL is already set in the file; `query_only`
     /// makes a stray write an error.
     pub(crate) async fn connect_reader(&self) -> Result<SqliteConnection> {
-        self.options()
-            .pragma("query_only", "ON")
-            .connect()
-            .await
-            .map_err(db)
+        self.options().pragma("query_only", "ON").connect().await.map_err(db)
     }
 
     fn expected_journal_mode(&self) -> &'static str {
@@ -110,34 +106,14 @@ impl Settings {
             Durability::Normal => 1,
         };
         let checks = [
-            (
-                "journal_mode",
-                self.expected_journal_mode().to_owned(),
-                found.journal_mode.clone(),
-            ),
-            (
-                "synchronous",
-                expected_sync.to_string(),
-                found.synchronous.to_string(),
-            ),
-            (
-                "foreign_keys",
-                "1".to_owned(),
-                found.foreign_keys.to_string(),
-            ),
-            (
-                "busy_timeout",
-                self.busy_timeout.as_millis().to_string(),
-                found.busy_timeout.as_millis().to_string(),
-            ),
+            ("journal_mode", self.expected_journal_mode().to_owned(), found.journal_mode.clone()),
+            ("synchronous", expected_sync.to_string(), found.synchronous.to_string()),
+            ("foreign_keys", "1".to_owned(), found.foreign_keys.to_string()),
+            ("busy_timeout", self.busy_timeout.as_millis().to_string(), found.busy_timeout.as_millis().to_string()),
         ];
         for (name, expected, found) in checks {
             if expected != found {
-                return Err(Error::Setting {
-                    name,
-                    expected,
-                    found,
-                });
+                return Err(Error::Setting { name, expected, found });
             }
         }
         Ok(found)
@@ -145,22 +121,10 @@ impl Settings {
 }
 
 pub(crate) async fn read_settings(conn: &mut SqliteConnection) -> Result<ConnectionSettings> {
-    let journal_mode: String = sqlx::query_scalar("PRAGMA journal_mode")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-    let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-    let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
-    let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
+    let journal_mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut *conn).await.map_err(db)?;
+    let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&mut *conn).await.map_err(db)?;
+    let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(&mut *conn).await.map_err(db)?;
+    let busy: i64 = sqlx::query_scalar("PRAGMA busy_timeout").fetch_one(&mut *conn).await.map_err(db)?;
     Ok(ConnectionSettings {
         journal_mode: journal_mode.to_ascii_lowercase(),
         synchronous,
@@ -258,23 +222,14 @@ impl Readers {
 
     /// Borrows a free connection, waiting for one if all are busy.
     pub(crate) async fn get(&self) -> Result<Reader> {
-        let permit = Arc::clone(&self.free)
-            .acquire_owned()
-            .await
-            .map_err(|_| Error::Closed)?;
+        let permit = Arc::clone(&self.free).acquire_owned().await.map_err(|_| Error::Closed)?;
         for conn in &self.conns {
             if let Ok(guard) = Arc::clone(conn).try_lock_owned() {
-                return Ok(Reader {
-                    conn: Held::new(guard)?,
-                    _permit: permit,
-                });
+                return Ok(Reader { conn: Held::new(guard)?, _permit: permit });
             }
         }
         // In memory the one connection is shared with the writer, which may
         // hold it without a permit: wait for it.
-        Ok(Reader {
-            conn: lock(&self.conns[0]).await?,
-            _permit: permit,
-        })
+        Ok(Reader { conn: lock(&self.conns[0]).await?, _permit: permit })
     }
 }

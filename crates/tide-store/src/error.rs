@@ -23,9 +23,7 @@ pub enum Error {
         detail: String,
     },
     /// The file was written by a newer tide; this build cannot read it.
-    #[error(
-        "store schema v{found} is newer than this build supports (up to v{supported}); upgrade tide"
-    )]
+    #[error("store schema v{found} is newer than this build supports (up to v{supported}); upgrade tide")]
     SchemaTooNew {
         /// The schema version in the file.
         found: u32,
@@ -80,17 +78,12 @@ pub(crate) fn db(e: sqlx::Error) -> Error {
             5 | 6 => return Error::Busy, // SQLITE_BUSY, SQLITE_LOCKED
             13 => return Error::Full,    // SQLITE_FULL
             11 | 26 => {
-                return Error::Corrupt {
-                    detail: d.message().to_owned(),
-                };
+                return Error::Corrupt { detail: d.message().to_owned() };
             } // CORRUPT, NOTADB
             _ => {}
         }
     }
-    Error::Database {
-        message: e.to_string(),
-        source: Box::new(e),
-    }
+    Error::Database { message: e.to_string(), source: Box::new(e) }
 }
 
 /// The store's result type.
@@ -103,16 +96,11 @@ impl Error {
         match self {
             Self::Busy => Self::Busy,
             Self::Full => Self::Full,
-            Self::Corrupt { detail } => Self::Corrupt {
-                detail: detail.clone(),
-            },
+            Self::Corrupt { detail } => Self::Corrupt { detail: detail.clone() },
             Self::Closed => Self::Closed,
             Self::Clock(e) => Self::Clock(e.clone()),
             Self::Invalid(v) => Self::Invalid(v.clone()),
-            other => Self::Database {
-                message: other.to_string(),
-                source: other.to_string().into(),
-            },
+            other => Self::Database { message: other.to_string(), source: other.to_string().into() },
         }
     }
 }

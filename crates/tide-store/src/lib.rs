@@ -181,31 +181,21 @@ impl OpenOptions {
 
     async fn open_at(self, location: Location) -> Result<Store> {
         let memory = matches!(location, Location::Memory);
-        let settings = Settings {
-            location,
-            durability: self.durability,
-            busy_timeout: self.busy_timeout,
-        };
+        let settings = Settings { location, durability: self.durability, busy_timeout: self.busy_timeout };
         let mut conn = settings.connect_writer().await?;
         settings.verify(&mut conn).await?;
         check_sqlite_version(&mut conn).await?;
         if self.verify {
-            let report: Vec<String> = sqlx::query_scalar("PRAGMA quick_check")
-                .fetch_all(&mut conn)
-                .await
-                .map_err(db)?;
+            let report: Vec<String> =
+                sqlx::query_scalar("PRAGMA quick_check").fetch_all(&mut conn).await.map_err(db)?;
             if report.first().map(String::as_str) != Some("ok") {
-                return Err(Error::Corrupt {
-                    detail: report.join("; "),
-                });
+                return Err(Error::Corrupt { detail: report.join("; ") });
             }
         }
         schema::migrate(&mut conn).await?;
         let node_id = node_id(&mut conn, self.node_id).await?;
-        let seed: i64 = sqlx::query_scalar("SELECT lamport FROM tide_clock WHERE id = 1")
-            .fetch_one(&mut conn)
-            .await
-            .map_err(db)?;
+        let seed: i64 =
+            sqlx::query_scalar("SELECT lamport FROM tide_clock WHERE id = 1").fetch_one(&mut conn).await.map_err(db)?;
         let clock = tide_core::LamportClock::new(u64::try_from(seed).unwrap_or(0))?;
 
         let writer_conn = Arc::new(Mutex::new(Some(conn)));
@@ -222,49 +212,31 @@ impl OpenOptions {
         };
         let writer = Writer::new(writer_conn, clock, node_id.clone());
         Ok(Store {
-            inner: Arc::new(Inner {
-                writer,
-                readers: Readers::new(readers),
-                node_id,
-                limits: Limits::default(),
-            }),
+            inner: Arc::new(Inner { writer, readers: Readers::new(readers), node_id, limits: Limits::default() }),
         })
     }
 }
 
 async fn check_sqlite_version(conn: &mut sqlx::SqliteConnection) -> Result<()> {
-    let version: String = sqlx::query_scalar("SELECT sqlite_version()")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
+    let version: String = sqlx::query_scalar("SELECT sqlite_version()").fetch_one(&mut *conn).await.map_err(db)?;
     let parts: Vec<u32> = version.split('.').filter_map(|p| p.parse().ok()).collect();
-    let found = (
-        parts.first().copied().unwrap_or(0),
-        parts.get(1).copied().unwrap_or(0),
-        parts.get(2).copied().unwrap_or(0),
-    );
+    let found =
+        (parts.first().copied().unwrap_or(0), parts.get(1).copied().unwrap_or(0), parts.get(2).copied().unwrap_or(0));
     if found < SQLITE_VERSION_MIN {
         let (a, b, c) = SQLITE_VERSION_MIN;
-        return Err(Error::Setting {
-            name: "sqlite_version",
-            expected: format!(">= {a}.{b}.{c}"),
-            found: version,
-        });
+        return Err(Error::Setting { name: "sqlite_version", expected: format!(">= {a}.{b}.{c}"), found: version });
     }
     Ok(())
 }
 
 /// Reads the persisted node id, or persists the requested or a new one.
 async fn node_id(conn: &mut sqlx::SqliteConnection, requested: Option<String>) -> Result<String> {
-    let stored: Option<String> =
-        sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'node_id'")
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db)?;
+    let stored: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'node_id'")
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
     match (stored, requested) {
-        (Some(stored), Some(requested)) if stored != requested => {
-            Err(Error::NodeIdMismatch { stored, requested })
-        }
+        (Some(stored), Some(requested)) if stored != requested => Err(Error::NodeIdMismatch { stored, requested }),
         (Some(stored), _) => Ok(stored),
         (None, requested) => {
             let id = requested.unwrap_or_else(|| ulid::Ulid::generate().to_string());
@@ -300,9 +272,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store")
-            .field("node_id", &self.inner.node_id)
-            .finish_non_exhaustive()
+        f.debug_struct("Store").field("node_id", &self.inner.node_id).finish_non_exhaustive()
     }
 }
 
@@ -328,21 +298,13 @@ impl Store {
 
     /// Puts a whole document; returns the write's stamp.
     pub async fn put(&self, collection: &str, id: &str, doc: Doc) -> Result<Stamp> {
-        let write = Write {
-            collection: collection.into(),
-            id: id.into(),
-            payload: Payload::Put(doc),
-        };
+        let write = Write { collection: collection.into(), id: id.into(), payload: Payload::Put(doc) };
         Ok(self.write(vec![write]).await?.remove(0))
     }
 
     /// Deletes a document, leaving a tombstone; returns the write's stamp.
     pub async fn delete(&self, collection: &str, id: &str) -> Result<Stamp> {
-        let write = Write {
-            collection: collection.into(),
-            id: id.into(),
-            payload: Payload::Delete,
-        };
+        let write = Write { collection: collection.into(), id: id.into(), payload: Payload::Delete };
         Ok(self.write(vec![write]).await?.remove(0))
     }
 
@@ -357,10 +319,7 @@ impl Store {
         if writes.len() > GROUP_OPS_MAX {
             return Err(tide_core::Violation::new(
                 ErrorCode::TooManyOps,
-                format!(
-                    "{} writes in one batch; the limit is {GROUP_OPS_MAX}",
-                    writes.len()
-                ),
+                format!("{} writes in one batch; the limit is {GROUP_OPS_MAX}", writes.len()),
             )
             .into());
         }
@@ -375,37 +334,32 @@ impl Store {
     /// The live document under `(collection, id)`, if any.
     pub async fn get(&self, collection: &str, id: &str) -> Result<Option<Doc>> {
         let mut conn = self.inner.readers.get().await?;
-        let doc: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT doc FROM tide_docs WHERE collection = ?1 AND id = ?2 AND deleted = 0",
-        )
-        .bind(collection)
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db)?;
+        let doc: Option<Option<String>> =
+            sqlx::query_scalar("SELECT doc FROM tide_docs WHERE collection = ?1 AND id = ?2 AND deleted = 0")
+                .bind(collection)
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
         doc.flatten().map(|d| parse_doc(&d)).transpose()
     }
 
     /// The stored version under `(collection, id)`, tombstone or not.
     pub async fn version(&self, collection: &str, id: &str) -> Result<Option<Version>> {
         let mut conn = self.inner.readers.get().await?;
-        let row: Option<(Option<String>, i64, String, bool)> = sqlx::query_as(
-            "SELECT doc, lamport, node_id, deleted FROM tide_docs WHERE collection = ?1 AND id = ?2",
-        )
-        .bind(collection)
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(db)?;
+        let row: Option<(Option<String>, i64, String, bool)> =
+            sqlx::query_as("SELECT doc, lamport, node_id, deleted FROM tide_docs WHERE collection = ?1 AND id = ?2")
+                .bind(collection)
+                .bind(id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
         row.map(|(doc, lamport, node, deleted)| {
             let payload = match (deleted, doc) {
                 (false, Some(doc)) => Payload::Put(parse_doc(&doc)?),
                 _ => Payload::Delete,
             };
-            Ok(Version {
-                stamp: Stamp::new(u64::try_from(lamport).unwrap_or(0), node),
-                payload,
-            })
+            Ok(Version { stamp: Stamp::new(u64::try_from(lamport).unwrap_or(0), node), payload })
         })
         .transpose()
     }
@@ -413,12 +367,7 @@ impl Store {
     /// Live documents of a collection ordered by id, at most `limit` (capped
     /// at [`READ_ROWS_MAX`]), starting after the id `after` if given: pass the
     /// last id of one page to get the next.
-    pub async fn list(
-        &self,
-        collection: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Doc)>> {
+    pub async fn list(&self, collection: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, Doc)>> {
         let limit = i64::try_from(limit.min(READ_ROWS_MAX)).expect("bounded");
         let mut conn = self.inner.readers.get().await?;
         let rows: String = sqlx::query_scalar(
@@ -432,21 +381,17 @@ impl Store {
         .await
         .map_err(db)?;
         let rows: Vec<(String, String)> = parse_json(&rows)?;
-        rows.into_iter()
-            .map(|(id, doc)| Ok((id, parse_doc(&doc)?)))
-            .collect()
+        rows.into_iter().map(|(id, doc)| Ok((id, parse_doc(&doc)?))).collect()
     }
 
     /// How many live documents a collection holds.
     pub async fn count(&self, collection: &str) -> Result<u64> {
         let mut conn = self.inner.readers.get().await?;
-        let n: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM tide_docs WHERE collection = ?1 AND deleted = 0",
-        )
-        .bind(collection)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tide_docs WHERE collection = ?1 AND deleted = 0")
+            .bind(collection)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -464,23 +409,13 @@ impl Store {
         .await
         .map_err(db)?;
         let rows: Vec<OpRow> = parse_json(&rows)?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(PendingOp {
-                    seq: r.0,
-                    op: r.into_op()?,
-                })
-            })
-            .collect()
+        rows.into_iter().map(|r| Ok(PendingOp { seq: r.0, op: r.into_op()? })).collect()
     }
 
     /// How many ops wait in the outbox.
     pub async fn pending_count(&self) -> Result<u64> {
         let mut conn = self.inner.readers.get().await?;
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tide_outbox")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db)?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tide_outbox").fetch_one(&mut *conn).await.map_err(db)?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -488,12 +423,7 @@ impl Store {
     /// ones to the rejected set, in one transaction. Seqs no longer in the
     /// outbox are ignored, so settling twice is harmless.
     pub async fn settle(&self, acked: Vec<u64>, rejected: Vec<Rejection>) -> Result<()> {
-        self.call(|reply| Command::Settle {
-            acked,
-            rejected,
-            reply,
-        })
-        .await
+        self.call(|reply| Command::Settle { acked, rejected, reply }).await
     }
 
     /// The ops the server rejected, oldest first, at most [`READ_ROWS_MAX`].
@@ -508,19 +438,11 @@ impl Store {
         .map_err(db)?;
         let rows: Vec<RejectedRow> = parse_json(&rows)?;
         rows.into_iter()
-            .map(
-                |RejectedRow(seq, collection, id, kind, doc, lamport, node, code, message)| {
-                    let op = OpRow(seq, collection, id, kind, doc, lamport, node).into_op()?;
-                    let code = serde_json::from_value(serde_json::Value::String(code))
-                        .unwrap_or(ErrorCode::Unknown);
-                    Ok(RejectedOp {
-                        seq,
-                        op,
-                        code,
-                        message,
-                    })
-                },
-            )
+            .map(|RejectedRow(seq, collection, id, kind, doc, lamport, node, code, message)| {
+                let op = OpRow(seq, collection, id, kind, doc, lamport, node).into_op()?;
+                let code = serde_json::from_value(serde_json::Value::String(code)).unwrap_or(ErrorCode::Unknown);
+                Ok(RejectedOp { seq, op, code, message })
+            })
             .collect()
     }
 
@@ -532,18 +454,15 @@ impl Store {
     /// The cursor saved with the last applied page, if any.
     pub async fn cursor(&self) -> Result<Option<Cursor>> {
         let mut conn = self.inner.readers.get().await?;
-        let value: Option<String> =
-            sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'cursor'")
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db)?;
+        let value: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'cursor'")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
         match value.as_deref() {
             None | Some("") => Ok(None),
             Some(v) => u64::from_str(v)
                 .map(|v| Some(Cursor(v)))
-                .map_err(|_| Error::Corrupt {
-                    detail: format!("stored cursor {v:?} is not a decimal integer"),
-                }),
+                .map_err(|_| Error::Corrupt { detail: format!("stored cursor {v:?} is not a decimal integer") }),
         }
     }
 
@@ -566,12 +485,7 @@ impl Store {
             self.inner.limits.check_collection(&c.collection)?;
             self.inner.limits.check_id(&c.id)?;
         }
-        self.call(|reply| Command::Apply {
-            changes,
-            cursor,
-            reply,
-        })
-        .await
+        self.call(|reply| Command::Apply { changes, cursor, reply }).await
     }
 
     /// Caps the database at `pages` pages (SQLite's `max_page_count`); a
@@ -593,25 +507,18 @@ impl Store {
     /// The version of the SQLite library in use.
     pub async fn sqlite_version(&self) -> Result<String> {
         let mut conn = self.inner.readers.get().await?;
-        sqlx::query_scalar("SELECT sqlite_version()")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(db)
+        sqlx::query_scalar("SELECT sqlite_version()").fetch_one(&mut *conn).await.map_err(db)
     }
 
     /// Runs SQLite's full `integrity_check`.
     pub async fn check_integrity(&self) -> Result<()> {
         let mut conn = self.inner.readers.get().await?;
-        let report: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db)?;
+        let report: Vec<String> =
+            sqlx::query_scalar("PRAGMA integrity_check").fetch_all(&mut *conn).await.map_err(db)?;
         if report.first().map(String::as_str) == Some("ok") {
             Ok(())
         } else {
-            Err(Error::Corrupt {
-                detail: report.join("; "),
-            })
+            Err(Error::Corrupt { detail: report.join("; ") })
         }
     }
 
@@ -630,17 +537,7 @@ struct OpRow(u64, String, String, String, Option<String>, u64, String);
 
 /// A rejected row: an [`OpRow`] with its code and message.
 #[derive(Deserialize)]
-struct RejectedRow(
-    u64,
-    String,
-    String,
-    String,
-    Option<String>,
-    u64,
-    String,
-    String,
-    String,
-);
+struct RejectedRow(u64, String, String, String, Option<String>, u64, String, String, String);
 
 impl OpRow {
     fn into_op(self) -> Result<Op> {
@@ -649,29 +546,18 @@ impl OpRow {
             ("delete", _) => Payload::Delete,
             (_, Some(doc)) => Payload::Put(parse_doc(&doc)?),
             (kind, None) => {
-                return Err(Error::Corrupt {
-                    detail: format!("outbox {kind} op without a document"),
-                });
+                return Err(Error::Corrupt { detail: format!("outbox {kind} op without a document") });
             }
         };
-        Ok(Op {
-            collection,
-            id,
-            stamp: Stamp::new(lamport, node_id),
-            payload,
-            op_id: None,
-        })
+        Ok(Op { collection, id, stamp: Stamp::new(lamport, node_id), payload, op_id: None })
     }
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|e| Error::Corrupt {
-        detail: format!("unreadable row: {e}"),
-    })
+    serde_json::from_str(text).map_err(|e| Error::Corrupt { detail: format!("unreadable row: {e}") })
 }
 
 fn parse_doc(text: &str) -> Result<Doc> {
-    serde_json::from_str(text).map_err(|e| Error::Corrupt {
-        detail: format!("stored document is not a JSON object: {e}"),
-    })
+    serde_json::from_str(text)
+        .map_err(|e| Error::Corrupt { detail: format!("stored document is not a JSON object: {e}") })
 }

@@ -75,25 +75,21 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
 
 /// The schema version of the open database (0 for an empty one).
 pub(crate) async fn version(conn: &mut SqliteConnection) -> Result<u32> {
-    let has_meta: bool = sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'tide_meta')",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db)?;
+    let has_meta: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'tide_meta')")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
     if !has_meta {
         return Ok(0);
     }
-    let v: Option<String> =
-        sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'schema_version'")
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db)?;
+    let v: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'schema_version'")
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
     match v {
         None => Ok(0),
-        Some(v) => v.trim().parse().map_err(|_| Error::Corrupt {
-            detail: format!("schema_version is {v:?}"),
-        }),
+        Some(v) => v.trim().parse().map_err(|_| Error::Corrupt { detail: format!("schema_version is {v:?}") }),
     }
 }
 
@@ -101,10 +97,7 @@ pub(crate) async fn version(conn: &mut SqliteConnection) -> Result<u32> {
 pub(crate) async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
     let found = version(conn).await?;
     if found > SCHEMA_VERSION {
-        return Err(Error::SchemaTooNew {
-            found,
-            supported: SCHEMA_VERSION,
-        });
+        return Err(Error::SchemaTooNew { found, supported: SCHEMA_VERSION });
     }
     if found == SCHEMA_VERSION {
         return Ok(());

@@ -38,34 +38,13 @@ pub struct Rejection {
 }
 
 pub(crate) enum Command {
-    Write {
-        writes: Vec<Write>,
-        reply: Reply<Vec<Stamp>>,
-    },
-    Apply {
-        changes: Vec<Change>,
-        cursor: Cursor,
-        reply: Reply<Vec<Change>>,
-    },
-    Settle {
-        acked: Vec<u64>,
-        rejected: Vec<Rejection>,
-        reply: Reply<()>,
-    },
-    Discard {
-        seqs: Vec<u64>,
-        reply: Reply<u64>,
-    },
-    MaxPages {
-        pages: u64,
-        reply: Reply<u64>,
-    },
-    Settings {
-        reply: Reply<ConnectionSettings>,
-    },
-    Close {
-        reply: Reply<()>,
-    },
+    Write { writes: Vec<Write>, reply: Reply<Vec<Stamp>> },
+    Apply { changes: Vec<Change>, cursor: Cursor, reply: Reply<Vec<Change>> },
+    Settle { acked: Vec<u64>, rejected: Vec<Rejection>, reply: Reply<()> },
+    Discard { seqs: Vec<u64>, reply: Reply<u64> },
+    MaxPages { pages: u64, reply: Reply<u64> },
+    Settings { reply: Reply<ConnectionSettings> },
+    Close { reply: Reply<()> },
 }
 
 /// The write side of a store: a queue of commands and the state that only
@@ -99,12 +78,7 @@ pub(crate) struct State {
 
 impl Writer {
     pub(crate) fn new(conn: Shared, clock: LamportClock, node_id: String) -> Self {
-        let state = State {
-            conn,
-            clock,
-            node_id,
-            closed: false,
-        };
+        let state = State { conn, clock, node_id, closed: false };
         Self {
             shared: Arc::new(Core {
                 queue: std::sync::Mutex::new(Vec::new()),
@@ -141,10 +115,7 @@ impl Writer {
 
 impl Core {
     fn push(&self, id: u64, cmd: Command) {
-        self.queue
-            .lock()
-            .expect("queue lock is never poisoned")
-            .push((id, cmd));
+        self.queue.lock().expect("queue lock is never poisoned").push((id, cmd));
     }
 
     fn take(&self) -> Vec<(u64, Command)> {
@@ -163,11 +134,7 @@ impl Core {
             // A command queued between the take and the store saw
             // `draining` set and is waiting on us: take it back if no one
             // else has.
-            let queued = !self
-                .queue
-                .lock()
-                .expect("queue lock is never poisoned")
-                .is_empty();
+            let queued = !self.queue.lock().expect("queue lock is never poisoned").is_empty();
             if !queued || self.draining.swap(true, Ordering::AcqRel) {
                 return None;
             }
@@ -233,18 +200,10 @@ impl State {
         }
         match cmd {
             Command::Write { .. } => unreachable!("writes are grouped"),
-            Command::Apply {
-                changes,
-                cursor,
-                reply,
-            } => {
+            Command::Apply { changes, cursor, reply } => {
                 let _ = reply.send(self.apply(changes, cursor).await);
             }
-            Command::Settle {
-                acked,
-                rejected,
-                reply,
-            } => {
+            Command::Settle { acked, rejected, reply } => {
                 let _ = reply.send(self.settle(&acked, &rejected).await);
             }
             Command::Discard { seqs, reply } => {
@@ -297,10 +256,7 @@ impl State {
         for (writes, stamps, _) in &committing {
             for (w, stamp) in writes.iter().zip(stamps) {
                 let (kind, doc) = match &w.payload {
-                    Payload::Put(doc) => (
-                        "put",
-                        Some(serde_json::to_string(doc).expect("documents serialize")),
-                    ),
+                    Payload::Put(doc) => ("put", Some(serde_json::to_string(doc).expect("documents serialize"))),
                     Payload::Delete => ("delete", None),
                 };
                 rows.push(Row(&w.collection, &w.id, kind, doc, stamp.lamport));
@@ -346,19 +302,13 @@ impl State {
     async fn apply(&mut self, changes: Vec<Change>, cursor: Cursor) -> Result<Vec<Change>> {
         let lamport_max = changes.iter().map(|c| c.stamp.lamport).max().unwrap_or(0);
         if lamport_max > LAMPORT_MAX {
-            return Err(tide_core::Error::LamportOutOfRange {
-                lamport: lamport_max,
-            }
-            .into());
+            return Err(tide_core::Error::LamportOutOfRange { lamport: lamport_max }.into());
         }
         let mut conn = conn::lock(&self.conn).await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
 
         // The stored stamps of the page's keys, as one row.
-        let keys: Vec<(&str, &str)> = changes
-            .iter()
-            .map(|c| (c.collection.as_str(), c.id.as_str()))
-            .collect();
+        let keys: Vec<(&str, &str)> = changes.iter().map(|c| (c.collection.as_str(), c.id.as_str())).collect();
         let stored: String = sqlx::query_scalar(
             "SELECT json_group_array(json_array(j.key, d.lamport, d.node_id)) \
              FROM json_each(?1) AS j JOIN tide_docs AS d ON d.collection = j.value->>0 AND d.id = j.value->>1",
@@ -368,13 +318,9 @@ impl State {
         .await
         .map_err(db)?;
         let stored: Vec<(usize, u64, String)> =
-            serde_json::from_str(&stored).map_err(|e| Error::Corrupt {
-                detail: format!("stored stamps: {e}"),
-            })?;
-        let mut current: HashMap<(&str, &str), Stamp> = stored
-            .into_iter()
-            .map(|(i, lamport, node)| (keys[i], Stamp::new(lamport, node)))
-            .collect();
+            serde_json::from_str(&stored).map_err(|e| Error::Corrupt { detail: format!("stored stamps: {e}") })?;
+        let mut current: HashMap<(&str, &str), Stamp> =
+            stored.into_iter().map(|(i, lamport, node)| (keys[i], Stamp::new(lamport, node))).collect();
 
         // The same rule as everywhere: tide_core decides, in page order.
         let mut applied = Vec::new();
@@ -395,19 +341,9 @@ impl State {
                 .iter()
                 .map(|&i| {
                     let c = &changes[i];
-                    let doc = c
-                        .payload
-                        .doc()
-                        .map(|d| serde_json::to_string(d).expect("documents serialize"));
+                    let doc = c.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
                     let deleted = u8::from(doc.is_none());
-                    Row(
-                        &c.collection,
-                        &c.id,
-                        doc,
-                        c.stamp.lamport,
-                        &c.stamp.node_id,
-                        deleted,
-                    )
+                    Row(&c.collection, &c.id, doc, c.stamp.lamport, &c.stamp.node_id, deleted)
                 })
                 .collect();
             sqlx::query(
@@ -439,11 +375,7 @@ impl State {
         self.clock.observe(lamport_max)?;
 
         let mut keep = applied.into_iter().peekable();
-        Ok(changes
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, c)| keep.next_if_eq(&i).map(|_| c))
-            .collect())
+        Ok(changes.into_iter().enumerate().filter_map(|(i, c)| keep.next_if_eq(&i).map(|_| c)).collect())
     }
 
     /// Removes acknowledged ops and moves rejected ones aside, in one transaction.
@@ -451,10 +383,8 @@ impl State {
         let mut conn = conn::lock(&self.conn).await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
         if !rejected.is_empty() {
-            let rows: Vec<(u64, &str, &str)> = rejected
-                .iter()
-                .map(|r| (r.seq, r.code.as_str(), r.message.as_str()))
-                .collect();
+            let rows: Vec<(u64, &str, &str)> =
+                rejected.iter().map(|r| (r.seq, r.code.as_str(), r.message.as_str())).collect();
             sqlx::query(
                 "INSERT OR REPLACE INTO tide_rejected (seq, collection, id, kind, doc, lamport, node_id, code, message) \
                  SELECT o.seq, o.collection, o.id, o.kind, o.doc, o.lamport, o.node_id, r.value->>1, r.value->>2 \
@@ -465,11 +395,7 @@ impl State {
             .await
             .map_err(db)?;
         }
-        let seqs: Vec<u64> = acked
-            .iter()
-            .copied()
-            .chain(rejected.iter().map(|r| r.seq))
-            .collect();
+        let seqs: Vec<u64> = acked.iter().copied().chain(rejected.iter().map(|r| r.seq)).collect();
         sqlx::query("DELETE FROM tide_outbox WHERE seq IN (SELECT value FROM json_each(?1))")
             .bind(serde_json::to_string(&seqs).expect("seqs serialize"))
             .execute(&mut *tx)
@@ -479,12 +405,11 @@ impl State {
     }
 
     async fn discard(&mut self, seqs: &[u64]) -> Result<u64> {
-        let done =
-            sqlx::query("DELETE FROM tide_rejected WHERE seq IN (SELECT value FROM json_each(?1))")
-                .bind(serde_json::to_string(seqs).expect("seqs serialize"))
-                .execute(&mut *conn::lock(&self.conn).await?)
-                .await
-                .map_err(db)?;
+        let done = sqlx::query("DELETE FROM tide_rejected WHERE seq IN (SELECT value FROM json_each(?1))")
+            .bind(serde_json::to_string(seqs).expect("seqs serialize"))
+            .execute(&mut *conn::lock(&self.conn).await?)
+            .await
+            .map_err(db)?;
         Ok(done.rows_affected())
     }
 

@@ -72,9 +72,7 @@ impl Error {
         match self {
             Self::Network { .. } | Self::Timeout { .. } | Self::Headers { .. } => true,
             Self::Status { status, .. } => matches!(status, 408 | 429) || *status >= 500,
-            Self::MalformedResponse { .. }
-            | Self::ResponseTooLarge { .. }
-            | Self::Config { .. } => false,
+            Self::MalformedResponse { .. } | Self::ResponseTooLarge { .. } | Self::Config { .. } => false,
         }
     }
 
@@ -97,31 +95,16 @@ impl Error {
     /// The error for a non-success status, from the body the server sent.
     pub fn from_status(status: u16, body: &[u8], retry_after: Option<Duration>) -> Self {
         if let Ok(b) = serde_json::from_slice::<ErrorBody>(body) {
-            return Self::Status {
-                status,
-                code: b.code,
-                message: b.error,
-                op: b.op,
-                retry_after,
-            };
+            return Self::Status { status, code: b.code, message: b.error, op: b.op, retry_after };
         }
         let message: String = String::from_utf8_lossy(body).chars().take(200).collect();
-        Self::Status {
-            status,
-            code: None,
-            message,
-            op: None,
-            retry_after,
-        }
+        Self::Status { status, code: None, message, op: None, retry_after }
     }
 
     pub(crate) fn network(
         message: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
-        Self::Network {
-            message: message.into(),
-            source: Some(source.into()),
-        }
+        Self::Network { message: message.into(), source: Some(source.into()) }
     }
 }

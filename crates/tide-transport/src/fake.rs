@@ -115,33 +115,21 @@ impl FakeServer {
 
     /// A server enforcing `limits`.
     pub fn with_limits(limits: Limits) -> Self {
-        let state = State {
-            model: Model::new(limits),
-            clients: HashMap::new(),
-            traffic: Vec::new(),
-            chaos: None,
-        };
-        Self {
-            state: Arc::new(Mutex::new(state)),
-        }
+        let state = State { model: Model::new(limits), clients: HashMap::new(), traffic: Vec::new(), chaos: None };
+        Self { state: Arc::new(Mutex::new(state)) }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic elsewhere while holding the lock leaves plain data behind;
         // the fake keeps serving it.
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A transport for the client called `name` (names label traffic and
     /// target faults; any number of clients may connect).
     pub fn connect(&self, name: &str) -> FakeTransport {
         self.lock().clients.entry(name.to_owned()).or_default();
-        FakeTransport {
-            server: self.clone(),
-            name: name.to_owned(),
-        }
+        FakeTransport { server: self.clone(), name: name.to_owned() }
     }
 
     /// A copy of the server's state.
@@ -161,12 +149,7 @@ impl FakeServer {
 
     /// Applies `faults` to the client's next exchanges, one each, in order.
     pub fn script(&self, client: &str, faults: impl IntoIterator<Item = Fault>) {
-        self.lock()
-            .clients
-            .entry(client.to_owned())
-            .or_default()
-            .script
-            .extend(faults);
+        self.lock().clients.entry(client.to_owned()).or_default().script.extend(faults);
     }
 
     /// Fails the client's next `n` exchanges with a network error.
@@ -176,20 +159,12 @@ impl FakeServer {
 
     /// Cuts the client off: every exchange fails until [`FakeServer::heal`].
     pub fn partition(&self, client: &str) {
-        self.lock()
-            .clients
-            .entry(client.to_owned())
-            .or_default()
-            .partitioned = true;
+        self.lock().clients.entry(client.to_owned()).or_default().partitioned = true;
     }
 
     /// Reconnects a partitioned client.
     pub fn heal(&self, client: &str) {
-        self.lock()
-            .clients
-            .entry(client.to_owned())
-            .or_default()
-            .partitioned = false;
+        self.lock().clients.entry(client.to_owned()).or_default().partitioned = false;
     }
 
     /// Draws a fault for every unscripted exchange from a generator seeded
@@ -214,20 +189,8 @@ impl FakeServer {
             (rates.drop, Fault::Drop),
             (rates.lose_response, Fault::LoseResponse),
             (rates.duplicate, Fault::Duplicate),
-            (
-                rates.unavailable,
-                Fault::Status {
-                    status: 503,
-                    retry_after: Some(Duration::from_secs(1)),
-                },
-            ),
-            (
-                rates.rate_limited,
-                Fault::Status {
-                    status: 429,
-                    retry_after: Some(Duration::from_secs(1)),
-                },
-            ),
+            (rates.unavailable, Fault::Status { status: 503, retry_after: Some(Duration::from_secs(1)) }),
+            (rates.rate_limited, Fault::Status { status: 429, retry_after: Some(Duration::from_secs(1)) }),
             (rates.garbage, Fault::Garbage),
         ];
         let mut edge = 0;
@@ -268,55 +231,33 @@ impl Transport for FakeTransport {
     async fn exchange(&self, request: &SyncRequest) -> Result<SyncResponse, Error> {
         // Through JSON both ways, as over a wire, so encoding bugs show here too.
         let request =
-            SyncRequest::from_json(&serde_json::to_vec(request).expect("requests serialize"))
-                .map_err(|v| Error::Status {
+            SyncRequest::from_json(&serde_json::to_vec(request).expect("requests serialize")).map_err(|v| {
+                Error::Status {
                     status: v.status(),
                     code: Some(v.code),
                     message: v.to_body().error,
                     op: v.op,
                     retry_after: None,
-                })?;
+                }
+            })?;
         let fault = self.server.fault_for(&self.name);
         if let Some(Fault::Delay(d)) = fault {
             tokio::time::sleep(d).await;
         }
         let mut state = self.server.lock();
         let (committed, result) = match &fault {
-            Some(Fault::Drop) => (
-                false,
-                Err(Error::Network {
-                    message: "request lost (fake)".into(),
-                    source: None,
-                }),
-            ),
-            Some(Fault::Status {
-                status,
-                retry_after,
-            }) => {
+            Some(Fault::Drop) => (false, Err(Error::Network { message: "request lost (fake)".into(), source: None })),
+            Some(Fault::Status { status, retry_after }) => {
                 let body = format!(r#"{{"error":"injected {status} (fake)"}}"#);
-                (
-                    false,
-                    Err(Error::from_status(*status, body.as_bytes(), *retry_after)),
-                )
+                (false, Err(Error::from_status(*status, body.as_bytes(), *retry_after)))
             }
             Some(Fault::LoseResponse) => {
                 let applied = state.model.exchange(&request).is_ok();
-                (
-                    applied,
-                    Err(Error::Network {
-                        message: "response lost after commit (fake)".into(),
-                        source: None,
-                    }),
-                )
+                (applied, Err(Error::Network { message: "response lost after commit (fake)".into(), source: None }))
             }
             Some(Fault::Garbage) => {
                 let applied = state.model.exchange(&request).is_ok();
-                (
-                    applied,
-                    Err(Error::MalformedResponse {
-                        message: "garbled body (fake)".into(),
-                    }),
-                )
+                (applied, Err(Error::MalformedResponse { message: "garbled body (fake)".into() }))
             }
             Some(Fault::Duplicate) => {
                 let _ = state.model.exchange(&request);
@@ -328,13 +269,7 @@ impl Transport for FakeTransport {
             Ok(resp) => Outcome::Response(resp.clone()),
             Err(e) => Outcome::Failed(e.to_string()),
         };
-        state.traffic.push(Exchange {
-            client: self.name.clone(),
-            request,
-            fault,
-            committed,
-            outcome,
-        });
+        state.traffic.push(Exchange { client: self.name.clone(), request, fault, committed, outcome });
         result
     }
 }

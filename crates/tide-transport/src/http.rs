@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{
-    ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER,
-};
+use http::header::{ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -94,36 +92,27 @@ impl HttpTransportBuilder {
     /// [`Error::Config`] for an endpoint that is not an `http` or `https`
     /// URL, or a root certificate that does not parse.
     pub fn build(self) -> Result<HttpTransport, Error> {
-        let endpoint: http::Uri = self.endpoint.parse().map_err(|e| Error::Config {
-            message: format!("endpoint {:?}: {e}", self.endpoint),
-        })?;
+        let endpoint: http::Uri = self
+            .endpoint
+            .parse()
+            .map_err(|e| Error::Config { message: format!("endpoint {:?}: {e}", self.endpoint) })?;
         if !matches!(endpoint.scheme_str(), Some("http" | "https")) || endpoint.host().is_none() {
-            return Err(Error::Config {
-                message: format!("endpoint {:?} is not an http(s) URL", self.endpoint),
-            });
+            return Err(Error::Config { message: format!("endpoint {:?} is not an http(s) URL", self.endpoint) });
         }
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         for pem in &self.roots_pem {
             use rustls::pki_types::pem::PemObject;
             for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
-                let cert = cert.map_err(|e| Error::Config {
-                    message: format!("root certificate: {e}"),
-                })?;
-                roots.add(cert).map_err(|e| Error::Config {
-                    message: format!("root certificate: {e}"),
-                })?;
+                let cert = cert.map_err(|e| Error::Config { message: format!("root certificate: {e}") })?;
+                roots.add(cert).map_err(|e| Error::Config { message: format!("root certificate: {e}") })?;
             }
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Config {
-            message: format!("TLS: {e}"),
-        })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config { message: format!("TLS: {e}") })?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         let mut connector = HttpConnector::new();
         connector.enforce_http(false);
         connector.set_connect_timeout(Some(self.connect_timeout));
@@ -162,9 +151,7 @@ pub struct HttpTransport {
 
 impl std::fmt::Debug for HttpTransport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpTransport")
-            .field("endpoint", &self.endpoint)
-            .finish_non_exhaustive()
+        f.debug_struct("HttpTransport").field("endpoint", &self.endpoint).finish_non_exhaustive()
     }
 }
 
@@ -191,11 +178,7 @@ impl HttpTransport {
     }
 
     async fn request(&self, request: &SyncRequest) -> Result<http::Request<Full<Bytes>>, Error> {
-        let extra = self
-            .headers
-            .resolve()
-            .await
-            .map_err(|source| Error::Headers { source })?;
+        let extra = self.headers.resolve().await.map_err(|source| Error::Headers { source })?;
         let mut body = serde_json::to_vec(request).expect("requests serialize");
         let mut req = http::Request::post(self.endpoint.clone())
             .header(CONTENT_TYPE, "application/json")
@@ -204,13 +187,9 @@ impl HttpTransport {
             body = gzip(&body);
             req = req.header(CONTENT_ENCODING, "gzip");
         }
-        let mut req = req
-            .body(Full::new(Bytes::from(body)))
-            .expect("a valid request");
+        let mut req = req.body(Full::new(Bytes::from(body))).expect("a valid request");
         for (name, value) in extra {
-            let bad = |e: &dyn std::fmt::Display| Error::Headers {
-                source: format!("header {name:?}: {e}").into(),
-            };
+            let bad = |e: &dyn std::fmt::Display| Error::Headers { source: format!("header {name:?}: {e}").into() };
             let name_h = HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad(&e))?;
             let value_h = HeaderValue::from_str(&value).map_err(|e| bad(&e))?;
             // The caller's headers win, as in the original (`content-type` included).
@@ -219,38 +198,18 @@ impl HttpTransport {
         Ok(req)
     }
 
-    async fn send(
-        &self,
-        req: http::Request<Full<Bytes>>,
-    ) -> Result<(http::StatusCode, http::HeaderMap, Bytes), Error> {
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| Error::network("request failed", e))?;
+    async fn send(&self, req: http::Request<Full<Bytes>>) -> Result<(http::StatusCode, http::HeaderMap, Bytes), Error> {
+        let resp = self.client.request(req).await.map_err(|e| Error::network("request failed", e))?;
         let (parts, body) = resp.into_parts();
-        let bytes = Limited::new(body, self.response_bytes_max)
-            .collect()
-            .await
-            .map_err(|e| {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    Error::ResponseTooLarge {
-                        limit: self.response_bytes_max,
-                    }
-                } else {
-                    Error::Network {
-                        message: "response body broke off".into(),
-                        source: Some(e),
-                    }
-                }
-            })?;
+        let bytes = Limited::new(body, self.response_bytes_max).collect().await.map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                Error::ResponseTooLarge { limit: self.response_bytes_max }
+            } else {
+                Error::Network { message: "response body broke off".into(), source: Some(e) }
+            }
+        })?;
         let mut bytes = bytes.to_bytes();
-        let gzipped = parts
-            .headers
-            .get(CONTENT_ENCODING)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
+        let gzipped = parts.headers.get(CONTENT_ENCODING).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"gzip"));
         if gzipped {
             bytes = gunzip(&bytes, self.response_bytes_max)?;
         }
@@ -264,13 +223,11 @@ impl Transport for HttpTransport {
         let req = self.request(request).await?;
         let (status, headers, body) = tokio::time::timeout(self.exchange_timeout, self.send(req))
             .await
-            .map_err(|_| Error::Timeout {
-                after: self.exchange_timeout,
-            })??;
-        let accepts_gzip = headers.get_all(ACCEPT_ENCODING).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|e| e.trim().eq_ignore_ascii_case("gzip")))
-        });
+            .map_err(|_| Error::Timeout { after: self.exchange_timeout })??;
+        let accepts_gzip = headers
+            .get_all(ACCEPT_ENCODING)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|e| e.trim().eq_ignore_ascii_case("gzip"))));
         if accepts_gzip {
             self.gzip_requests.store(true, Ordering::Relaxed);
         }
@@ -282,18 +239,13 @@ impl Transport for HttpTransport {
                 .map(Duration::from_secs);
             return Err(Error::from_status(status.as_u16(), &body, retry_after));
         }
-        serde_json::from_slice(&body).map_err(|e| Error::MalformedResponse {
-            message: e.to_string(),
-        })
+        serde_json::from_slice(&body).map_err(|e| Error::MalformedResponse { message: e.to_string() })
     }
 }
 
 fn gzip(body: &[u8]) -> Vec<u8> {
     use std::io::Write as _;
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(body.len() / 4),
-        flate2::Compression::fast(),
-    );
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
     enc.write_all(body).expect("writing to memory cannot fail");
     enc.finish().expect("writing to memory cannot fail")
 }
@@ -301,10 +253,7 @@ fn gzip(body: &[u8]) -> Vec<u8> {
 fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, Error> {
     let mut out = Vec::new();
     let mut dec = flate2::read::GzDecoder::new(body).take(limit as u64 + 1);
-    dec.read_to_end(&mut out)
-        .map_err(|e| Error::MalformedResponse {
-            message: format!("gzip body: {e}"),
-        })?;
+    dec.read_to_end(&mut out).map_err(|e| Error::MalformedResponse { message: format!("gzip body: {e}") })?;
     if out.len() > limit {
         return Err(Error::ResponseTooLarge { limit });
     }

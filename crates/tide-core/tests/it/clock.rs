@@ -17,25 +17,13 @@ fn tick_is_one_more_than_anything_issued_or_observed() {
 #[test]
 fn counters_never_pass_two_to_the_53_minus_one() {
     assert_eq!(LAMPORT_MAX, 9_007_199_254_740_991);
-    assert_eq!(
-        LamportClock::new(LAMPORT_MAX + 1),
-        Err(Error::LamportOutOfRange {
-            lamport: LAMPORT_MAX + 1
-        })
-    );
+    assert_eq!(LamportClock::new(LAMPORT_MAX + 1), Err(Error::LamportOutOfRange { lamport: LAMPORT_MAX + 1 }));
     let mut clock = LamportClock::new(LAMPORT_MAX - 1).unwrap();
     assert_eq!(clock.tick(), Ok(LAMPORT_MAX));
     assert_eq!(clock.tick(), Err(Error::LamportExhausted));
     let mut clock = LamportClock::new(1).unwrap();
-    assert_eq!(
-        clock.observe(u64::MAX),
-        Err(Error::LamportOutOfRange { lamport: u64::MAX })
-    );
-    assert_eq!(
-        clock.value(),
-        1,
-        "a refused counter leaves the clock unchanged"
-    );
+    assert_eq!(clock.observe(u64::MAX), Err(Error::LamportOutOfRange { lamport: u64::MAX }));
+    assert_eq!(clock.value(), 1, "a refused counter leaves the clock unchanged");
 }
 
 #[test]

@@ -30,9 +30,7 @@ fn code_and_op(req: &SyncRequest, limits: &Limits) -> (ErrorCode, Option<usize>)
 #[test]
 fn the_default_limits_accept_what_the_original_client_sends() {
     const { assert!(OPS_PER_REQUEST_MAX >= 500) };
-    let ops = (0..500)
-        .map(|i| op("Notes & more", &format!("id {i} ü"), i + 1, "n"))
-        .collect();
+    let ops = (0..500).map(|i| op("Notes & more", &format!("id {i} ü"), i + 1, "n")).collect();
     Limits::default().check_request(&request(ops)).unwrap();
 }
 
@@ -41,28 +39,13 @@ fn each_violation_names_its_code_and_op() {
     let l = Limits::default();
     let long = "x".repeat(l.id_bytes_max + 1);
     let cases = [
-        (
-            request(vec![op("a/b", "i", 1, "n")]),
-            ErrorCode::InvalidCollection,
-        ),
-        (
-            request(vec![op("", "i", 1, "n")]),
-            ErrorCode::InvalidCollection,
-        ),
+        (request(vec![op("a/b", "i", 1, "n")]), ErrorCode::InvalidCollection),
+        (request(vec![op("", "i", 1, "n")]), ErrorCode::InvalidCollection),
         (request(vec![op("c", "", 1, "n")]), ErrorCode::InvalidId),
         (request(vec![op("c", &long, 1, "n")]), ErrorCode::InvalidId),
-        (
-            request(vec![op("c", "a\u{0}b", 1, "n")]),
-            ErrorCode::InvalidId,
-        ),
-        (
-            request(vec![op("c", "i", 1, "someone-else")]),
-            ErrorCode::ForeignNodeId,
-        ),
-        (
-            request(vec![op("c", "i", LAMPORT_MAX + 1, "n")]),
-            ErrorCode::LamportOutOfRange,
-        ),
+        (request(vec![op("c", "a\u{0}b", 1, "n")]), ErrorCode::InvalidId),
+        (request(vec![op("c", "i", 1, "someone-else")]), ErrorCode::ForeignNodeId),
+        (request(vec![op("c", "i", LAMPORT_MAX + 1, "n")]), ErrorCode::LamportOutOfRange),
     ];
     for (mut req, code) in cases {
         // The bad op is second; the first is fine.
@@ -73,10 +56,7 @@ fn each_violation_names_its_code_and_op() {
 
 #[test]
 fn request_level_violations() {
-    let l = Limits {
-        ops_per_request_max: 2,
-        ..Limits::default()
-    };
+    let l = Limits { ops_per_request_max: 2, ..Limits::default() };
     let req = request((1..=3).map(|i| op("c", "i", i, "n")).collect());
     assert_eq!(code_and_op(&req, &l), (ErrorCode::TooManyOps, None));
     let mut req = request(vec![]);
@@ -96,19 +76,10 @@ fn doc_size_is_measured_as_compact_json() {
     assert_eq!(size, serde_json::to_vec(&d).unwrap().len());
     let mut o = op("c", "i", 1, "n");
     o.payload = Payload::Put(d);
-    let tight = Limits {
-        doc_bytes_max: size,
-        ..Limits::default()
-    };
+    let tight = Limits { doc_bytes_max: size, ..Limits::default() };
     tight.check_request(&request(vec![o.clone()])).unwrap();
-    let tighter = Limits {
-        doc_bytes_max: size - 1,
-        ..Limits::default()
-    };
-    assert_eq!(
-        code_and_op(&request(vec![o]), &tighter),
-        (ErrorCode::DocTooLarge, Some(0))
-    );
+    let tighter = Limits { doc_bytes_max: size - 1, ..Limits::default() };
+    assert_eq!(code_and_op(&request(vec![o]), &tighter), (ErrorCode::DocTooLarge, Some(0)));
 }
 
 #[test]

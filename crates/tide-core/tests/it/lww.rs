@@ -16,47 +16,17 @@ fn put(n: i64) -> Payload {
 fn the_decision_table() {
     let s = |l, n: &str| Stamp::new(l, n);
     assert_eq!(decide(None, &s(1, "a"), &put(1)), Decision::Apply);
-    assert_eq!(
-        decide(Some((&s(1, "a"), &put(1))), &s(2, "a"), &put(2)),
-        Decision::Apply
-    );
-    assert_eq!(
-        decide(Some((&s(1, "a"), &put(1))), &s(1, "b"), &put(2)),
-        Decision::Apply
-    );
-    assert_eq!(
-        decide(Some((&s(2, "a"), &put(1))), &s(1, "b"), &put(2)),
-        Decision::Superseded
-    );
-    assert_eq!(
-        decide(Some((&s(1, "a"), &put(1))), &s(1, "a"), &put(1)),
-        Decision::Duplicate
-    );
-    assert_eq!(
-        decide(
-            Some((&s(1, "a"), &Payload::Delete)),
-            &s(1, "a"),
-            &Payload::Delete
-        ),
-        Decision::Duplicate
-    );
-    assert_eq!(
-        decide(Some((&s(1, "a"), &put(1))), &s(1, "a"), &put(2)),
-        Decision::Collision
-    );
-    assert_eq!(
-        decide(Some((&s(1, "a"), &put(1))), &s(1, "a"), &Payload::Delete),
-        Decision::Collision
-    );
+    assert_eq!(decide(Some((&s(1, "a"), &put(1))), &s(2, "a"), &put(2)), Decision::Apply);
+    assert_eq!(decide(Some((&s(1, "a"), &put(1))), &s(1, "b"), &put(2)), Decision::Apply);
+    assert_eq!(decide(Some((&s(2, "a"), &put(1))), &s(1, "b"), &put(2)), Decision::Superseded);
+    assert_eq!(decide(Some((&s(1, "a"), &put(1))), &s(1, "a"), &put(1)), Decision::Duplicate);
+    assert_eq!(decide(Some((&s(1, "a"), &Payload::Delete)), &s(1, "a"), &Payload::Delete), Decision::Duplicate);
+    assert_eq!(decide(Some((&s(1, "a"), &put(1))), &s(1, "a"), &put(2)), Decision::Collision);
+    assert_eq!(decide(Some((&s(1, "a"), &put(1))), &s(1, "a"), &Payload::Delete), Decision::Collision);
     // A tombstone is a version like any other: an older put cannot revive it.
-    assert_eq!(
-        decide(Some((&s(5, "a"), &Payload::Delete)), &s(4, "z"), &put(1)),
-        Decision::Superseded
-    );
+    assert_eq!(decide(Some((&s(5, "a"), &Payload::Delete)), &s(4, "z"), &put(1)), Decision::Superseded);
     assert!(!Decision::Collision.is_ack());
-    assert!(
-        Decision::Superseded.is_ack() && Decision::Duplicate.is_ack() && Decision::Apply.is_ack()
-    );
+    assert!(Decision::Superseded.is_ack() && Decision::Duplicate.is_ack() && Decision::Apply.is_ack());
 }
 
 type Key = (u8, u8);
@@ -78,37 +48,20 @@ fn merge(state: &mut State, w: &Write) {
 
 fn merge_states(into: &mut State, from: &State) {
     for (key, (stamp, payload)) in from {
-        merge(
-            into,
-            &Write {
-                key: *key,
-                stamp: stamp.clone(),
-                payload: payload.clone(),
-            },
-        );
+        merge(into, &Write { key: *key, stamp: stamp.clone(), payload: payload.clone() });
     }
 }
 
 /// Writes on a tiny key space with few nodes, so conflicts and equal
 /// counters are common. A stamp is issued once, so it has one payload.
 fn writes() -> impl Strategy<Value = Vec<Write>> {
-    let write = (
-        0u8..2,
-        0u8..3,
-        1u64..6,
-        prop::sample::select(vec!["a", "b", "c"]),
-        prop::option::of(0i64..3),
-    )
-        .prop_map(|(c, i, l, n, v)| Write {
-            key: (c, i),
-            stamp: Stamp::new(l, n),
-            payload: v.map_or(Payload::Delete, put),
-        });
+    let write =
+        (0u8..2, 0u8..3, 1u64..6, prop::sample::select(vec!["a", "b", "c"]), prop::option::of(0i64..3)).prop_map(
+            |(c, i, l, n, v)| Write { key: (c, i), stamp: Stamp::new(l, n), payload: v.map_or(Payload::Delete, put) },
+        );
     prop::collection::vec(write, 0..24).prop_map(|ws| {
         let mut seen = std::collections::HashSet::new();
-        ws.into_iter()
-            .filter(|w| seen.insert((w.key, w.stamp.clone())))
-            .collect()
+        ws.into_iter().filter(|w| seen.insert((w.key, w.stamp.clone()))).collect()
     })
 }
 

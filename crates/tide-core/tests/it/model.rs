@@ -1,9 +1,7 @@
 //! The reference model's semantics, one rule at a time.
 
 use serde_json::json;
-use tide_core::{
-    Cursor, ErrorCode, Limits, Model, Op, OpResult, Payload, Stamp, SyncRequest, SyncResponse,
-};
+use tide_core::{Cursor, ErrorCode, Limits, Model, Op, OpResult, Payload, Stamp, SyncRequest, SyncResponse};
 
 use crate::doc;
 
@@ -18,10 +16,7 @@ fn put(id: &str, lamport: u64, node: &str, n: i64) -> Op {
 }
 
 fn delete(id: &str, lamport: u64, node: &str) -> Op {
-    Op {
-        payload: Payload::Delete,
-        ..put(id, lamport, node, 0)
-    }
+    Op { payload: Payload::Delete, ..put(id, lamport, node, 0) }
 }
 
 fn sync(model: &mut Model, node: &str, cursor: Option<u64>, ops: Vec<Op>) -> SyncResponse {
@@ -31,107 +26,41 @@ fn sync(model: &mut Model, node: &str, cursor: Option<u64>, ops: Vec<Op>) -> Syn
 }
 
 fn ids(resp: &SyncResponse) -> Vec<(&str, u64)> {
-    resp.changes
-        .iter()
-        .map(|c| (c.id.as_str(), c.seq))
-        .collect()
+    resp.changes.iter().map(|c| (c.id.as_str(), c.seq)).collect()
 }
 
 #[test]
 fn every_op_gets_its_result() {
     let mut m = Model::new(Limits::default());
-    let r = sync(
-        &mut m,
-        "a",
-        None,
-        vec![put("x", 2, "a", 1), put("y", 1, "a", 1)],
-    );
-    assert_eq!(
-        r.results,
-        [OpResult::Applied { seq: 1 }, OpResult::Applied { seq: 2 }]
-    );
-    let r = sync(
-        &mut m,
-        "b",
-        None,
-        vec![put("x", 1, "b", 9), put("x", 2, "b", 9)],
-    );
-    assert_eq!(
-        r.results,
-        [
-            OpResult::Superseded {
-                lamport: 2,
-                node_id: "a".into()
-            },
-            OpResult::Applied { seq: 3 }
-        ]
-    );
+    let r = sync(&mut m, "a", None, vec![put("x", 2, "a", 1), put("y", 1, "a", 1)]);
+    assert_eq!(r.results, [OpResult::Applied { seq: 1 }, OpResult::Applied { seq: 2 }]);
+    let r = sync(&mut m, "b", None, vec![put("x", 1, "b", 9), put("x", 2, "b", 9)]);
+    assert_eq!(r.results, [OpResult::Superseded { lamport: 2, node_id: "a".into() }, OpResult::Applied { seq: 3 }]);
     // A retry of an applied op is a duplicate; a retry of a beaten one, superseded.
-    let r = sync(
-        &mut m,
-        "a",
-        Some(3),
-        vec![put("y", 1, "a", 1), put("x", 2, "a", 1)],
-    );
-    assert_eq!(
-        r.results,
-        [
-            OpResult::Duplicate,
-            OpResult::Superseded {
-                lamport: 2,
-                node_id: "b".into()
-            }
-        ]
-    );
+    let r = sync(&mut m, "a", Some(3), vec![put("y", 1, "a", 1), put("x", 2, "a", 1)]);
+    assert_eq!(r.results, [OpResult::Duplicate, OpResult::Superseded { lamport: 2, node_id: "b".into() }]);
     // The same stamp with another payload is a collision, never a silent drop.
     let r = sync(&mut m, "a", Some(3), vec![put("y", 1, "a", 2)]);
-    assert!(matches!(
-        &r.results[..],
-        [OpResult::Rejected {
-            code: ErrorCode::StampCollision,
-            ..
-        }]
-    ));
+    assert!(matches!(&r.results[..], [OpResult::Rejected { code: ErrorCode::StampCollision, .. }]));
     assert_eq!(m.seq(), 3, "seq moves only for applied ops");
 }
 
 #[test]
 fn changes_are_compacted_per_key_in_seq_order() {
     let mut m = Model::new(Limits::default());
-    sync(
-        &mut m,
-        "a",
-        None,
-        vec![
-            put("n1", 1, "a", 1),
-            put("n2", 2, "a", 1),
-            delete("n1", 3, "a"),
-        ],
-    );
+    sync(&mut m, "a", None, vec![put("n1", 1, "a", 1), put("n2", 2, "a", 1), delete("n1", 3, "a")]);
     let r = sync(&mut m, "b", None, vec![]);
     assert_eq!(ids(&r), [("n2", 2), ("n1", 3)]);
     assert_eq!(r.changes[1].payload, Payload::Delete);
     assert_eq!((r.cursor, r.has_more), (Cursor(3), false));
     let r = sync(&mut m, "b", Some(3), vec![]);
-    assert_eq!(
-        (r.changes.len(), r.cursor),
-        (0, Cursor(3)),
-        "no changes: the cursor stays"
-    );
+    assert_eq!((r.changes.len(), r.cursor), (0, Cursor(3)), "no changes: the cursor stays");
 }
 
 #[test]
 fn pages_are_bounded_by_count_and_bytes() {
-    let mut m = Model::new(Limits {
-        changes_per_response_max: 3,
-        ..Limits::default()
-    });
-    sync(
-        &mut m,
-        "a",
-        None,
-        (1..=7).map(|i| put(&format!("k{i}"), i, "a", 0)).collect(),
-    );
+    let mut m = Model::new(Limits { changes_per_response_max: 3, ..Limits::default() });
+    sync(&mut m, "a", None, (1..=7).map(|i| put(&format!("k{i}"), i, "a", 0)).collect());
     let mut cursor = None;
     let mut seen = Vec::new();
     let mut pages = 0;
@@ -151,34 +80,15 @@ fn pages_are_bounded_by_count_and_bytes() {
 
     // By bytes: each change here is 89 bytes of JSON (+1 for the comma), so 200 bytes hold two.
     let m2 = {
-        let mut m2 = Model::new(Limits {
-            response_bytes_max: 200,
-            ..Limits::default()
-        });
-        sync(
-            &mut m2,
-            "a",
-            None,
-            (1..=5).map(|i| put(&format!("k{i}"), i, "a", 0)).collect(),
-        );
+        let mut m2 = Model::new(Limits { response_bytes_max: 200, ..Limits::default() });
+        sync(&mut m2, "a", None, (1..=5).map(|i| put(&format!("k{i}"), i, "a", 0)).collect());
         m2
     };
     let page = m2.page(Cursor::START, None, 100);
-    assert_eq!(
-        (page.changes.len(), page.cursor, page.has_more),
-        (2, Cursor(2), true)
-    );
+    assert_eq!((page.changes.len(), page.cursor, page.has_more), (2, Cursor(2), true));
     // A change larger than the byte cap still goes out, alone.
-    let mut m3 = Model::new(Limits {
-        response_bytes_max: 10,
-        ..Limits::default()
-    });
-    sync(
-        &mut m3,
-        "a",
-        None,
-        vec![put("big", 1, "a", 1), put("big2", 2, "a", 1)],
-    );
+    let mut m3 = Model::new(Limits { response_bytes_max: 10, ..Limits::default() });
+    sync(&mut m3, "a", None, vec![put("big", 1, "a", 1), put("big2", 2, "a", 1)]);
     let page = m3.page(Cursor::START, None, 100);
     assert_eq!((page.changes.len(), page.has_more), (1, true));
 }
@@ -220,20 +130,13 @@ fn a_bad_op_refuses_the_whole_request() {
 
 #[test]
 fn a_counter_far_ahead_of_the_highest_seen_is_refused() {
-    let mut m = Model::new(Limits {
-        lamport_lead_max: 100,
-        ..Limits::default()
-    });
+    let mut m = Model::new(Limits { lamport_lead_max: 100, ..Limits::default() });
     sync(&mut m, "a", None, vec![put("x", 50, "a", 1)]);
     let mut req = SyncRequest::new("b", None);
     req.ops = vec![put("y", 150, "b", 1), put("x", 151, "b", 1)];
     let err = m.exchange(&req).unwrap_err();
     assert_eq!((err.code, err.op), (ErrorCode::LamportOutOfRange, Some(1)));
-    assert_eq!(
-        m.row("c", "x").unwrap().stamp,
-        Stamp::new(50, "a"),
-        "the key is not poisoned"
-    );
+    assert_eq!(m.row("c", "x").unwrap().stamp, Stamp::new(50, "a"), "the key is not poisoned");
     assert_eq!(m.lamport_max(), 50);
     sync(&mut m, "b", None, vec![put("x", 150, "b", 1)]);
     assert_eq!(m.lamport_max(), 150);
@@ -242,26 +145,12 @@ fn a_counter_far_ahead_of_the_highest_seen_is_refused() {
 #[test]
 fn delete_then_recreate_and_no_resurrection() {
     let mut m = Model::new(Limits::default());
-    sync(
-        &mut m,
-        "a",
-        None,
-        vec![put("x", 1, "a", 1), delete("x", 2, "a")],
-    );
+    sync(&mut m, "a", None, vec![put("x", 1, "a", 1), delete("x", 2, "a")]);
     let r = sync(&mut m, "b", None, vec![put("x", 1, "b", 7)]);
-    assert_eq!(
-        r.results,
-        [OpResult::Superseded {
-            lamport: 2,
-            node_id: "a".into()
-        }]
-    );
+    assert_eq!(r.results, [OpResult::Superseded { lamport: 2, node_id: "a".into() }]);
     assert_eq!(m.row("c", "x").unwrap().payload, Payload::Delete);
     sync(&mut m, "b", None, vec![put("x", 3, "b", 8)]);
-    assert_eq!(
-        m.row("c", "x").unwrap().payload,
-        Payload::Put(doc(json!({"n": 8})))
-    );
+    assert_eq!(m.row("c", "x").unwrap().payload, Payload::Put(doc(json!({"n": 8}))));
 }
 
 /// PROTOCOL.md §11, first example and its retry, byte for byte.
@@ -288,30 +177,12 @@ fn the_worked_examples_of_protocol_md() {
     let retry = m.exchange(&req).unwrap();
     assert_eq!(
         retry.results,
-        [
-            OpResult::Superseded {
-                lamport: 3,
-                node_id: "A".into()
-            },
-            OpResult::Duplicate,
-            OpResult::Duplicate
-        ]
+        [OpResult::Superseded { lamport: 3, node_id: "A".into() }, OpResult::Duplicate, OpResult::Duplicate]
     );
     let b = r#"{"node_id":"B","cursor":null,"ops":[{"collection":"notes","id":"n2","kind":"put","doc":{"title":"B's"},"lamport":1,"node_id":"B"}],"protocol":1}"#;
-    let resp = m
-        .exchange(&SyncRequest::from_json(b.as_bytes()).unwrap())
-        .unwrap();
-    assert_eq!(
-        resp.results,
-        [OpResult::Superseded {
-            lamport: 2,
-            node_id: "A".into()
-        }]
-    );
-    assert_eq!(
-        resp.changes.iter().map(|c| c.seq).collect::<Vec<_>>(),
-        [2, 3]
-    );
+    let resp = m.exchange(&SyncRequest::from_json(b.as_bytes()).unwrap()).unwrap();
+    assert_eq!(resp.results, [OpResult::Superseded { lamport: 2, node_id: "A".into() }]);
+    assert_eq!(resp.changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [2, 3]);
     let err = SyncRequest::from_json(br#"{"node_id":"A","cursor":"abc"}"#).unwrap_err();
     assert_eq!(
         serde_json::to_string(&err.to_body()).unwrap(),

@@ -10,9 +10,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::json;
-use tide_core::{
-    Cursor, Decision, LamportClock, Limits, Model, Op, Payload, Stamp, SyncRequest, decide,
-};
+use tide_core::{Cursor, Decision, LamportClock, Limits, Model, Op, Payload, Stamp, SyncRequest, decide};
 
 use crate::doc;
 
@@ -86,20 +84,14 @@ impl Client {
                 self.docs.insert(key, (c.stamp.clone(), c.payload.clone()));
             }
         }
-        assert!(
-            resp.cursor >= self.cursor.unwrap_or_default() || resp.reset,
-            "the cursor never goes back"
-        );
+        assert!(resp.cursor >= self.cursor.unwrap_or_default() || resp.reset, "the cursor never goes back");
         self.cursor = Some(resp.cursor);
     }
 }
 
 fn run(seed: u64) -> Result<(), String> {
     let mut rng = Rng(seed);
-    let mut server = Model::new(Limits {
-        changes_per_response_max: 1 + rng.below(4) as usize,
-        ..Limits::default()
-    });
+    let mut server = Model::new(Limits { changes_per_response_max: 1 + rng.below(4) as usize, ..Limits::default() });
     let n = 2 + rng.below(3) as usize;
     let mut clients: Vec<Client> = (0..n)
         .map(|i| Client {
@@ -120,15 +112,10 @@ fn run(seed: u64) -> Result<(), String> {
         match rng.below(10) {
             0..=3 => {
                 let key = (format!("c{}", rng.below(2)), format!("k{}", rng.below(3)));
-                let payload = if rng.chance(30) {
-                    Payload::Delete
-                } else {
-                    Payload::Put(doc(json!({"v": rng.below(5)})))
-                };
+                let payload =
+                    if rng.chance(30) { Payload::Delete } else { Payload::Put(doc(json!({"v": rng.below(5)}))) };
                 let op = client.write(key.clone(), payload);
-                let best = written
-                    .entry(key)
-                    .or_insert_with(|| (op.stamp.clone(), op.payload.clone()));
+                let best = written.entry(key).or_insert_with(|| (op.stamp.clone(), op.payload.clone()));
                 if op.stamp > best.0 {
                     *best = (op.stamp, op.payload);
                 }
@@ -185,22 +172,14 @@ fn heal_and_check(
         }
     }
 
-    let server_state: BTreeMap<Key, (Stamp, Payload)> = server
-        .rows()
-        .map(|(k, r)| (k.clone(), (r.stamp.clone(), r.payload.clone())))
-        .collect();
+    let server_state: BTreeMap<Key, (Stamp, Payload)> =
+        server.rows().map(|(k, r)| (k.clone(), (r.stamp.clone(), r.payload.clone()))).collect();
     if server_state != *written {
-        return Err(format!(
-            "server differs from the oracle:\n server {server_state:?}\n oracle {written:?}"
-        ));
+        return Err(format!("server differs from the oracle:\n server {server_state:?}\n oracle {written:?}"));
     }
     for client in clients.iter() {
         if !client.outbox.is_empty() {
-            return Err(format!(
-                "{} still has {} pending ops",
-                client.node,
-                client.outbox.len()
-            ));
+            return Err(format!("{} still has {} pending ops", client.node, client.outbox.len()));
         }
         if client.docs != *written {
             return Err(format!(
@@ -217,8 +196,7 @@ fn replicas_converge_under_faults() {
     let seeds: Vec<u64> = if let Ok(s) = std::env::var("TIDE_SEED") {
         vec![s.parse().expect("TIDE_SEED is a number")]
     } else {
-        let count =
-            std::env::var("TIDE_SEEDS").map_or(200, |s| s.parse().expect("TIDE_SEEDS is a number"));
+        let count = std::env::var("TIDE_SEEDS").map_or(200, |s| s.parse().expect("TIDE_SEEDS is a number"));
         (0..count).collect()
     };
     for &seed in &seeds {

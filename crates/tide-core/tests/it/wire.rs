@@ -5,8 +5,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 use tide_core::{
-    Change, Cursor, ErrorBody, ErrorCode, Op, OpResult, PROTOCOL_VERSION, Payload, Stamp,
-    SyncRequest, SyncResponse,
+    Change, Cursor, ErrorBody, ErrorCode, Op, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse,
 };
 
 use crate::doc;
@@ -33,16 +32,8 @@ fn malformed_ops_get_specific_messages() {
         cases.push((op, expect.to_owned()));
     };
     bad("kind", json!("bogus"), "unknown variant `bogus`");
-    bad(
-        "doc",
-        json!(null),
-        "a put must carry a JSON object `doc`, found null",
-    );
-    bad(
-        "doc",
-        json!([1, 2]),
-        "a put must carry a JSON object `doc`, found an array",
-    );
+    bad("doc", json!(null), "a put must carry a JSON object `doc`, found null");
+    bad("doc", json!([1, 2]), "a put must carry a JSON object `doc`, found an array");
     bad("lamport", json!(1.9), "invalid type: floating point");
     bad("lamport", json!(-1), "invalid value: integer `-1`");
     bad("lamport", json!("3"), "invalid type: string");
@@ -56,10 +47,7 @@ fn malformed_ops_get_specific_messages() {
     for (op, expect) in cases {
         let (code, message) = decode_err(&with_op(&op));
         assert_eq!(code, ErrorCode::InvalidRequest, "{op}");
-        assert!(
-            message.contains(&expect),
-            "{op}: {message:?} lacks {expect:?}"
-        );
+        assert!(message.contains(&expect), "{op}: {message:?} lacks {expect:?}");
     }
 }
 
@@ -75,8 +63,7 @@ fn a_put_may_leave_doc_out_only_if_it_is_a_delete() {
 #[test]
 fn cursors_in_every_form_the_original_accepts() {
     let cursor = |c: serde_json::Value| {
-        SyncRequest::from_json(json!({"node_id": "a", "cursor": c}).to_string().as_bytes())
-            .map(|r| r.cursor)
+        SyncRequest::from_json(json!({"node_id": "a", "cursor": c}).to_string().as_bytes()).map(|r| r.cursor)
     };
     assert_eq!(cursor(json!(null)), Ok(None));
     assert_eq!(cursor(json!("")), Ok(None));
@@ -84,14 +71,7 @@ fn cursors_in_every_form_the_original_accepts() {
     assert_eq!(cursor(json!(42)), Ok(Some(Cursor(42))));
     let missing = SyncRequest::from_json(br#"{"node_id":"a"}"#).unwrap();
     assert_eq!((missing.cursor, missing.ops.len()), (None, 0));
-    for bad in [
-        json!("abc"),
-        json!("-1"),
-        json!(" 1"),
-        json!(-1),
-        json!(1.5),
-        json!("99999999999999999999999"),
-    ] {
+    for bad in [json!("abc"), json!("-1"), json!(" 1"), json!(-1), json!(1.5), json!("99999999999999999999999")] {
         let err = cursor(bad.clone()).unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidRequest, "{bad}");
         assert!(err.message.contains("cursor"), "{bad}: {err}");
@@ -104,11 +84,7 @@ fn cursors_in_every_form_the_original_accepts() {
 #[test]
 fn not_json_and_json_bombs_are_invalid_json() {
     for body in ["{not json", "", "{\"node_id\":\"a\"", "[]garbage"] {
-        assert_eq!(
-            SyncRequest::from_json(body.as_bytes()).unwrap_err().code,
-            ErrorCode::InvalidJson,
-            "{body:?}"
-        );
+        assert_eq!(SyncRequest::from_json(body.as_bytes()).unwrap_err().code, ErrorCode::InvalidJson, "{body:?}");
     }
     let deep = format!("{}{}", "[".repeat(10_000), "]".repeat(10_000));
     let body = format!(
@@ -140,14 +116,8 @@ fn extensions_are_additive_and_named_as_documented() {
         results: vec![
             OpResult::Applied { seq: 9 },
             OpResult::Duplicate,
-            OpResult::Superseded {
-                lamport: 4,
-                node_id: "b".into(),
-            },
-            OpResult::Rejected {
-                code: ErrorCode::StampCollision,
-                message: "m".into(),
-            },
+            OpResult::Superseded { lamport: 4, node_id: "b".into() },
+            OpResult::Rejected { code: ErrorCode::StampCollision, message: "m".into() },
         ],
         has_more: true,
         reset: true,
@@ -161,11 +131,9 @@ fn extensions_are_additive_and_named_as_documented() {
             "has_more": true, "reset": true})
     );
     // Unknown fields in a response and unknown codes decode (forward compatible).
-    let body: ErrorBody =
-        serde_json::from_str(r#"{"error":"x","code":"brand_new","later":1}"#).unwrap();
+    let body: ErrorBody = serde_json::from_str(r#"{"error":"x","code":"brand_new","later":1}"#).unwrap();
     assert_eq!(body.code, Some(ErrorCode::Unknown));
-    let resp: SyncResponse =
-        serde_json::from_str(r#"{"cursor":"1","changes":[],"future":true}"#).unwrap();
+    let resp: SyncResponse = serde_json::from_str(r#"{"cursor":"1","changes":[],"future":true}"#).unwrap();
     assert_eq!(resp.cursor, Cursor(1));
 }
 
@@ -179,8 +147,7 @@ fn payload() -> impl Strategy<Value = Payload> {
     ];
     prop_oneof![
         Just(Payload::Delete),
-        prop::collection::vec(("\\PC{0,6}", value), 0..4)
-            .prop_map(|kv| Payload::Put(kv.into_iter().collect())),
+        prop::collection::vec(("\\PC{0,6}", value), 0..4).prop_map(|kv| Payload::Put(kv.into_iter().collect())),
     ]
 }
 
@@ -229,9 +196,7 @@ proptest! {
 #[test]
 fn docs_keep_their_key_order() {
     let req = SyncRequest::from_json(br#"{"node_id":"a","ops":[{"collection":"c","id":"i","kind":"put","doc":{"z":1,"a":2,"m":3},"lamport":1,"node_id":"a"}]}"#).unwrap();
-    let Payload::Put(d) = &req.ops[0].payload else {
-        panic!()
-    };
+    let Payload::Put(d) = &req.ops[0].payload else { panic!() };
     assert_eq!(d.keys().collect::<Vec<_>>(), ["z", "a", "m"]);
     assert_eq!(d, &doc(json!({"z": 1, "a": 2, "m": 3})));
 }

@@ -81,11 +81,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The caller has run `Limits::check_request`; the backend checks what
     /// needs stored state (the counter lead) and may refuse with
     /// [`BackendError::Refused`].
-    async fn exchange(
-        &self,
-        namespace: &Namespace,
-        request: &SyncRequest,
-    ) -> Result<Reply, BackendError>;
+    async fn exchange(&self, namespace: &Namespace, request: &SyncRequest) -> Result<Reply, BackendError>;
 
     /// Whether the backend can serve now (for readiness checks).
     async fn ready(&self) -> Result<(), BackendError>;
@@ -112,15 +108,7 @@ pub(crate) struct PageBuilder {
 
 impl PageBuilder {
     pub(crate) fn new(from: Cursor, limit: usize, bytes_max: usize) -> Self {
-        Self {
-            limit,
-            bytes_max,
-            json: String::new(),
-            count: 0,
-            bytes: 0,
-            last: from.seq(),
-            has_more: None,
-        }
+        Self { limit, bytes_max, json: String::new(), count: 0, bytes: 0, last: from.seq(), has_more: None }
     }
 
     /// How many rows to read next.
@@ -163,12 +151,7 @@ impl PageBuilder {
 
     /// The page: changes, their count, the cursor and `has_more`.
     pub(crate) fn finish(self) -> (String, usize, Cursor, bool) {
-        (
-            self.json,
-            self.count,
-            Cursor(self.last),
-            self.has_more.unwrap_or(true),
-        )
+        (self.json, self.count, Cursor(self.last), self.has_more.unwrap_or(true))
     }
 }
 

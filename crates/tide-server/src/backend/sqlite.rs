@@ -14,9 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
-use tide_core::{
-    Cursor, Decision, ErrorCode, Limits, OpResult, Payload, Stamp, SyncRequest, Violation, decide,
-};
+use tide_core::{Cursor, Decision, ErrorCode, Limits, OpResult, Payload, Stamp, SyncRequest, Violation, decide};
 use tokio::sync::{Mutex, Semaphore};
 
 use super::{Backend, BackendError, PageBuilder, PageRow, Reply};
@@ -85,11 +83,7 @@ fn unavailable(e: sqlx::Error) -> BackendError {
 
 impl SqliteBackend {
     /// Opens (or creates) the server database at `path`.
-    pub async fn open(
-        path: &Path,
-        durability: Durability,
-        limits: Limits,
-    ) -> Result<Arc<Self>, BackendError> {
+    pub async fn open(path: &Path, durability: Durability, limits: Limits) -> Result<Arc<Self>, BackendError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -99,25 +93,13 @@ impl SqliteBackend {
                 Durability::Full => SqliteSynchronous::Full,
                 Durability::Normal => SqliteSynchronous::Normal,
             });
-        let mut writer = options
-            .clone()
-            .journal_mode(SqliteJournalMode::Wal)
-            .connect()
+        let mut writer = options.clone().journal_mode(SqliteJournalMode::Wal).connect().await.map_err(unavailable)?;
+        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(unavailable)?;
+        let version: String = sqlx::query_scalar("SELECT value FROM tide_server_meta WHERE key = 'schema_version'")
+            .fetch_one(&mut *tx)
             .await
             .map_err(unavailable)?;
-        let mut tx = writer
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(unavailable)?;
-        sqlx::raw_sql(SCHEMA)
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        let version: String =
-            sqlx::query_scalar("SELECT value FROM tide_server_meta WHERE key = 'schema_version'")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(unavailable)?;
         if version != "1" {
             return Err(BackendError::Internal(format!(
                 "server database schema v{version} is not supported by this build (v1)"
@@ -126,42 +108,20 @@ impl SqliteBackend {
         tx.commit().await.map_err(unavailable)?;
         let mut readers = Vec::with_capacity(SQLITE_READERS);
         for _ in 0..SQLITE_READERS {
-            let conn = options
-                .clone()
-                .pragma("query_only", "ON")
-                .connect()
-                .await
-                .map_err(unavailable)?;
+            let conn = options.clone().pragma("query_only", "ON").connect().await.map_err(unavailable)?;
             readers.push(Mutex::new(conn));
         }
-        Ok(Arc::new(Self {
-            writer: Mutex::new(writer),
-            readers,
-            free: Semaphore::new(SQLITE_READERS),
-            limits,
-        }))
+        Ok(Arc::new(Self { writer: Mutex::new(writer), readers, free: Semaphore::new(SQLITE_READERS), limits }))
     }
 
-    async fn apply(
-        &self,
-        ns: &Namespace,
-        req: &SyncRequest,
-    ) -> Result<Vec<OpResult>, BackendError> {
-        #[derive(Serialize)]
-        struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8, u64);
-
+    async fn apply(&self, ns: &Namespace, req: &SyncRequest) -> Result<Vec<OpResult>, BackendError> {
         let mut conn = self.writer.lock().await;
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        sqlx::query("INSERT OR IGNORE INTO tide_namespaces (namespace, seq, lamport_max) VALUES (?1, 0, 0)")
+            .bind(ns.as_str())
+            .execute(&mut *tx)
             .await
             .map_err(unavailable)?;
-        sqlx::query(
-            "INSERT OR IGNORE INTO tide_namespaces (namespace, seq, lamport_max) VALUES (?1, 0, 0)",
-        )
-        .bind(ns.as_str())
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
         let (seq, lamport_max): (i64, i64) =
             sqlx::query_as("SELECT seq, lamport_max FROM tide_namespaces WHERE namespace = ?1")
                 .bind(ns.as_str())
@@ -183,11 +143,7 @@ impl SqliteBackend {
         }
 
         // What is stored for the request's keys, as one row.
-        let keys: Vec<(&str, &str)> = req
-            .ops
-            .iter()
-            .map(|o| (o.collection.as_str(), o.id.as_str()))
-            .collect();
+        let keys: Vec<(&str, &str)> = req.ops.iter().map(|o| (o.collection.as_str(), o.id.as_str())).collect();
         let stored: String = sqlx::query_scalar(
             "SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.doc, r.seq)) \
              FROM json_each(?2) AS j JOIN tide_rows AS r \
@@ -199,14 +155,12 @@ impl SqliteBackend {
         .await
         .map_err(unavailable)?;
         let stored: Vec<(usize, u64, String, u8, Option<String>, u64)> =
-            serde_json::from_str(&stored)
-                .map_err(|e| BackendError::Internal(format!("stored rows: {e}")))?;
+            serde_json::from_str(&stored).map_err(|e| BackendError::Internal(format!("stored rows: {e}")))?;
         let mut current: HashMap<(&str, &str), (Stamp, Payload)> = HashMap::new();
         for (i, lamport, node, deleted, doc, _) in stored {
             let payload = match (deleted, doc) {
                 (0, Some(doc)) => Payload::Put(
-                    serde_json::from_str(&doc)
-                        .map_err(|e| BackendError::Internal(format!("stored document: {e}")))?,
+                    serde_json::from_str(&doc).map_err(|e| BackendError::Internal(format!("stored document: {e}")))?,
                 ),
                 _ => Payload::Delete,
             };
@@ -214,41 +168,7 @@ impl SqliteBackend {
         }
 
         let (results, written, seq) = decide_all(req, &keys, current, seq);
-        if !written.is_empty() {
-            let mut rows: Vec<Row> = written
-                .values()
-                .map(|&(i, seq)| {
-                    let op = &req.ops[i];
-                    let doc = op
-                        .payload
-                        .doc()
-                        .map(|d| serde_json::to_string(d).expect("documents serialize"));
-                    let deleted = u8::from(doc.is_none());
-                    Row(
-                        &op.collection,
-                        &op.id,
-                        doc,
-                        op.stamp.lamport,
-                        &op.stamp.node_id,
-                        deleted,
-                        seq,
-                    )
-                })
-                .collect();
-            rows.sort_by_key(|r| r.6);
-            sqlx::query(
-                "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq) \
-                 SELECT ?1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 \
-                 FROM jsonb_each(?2) WHERE true \
-                 ON CONFLICT (namespace, collection, id) DO UPDATE SET doc = excluded.doc, \
-                 lamport = excluded.lamport, node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq",
-            )
-            .bind(ns.as_str())
-            .bind(serde_json::to_string(&rows).expect("rows serialize"))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        }
+        upsert(&mut tx, ns, req, &written).await?;
         let op_max = req.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0);
         sqlx::query("UPDATE tide_namespaces SET seq = ?2, lamport_max = max(lamport_max, ?3) WHERE namespace = ?1")
             .bind(ns.as_str())
@@ -266,44 +186,24 @@ impl SqliteBackend {
         ns: &Namespace,
         req: &SyncRequest,
     ) -> Result<(String, usize, Cursor, bool, bool), BackendError> {
-        let _permit = self
-            .free
-            .acquire()
-            .await
-            .map_err(|e| BackendError::Internal(e.to_string()))?;
+        let _permit = self.free.acquire().await.map_err(|e| BackendError::Internal(e.to_string()))?;
         let reader = self.readers.iter().find_map(|r| r.try_lock().ok());
         let mut conn = match reader {
             Some(conn) => conn,
             None => self.readers[0].lock().await,
         };
-        let ns_seq: Option<i64> =
-            sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = ?1")
-                .bind(ns.as_str())
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(unavailable)?;
+        let ns_seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = ?1")
+            .bind(ns.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?;
         let requested = req.cursor.unwrap_or_default();
         let reset = requested.seq() > to_u64(ns_seq.unwrap_or(0));
-        let (from, skip_own) = if reset {
-            (Cursor::START, false)
-        } else {
-            (requested, requested > Cursor::START)
-        };
-        let limit = req
-            .limit
-            .map_or(usize::MAX, |l| l as usize)
-            .clamp(1, self.limits.changes_per_response_max);
+        let (from, skip_own) = if reset { (Cursor::START, false) } else { (requested, requested > Cursor::START) };
+        let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, self.limits.changes_per_response_max);
         let mut page = PageBuilder::new(from, limit, self.limits.response_bytes_max);
         loop {
-            let rows = window(
-                &mut conn,
-                ns,
-                &req.node_id,
-                skip_own,
-                page.after(),
-                page.window(),
-            )
-            .await?;
+            let rows = window(&mut conn, ns, &req.node_id, skip_own, page.after(), page.window()).await?;
             if page.feed(rows) {
                 break;
             }
@@ -346,22 +246,51 @@ async fn window(
     text.split('\u{1e}')
         .map(|row| {
             let mut parts = row.splitn(3, '\u{1f}');
-            let (Some(seq), Some(own), Some(json)) = (parts.next(), parts.next(), parts.next())
-            else {
-                return Err(BackendError::Internal(format!(
-                    "unreadable page row {row:?}"
-                )));
+            let (Some(seq), Some(own), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(BackendError::Internal(format!("unreadable page row {row:?}")));
             };
-            let seq = seq
-                .parse()
-                .map_err(|_| BackendError::Internal(format!("unreadable seq {seq:?}")))?;
-            Ok(PageRow {
-                seq,
-                own: own == "1",
-                json: json.to_owned(),
-            })
+            let seq = seq.parse().map_err(|_| BackendError::Internal(format!("unreadable seq {seq:?}")))?;
+            Ok(PageRow { seq, own: own == "1", json: json.to_owned() })
         })
         .collect()
+}
+
+/// Stores the last applied op of each key written by a request.
+async fn upsert(
+    conn: &mut SqliteConnection,
+    ns: &Namespace,
+    req: &SyncRequest,
+    written: &Written<'_>,
+) -> Result<(), BackendError> {
+    #[derive(Serialize)]
+    struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8, u64);
+
+    if written.is_empty() {
+        return Ok(());
+    }
+    let mut rows: Vec<Row> = written
+        .values()
+        .map(|&(i, seq)| {
+            let op = &req.ops[i];
+            let doc = op.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
+            let deleted = u8::from(doc.is_none());
+            Row(&op.collection, &op.id, doc, op.stamp.lamport, &op.stamp.node_id, deleted, seq)
+        })
+        .collect();
+    rows.sort_by_key(|r| r.6);
+    sqlx::query(
+        "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq) \
+         SELECT ?1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 \
+         FROM jsonb_each(?2) WHERE true \
+         ON CONFLICT (namespace, collection, id) DO UPDATE SET doc = excluded.doc, \
+         lamport = excluded.lamport, node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq",
+    )
+    .bind(ns.as_str())
+    .bind(serde_json::to_string(&rows).expect("rows serialize"))
+    .execute(conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
 }
 
 /// Per key written by a request: the index of its last applied op and that op's seq.
@@ -414,26 +343,10 @@ fn to_i64(v: u64) -> i64 {
 
 #[async_trait::async_trait]
 impl Backend for SqliteBackend {
-    async fn exchange(
-        &self,
-        namespace: &Namespace,
-        request: &SyncRequest,
-    ) -> Result<Reply, BackendError> {
-        let results = if request.ops.is_empty() {
-            Vec::new()
-        } else {
-            self.apply(namespace, request).await?
-        };
-        let (changes_json, change_count, cursor, has_more, reset) =
-            self.page(namespace, request).await?;
-        Ok(Reply {
-            results,
-            cursor,
-            changes_json,
-            change_count,
-            has_more,
-            reset,
-        })
+    async fn exchange(&self, namespace: &Namespace, request: &SyncRequest) -> Result<Reply, BackendError> {
+        let results = if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, request).await? };
+        let (changes_json, change_count, cursor, has_more, reset) = self.page(namespace, request).await?;
+        Ok(Reply { results, cursor, changes_json, change_count, has_more, reset })
     }
 
     async fn ready(&self) -> Result<(), BackendError> {

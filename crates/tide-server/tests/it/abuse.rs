@@ -17,31 +17,14 @@ async fn state(addr: std::net::SocketAddr) -> String {
 }
 
 fn op(node: &str, lamport: &str) -> String {
-    format!(
-        r#"{{"collection":"c","id":"i","kind":"put","doc":{{"v":1}},"lamport":{lamport},"node_id":"{node}"}}"#
-    )
+    format!(r#"{{"collection":"c","id":"i","kind":"put","doc":{{"v":1}},"lamport":{lamport},"node_id":"{node}"}}"#)
 }
 
 #[tokio::test]
 async fn bad_requests_get_their_status_and_code_and_change_nothing() {
-    let limits = Limits {
-        ops_per_request_max: 3,
-        request_bytes_max: 64 * 1024,
-        ..Limits::default()
-    };
-    let running = support::start_with(
-        support::config(limits),
-        std::sync::Arc::new(NoAuth::new("default")),
-    )
-    .await;
-    let seeded = raw(
-        running.addr,
-        &support::post(
-            &format!(r#"{{"node_id":"a","ops":[{}]}}"#, op("a", "1")),
-            "",
-        ),
-    )
-    .await;
+    let limits = Limits { ops_per_request_max: 3, request_bytes_max: 64 * 1024, ..Limits::default() };
+    let running = support::start_with(support::config(limits), std::sync::Arc::new(NoAuth::new("default"))).await;
+    let seeded = raw(running.addr, &support::post(&format!(r#"{{"node_id":"a","ops":[{}]}}"#, op("a", "1")), "")).await;
     assert_eq!(seeded.0, 200);
     let before = state(running.addr).await;
 
@@ -53,78 +36,23 @@ async fn bad_requests_get_their_status_and_code_and_change_nothing() {
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("not JSON", "{not json".into(), 400, "invalid_json"),
         ("a top-level array", "[]".into(), 400, "invalid_request"),
-        (
-            "a numeric node id",
-            r#"{"node_id":7}"#.into(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "a missing node id",
-            r#"{"cursor":null}"#.into(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "an unknown kind",
-            op("a", "2").replace(r#""put""#, r#""bogus""#),
-            400,
-            "invalid_request",
-        ),
-        (
-            "a put without a doc",
-            op("a", "2").replace(r#""doc":{"v":1},"#, ""),
-            400,
-            "invalid_request",
-        ),
-        (
-            "a missing lamport",
-            op("a", "2").replace(r#","lamport":2"#, ""),
-            400,
-            "invalid_request",
-        ),
-        (
-            "a fractional lamport",
-            op("a", "2.5"),
-            400,
-            "invalid_request",
-        ),
-        (
-            "a non-numeric cursor",
-            r#"{"node_id":"a","cursor":"abc"}"#.into(),
-            400,
-            "invalid_request",
-        ),
-        (
-            "a lamport above 2^53",
-            op("a", "9007199254740992"),
-            400,
-            "lamport_out_of_range",
-        ),
-        (
-            "a lamport far ahead",
-            op("a", "5000000000"),
-            400,
-            "lamport_out_of_range",
-        ),
-        (
-            "a foreign node id",
-            op("mallory", "2"),
-            400,
-            "foreign_node_id",
-        ),
+        ("a numeric node id", r#"{"node_id":7}"#.into(), 400, "invalid_request"),
+        ("a missing node id", r#"{"cursor":null}"#.into(), 400, "invalid_request"),
+        ("an unknown kind", op("a", "2").replace(r#""put""#, r#""bogus""#), 400, "invalid_request"),
+        ("a put without a doc", op("a", "2").replace(r#""doc":{"v":1},"#, ""), 400, "invalid_request"),
+        ("a missing lamport", op("a", "2").replace(r#","lamport":2"#, ""), 400, "invalid_request"),
+        ("a fractional lamport", op("a", "2.5"), 400, "invalid_request"),
+        ("a non-numeric cursor", r#"{"node_id":"a","cursor":"abc"}"#.into(), 400, "invalid_request"),
+        ("a lamport above 2^53", op("a", "9007199254740992"), 400, "lamport_out_of_range"),
+        ("a lamport far ahead", op("a", "5000000000"), 400, "lamport_out_of_range"),
+        ("a foreign node id", op("mallory", "2"), 400, "foreign_node_id"),
         (
             "a server field in an op",
             op("a", "2").replace(r#""node_id":"a"}"#, r#""node_id":"a","seq":9}"#),
             400,
             "invalid_request",
         ),
-        (
-            "too many ops",
-            [op("a", "2"), op("a", "3"), op("a", "4"), op("a", "5")].join(","),
-            413,
-            "too_many_ops",
-        ),
+        ("too many ops", [op("a", "2"), op("a", "3"), op("a", "4"), op("a", "5")].join(","), 413, "too_many_ops"),
         ("deep JSON", deep, 400, "invalid_json"),
         (
             "an empty collection",
@@ -132,60 +60,33 @@ async fn bad_requests_get_their_status_and_code_and_change_nothing() {
             400,
             "invalid_collection",
         ),
-        (
-            "a newer protocol",
-            r#"{"node_id":"a","protocol":99}"#.into(),
-            400,
-            "unsupported_protocol",
-        ),
+        ("a newer protocol", r#"{"node_id":"a","protocol":99}"#.into(), 400, "unsupported_protocol"),
     ];
     for (name, body, status, code) in cases {
         // Ops go inside a request; whole requests go as they are.
-        let body = if body.starts_with(r#"{"collection""#) {
-            format!(r#"{{"node_id":"a","ops":[{body}]}}"#)
-        } else {
-            body
-        };
+        let body =
+            if body.starts_with(r#"{"collection""#) { format!(r#"{{"node_id":"a","ops":[{body}]}}"#) } else { body };
         let (got, text) = raw(running.addr, &support::post(&body, "")).await;
         assert_eq!(got, status, "{name}: {text}");
-        assert!(
-            text.contains(&format!(r#""code":"{code}""#)),
-            "{name}: {text}"
-        );
-        let error = serde_json::from_str::<serde_json::Value>(&text).unwrap()["error"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        assert!(
-            error.starts_with("bad request: ") || error.starts_with("invalid JSON"),
-            "{name}: {error}"
-        );
-        assert_eq!(
-            state(running.addr).await,
-            before,
-            "{name} changed the stored state"
-        );
+        assert!(text.contains(&format!(r#""code":"{code}""#)), "{name}: {text}");
+        let error = serde_json::from_str::<serde_json::Value>(&text).unwrap()["error"].as_str().unwrap().to_owned();
+        assert!(error.starts_with("bad request: ") || error.starts_with("invalid JSON"), "{name}: {error}");
+        assert_eq!(state(running.addr).await, before, "{name} changed the stored state");
     }
 }
 
 #[tokio::test]
 async fn oversize_bodies_are_refused_declared_or_chunked() {
-    let limits = Limits {
-        request_bytes_max: 1024,
-        ..Limits::default()
-    };
-    let running = support::start_with(
-        support::config(limits),
-        std::sync::Arc::new(NoAuth::new("default")),
-    )
-    .await;
+    let limits = Limits { request_bytes_max: 1024, ..Limits::default() };
+    let running = support::start_with(support::config(limits), std::sync::Arc::new(NoAuth::new("default"))).await;
     let before = state(running.addr).await;
     let big = format!(r#"{{"node_id":"a","pad":"{}"}}"#, "x".repeat(4096));
     let (status, body) = raw(running.addr, &support::post(&big, "")).await;
     assert_eq!(status, 413, "{body}");
     assert!(body.contains("body_too_large"));
     // Chunked, with no Content-Length: counted as it arrives.
-    let mut chunked = b"POST /sync HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    let mut chunked =
+        b"POST /sync HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
     for chunk in big.as_bytes().chunks(500) {
         chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
         chunked.extend_from_slice(chunk);
@@ -209,29 +110,20 @@ async fn slow_clients_are_cut_off() {
 
     // Headers that never finish: the connection is closed.
     let mut slow = tokio::net::TcpStream::connect(running.addr).await.unwrap();
-    slow.write_all(b"POST /sync HTTP/1.1\r\nhost: x\r\n")
-        .await
-        .unwrap();
+    slow.write_all(b"POST /sync HTTP/1.1\r\nhost: x\r\n").await.unwrap();
     let start = Instant::now();
     let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut out))
-        .await
-        .expect("closed in time")
-        .unwrap();
-    assert!(
-        start.elapsed() >= Duration::from_millis(250),
-        "not before the timeout"
-    );
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut out)).await.expect("closed in time").unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(250), "not before the timeout");
     assert!(!String::from_utf8_lossy(&out).contains(" 200 "));
 
     // A body that never finishes: 408, nothing applied.
     let mut slow = tokio::net::TcpStream::connect(running.addr).await.unwrap();
-    slow.write_all(b"POST /sync HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\nconnection: close\r\n\r\n{\"node_id\":").await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut out))
+    slow.write_all(b"POST /sync HTTP/1.1\r\nhost: x\r\ncontent-length: 500\r\nconnection: close\r\n\r\n{\"node_id\":")
         .await
-        .expect("answered in time")
         .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut out)).await.expect("answered in time").unwrap();
     let (status, body) = support::parse(&out);
     assert_eq!(status, 408, "{body}");
     assert!(body.contains(r#""code":"timeout""#));
@@ -240,29 +132,21 @@ async fn slow_clients_are_cut_off() {
 
 #[tokio::test]
 async fn connections_beyond_the_cap_wait_their_turn() {
-    let config = ServerConfig {
-        connections_max: 2,
-        ..ServerConfig::default()
-    };
+    let config = ServerConfig { connections_max: 2, ..ServerConfig::default() };
     let running = support::start_with(config, std::sync::Arc::new(NoAuth::new("default"))).await;
     // Two idle keep-alive connections fill the cap.
     let idle1 = tokio::net::TcpStream::connect(running.addr).await.unwrap();
     let idle2 = tokio::net::TcpStream::connect(running.addr).await.unwrap();
     let addr = running.addr;
-    let mut waiting =
-        tokio::spawn(async move { raw(addr, &support::post(r#"{"node_id":"a"}"#, "")).await });
+    let mut waiting = tokio::spawn(async move { raw(addr, &support::post(r#"{"node_id":"a"}"#, "")).await });
     // Served at once if the cap did not hold; it must still be waiting.
     assert!(
-        tokio::time::timeout(Duration::from_millis(300), &mut waiting)
-            .await
-            .is_err(),
+        tokio::time::timeout(Duration::from_millis(300), &mut waiting).await.is_err(),
         "a third client waits while the cap is reached"
     );
     drop(idle1);
-    let (status, _) = tokio::time::timeout(Duration::from_secs(10), waiting)
-        .await
-        .expect("served once a slot frees")
-        .unwrap();
+    let (status, _) =
+        tokio::time::timeout(Duration::from_secs(10), waiting).await.expect("served once a slot frees").unwrap();
     assert_eq!(status, 200);
     drop(idle2);
 }

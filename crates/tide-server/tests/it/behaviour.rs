@@ -13,7 +13,10 @@ use tokio::io::AsyncWriteExt;
 use crate::support::{self, raw};
 
 fn doc(v: serde_json::Value) -> tide_core::Doc {
-    v.as_object().cloned().unwrap()
+    match v {
+        serde_json::Value::Object(map) => map,
+        other => panic!("not an object: {other}"),
+    }
 }
 
 fn put(node: &str, id: &str, lamport: u64, v: i64) -> Op {
@@ -37,60 +40,24 @@ async fn two_clients_converge_with_per_op_results() {
     let running = support::start().await;
     let a = HttpTransport::new(&running.endpoint()).unwrap();
     let b = HttpTransport::new(&running.endpoint()).unwrap();
-    let ra = a
-        .exchange(&req(
-            "a",
-            None,
-            vec![put("a", "n1", 1, 1), put("a", "n2", 2, 1)],
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        ra.results,
-        [OpResult::Applied { seq: 1 }, OpResult::Applied { seq: 2 }]
-    );
+    let ra = a.exchange(&req("a", None, vec![put("a", "n1", 1, 1), put("a", "n2", 2, 1)])).await.unwrap();
+    assert_eq!(ra.results, [OpResult::Applied { seq: 1 }, OpResult::Applied { seq: 2 }]);
     // b wrote n2 offline at (1, b): it loses to (2, a) and learns the winner.
-    let rb = b
-        .exchange(&req("b", None, vec![put("b", "n2", 1, 9)]))
-        .await
-        .unwrap();
-    assert_eq!(
-        rb.results,
-        [OpResult::Superseded {
-            lamport: 2,
-            node_id: "a".into()
-        }]
-    );
+    let rb = b.exchange(&req("b", None, vec![put("b", "n2", 1, 9)])).await.unwrap();
+    assert_eq!(rb.results, [OpResult::Superseded { lamport: 2, node_id: "a".into() }]);
     assert_eq!(rb.changes.len(), 2);
     // b deletes n1 at (3, b); a pulls it, and its own writes are not echoed.
     let mut del = put("b", "n1", 3, 0);
     del.payload = Payload::Delete;
-    b.exchange(&req("b", Some(rb.cursor.seq()), vec![del]))
-        .await
-        .unwrap();
-    let ra = a
-        .exchange(&req("a", Some(ra.cursor.seq()), vec![]))
-        .await
-        .unwrap();
+    b.exchange(&req("b", Some(rb.cursor.seq()), vec![del])).await.unwrap();
+    let ra = a.exchange(&req("a", Some(ra.cursor.seq()), vec![])).await.unwrap();
     assert_eq!(
-        ra.changes
-            .iter()
-            .map(|c| (c.id.as_str(), c.payload.kind()))
-            .collect::<Vec<_>>(),
+        ra.changes.iter().map(|c| (c.id.as_str(), c.payload.kind())).collect::<Vec<_>>(),
         [("n1", tide_core::Kind::Delete)]
     );
     // A resend is harmless.
-    let again = a
-        .exchange(&req("a", None, vec![put("a", "n1", 1, 1)]))
-        .await
-        .unwrap();
-    assert_eq!(
-        again.results,
-        [OpResult::Superseded {
-            lamport: 3,
-            node_id: "b".into()
-        }]
-    );
+    let again = a.exchange(&req("a", None, vec![put("a", "n1", 1, 1)])).await.unwrap();
+    assert_eq!(again.results, [OpResult::Superseded { lamport: 3, node_id: "b".into() }]);
     running.stop().await;
 }
 
@@ -98,9 +65,7 @@ async fn two_clients_converge_with_per_op_results() {
 async fn a_cursor_beyond_the_namespace_is_reset() {
     let running = support::start().await;
     let a = HttpTransport::new(&running.endpoint()).unwrap();
-    a.exchange(&req("a", None, vec![put("a", "x", 1, 1)]))
-        .await
-        .unwrap();
+    a.exchange(&req("a", None, vec![put("a", "x", 1, 1)])).await.unwrap();
     let r = a.exchange(&req("b", Some(57), vec![])).await.unwrap();
     assert!(r.reset);
     assert_eq!((r.changes.len(), r.cursor), (1, Cursor(1)));
@@ -110,44 +75,18 @@ async fn a_cursor_beyond_the_namespace_is_reset() {
 async fn namespaces_are_isolated_by_token() {
     let tokens = StaticTokens::parse_file("tok-alpha alpha alice\ntok-beta beta bob\n").unwrap();
     let running = support::start_with(ServerConfig::default(), Arc::new(tokens)).await;
-    let alice = HttpTransport::builder(&running.endpoint())
-        .header("authorization", "Bearer tok-alpha")
-        .build()
-        .unwrap();
-    let bob = HttpTransport::builder(&running.endpoint())
-        .header("authorization", "Bearer tok-beta")
-        .build()
-        .unwrap();
-    alice
-        .exchange(&req("a", None, vec![put("a", "secret", 1, 1)]))
-        .await
-        .unwrap();
-    let seen = bob
-        .exchange(&req("b", None, vec![put("b", "secret", 1, 2)]))
-        .await
-        .unwrap();
-    assert!(
-        seen.changes.iter().all(|c| c.stamp.node_id == "b"),
-        "bob never sees alice's data"
-    );
-    assert_eq!(
-        seen.results,
-        [OpResult::Applied { seq: 1 }],
-        "bob's namespace has its own seq and keys"
-    );
+    let alice =
+        HttpTransport::builder(&running.endpoint()).header("authorization", "Bearer tok-alpha").build().unwrap();
+    let bob = HttpTransport::builder(&running.endpoint()).header("authorization", "Bearer tok-beta").build().unwrap();
+    alice.exchange(&req("a", None, vec![put("a", "secret", 1, 1)])).await.unwrap();
+    let seen = bob.exchange(&req("b", None, vec![put("b", "secret", 1, 2)])).await.unwrap();
+    assert!(seen.changes.iter().all(|c| c.stamp.node_id == "b"), "bob never sees alice's data");
+    assert_eq!(seen.results, [OpResult::Applied { seq: 1 }], "bob's namespace has its own seq and keys");
     let back = alice.exchange(&req("a", None, vec![])).await.unwrap();
     assert_eq!(back.changes.len(), 1);
-    assert_eq!(
-        back.changes[0].payload,
-        Payload::Put(doc(json!({"v": 1}))),
-        "bob's write landed only in beta"
-    );
+    assert_eq!(back.changes[0].payload, Payload::Put(doc(json!({"v": 1}))), "bob's write landed only in beta");
 
-    for header in [
-        "",
-        "authorization: Bearer wrong\r\n",
-        "authorization: Basic dG9rLWFscGhh\r\n",
-    ] {
+    for header in ["", "authorization: Bearer wrong\r\n", "authorization: Basic dG9rLWFscGhh\r\n"] {
         let (status, body) = raw(running.addr, &support::post(r#"{"node_id":"a"}"#, header)).await;
         assert_eq!(status, 401, "{header:?}");
         assert!(body.contains(r#""code":"unauthorized""#), "{body}");
@@ -166,11 +105,7 @@ impl Authenticator for Down {
 #[tokio::test]
 async fn an_unavailable_verifier_is_a_503_never_a_pass() {
     let running = support::start_with(ServerConfig::default(), Arc::new(Down)).await;
-    let (status, body) = raw(
-        running.addr,
-        &support::post(r#"{"node_id":"a"}"#, "authorization: Bearer x\r\n"),
-    )
-    .await;
+    let (status, body) = raw(running.addr, &support::post(r#"{"node_id":"a"}"#, "authorization: Bearer x\r\n")).await;
     assert_eq!(status, 503);
     assert!(body.contains(r#""code":"unavailable""#), "{body}");
 }
@@ -178,19 +113,11 @@ async fn an_unavailable_verifier_is_a_503_never_a_pass() {
 #[tokio::test]
 async fn health_readiness_metrics_and_routes() {
     let running = support::start().await;
-    let get = |path: &str| {
-        format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").into_bytes()
-    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").into_bytes();
     assert_eq!(raw(running.addr, &get("/healthz")).await.0, 200);
     assert_eq!(raw(running.addr, &get("/readyz")).await.0, 200);
     let a = HttpTransport::new(&running.endpoint()).unwrap();
-    a.exchange(&req(
-        "a",
-        None,
-        vec![put("a", "x", 1, 1), put("a", "x", 1, 1)],
-    ))
-    .await
-    .unwrap();
+    a.exchange(&req("a", None, vec![put("a", "x", 1, 1), put("a", "x", 1, 1)])).await.unwrap();
     let (status, metrics) = raw(running.addr, &get("/metrics")).await;
     assert_eq!(status, 200);
     for line in [
@@ -217,10 +144,7 @@ trait ReplacePath {
 
 impl ReplacePath for Vec<u8> {
     fn replace_path(self, path: &str) -> Vec<u8> {
-        String::from_utf8(self)
-            .unwrap()
-            .replacen("/sync", path, 1)
-            .into_bytes()
+        String::from_utf8(self).unwrap().replacen("/sync", path, 1).into_bytes()
     }
 }
 
@@ -230,10 +154,8 @@ async fn shutdown_lets_an_in_flight_exchange_finish() {
     let body = serde_json::to_string(&req("a", None, vec![put("a", "late", 1, 1)])).unwrap();
     let (head, tail) = body.split_at(body.len() / 2);
     let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
-    let headers = format!(
-        "POST /sync HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
+    let headers =
+        format!("POST /sync HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
     stream.write_all(headers.as_bytes()).await.unwrap();
     stream.write_all(head.as_bytes()).await.unwrap();
     let addr = running.addr;
@@ -245,54 +167,30 @@ async fn shutdown_lets_an_in_flight_exchange_finish() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "shutdown stops accepting"
-    );
+    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "shutdown stops accepting");
     stream.write_all(tail.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut out)
-        .await
-        .unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut out).await.unwrap();
     let (status, body) = support::parse(&out);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(r#""status":"applied""#), "{body}");
-    tokio::time::timeout(Duration::from_secs(10), stopping)
-        .await
-        .expect("the server stops")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), stopping).await.expect("the server stops").unwrap();
 }
 
 #[tokio::test]
 async fn a_foreign_node_id_names_the_op() {
     let running = support::start().await;
     let a = HttpTransport::new(&running.endpoint()).unwrap();
-    let err = a
-        .exchange(&req(
-            "a",
-            None,
-            vec![put("a", "x", 1, 1), put("b", "y", 1, 1)],
-        ))
-        .await
-        .unwrap_err();
+    let err = a.exchange(&req("a", None, vec![put("a", "x", 1, 1), put("b", "y", 1, 1)])).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::ForeignNodeId));
-    assert!(matches!(
-        err,
-        tide_transport::Error::Status {
-            status: 400,
-            op: Some(1),
-            ..
-        }
-    ));
+    assert!(matches!(err, tide_transport::Error::Status { status: 400, op: Some(1), .. }));
 }
 
 #[tokio::test]
 async fn gzip_requests_and_responses() {
     use std::io::Write as _;
     let running = support::start().await;
-    let ops: Vec<Op> = (1..=50)
-        .map(|i| put("a", &format!("k{i}"), i, i64::try_from(i).unwrap()))
-        .collect();
+    let ops: Vec<Op> = (1..=50).map(|i| put("a", &format!("k{i}"), i, i64::try_from(i).unwrap())).collect();
     let body = serde_json::to_vec(&req("a", None, ops)).unwrap();
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(&body).unwrap();
@@ -307,11 +205,7 @@ async fn gzip_requests_and_responses() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body.matches(r#""status":"applied""#).count(), 50);
     // A client that accepts gzip gets a compressed page, which decodes.
-    let pull = HttpTransport::new(&running.endpoint())
-        .unwrap()
-        .exchange(&req("b", None, vec![]))
-        .await
-        .unwrap();
+    let pull = HttpTransport::new(&running.endpoint()).unwrap().exchange(&req("b", None, vec![])).await.unwrap();
     assert_eq!(pull.changes.len(), 50);
     let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
     let q = r#"{"node_id":"b"}"#;
@@ -321,12 +215,7 @@ async fn gzip_requests_and_responses() {
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     let mut out = Vec::new();
-    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut out)
-        .await
-        .unwrap();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut out).await.unwrap();
     let text = String::from_utf8_lossy(&out);
-    assert!(
-        text.to_ascii_lowercase().contains("content-encoding: gzip"),
-        "the page was compressed"
-    );
+    assert!(text.to_ascii_lowercase().contains("content-encoding: gzip"), "the page was compressed");
 }

@@ -19,14 +19,8 @@ pub(crate) fn spawn(args: &[&str]) -> (std::process::Child, String) {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let endpoint = line
-        .trim()
-        .strip_prefix("tide-server listening on ")
-        .expect("the ready line")
-        .to_owned();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let endpoint = line.trim().strip_prefix("tide-server listening on ").expect("the ready line").to_owned();
     (child, endpoint)
 }
 
@@ -38,29 +32,20 @@ async fn it_serves_and_stops_cleanly_on_sigterm() {
     let t = HttpTransport::new(&endpoint).unwrap();
     let resp = t.exchange(&SyncRequest::new("a", None)).await.unwrap();
     assert_eq!(resp.protocol, Some(1));
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
-    let exit = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::task::spawn_blocking(move || child.wait()),
-    )
-    .await
-    .expect("exits after SIGTERM")
-    .unwrap()
-    .unwrap();
+    let exit = tokio::time::timeout(Duration::from_secs(20), tokio::task::spawn_blocking(move || child.wait()))
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap()
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
     assert!(db.exists());
 }
 
 #[test]
 fn it_refuses_to_start_without_an_auth_choice() {
-    let out = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--db", "/nonexistent/never.db"])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["--listen", "127.0.0.1:0", "--db", "/nonexistent/never.db"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--no-auth"), "{err}");

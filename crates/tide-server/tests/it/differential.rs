@@ -29,9 +29,7 @@ fn random_request(rng: &mut Rng, cursors: &[u64]) -> SyncRequest {
     let cursor = match rng.below(4) {
         0 => None,
         1 => Some(Cursor(rng.below(40))),
-        _ => cursors
-            .get(rng.below(cursors.len().max(1) as u64) as usize)
-            .map(|c| Cursor(*c)),
+        _ => cursors.get(rng.below(cursors.len().max(1) as u64) as usize).map(|c| Cursor(*c)),
     };
     let mut req = SyncRequest::new(node, cursor);
     req.limit = (rng.below(3) > 0).then(|| 1 + rng.below(6) as u32);
@@ -40,18 +38,9 @@ fn random_request(rng: &mut Rng, cursors: &[u64]) -> SyncRequest {
         .map(|_| {
             let payload = match rng.below(4) {
                 0 => Payload::Delete,
-                _ => Payload::Put(
-                    json!({"v": rng.below(3), "s": "é\"\\"})
-                        .as_object()
-                        .cloned()
-                        .unwrap(),
-                ),
+                _ => Payload::Put(json!({"v": rng.below(3), "s": "é\"\\"}).as_object().cloned().unwrap()),
             };
-            let lamport = if rng.below(30) == 0 {
-                2_000_000_000
-            } else {
-                1 + rng.below(8)
-            };
+            let lamport = if rng.below(30) == 0 { 2_000_000_000 } else { 1 + rng.below(8) };
             let author = if rng.below(40) == 0 { "intruder" } else { node };
             Op {
                 collection: format!("c{}", rng.below(2)),
@@ -78,24 +67,12 @@ async fn call(server: &Server, token: &str, body: Vec<u8>) -> (u16, String) {
 
 async fn run(seed: u64) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
-    let limits = Limits {
-        changes_per_response_max: 4,
-        response_bytes_max: 400,
-        lamport_lead_max: 1_000,
-        ..Limits::default()
-    };
-    let backend = SqliteBackend::open(&dir.path().join("s.db"), Durability::Normal, limits.clone())
-        .await
-        .unwrap();
+    let limits =
+        Limits { changes_per_response_max: 4, response_bytes_max: 400, lamport_lead_max: 1_000, ..Limits::default() };
+    let backend = SqliteBackend::open(&dir.path().join("s.db"), Durability::Normal, limits.clone()).await.unwrap();
     let tokens = StaticTokens::new([("t1", "one"), ("t2", "two")]);
-    let server = Server::new(
-        backend,
-        Arc::new(tokens),
-        ServerConfig {
-            limits: limits.clone(),
-            ..ServerConfig::default()
-        },
-    );
+    let server =
+        Server::new(backend, Arc::new(tokens), ServerConfig { limits: limits.clone(), ..ServerConfig::default() });
     let mut models = [Model::new(limits.clone()), Model::new(limits)];
     let mut cursors = Vec::new();
     let mut rng = Rng(seed);
@@ -130,13 +107,8 @@ async fn the_sqlite_backend_answers_exactly_as_the_model() {
     };
     for &seed in &seeds {
         if let Err(e) = run(seed).await {
-            panic!(
-                "seed {seed}: {e}\nreplay: TIDE_SEED={seed} cargo test -p tide-server --test it differential"
-            );
+            panic!("seed {seed}: {e}\nreplay: TIDE_SEED={seed} cargo test -p tide-server --test it differential");
         }
     }
-    println!(
-        "differential: {} seeds × 120 requests matched the model",
-        seeds.len()
-    );
+    println!("differential: {} seeds × 120 requests matched the model", seeds.len());
 }

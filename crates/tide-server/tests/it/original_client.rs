@@ -41,41 +41,24 @@ asyncio.run(main(sys.argv[1]))
 #[tokio::test]
 async fn two_original_clients_converge_through_our_server() {
     let Ok(python) = std::env::var("TIDE_PYTHON") else {
-        eprintln!(
-            "SKIPPED: TIDE_PYTHON is not set; the original Python client was NOT tested against our server"
-        );
+        eprintln!("SKIPPED: TIDE_PYTHON is not set; the original Python client was NOT tested against our server");
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("server.db");
     let (mut child, endpoint) = spawn(&["--no-auth", "--db", db.to_str().unwrap()]);
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(python)
-            .args(["-c", SCRIPT, &endpoint])
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let out = tokio::task::spawn_blocking(move || Command::new(python).args(["-c", SCRIPT, &endpoint]).output())
+        .await
+        .unwrap()
+        .unwrap();
     let _ = child.kill();
     let _ = child.wait();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let states: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        states["a"], states["b"],
-        "the two original clients converged"
-    );
+    assert_eq!(states["a"], states["b"], "the two original clients converged");
     let docs = states["a"].as_array().unwrap();
     assert_eq!(docs.len(), 601, "n2 and 600 bulk documents; n1 is deleted");
     let n2 = docs.iter().find(|d| d[0] == "n2").unwrap();
-    assert_eq!(
-        n2[1],
-        serde_json::json!({"by": "b"}),
-        "the tie at lamport 2 goes to node id b"
-    );
+    assert_eq!(n2[1], serde_json::json!({"by": "b"}), "the tie at lamport 2 goes to node id b");
     assert!(docs.iter().all(|d| d[0] != "n1"));
 }

@@ -31,13 +31,8 @@ impl Running {
 
 pub(crate) async fn start_with(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let backend = SqliteBackend::open(
-        &dir.path().join("server.db"),
-        Durability::Normal,
-        config.limits.clone(),
-    )
-    .await
-    .unwrap();
+    let backend =
+        SqliteBackend::open(&dir.path().join("server.db"), Durability::Normal, config.limits.clone()).await.unwrap();
     let server = Server::new(backend, auth, config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -49,12 +44,7 @@ pub(crate) async fn start_with(config: ServerConfig, auth: Arc<dyn Authenticator
         })
         .await
     });
-    Running {
-        addr,
-        stop: Some(stop),
-        task: Some(task),
-        _dir: dir,
-    }
+    Running { addr, stop: Some(stop), task: Some(task), _dir: dir }
 }
 
 pub(crate) async fn start() -> Running {
@@ -62,10 +52,7 @@ pub(crate) async fn start() -> Running {
 }
 
 pub(crate) fn config(limits: Limits) -> ServerConfig {
-    ServerConfig {
-        limits,
-        ..ServerConfig::default()
-    }
+    ServerConfig { limits, ..ServerConfig::default() }
 }
 
 /// Sends raw bytes on a fresh connection and reads the whole response
@@ -83,15 +70,8 @@ pub(crate) async fn raw(addr: SocketAddr, bytes: &[u8]) -> (u16, String) {
 
 pub(crate) fn parse(out: &[u8]) -> (u16, String) {
     let text = String::from_utf8_lossy(out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 

@@ -7,13 +7,7 @@ use tide_store::{Error, OpenOptions, Store};
 use crate::{doc, temp_store};
 
 fn change(id: &str, lamport: u64, node: &str, payload: Payload, seq: u64) -> Change {
-    Change {
-        collection: "c".into(),
-        id: id.into(),
-        stamp: Stamp::new(lamport, node),
-        payload,
-        seq,
-    }
+    Change { collection: "c".into(), id: id.into(), stamp: Stamp::new(lamport, node), payload, seq }
 }
 
 fn put(n: i64) -> Payload {
@@ -22,154 +16,69 @@ fn put(n: i64) -> Payload {
 
 #[tokio::test]
 async fn a_page_applies_only_winning_changes_and_reports_them() {
-    let store = OpenOptions::new()
-        .node_id("me")
-        .open_in_memory()
-        .await
-        .unwrap();
+    let store = OpenOptions::new().node_id("me").open_in_memory().await.unwrap();
     let local = store.put("c", "mine", doc(json!({"n": 0}))).await.unwrap(); // (1, me)
     assert_eq!(local, Stamp::new(1, "me"));
     let page = vec![
-        change("new", 5, "b", put(1), 1),   // absent locally: applied
-        change("mine", 1, "a", put(2), 2),  // (1,a) < (1,me): loses
-        change("new", 4, "z", put(3), 3),   // older than (5,b) just applied: loses
-        change("mine", 1, "me", put(0), 4), // own echo, equal stamp: not applied
+        change("new", 5, "b", put(1), 1),           // absent locally: applied
+        change("mine", 1, "a", put(2), 2),          // (1,a) < (1,me): loses
+        change("new", 4, "z", put(3), 3),           // older than (5,b) just applied: loses
+        change("mine", 1, "me", put(0), 4),         // own echo, equal stamp: not applied
         change("tomb", 2, "b", Payload::Delete, 5), // a tombstone for an unknown id: applied
-        change("new", 6, "a", Payload::Delete, 6), // newer delete: applied
+        change("new", 6, "a", Payload::Delete, 6),  // newer delete: applied
     ];
     let applied = store.apply_page(page, Cursor(6)).await.unwrap();
     assert_eq!(applied.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 5, 6]);
-    assert_eq!(
-        store.get("c", "mine").await.unwrap(),
-        Some(doc(json!({"n": 0})))
-    );
+    assert_eq!(store.get("c", "mine").await.unwrap(), Some(doc(json!({"n": 0}))));
     assert_eq!(store.get("c", "new").await.unwrap(), None);
-    assert_eq!(
-        store.version("c", "new").await.unwrap().unwrap().stamp,
-        Stamp::new(6, "a")
-    );
-    assert_eq!(
-        store.version("c", "tomb").await.unwrap().unwrap().payload,
-        Payload::Delete
-    );
+    assert_eq!(store.version("c", "new").await.unwrap().unwrap().stamp, Stamp::new(6, "a"));
+    assert_eq!(store.version("c", "tomb").await.unwrap().unwrap().payload, Payload::Delete);
     assert_eq!(store.cursor().await.unwrap(), Some(Cursor(6)));
-    assert_eq!(
-        store.lamport().await.unwrap(),
-        6,
-        "the clock observed the page"
-    );
+    assert_eq!(store.lamport().await.unwrap(), 6, "the clock observed the page");
     let next = store.put("c", "after", doc(json!({}))).await.unwrap();
-    assert_eq!(
-        next.lamport, 7,
-        "the next local write beats everything seen"
-    );
-    assert_eq!(
-        store.pending_count().await.unwrap(),
-        2,
-        "applying a page never touches the outbox"
-    );
+    assert_eq!(next.lamport, 7, "the next local write beats everything seen");
+    assert_eq!(store.pending_count().await.unwrap(), 2, "applying a page never touches the outbox");
 }
 
 #[tokio::test]
 async fn a_page_is_idempotent() {
     let store = Store::open_in_memory().await.unwrap();
-    let page = vec![
-        change("a", 3, "x", put(1), 1),
-        change("b", 4, "x", Payload::Delete, 2),
-    ];
-    assert_eq!(
-        store
-            .apply_page(page.clone(), Cursor(2))
-            .await
-            .unwrap()
-            .len(),
-        2
-    );
-    assert!(
-        store.apply_page(page, Cursor(2)).await.unwrap().is_empty(),
-        "replaying changes nothing"
-    );
-    assert_eq!(
-        store.get("c", "a").await.unwrap(),
-        Some(doc(json!({"n": 1})))
-    );
+    let page = vec![change("a", 3, "x", put(1), 1), change("b", 4, "x", Payload::Delete, 2)];
+    assert_eq!(store.apply_page(page.clone(), Cursor(2)).await.unwrap().len(), 2);
+    assert!(store.apply_page(page, Cursor(2)).await.unwrap().is_empty(), "replaying changes nothing");
+    assert_eq!(store.get("c", "a").await.unwrap(), Some(doc(json!({"n": 1}))));
 }
 
 #[tokio::test]
 async fn a_wiped_store_takes_back_its_own_old_writes() {
     // The original client skipped every change with its own node id, so a
     // reinstalled device never got its data back (quirk 1).
-    let store = OpenOptions::new()
-        .node_id("me")
-        .open_in_memory()
-        .await
-        .unwrap();
-    let applied = store
-        .apply_page(vec![change("old", 9, "me", put(1), 1)], Cursor(1))
-        .await
-        .unwrap();
+    let store = OpenOptions::new().node_id("me").open_in_memory().await.unwrap();
+    let applied = store.apply_page(vec![change("old", 9, "me", put(1), 1)], Cursor(1)).await.unwrap();
     assert_eq!(applied.len(), 1);
-    assert_eq!(
-        store.get("c", "old").await.unwrap(),
-        Some(doc(json!({"n": 1})))
-    );
+    assert_eq!(store.get("c", "old").await.unwrap(), Some(doc(json!({"n": 1}))));
     assert!(store.put("c", "new", doc(json!({}))).await.unwrap().lamport > 9);
 }
 
 #[tokio::test]
 async fn a_bad_page_changes_nothing() {
     let store = Store::open_in_memory().await.unwrap();
-    store
-        .apply_page(vec![change("a", 1, "x", put(1), 1)], Cursor(1))
-        .await
-        .unwrap();
-    let poisoned = vec![
-        change("a", 2, "x", put(2), 2),
-        change("b", tide_core::LAMPORT_MAX + 1, "x", put(3), 3),
-    ];
-    assert!(matches!(
-        store.apply_page(poisoned, Cursor(3)).await,
-        Err(Error::Clock(_))
-    ));
-    let bad_name = vec![
-        change("a", 2, "x", put(2), 2),
-        Change {
-            collection: "a/b".into(),
-            ..change("b", 3, "x", put(3), 3)
-        },
-    ];
-    assert!(matches!(
-        store.apply_page(bad_name, Cursor(3)).await,
-        Err(Error::Invalid(_))
-    ));
-    assert_eq!(
-        store.get("c", "a").await.unwrap(),
-        Some(doc(json!({"n": 1})))
-    );
-    assert_eq!(
-        (
-            store.cursor().await.unwrap(),
-            store.lamport().await.unwrap()
-        ),
-        (Some(Cursor(1)), 1)
-    );
+    store.apply_page(vec![change("a", 1, "x", put(1), 1)], Cursor(1)).await.unwrap();
+    let poisoned = vec![change("a", 2, "x", put(2), 2), change("b", tide_core::LAMPORT_MAX + 1, "x", put(3), 3)];
+    assert!(matches!(store.apply_page(poisoned, Cursor(3)).await, Err(Error::Clock(_))));
+    let bad_name =
+        vec![change("a", 2, "x", put(2), 2), Change { collection: "a/b".into(), ..change("b", 3, "x", put(3), 3) }];
+    assert!(matches!(store.apply_page(bad_name, Cursor(3)).await, Err(Error::Invalid(_))));
+    assert_eq!(store.get("c", "a").await.unwrap(), Some(doc(json!({"n": 1}))));
+    assert_eq!((store.cursor().await.unwrap(), store.lamport().await.unwrap()), (Some(Cursor(1)), 1));
 }
 
 #[tokio::test]
 async fn cursor_and_documents_survive_a_reopen_together() {
     let (_dir, path, store) = temp_store(OpenOptions::new()).await;
     assert_eq!(store.cursor().await.unwrap(), None);
-    let page: Vec<_> = (0..500)
-        .map(|i| {
-            change(
-                &format!("k{i}"),
-                i + 1,
-                "x",
-                put(i64::try_from(i).unwrap()),
-                i + 1,
-            )
-        })
-        .collect();
+    let page: Vec<_> =
+        (0..500).map(|i| change(&format!("k{i}"), i + 1, "x", put(i64::try_from(i).unwrap()), i + 1)).collect();
     store.apply_page(page, Cursor(500)).await.unwrap();
     store.close().await;
     drop(store);

@@ -26,11 +26,7 @@ use crate::doc;
 #[derive(Debug, Serialize, Deserialize)]
 enum Event {
     /// A local write returned Ok: it must never be lost.
-    Acked {
-        collection: String,
-        id: String,
-        stamp: Stamp,
-    },
+    Acked { collection: String, id: String, stamp: Stamp },
     /// A sync request for the server.
     Request(SyncRequest),
     /// The child reached a named point.
@@ -56,11 +52,7 @@ async fn sync_until_idle(
         for (p, result) in pending.iter().zip(&resp.results) {
             match result {
                 tide_core::OpResult::Rejected { code, message } => {
-                    rejected.push(Rejection {
-                        seq: p.seq,
-                        code: *code,
-                        message: message.clone(),
-                    });
+                    rejected.push(Rejection { seq: p.seq, code: *code, message: message.clone() });
                 }
                 _ => acked.push(p.seq),
             }
@@ -82,16 +74,9 @@ async fn sync_until_idle(
 #[ignore = "the child process of the crash tests; they run it"]
 fn child() {
     let dir = std::env::var("TIDE_CRASH_DIR").expect("run by the crash tests");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let store = tide_store::OpenOptions::new()
-            .node_id("child")
-            .open(format!("{dir}/store.db"))
-            .await
-            .unwrap();
+        let store = tide_store::OpenOptions::new().node_id("child").open(format!("{dir}/store.db")).await.unwrap();
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().lines();
         let emit = |e: &Event| {
@@ -112,30 +97,14 @@ fn child() {
                     .collect();
                 let stamps = store.write(writes).await.unwrap();
                 for (k, stamp) in stamps.into_iter().enumerate() {
-                    emit(&Event::Acked {
-                        collection: "batch".into(),
-                        id: format!("b{k}"),
-                        stamp,
-                    });
+                    emit(&Event::Acked { collection: "batch".into(), id: format!("b{k}"), stamp });
                 }
             } else {
                 let id = format!("k{}", i % 20);
-                let payload = if i % 5 == 4 {
-                    Payload::Delete
-                } else {
-                    Payload::Put(doc(json!({"i": i})))
-                };
-                let write = Write {
-                    collection: "notes".into(),
-                    id: id.clone(),
-                    payload,
-                };
+                let payload = if i % 5 == 4 { Payload::Delete } else { Payload::Put(doc(json!({"i": i}))) };
+                let write = Write { collection: "notes".into(), id: id.clone(), payload };
                 let stamp = store.write(vec![write]).await.unwrap().remove(0);
-                emit(&Event::Acked {
-                    collection: "notes".into(),
-                    id,
-                    stamp,
-                });
+                emit(&Event::Acked { collection: "notes".into(), id, stamp });
             }
             if i % 3 == 2 {
                 sync_until_idle(
@@ -172,13 +141,7 @@ struct Run {
 
 fn spawn_child(dir: &std::path::Path) -> (Child, ChildStdin, BufReader<ChildStdout>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "crash::child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
+        .args(["--exact", "crash::child", "--ignored", "--nocapture", "--test-threads=1"])
         .env("TIDE_CRASH_DIR", dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -193,29 +156,18 @@ fn spawn_child(dir: &std::path::Path) -> (Child, ChildStdin, BufReader<ChildStdo
 /// Runs the child against `model` until the kill point, then kills it.
 fn run_until_killed(dir: &std::path::Path, model: Model, kill: KillAt) -> Run {
     let (mut child, mut stdin, stdout) = spawn_child(dir);
-    let mut run = Run {
-        model,
-        acked: Vec::new(),
-        exchanges: 0,
-    };
+    let mut run = Run { model, acked: Vec::new(), exchanges: 0 };
     let deadline = Instant::now() + Duration::from_mins(1);
     let mut events = 0;
     for line in stdout.lines() {
-        assert!(
-            Instant::now() < deadline,
-            "the child never reached {kill:?}"
-        );
+        assert!(Instant::now() < deadline, "the child never reached {kill:?}");
         let line = line.unwrap();
         let Some(json) = line.strip_prefix("TIDE ") else {
             continue;
         };
         events += 1;
         match serde_json::from_str(json).unwrap() {
-            Event::Acked {
-                collection,
-                id,
-                stamp,
-            } => run.acked.push((collection, id, stamp)),
+            Event::Acked { collection, id, stamp } => run.acked.push((collection, id, stamp)),
             Event::Request(req) => {
                 let resp = run.model.exchange(&req).unwrap();
                 run.exchanges += 1;
@@ -242,40 +194,20 @@ fn run_until_killed(dir: &std::path::Path, model: Model, kill: KillAt) -> Run {
 /// Reopens the store after the kill and checks every invariant, then syncs
 /// it to completion and compares it with the server.
 async fn check_after_crash(dir: &std::path::Path, run: &mut Run) {
-    let store = Store::open(dir.join("store.db"))
-        .await
-        .expect("the store reopens after SIGKILL");
+    let store = Store::open(dir.join("store.db")).await.expect("the store reopens after SIGKILL");
     store.check_integrity().await.unwrap();
 
     let pending = store.pending(100_000).await.unwrap();
     let mut stamps: Vec<&Stamp> = pending.iter().map(|p| &p.op.stamp).collect();
     stamps.sort();
     stamps.dedup();
-    assert_eq!(
-        stamps.len(),
-        pending.len(),
-        "an op is in the outbox at most once"
-    );
+    assert_eq!(stamps.len(), pending.len(), "an op is in the outbox at most once");
     for (collection, id, stamp) in &run.acked {
-        let local = store
-            .version(collection, id)
-            .await
-            .unwrap()
-            .expect("an acknowledged write is never lost");
-        assert!(
-            local.stamp >= *stamp,
-            "{collection}/{id}: local {:?} older than acknowledged {stamp:?}",
-            local.stamp
-        );
+        let local = store.version(collection, id).await.unwrap().expect("an acknowledged write is never lost");
+        assert!(local.stamp >= *stamp, "{collection}/{id}: local {:?} older than acknowledged {stamp:?}", local.stamp);
         let queued = pending.iter().any(|p| p.op.stamp == *stamp);
-        let on_server = run
-            .model
-            .row(collection, id)
-            .is_some_and(|r| r.stamp >= *stamp);
-        assert!(
-            queued || on_server,
-            "{collection}/{id} {stamp:?} is neither queued nor on the server"
-        );
+        let on_server = run.model.row(collection, id).is_some_and(|r| r.stamp >= *stamp);
+        assert!(queued || on_server, "{collection}/{id} {stamp:?} is neither queued nor on the server");
     }
     // An atomic batch is all there or not there at all.
     let batch = store.list("batch", None, 1000).await.unwrap();
@@ -288,23 +220,13 @@ async fn check_after_crash(dir: &std::path::Path, run: &mut Run) {
     if let Some(cursor) = store.cursor().await.unwrap() {
         for ((collection, id), row) in run.model.rows() {
             if row.seq <= cursor.seq() {
-                let local = store
-                    .version(collection, id)
-                    .await
-                    .unwrap()
-                    .expect("a change below the cursor is applied");
-                assert!(
-                    local.stamp >= row.stamp,
-                    "{collection}/{id} below the cursor but not applied"
-                );
+                let local = store.version(collection, id).await.unwrap().expect("a change below the cursor is applied");
+                assert!(local.stamp >= row.stamp, "{collection}/{id} below the cursor but not applied");
             }
         }
     }
     let lamport = store.lamport().await.unwrap();
-    assert!(
-        run.acked.iter().all(|(_, _, s)| s.lamport <= lamport),
-        "the clock never goes back"
-    );
+    assert!(run.acked.iter().all(|(_, _, s)| s.lamport <= lamport), "the clock never goes back");
 
     // Liveness: the next sync drains the outbox and converges.
     let model = &mut run.model;
@@ -312,20 +234,10 @@ async fn check_after_crash(dir: &std::path::Path, run: &mut Run) {
     assert_eq!(store.pending_count().await.unwrap(), 0);
     for ((collection, id), row) in run.model.rows() {
         let local = store.version(collection, id).await.unwrap().unwrap();
-        assert_eq!(
-            (&local.stamp, &local.payload),
-            (&row.stamp, &row.payload),
-            "{collection}/{id}"
-        );
+        assert_eq!((&local.stamp, &local.payload), (&row.stamp, &row.payload), "{collection}/{id}");
     }
-    let next = store
-        .put("notes", "after-crash", doc(json!({})))
-        .await
-        .unwrap();
-    assert!(
-        run.acked.iter().all(|(_, _, s)| next > *s),
-        "no counter reuse after the crash (C6)"
-    );
+    let next = store.put("notes", "after-crash", doc(json!({}))).await.unwrap();
+    assert!(run.acked.iter().all(|(_, _, s)| next > *s), "no counter reuse after the crash (C6)");
     store.close().await;
 }
 
@@ -355,14 +267,8 @@ fn busy_server() -> Model {
 fn crash_at(kill: KillAt) {
     let dir = tempfile::tempdir().unwrap();
     let mut run = run_until_killed(dir.path(), busy_server(), kill);
-    assert!(
-        !run.acked.is_empty() || matches!(kill, KillAt::Event(_)),
-        "the child wrote before {kill:?}"
-    );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    assert!(!run.acked.is_empty() || matches!(kill, KillAt::Event(_)), "the child wrote before {kill:?}");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(check_after_crash(dir.path(), &mut run));
 }
 

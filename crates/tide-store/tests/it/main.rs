@@ -18,9 +18,7 @@ pub(crate) fn doc(v: serde_json::Value) -> Doc {
 }
 
 /// A store in a fresh temporary directory, with the directory kept alive.
-pub(crate) async fn temp_store(
-    options: OpenOptions,
-) -> (tempfile::TempDir, std::path::PathBuf, Store) {
+pub(crate) async fn temp_store(options: OpenOptions) -> (tempfile::TempDir, std::path::PathBuf, Store) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
     let store = options.open(&path).await.unwrap();

@@ -13,16 +13,9 @@ use crate::{doc, temp_store};
 async fn put_get_delete_and_tombstones_are_never_documents() {
     let store = Store::open_in_memory().await.unwrap();
     let s1 = store.put("notes", "a", doc(json!({"t": 1}))).await.unwrap();
-    assert_eq!(
-        store.get("notes", "a").await.unwrap(),
-        Some(doc(json!({"t": 1})))
-    );
+    assert_eq!(store.get("notes", "a").await.unwrap(), Some(doc(json!({"t": 1}))));
     assert_eq!(store.get("notes", "missing").await.unwrap(), None);
-    assert_eq!(
-        store.get("other", "a").await.unwrap(),
-        None,
-        "collections are separate"
-    );
+    assert_eq!(store.get("other", "a").await.unwrap(), None, "collections are separate");
     let s2 = store.delete("notes", "a").await.unwrap();
     assert!(s2 > s1);
     assert_eq!(store.get("notes", "a").await.unwrap(), None);
@@ -32,10 +25,7 @@ async fn put_get_delete_and_tombstones_are_never_documents() {
     assert_eq!((v.stamp, v.payload), (s2, Payload::Delete));
     // Re-create after delete.
     store.put("notes", "a", doc(json!({"t": 2}))).await.unwrap();
-    assert_eq!(
-        store.get("notes", "a").await.unwrap(),
-        Some(doc(json!({"t": 2})))
-    );
+    assert_eq!(store.get("notes", "a").await.unwrap(), Some(doc(json!({"t": 2}))));
 }
 
 #[tokio::test]
@@ -47,21 +37,14 @@ async fn documents_keep_their_content_exactly() {
     store.put("c", "k", d.clone()).await.unwrap();
     let back = store.get("c", "k").await.unwrap().unwrap();
     assert_eq!(back, d);
-    assert_eq!(
-        back.keys().collect::<Vec<_>>(),
-        ["z", "a", "nested", "big"],
-        "key order kept"
-    );
+    assert_eq!(back.keys().collect::<Vec<_>>(), ["z", "a", "nested", "big"], "key order kept");
 }
 
 #[tokio::test]
 async fn list_pages_by_id_and_count_skips_tombstones() {
     let store = Store::open_in_memory().await.unwrap();
     for i in (0..25).rev() {
-        store
-            .put("c", &format!("id{i:02}"), doc(json!({"i": i})))
-            .await
-            .unwrap();
+        store.put("c", &format!("id{i:02}"), doc(json!({"i": i}))).await.unwrap();
     }
     store.delete("c", "id03").await.unwrap();
     store.put("d", "id00", doc(json!({}))).await.unwrap();
@@ -75,15 +58,9 @@ async fn list_pages_by_id_and_count_skips_tombstones() {
         }
         assert!(page.len() <= 10);
         after = Some(page.last().unwrap().0.clone());
-        seen.extend(
-            page.into_iter()
-                .map(|(id, d)| (id, d["i"].as_i64().unwrap())),
-        );
+        seen.extend(page.into_iter().map(|(id, d)| (id, d["i"].as_i64().unwrap())));
     }
-    let expected: Vec<_> = (0..25)
-        .filter(|i| *i != 3)
-        .map(|i| (format!("id{i:02}"), i))
-        .collect();
+    let expected: Vec<_> = (0..25).filter(|i| *i != 3).map(|i| (format!("id{i:02}"), i)).collect();
     assert_eq!(seen, expected);
 }
 
@@ -92,64 +69,28 @@ async fn bad_input_is_refused_with_a_specific_error_and_nothing_is_written() {
     let store = Store::open_in_memory().await.unwrap();
     for (collection, id) in [("", "x"), ("a/b", "x"), ("c", ""), ("c", "bad\nid")] {
         let err = store.put(collection, id, doc(json!({}))).await.unwrap_err();
-        assert!(
-            matches!(err, Error::Invalid(_)),
-            "{collection:?}/{id:?}: {err}"
-        );
+        assert!(matches!(err, Error::Invalid(_)), "{collection:?}/{id:?}: {err}");
     }
     let writes = vec![
-        Write {
-            collection: "c".into(),
-            id: "ok".into(),
-            payload: Payload::Put(doc(json!({}))),
-        },
-        Write {
-            collection: "c".into(),
-            id: String::new(),
-            payload: Payload::Delete,
-        },
+        Write { collection: "c".into(), id: "ok".into(), payload: Payload::Put(doc(json!({}))) },
+        Write { collection: "c".into(), id: String::new(), payload: Payload::Delete },
     ];
     assert!(matches!(store.write(writes).await, Err(Error::Invalid(_))));
-    assert_eq!(
-        (
-            store.pending_count().await.unwrap(),
-            store.count("c").await.unwrap()
-        ),
-        (0, 0)
-    );
+    assert_eq!((store.pending_count().await.unwrap(), store.count("c").await.unwrap()), (0, 0));
 }
 
 #[tokio::test]
 async fn several_writes_commit_atomically_with_increasing_stamps() {
     let store = Store::open_in_memory().await.unwrap();
     let writes = vec![
-        Write {
-            collection: "a".into(),
-            id: "1".into(),
-            payload: Payload::Put(doc(json!({"v": 1}))),
-        },
-        Write {
-            collection: "b".into(),
-            id: "2".into(),
-            payload: Payload::Put(doc(json!({"v": 2}))),
-        },
-        Write {
-            collection: "a".into(),
-            id: "1".into(),
-            payload: Payload::Delete,
-        },
+        Write { collection: "a".into(), id: "1".into(), payload: Payload::Put(doc(json!({"v": 1}))) },
+        Write { collection: "b".into(), id: "2".into(), payload: Payload::Put(doc(json!({"v": 2}))) },
+        Write { collection: "a".into(), id: "1".into(), payload: Payload::Delete },
     ];
     let stamps = store.write(writes).await.unwrap();
     assert!(stamps.windows(2).all(|w| w[0] < w[1]));
-    assert_eq!(
-        store.get("a", "1").await.unwrap(),
-        None,
-        "the last write to a key wins"
-    );
-    assert_eq!(
-        store.get("b", "2").await.unwrap(),
-        Some(doc(json!({"v": 2})))
-    );
+    assert_eq!(store.get("a", "1").await.unwrap(), None, "the last write to a key wins");
+    assert_eq!(store.get("b", "2").await.unwrap(), Some(doc(json!({"v": 2}))));
     assert_eq!(store.pending_count().await.unwrap(), 3);
 }
 
@@ -162,12 +103,7 @@ async fn concurrent_writers_get_unique_strictly_increasing_stamps() {
             tokio::spawn(async move {
                 let mut stamps = Vec::new();
                 for i in 0..40 {
-                    stamps.push(
-                        store
-                            .put("c", &format!("{t}-{i}"), doc(json!({"t": t})))
-                            .await
-                            .unwrap(),
-                    );
+                    stamps.push(store.put("c", &format!("{t}-{i}"), doc(json!({"t": t}))).await.unwrap());
                 }
                 stamps
             })
@@ -176,10 +112,7 @@ async fn concurrent_writers_get_unique_strictly_increasing_stamps() {
     let mut all = Vec::new();
     for task in tasks {
         let stamps = task.await.unwrap();
-        assert!(
-            stamps.windows(2).all(|w| w[0] < w[1]),
-            "each task sees its stamps increase"
-        );
+        assert!(stamps.windows(2).all(|w| w[0] < w[1]), "each task sees its stamps increase");
         all.extend(stamps);
     }
     let unique: BTreeSet<_> = all.iter().map(|s| s.lamport).collect();
@@ -187,21 +120,14 @@ async fn concurrent_writers_get_unique_strictly_increasing_stamps() {
     // The outbox holds them in commit order, which is stamp order.
     let pending = store.pending(10_000).await.unwrap();
     assert_eq!(pending.len(), 32 * 40);
-    assert!(
-        pending
-            .windows(2)
-            .all(|w| w[0].seq < w[1].seq && w[0].op.stamp < w[1].op.stamp)
-    );
+    assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq && w[0].op.stamp < w[1].op.stamp));
     assert_eq!(store.lamport().await.unwrap(), *unique.last().unwrap());
 }
 
 #[tokio::test]
 async fn every_connection_runs_with_the_asked_settings() {
     for (durability, sync) in [(Durability::Full, 2), (Durability::Normal, 1)] {
-        let options = OpenOptions::new()
-            .durability(durability)
-            .readers(3)
-            .busy_timeout(Duration::from_millis(1234));
+        let options = OpenOptions::new().durability(durability).readers(3).busy_timeout(Duration::from_millis(1234));
         let (_dir, _path, store) = temp_store(options).await;
         let settings = store.connection_settings().await.unwrap();
         assert_eq!(settings.len(), 4, "the writer and three readers");
@@ -213,15 +139,7 @@ async fn every_connection_runs_with_the_asked_settings() {
         }
     }
     let (_dir, _path, store) = temp_store(OpenOptions::new()).await;
-    assert!(
-        store
-            .connection_settings()
-            .await
-            .unwrap()
-            .iter()
-            .all(|s| s.synchronous == 2),
-        "FULL is the default"
-    );
+    assert!(store.connection_settings().await.unwrap().iter().all(|s| s.synchronous == 2), "FULL is the default");
 }
 
 #[tokio::test]
@@ -229,10 +147,7 @@ async fn the_bundled_sqlite_has_the_wal_reset_fix() {
     let store = Store::open_in_memory().await.unwrap();
     let version = store.sqlite_version().await.unwrap();
     let parts: Vec<u32> = version.split('.').map(|p| p.parse().unwrap()).collect();
-    assert!(
-        (parts[0], parts[1], parts[2]) >= (3, 51, 3),
-        "SQLite {version} predates 3.51.3"
-    );
+    assert!((parts[0], parts[1], parts[2]) >= (3, 51, 3), "SQLite {version} predates 3.51.3");
 }
 
 #[tokio::test]
@@ -246,11 +161,7 @@ async fn the_node_id_is_generated_once_and_kept() {
     assert_eq!(again.node_id(), id);
     again.close().await;
     drop(again);
-    let same = OpenOptions::new()
-        .node_id(id.clone())
-        .open(&path)
-        .await
-        .unwrap();
+    let same = OpenOptions::new().node_id(id.clone()).open(&path).await.unwrap();
     assert_eq!(same.node_id(), id);
     same.close().await;
     drop(same);
@@ -260,11 +171,7 @@ async fn the_node_id_is_generated_once_and_kept() {
         }
         other => panic!("expected a node id mismatch, got {other:?}"),
     }
-    let chosen = OpenOptions::new()
-        .node_id("my-node")
-        .open_in_memory()
-        .await
-        .unwrap();
+    let chosen = OpenOptions::new().node_id("my-node").open_in_memory().await.unwrap();
     assert_eq!(chosen.node_id(), "my-node");
 }
 
@@ -273,10 +180,7 @@ async fn the_clock_dominates_after_a_restart() {
     let (_dir, path, store) = temp_store(OpenOptions::new()).await;
     let mut last = Stamp::new(0, "");
     for i in 0..5 {
-        last = store
-            .put("c", &i.to_string(), doc(json!({})))
-            .await
-            .unwrap();
+        last = store.put("c", &i.to_string(), doc(json!({}))).await.unwrap();
     }
     store.close().await;
     drop(store);
@@ -291,8 +195,5 @@ async fn a_closed_store_refuses_writes() {
     let store = Store::open_in_memory().await.unwrap();
     let clone = store.clone();
     store.close().await;
-    assert!(matches!(
-        clone.put("c", "x", doc(json!({}))).await,
-        Err(Error::Closed)
-    ));
+    assert!(matches!(clone.put("c", "x", doc(json!({}))).await, Err(Error::Closed)));
 }

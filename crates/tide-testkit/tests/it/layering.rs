@@ -29,16 +29,8 @@ fn parse_rules(markdown: &str) -> Rules {
         .and_then(|rest| rest.split("```").next())
         .expect("ARCHITECTURE.md has a ```layering block");
     let mut rules = Rules::default();
-    for line in block
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let words = |s: &str| {
-            s.split_whitespace()
-                .map(str::to_owned)
-                .collect::<BTreeSet<_>>()
-        };
+    for line in block.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let words = |s: &str| s.split_whitespace().map(str::to_owned).collect::<BTreeSet<_>>();
         if let Some(rest) = line.strip_prefix("dev-only:") {
             rules.dev_only.extend(words(rest));
         } else if let Some((krate, deps)) = line.split_once("->") {
@@ -55,10 +47,8 @@ fn parse_rules(markdown: &str) -> Rules {
 /// Every violation of `rules` in the output of `cargo metadata --format-version 1`.
 fn violations(metadata: &Value, rules: &Rules) -> Vec<String> {
     let packages = metadata["packages"].as_array().expect("packages");
-    let name_of: BTreeMap<&str, &str> = packages
-        .iter()
-        .map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap()))
-        .collect();
+    let name_of: BTreeMap<&str, &str> =
+        packages.iter().map(|p| (p["id"].as_str().unwrap(), p["name"].as_str().unwrap())).collect();
     let members: BTreeSet<&str> = metadata["workspace_members"]
         .as_array()
         .expect("workspace_members")
@@ -67,18 +57,11 @@ fn violations(metadata: &Value, rules: &Rules) -> Vec<String> {
         .collect();
     // Edges of the resolved graph, by kind: normal (null) and build count, dev does not.
     let mut edges: BTreeMap<&str, Vec<(&str, bool)>> = BTreeMap::new();
-    for node in metadata["resolve"]["nodes"]
-        .as_array()
-        .expect("resolve.nodes")
-    {
+    for node in metadata["resolve"]["nodes"].as_array().expect("resolve.nodes") {
         let from = name_of[node["id"].as_str().unwrap()];
         for dep in node["deps"].as_array().unwrap() {
             let to = name_of[dep["pkg"].as_str().unwrap()];
-            let dev_only = dep["dep_kinds"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|k| k["kind"] == "dev");
+            let dev_only = dep["dep_kinds"].as_array().unwrap().iter().all(|k| k["kind"] == "dev");
             edges.entry(from).or_default().push((to, dev_only));
         }
     }
@@ -94,9 +77,7 @@ fn violations(metadata: &Value, rules: &Rules) -> Vec<String> {
                 continue;
             }
             if rules.dev_only.contains(to) && !dev_only {
-                out.push(format!(
-                    "{krate} -> {to}: {to} may only be a dev-dependency"
-                ));
+                out.push(format!("{krate} -> {to}: {to} may only be a dev-dependency"));
             } else if !dev_only && !allowed.contains(to) {
                 out.push(format!("{krate} -> {to}: not an allowed edge"));
             }
@@ -116,9 +97,7 @@ fn violations(metadata: &Value, rules: &Rules) -> Vec<String> {
         for to in seen {
             let base = to.split('-').next().unwrap_or(to);
             if banned.contains(to) || banned.contains(base) {
-                out.push(format!(
-                    "{krate} reaches {to}, which it must never depend on"
-                ));
+                out.push(format!("{krate} reaches {to}, which it must never depend on"));
             }
         }
     }
@@ -126,10 +105,7 @@ fn violations(metadata: &Value, rules: &Rules) -> Vec<String> {
 }
 
 fn workspace_root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().and_then(Path::parent).unwrap()
 }
 
 fn architecture_rules() -> Rules {
@@ -144,27 +120,18 @@ fn the_workspace_keeps_the_layering_of_architecture_md() {
         .current_dir(workspace_root())
         .output()
         .expect("cargo metadata runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let metadata: Value = serde_json::from_slice(&out.stdout).unwrap();
     let rules = architecture_rules();
     assert_eq!(rules.allowed.len(), 6, "one rule per crate: {rules:?}");
     assert!(rules.forbidden["tide-core"].contains("tokio"));
     let found = violations(&metadata, &rules);
-    assert!(
-        found.is_empty(),
-        "layering violations:\n{}",
-        found.join("\n")
-    );
+    assert!(found.is_empty(), "layering violations:\n{}", found.join("\n"));
 }
 
 #[test]
 fn the_checker_catches_forbidden_edges_in_a_fixture() {
-    let fixture: Value =
-        serde_json::from_str(include_str!("../fixtures/metadata-forbidden.json")).unwrap();
+    let fixture: Value = serde_json::from_str(include_str!("../fixtures/metadata-forbidden.json")).unwrap();
     let mut found = violations(&fixture, &architecture_rules());
     found.sort();
     assert_eq!(
@@ -179,9 +146,7 @@ fn the_checker_catches_forbidden_edges_in_a_fixture() {
 
 #[test]
 fn the_rules_parse_every_form() {
-    let rules = parse_rules(
-        "x\n```layering\n# comment\na ->\nb -> a\na !> tokio hyper\ndev-only: t\n```\n",
-    );
+    let rules = parse_rules("x\n```layering\n# comment\na ->\nb -> a\na !> tokio hyper\ndev-only: t\n```\n");
     assert_eq!(rules.allowed["a"].len(), 0);
     assert!(rules.allowed["b"].contains("a"));
     assert_eq!(rules.forbidden["a"].len(), 2);

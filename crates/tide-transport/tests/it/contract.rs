@@ -21,26 +21,17 @@ impl Harness {
         match self {
             Self::Fake(server) => Arc::new(server.connect(name)),
             Self::Http(server, tls) => Arc::new(
-                HttpTransport::builder(&server.endpoint(*tls))
-                    .add_root_certificates_pem(CA_PEM)
-                    .build()
-                    .unwrap(),
+                HttpTransport::builder(&server.endpoint(*tls)).add_root_certificates_pem(CA_PEM).build().unwrap(),
             ),
         }
     }
 }
 
 fn limits() -> Limits {
-    Limits {
-        changes_per_response_max: 10,
-        ..Limits::default()
-    }
+    Limits { changes_per_response_max: 10, ..Limits::default() }
 }
 
-#[expect(
-    clippy::unused_async,
-    reason = "the three harnesses share one shape for the macro"
-)]
+#[expect(clippy::unused_async, reason = "the three harnesses share one shape for the macro")]
 pub(crate) async fn fake() -> Harness {
     Harness::Fake(FakeServer::with_limits(limits()))
 }
@@ -73,49 +64,20 @@ async fn a_write_reaches_another_client(h: &Harness) {
     let (a, b) = (h.connect("a"), h.connect("b"));
     let mut del = put("a", "n1", 3, 0);
     del.payload = Payload::Delete;
-    let resp = a
-        .exchange(&request(
-            "a",
-            None,
-            vec![put("a", "n1", 1, 1), put("a", "n2", 2, 2), del],
-        ))
-        .await
-        .unwrap();
+    let resp = a.exchange(&request("a", None, vec![put("a", "n1", 1, 1), put("a", "n2", 2, 2), del])).await.unwrap();
     assert_eq!(
         resp.results,
-        [
-            OpResult::Applied { seq: 1 },
-            OpResult::Applied { seq: 2 },
-            OpResult::Applied { seq: 3 }
-        ]
+        [OpResult::Applied { seq: 1 }, OpResult::Applied { seq: 2 }, OpResult::Applied { seq: 3 }]
     );
     let resp = b.exchange(&request("b", None, vec![])).await.unwrap();
-    let got: Vec<_> = resp
-        .changes
-        .iter()
-        .map(|c| (c.id.as_str(), c.seq, c.payload.kind()))
-        .collect();
-    assert_eq!(
-        got,
-        [
-            ("n2", 2, tide_core::Kind::Put),
-            ("n1", 3, tide_core::Kind::Delete)
-        ]
-    );
+    let got: Vec<_> = resp.changes.iter().map(|c| (c.id.as_str(), c.seq, c.payload.kind())).collect();
+    assert_eq!(got, [("n2", 2, tide_core::Kind::Put), ("n1", 3, tide_core::Kind::Delete)]);
     assert_eq!((resp.cursor, resp.has_more), (Cursor(3), false));
 }
 
 async fn pages_are_followed_to_the_end(h: &Harness) {
     let (a, b) = (h.connect("a"), h.connect("b"));
-    a.exchange(&request(
-        "a",
-        None,
-        (1..=25)
-            .map(|i| put("a", &format!("k{i:02}"), i, 0))
-            .collect(),
-    ))
-    .await
-    .unwrap();
+    a.exchange(&request("a", None, (1..=25).map(|i| put("a", &format!("k{i:02}"), i, 0)).collect())).await.unwrap();
     let mut cursor = None;
     let mut seqs = Vec::new();
     for _ in 0..10 {
@@ -127,11 +89,7 @@ async fn pages_are_followed_to_the_end(h: &Harness) {
             break;
         }
     }
-    assert_eq!(
-        seqs,
-        (1..=25).collect::<Vec<_>>(),
-        "every change once, in seq order"
-    );
+    assert_eq!(seqs, (1..=25).collect::<Vec<_>>(), "every change once, in seq order");
 }
 
 async fn a_resent_request_changes_nothing(h: &Harness) {
@@ -140,69 +98,26 @@ async fn a_resent_request_changes_nothing(h: &Harness) {
     a.exchange(&req).await.unwrap();
     let again = a.exchange(&req).await.unwrap();
     assert_eq!(again.results, [OpResult::Duplicate, OpResult::Duplicate]);
-    let b = h
-        .connect("b")
-        .exchange(&request("b", None, vec![]))
-        .await
-        .unwrap();
+    let b = h.connect("b").exchange(&request("b", None, vec![])).await.unwrap();
     assert_eq!(b.cursor, Cursor(2), "no seq was spent on the duplicates");
 }
 
 async fn a_refusal_is_structured_and_applies_nothing(h: &Harness) {
     let a = h.connect("a");
-    let err = a
-        .exchange(&request(
-            "a",
-            None,
-            vec![put("a", "ok", 1, 1), put("mallory", "x", 1, 1)],
-        ))
-        .await
-        .unwrap_err();
+    let err = a.exchange(&request("a", None, vec![put("a", "ok", 1, 1), put("mallory", "x", 1, 1)])).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::ForeignNodeId), "{err}");
-    assert!(
-        matches!(
-            err,
-            tide_transport::Error::Status {
-                status: 400,
-                op: Some(1),
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, tide_transport::Error::Status { status: 400, op: Some(1), .. }), "{err}");
     assert!(!err.is_retryable());
-    let b = h
-        .connect("b")
-        .exchange(&request("b", None, vec![]))
-        .await
-        .unwrap();
+    let b = h.connect("b").exchange(&request("b", None, vec![])).await.unwrap();
     assert!(b.changes.is_empty(), "nothing applied");
 }
 
 async fn own_writes_are_not_echoed_past_the_start(h: &Harness) {
     let (a, b) = (h.connect("a"), h.connect("b"));
-    let first = a
-        .exchange(&request("a", None, vec![put("a", "mine", 1, 1)]))
-        .await
-        .unwrap();
-    b.exchange(&request("b", None, vec![put("b", "theirs", 1, 1)]))
-        .await
-        .unwrap();
-    let resp = a
-        .exchange(&request(
-            "a",
-            Some(first.cursor.seq()),
-            vec![put("a", "mine2", 2, 1)],
-        ))
-        .await
-        .unwrap();
-    assert_eq!(
-        resp.changes
-            .iter()
-            .map(|c| c.id.as_str())
-            .collect::<Vec<_>>(),
-        ["theirs"]
-    );
+    let first = a.exchange(&request("a", None, vec![put("a", "mine", 1, 1)])).await.unwrap();
+    b.exchange(&request("b", None, vec![put("b", "theirs", 1, 1)])).await.unwrap();
+    let resp = a.exchange(&request("a", Some(first.cursor.seq()), vec![put("a", "mine2", 2, 1)])).await.unwrap();
+    assert_eq!(resp.changes.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["theirs"]);
     assert_eq!(resp.cursor, Cursor(3));
 }
 

@@ -27,20 +27,10 @@ async fn fail_next_n_then_recover() {
     server.fail_next("a", 2);
     for _ in 0..2 {
         let err = a.exchange(&push("a", "x", 1)).await.unwrap_err();
-        assert!(
-            matches!(err, Error::Network { .. }) && err.is_retryable(),
-            "{err}"
-        );
+        assert!(matches!(err, Error::Network { .. }) && err.is_retryable(), "{err}");
     }
-    assert_eq!(
-        server.model().seq(),
-        0,
-        "dropped requests never reach the server"
-    );
-    assert_eq!(
-        a.exchange(&push("a", "x", 1)).await.unwrap().results,
-        [OpResult::Applied { seq: 1 }]
-    );
+    assert_eq!(server.model().seq(), 0, "dropped requests never reach the server");
+    assert_eq!(a.exchange(&push("a", "x", 1)).await.unwrap().results, [OpResult::Applied { seq: 1 }]);
 }
 
 #[tokio::test]
@@ -48,17 +38,9 @@ async fn a_response_lost_after_commit_makes_the_retry_a_duplicate() {
     let server = FakeServer::new();
     let a = server.connect("a");
     server.script("a", [Fault::LoseResponse]);
-    assert!(
-        a.exchange(&push("a", "x", 1))
-            .await
-            .unwrap_err()
-            .is_retryable()
-    );
+    assert!(a.exchange(&push("a", "x", 1)).await.unwrap_err().is_retryable());
     assert_eq!(server.model().seq(), 1, "the server committed");
-    assert_eq!(
-        a.exchange(&push("a", "x", 1)).await.unwrap().results,
-        [OpResult::Duplicate]
-    );
+    assert_eq!(a.exchange(&push("a", "x", 1)).await.unwrap().results, [OpResult::Duplicate]);
     assert_eq!(server.model().seq(), 1, "and nothing twice");
 }
 
@@ -68,11 +50,7 @@ async fn a_duplicated_request_applies_once() {
     let a = server.connect("a");
     server.script("a", [Fault::Duplicate]);
     let resp = a.exchange(&push("a", "x", 1)).await.unwrap();
-    assert_eq!(
-        resp.results,
-        [OpResult::Duplicate],
-        "the client sees the second delivery's answer"
-    );
+    assert_eq!(resp.results, [OpResult::Duplicate], "the client sees the second delivery's answer");
     assert_eq!(server.model().seq(), 1);
 }
 
@@ -92,10 +70,7 @@ async fn a_partition_cuts_one_client_until_healed() {
     let (a, b) = (server.connect("a"), server.connect("b"));
     server.partition("a");
     for _ in 0..3 {
-        assert!(matches!(
-            a.exchange(&push("a", "x", 1)).await,
-            Err(Error::Network { .. })
-        ));
+        assert!(matches!(a.exchange(&push("a", "x", 1)).await, Err(Error::Network { .. })));
     }
     b.exchange(&push("b", "y", 1)).await.unwrap();
     server.heal("a");
@@ -110,34 +85,18 @@ async fn chosen_statuses_with_retry_after() {
     server.script(
         "a",
         [
-            Fault::Status {
-                status: 500,
-                retry_after: None,
-            },
-            Fault::Status {
-                status: 503,
-                retry_after: Some(Duration::from_secs(3)),
-            },
-            Fault::Status {
-                status: 429,
-                retry_after: Some(Duration::from_secs(9)),
-            },
+            Fault::Status { status: 500, retry_after: None },
+            Fault::Status { status: 503, retry_after: Some(Duration::from_secs(3)) },
+            Fault::Status { status: 429, retry_after: Some(Duration::from_secs(9)) },
         ],
     );
     for (status, retry_after) in [(500, None), (503, Some(3)), (429, Some(9))] {
         let err = a.exchange(&push("a", "x", 1)).await.unwrap_err();
-        assert!(
-            matches!(err, Error::Status { status: s, .. } if s == status),
-            "{err}"
-        );
+        assert!(matches!(err, Error::Status { status: s, .. } if s == status), "{err}");
         assert!(err.is_retryable());
         assert_eq!(err.retry_after(), retry_after.map(Duration::from_secs));
     }
-    assert_eq!(
-        server.model().seq(),
-        0,
-        "an injected status touches nothing"
-    );
+    assert_eq!(server.model().seq(), 0, "an injected status touches nothing");
 }
 
 #[tokio::test]
@@ -156,17 +115,11 @@ async fn traffic_is_recorded() {
     let (a, b) = (server.connect("a"), server.connect("b"));
     server.script("a", [Fault::LoseResponse]);
     let _ = a.exchange(&push("a", "x", 1)).await;
-    b.exchange(&SyncRequest::new("b", Some(Cursor(0))))
-        .await
-        .unwrap();
+    b.exchange(&SyncRequest::new("b", Some(Cursor(0)))).await.unwrap();
     let traffic = server.traffic();
     assert_eq!(traffic.len(), 2);
     assert_eq!(
-        (
-            traffic[0].client.as_str(),
-            &traffic[0].fault,
-            traffic[0].committed
-        ),
+        (traffic[0].client.as_str(), &traffic[0].fault, traffic[0].committed),
         ("a", &Some(Fault::LoseResponse), true)
     );
     assert_eq!(traffic[0].request.ops[0].id, "x");
@@ -178,14 +131,8 @@ async fn traffic_is_recorded() {
 
 #[tokio::test]
 async fn seeded_chaos_is_reproducible() {
-    let rates = FaultRates {
-        drop: 20,
-        lose_response: 20,
-        duplicate: 10,
-        unavailable: 10,
-        rate_limited: 10,
-        garbage: 10,
-    };
+    let rates =
+        FaultRates { drop: 20, lose_response: 20, duplicate: 10, unavailable: 10, rate_limited: 10, garbage: 10 };
     let run = |seed| async move {
         let server = FakeServer::new();
         server.chaos(Some((seed, rates)));
@@ -193,18 +140,11 @@ async fn seeded_chaos_is_reproducible() {
         for i in 1..=40 {
             let _ = a.exchange(&push("a", &format!("k{i}"), i)).await;
         }
-        server
-            .traffic()
-            .into_iter()
-            .map(|e| e.fault)
-            .collect::<Vec<_>>()
+        server.traffic().into_iter().map(|e| e.fault).collect::<Vec<_>>()
     };
     let first = run(42).await;
     assert_eq!(first, run(42).await, "the same seed gives the same faults");
     assert_ne!(first, run(43).await);
     let faulted = first.iter().filter(|f| f.is_some()).count();
-    assert!(
-        (10..=40).contains(&faulted),
-        "about 80% of 40 exchanges are faulted: {faulted}"
-    );
+    assert!((10..=40).contains(&faulted), "about 80% of 40 exchanges are faulted: {faulted}");
 }

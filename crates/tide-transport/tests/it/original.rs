@@ -37,16 +37,10 @@ impl Drop for Original {
 
 pub(crate) async fn start_original() -> Option<Original> {
     let Ok(python) = std::env::var("TIDE_PYTHON") else {
-        eprintln!(
-            "SKIPPED: TIDE_PYTHON is not set; interop with the original Python tide 0.2.1 was NOT tested"
-        );
+        eprintln!("SKIPPED: TIDE_PYTHON is not set; interop with the original Python tide 0.2.1 was NOT tested");
         return None;
     };
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = std::env::temp_dir().join(format!("tide-original-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let script = format!(
@@ -61,16 +55,9 @@ pub(crate) async fn start_original() -> Option<Original> {
         .kill_on_drop(true)
         .spawn()
         .expect("TIDE_PYTHON runs");
-    let original = Original {
-        child,
-        _dir: tempfile_dir::Dir(dir),
-        port,
-    };
+    let original = Original { child, _dir: tempfile_dir::Dir(dir), port };
     for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
             return Some(original);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -105,21 +92,12 @@ async fn an_exchange_round_trips_with_the_original_server() {
     ];
     let resp = a.exchange(&req).await.unwrap();
     assert_eq!(resp.cursor, Cursor(2));
-    assert!(
-        resp.results.is_empty() && resp.protocol.is_none(),
-        "the original has no extensions"
-    );
+    assert!(resp.results.is_empty() && resp.protocol.is_none(), "the original has no extensions");
     assert_eq!(resp.changes.len(), 2, "the original echoes our own writes");
 
     let resp = b.exchange(&SyncRequest::new("node-b", None)).await.unwrap();
-    assert_eq!(
-        resp.changes[0].payload,
-        Payload::Put(doc(json!({"title": "from rust", "n": 1.5})))
-    );
-    assert_eq!(
-        (resp.changes[1].id.as_str(), &resp.changes[1].payload),
-        ("n2", &Payload::Delete)
-    );
+    assert_eq!(resp.changes[0].payload, Payload::Put(doc(json!({"title": "from rust", "n": 1.5}))));
+    assert_eq!((resp.changes[1].id.as_str(), &resp.changes[1].payload), ("n2", &Payload::Delete));
 
     // Our extensions (protocol, limit) are extra fields the original ignores.
     let mut ours = SyncRequest::new("node-b", Some(resp.cursor));

@@ -66,18 +66,14 @@ fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(include_bytes!("../fixtures/server.pem"))
-            .collect::<Result<_, _>>()
-            .unwrap();
+        CertificateDer::pem_slice_iter(include_bytes!("../fixtures/server.pem")).collect::<Result<_, _>>().unwrap();
     let key = PrivateKeyDer::from_pem_slice(include_bytes!("../fixtures/server-key.pem")).unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
     tokio_rustls::TlsAcceptor::from(Arc::new(config))
 }
 
@@ -88,11 +84,7 @@ pub(crate) async fn start(tls: bool, limits: Limits) -> TestServer {
     let model = Arc::new(Mutex::new(Model::new(limits)));
     let behaviour = Arc::new(Mutex::new(Behaviour::default()));
     let acceptor = tls.then(tls_acceptor);
-    let (conns, m, b) = (
-        Arc::clone(&connections),
-        Arc::clone(&model),
-        Arc::clone(&behaviour),
-    );
+    let (conns, m, b) = (Arc::clone(&connections), Arc::clone(&model), Arc::clone(&behaviour));
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -116,13 +108,7 @@ pub(crate) async fn start(tls: bool, limits: Limits) -> TestServer {
             });
         }
     });
-    TestServer {
-        addr,
-        connections,
-        model,
-        behaviour,
-        task,
-    }
+    TestServer { addr, connections, model, behaviour, task }
 }
 
 async fn handle(
@@ -132,31 +118,18 @@ async fn handle(
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
     let (parts, body) = req.into_parts();
     let mut body = body.collect().await.unwrap().to_bytes().to_vec();
-    let gzipped = parts
-        .headers
-        .get("content-encoding")
-        .is_some_and(|v| v == "gzip");
+    let gzipped = parts.headers.get("content-encoding").is_some_and(|v| v == "gzip");
     if gzipped {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&body[..])
-            .read_to_end(&mut out)
-            .unwrap();
+        flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut out).unwrap();
         body = out;
     }
-    let accepts_gzip = parts
-        .headers
-        .get("accept-encoding")
-        .is_some_and(|v| v.to_str().unwrap().contains("gzip"));
+    let accepts_gzip = parts.headers.get("accept-encoding").is_some_and(|v| v.to_str().unwrap().contains("gzip"));
     let (delay, status, raw, advertise) = {
         let mut b = behaviour.lock().unwrap();
         b.last_headers = Some(parts.headers.clone());
         b.last_gzipped = gzipped;
-        (
-            b.delay,
-            b.status.clone(),
-            b.raw_body.clone(),
-            b.advertise_gzip,
-        )
+        (b.delay, b.status.clone(), b.raw_body.clone(), b.advertise_gzip)
     };
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
@@ -169,10 +142,7 @@ async fn handle(
         if let Some(s) = retry_after {
             resp = resp.header("retry-after", s.to_string());
         }
-        return Ok(resp
-            .status(status)
-            .body(Full::new(Bytes::from(text)))
-            .unwrap());
+        return Ok(resp.status(status).body(Full::new(Bytes::from(text))).unwrap());
     }
     if let Some(raw) = raw {
         return Ok(resp.body(Full::new(Bytes::from(raw))).unwrap());
@@ -193,8 +163,5 @@ async fn handle(
         resp = resp.header("content-encoding", "gzip");
     }
     behaviour.lock().unwrap().last_response_gzipped = compress;
-    Ok(resp
-        .status(status)
-        .body(Full::new(Bytes::from(out)))
-        .unwrap())
+    Ok(resp.status(status).body(Full::new(Bytes::from(out))).unwrap())
 }

@@ -311,7 +311,7 @@ impl State {
         let keys: Vec<(&str, &str)> = changes.iter().map(|c| (c.collection.as_str(), c.id.as_str())).collect();
         let stored: String = sqlx::query_scalar(
             "SELECT json_group_array(json_array(j.key, d.lamport, d.node_id)) \
-             FROM json_each(?1) AS j JOIN tide_docs AS d ON d.collection = j.value->>0 AND d.id = j.value->>1",
+             FROM json_each(?1) AS j CROSS JOIN tide_docs AS d ON d.collection = j.value->>0 AND d.id = j.value->>1",
         )
         .bind(serde_json::to_string(&keys).expect("keys serialize"))
         .fetch_one(&mut *tx)
@@ -388,7 +388,7 @@ impl State {
             sqlx::query(
                 "INSERT OR REPLACE INTO tide_rejected (seq, collection, id, kind, doc, lamport, node_id, code, message) \
                  SELECT o.seq, o.collection, o.id, o.kind, o.doc, o.lamport, o.node_id, r.value->>1, r.value->>2 \
-                 FROM json_each(?1) AS r JOIN tide_outbox AS o ON o.seq = r.value->>0",
+                 FROM json_each(?1) AS r CROSS JOIN tide_outbox AS o ON o.seq = r.value->>0",
             )
             .bind(serde_json::to_string(&rows).expect("rows serialize"))
             .execute(&mut *tx)

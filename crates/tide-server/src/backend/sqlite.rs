@@ -146,7 +146,7 @@ impl SqliteBackend {
         let keys: Vec<(&str, &str)> = req.ops.iter().map(|o| (o.collection.as_str(), o.id.as_str())).collect();
         let stored: String = sqlx::query_scalar(
             "SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.doc, r.seq)) \
-             FROM json_each(?2) AS j JOIN tide_rows AS r \
+             FROM json_each(?2) AS j CROSS JOIN tide_rows AS r \
              ON r.namespace = ?1 AND r.collection = j.value->>0 AND r.id = j.value->>1",
         )
         .bind(ns.as_str())

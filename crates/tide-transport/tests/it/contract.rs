@@ -14,6 +14,20 @@ use crate::server::{self, CA_PEM, TestServer};
 pub(crate) enum Harness {
     Fake(FakeServer),
     Http(TestServer, bool),
+    /// The product server, tide-server, on SQLite in a temp dir.
+    TideServer {
+        endpoint: String,
+        task: tokio::task::JoinHandle<std::io::Result<()>>,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Self::TideServer { task, .. } = self {
+            task.abort();
+        }
+    }
 }
 
 impl Harness {
@@ -23,6 +37,7 @@ impl Harness {
             Self::Http(server, tls) => Arc::new(
                 HttpTransport::builder(&server.endpoint(*tls)).add_root_certificates_pem(CA_PEM).build().unwrap(),
             ),
+            Self::TideServer { endpoint, .. } => Arc::new(HttpTransport::new(endpoint).unwrap()),
         }
     }
 }
@@ -38,6 +53,19 @@ pub(crate) async fn fake() -> Harness {
 
 pub(crate) async fn http() -> Harness {
     Harness::Http(server::start(false, limits()).await, false)
+}
+
+pub(crate) async fn tide_server() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = tide_server::SqliteBackend::open(&dir.path().join("s.db"), tide_server::Durability::Normal, limits())
+        .await
+        .unwrap();
+    let config = tide_server::ServerConfig { limits: limits(), ..tide_server::ServerConfig::default() };
+    let server = tide_server::Server::new(backend, Arc::new(tide_server::NoAuth::new("test")), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    Harness::TideServer { endpoint, task, _dir: dir }
 }
 
 pub(crate) async fn https() -> Harness {
@@ -126,6 +154,7 @@ macro_rules! contract {
         mod over_fake { $( #[tokio::test] async fn $test() { super::$test(&super::fake().await).await } )* }
         mod over_http { $( #[tokio::test] async fn $test() { super::$test(&super::http().await).await } )* }
         mod over_https { $( #[tokio::test] async fn $test() { super::$test(&super::https().await).await } )* }
+        mod over_tide_server { $( #[tokio::test] async fn $test() { super::$test(&super::tide_server().await).await } )* }
     };
 }
 

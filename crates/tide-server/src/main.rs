@@ -31,7 +31,8 @@ struct Args {
     /// Serve everyone in one namespace without authentication (local use only).
     #[arg(long, env = "TIDE_SERVER_NO_AUTH", conflicts_with_all = ["tokens_file", "tokens"])]
     no_auth: bool,
-    /// The namespace of --no-auth mode.
+    /// The namespace of --no-auth mode, and of the token generated when no
+    /// authentication is configured.
     #[arg(long, env = "TIDE_SERVER_NAMESPACE", default_value = "default")]
     namespace: String,
     /// File of bearer tokens: one `TOKEN NAMESPACE [PRINCIPAL]` per line.
@@ -92,7 +93,15 @@ fn authenticator(args: &Args) -> Result<Arc<dyn Authenticator>, String> {
         (Some(path), _) => StaticTokens::from_file(path).map_err(|e| e.to_string())?,
         (None, Some(list)) => StaticTokens::parse_list(list).map_err(|e| e.to_string())?,
         (None, None) => {
-            return Err("no authentication configured: pass --tokens-file, --tokens, or --no-auth for local use".into());
+            // Secure by default, yet running with no set-up: a fresh random
+            // token for the one namespace, shown once.
+            let token = format!("{}{}", ulid::Ulid::generate(), ulid::Ulid::generate()).to_ascii_lowercase();
+            eprintln!(
+                "tide-server: no --tokens-file, --tokens or --no-auth given; clients of namespace {:?} \
+                 authenticate with:\n  authorization: Bearer {token}",
+                args.namespace
+            );
+            StaticTokens::new([(token, args.namespace.clone())])
         }
     };
     if tokens.is_empty() {

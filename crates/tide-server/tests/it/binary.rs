@@ -43,12 +43,45 @@ async fn it_serves_and_stops_cleanly_on_sigterm() {
     assert!(db.exists());
 }
 
+#[tokio::test]
+async fn with_no_set_up_it_runs_behind_a_generated_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--db", db.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let endpoint = line.trim().strip_prefix("tide-server listening on ").unwrap().to_owned();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let token = loop {
+        let mut l = String::new();
+        assert!(stderr.read_line(&mut l).unwrap() > 0, "the token is printed");
+        if let Some(t) = l.trim().strip_prefix("authorization: Bearer ") {
+            break t.to_owned();
+        }
+    };
+    let anonymous = HttpTransport::new(&endpoint).unwrap().exchange(&SyncRequest::new("a", None)).await.unwrap_err();
+    assert_eq!(anonymous.code(), Some(tide_core::ErrorCode::Unauthorized));
+    let authed = HttpTransport::builder(&endpoint).header("authorization", format!("Bearer {token}")).build().unwrap();
+    authed.exchange(&SyncRequest::new("a", None)).await.unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 #[test]
-fn it_refuses_to_start_without_an_auth_choice() {
-    let out = Command::new(BIN).args(["--listen", "127.0.0.1:0", "--db", "/nonexistent/never.db"]).output().unwrap();
+fn a_bad_token_file_stops_it_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, "only-one-word\n").unwrap();
+    let out =
+        Command::new(BIN).args(["--listen", "127.0.0.1:0", "--tokens-file", file.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--no-auth"), "{err}");
+    assert!(err.contains("line 1") && err.contains("TOKEN NAMESPACE"), "{err}");
 }
 
 #[test]

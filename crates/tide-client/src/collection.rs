@@ -1,0 +1,116 @@
+//! Typed collections: documents of one serde type under one name.
+
+use std::marker::PhantomData;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tide_core::{Payload, Stamp};
+use tide_store::Write;
+
+use crate::error::{Error, Result};
+use crate::tide::{Tide, store, to_doc};
+use crate::watch::{Filter, Watch};
+
+/// Default page size of [`Collection::list`].
+pub const LIST_LIMIT_DEFAULT: usize = 100;
+
+/// The documents of one collection, as values of `T`.
+pub struct Collection<T> {
+    tide: Tide,
+    name: String,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Collection<T> {
+    fn clone(&self) -> Self {
+        Self { tide: self.tide.clone(), name: self.name.clone(), _type: PhantomData }
+    }
+}
+
+impl<T> std::fmt::Debug for Collection<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Collection").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl<T> Collection<T> {
+    pub(crate) fn new(tide: Tide, name: &str) -> Self {
+        Self { tide, name: name.to_owned(), _type: PhantomData }
+    }
+
+    /// The collection's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Deletes a document (a tombstone syncs, so the delete reaches every replica).
+    ///
+    /// # Errors
+    /// An invalid id or a store failure.
+    pub async fn delete(&self, id: &str) -> Result<Stamp> {
+        let write = Write { collection: self.name.clone(), id: id.into(), payload: Payload::Delete };
+        Ok(self.tide.inner().write(vec![write]).await?.remove(0))
+    }
+
+    /// How many live documents the collection holds.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn count(&self) -> Result<u64> {
+        Ok(store(&self.tide).count(&self.name).await?)
+    }
+
+    /// Changes to this collection from now on.
+    pub fn watch(&self) -> Watch {
+        self.tide.watch_filtered(Filter::Collection(self.name.clone()))
+    }
+
+    /// Changes to one document from now on.
+    pub fn watch_doc(&self, id: &str) -> Watch {
+        self.tide.watch_filtered(Filter::Document(self.name.clone(), id.to_owned()))
+    }
+}
+
+impl<T: Serialize> Collection<T> {
+    /// Puts a whole document (insert or replace).
+    ///
+    /// # Errors
+    /// [`Error::Encode`] if `value` is not a JSON object; an invalid id or
+    /// document; a store failure.
+    pub async fn put(&self, id: &str, value: &T) -> Result<Stamp> {
+        let doc = to_doc(&self.name, id, value)?;
+        let write = Write { collection: self.name.clone(), id: id.into(), payload: Payload::Put(doc) };
+        Ok(self.tide.inner().write(vec![write]).await?.remove(0))
+    }
+}
+
+impl<T: DeserializeOwned> Collection<T> {
+    fn decode(&self, id: &str, doc: tide_core::Doc) -> Result<T> {
+        serde_json::from_value(serde_json::Value::Object(doc)).map_err(|source| Error::Decode {
+            collection: self.name.clone(),
+            id: id.into(),
+            source,
+        })
+    }
+
+    /// The document `id`, or `None` if absent or deleted.
+    ///
+    /// # Errors
+    /// [`Error::Decode`] if it does not fit `T`; a store failure.
+    pub async fn get(&self, id: &str) -> Result<Option<T>> {
+        match store(&self.tide).get(&self.name, id).await? {
+            Some(doc) => Ok(Some(self.decode(id, doc)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Live documents ordered by id: at most `limit` after the id `after`
+    /// (pass the last id of one page to get the next).
+    ///
+    /// # Errors
+    /// [`Error::Decode`] if one does not fit `T`; a store failure.
+    pub async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, T)>> {
+        let rows = store(&self.tide).list(&self.name, after, limit).await?;
+        rows.into_iter().map(|(id, doc)| Ok((id.clone(), self.decode(&id, doc)?))).collect()
+    }
+}

@@ -1,0 +1,205 @@
+//! Syncing: one exchange loop (`sync_once`) and the background task that
+//! runs it on local writes, on a timer, and with backoff after failures.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tide_core::{Cursor, OpResult, SyncRequest};
+use tide_store::Rejection;
+use tokio::sync::watch;
+
+use crate::error::{Error, Result};
+use crate::tide::Inner;
+use crate::watch::{ChangeEvent, Source};
+
+/// Most ops pushed in one exchange (the original pushed at most 500).
+pub const PUSH_BATCH_OPS_MAX: usize = 500;
+/// Most changes asked for in one exchange (the server may send fewer).
+pub const PULL_PAGE_CHANGES_MAX: u32 = 1_000;
+/// Most exchanges one `sync_once` makes before returning (it resumes on
+/// the next call); bounds a sync against a server that always has more.
+pub const SYNC_EXCHANGES_MAX: usize = 10_000;
+/// First delay after a failed background sync; it doubles per failure.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// Longest delay between background retries.
+pub const BACKOFF_MAX: Duration = Duration::from_mins(1);
+
+/// What one [`crate::Tide::sync_once`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Exchanges made.
+    pub exchanges: usize,
+    /// Ops sent.
+    pub pushed: usize,
+    /// Ops the server acknowledged (applied, duplicate or superseded).
+    pub acknowledged: usize,
+    /// Ops the server rejected, now in the rejected set.
+    pub rejected: usize,
+    /// Changes received.
+    pub pulled: usize,
+    /// Changes that replaced local state (and were sent to watchers).
+    pub applied: usize,
+}
+
+/// The sync state an application can show.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// Ops waiting in the outbox.
+    pub pending: u64,
+    /// Ops the server rejected, waiting for the application to retry or discard them.
+    pub rejected: u64,
+    /// When the last sync completed.
+    pub last_success: Option<SystemTime>,
+    /// The last sync error, cleared by the next success.
+    pub last_error: Option<String>,
+    /// Whether the server answered the last exchange (`None` before any).
+    pub reachable: Option<bool>,
+    /// Whether an exchange is running now.
+    pub syncing: bool,
+}
+
+impl Inner {
+    /// Pushes the outbox in batches and pulls until caught up.
+    pub(crate) async fn sync_once(&self) -> Result<SyncReport> {
+        let transport = self.transport.as_ref().ok_or(Error::NoTransport)?;
+        let _one_at_a_time = self.sync_lock.lock().await;
+        self.status.send_modify(|s| s.syncing = true);
+        let result = self.exchanges(transport.as_ref()).await;
+        let (pending, rejected) = (self.store.pending_count().await, self.store.rejected().await);
+        self.status.send_modify(|s| {
+            s.syncing = false;
+            if let Ok(n) = pending {
+                s.pending = n;
+            }
+            if let Ok(r) = &rejected {
+                s.rejected = r.len() as u64;
+            }
+            match &result {
+                Ok(_) => {
+                    s.last_success = Some(SystemTime::now());
+                    s.last_error = None;
+                    s.reachable = Some(true);
+                }
+                Err(e) => {
+                    s.last_error = Some(e.to_string());
+                    if let Error::Transport(t) = e {
+                        s.reachable = Some(matches!(t, tide_transport::Error::Status { .. }));
+                    }
+                }
+            }
+        });
+        result
+    }
+
+    async fn exchanges(&self, transport: &dyn tide_transport::Transport) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        while report.exchanges < SYNC_EXCHANGES_MAX {
+            let pending = self.store.pending(PUSH_BATCH_OPS_MAX).await?;
+            let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
+            req.ops = pending.iter().map(|p| p.op.clone()).collect();
+            req.limit = Some(PULL_PAGE_CHANGES_MAX);
+            report.exchanges += 1;
+            let resp = match transport.exchange(&req).await {
+                Ok(resp) => resp,
+                // The server refused the request because of one op: set that
+                // op aside, so it never blocks the queue, and go on.
+                Err(tide_transport::Error::Status { code: Some(code), message, op: Some(i), .. })
+                    if !code.is_retryable() && i < pending.len() =>
+                {
+                    self.store.settle(Vec::new(), vec![Rejection { seq: pending[i].seq, code, message }]).await?;
+                    report.rejected += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            report.pushed += pending.len();
+            let (mut acked, mut rejected) = (Vec::new(), Vec::new());
+            if resp.results.is_empty() {
+                // A version-0 server: a 200 acknowledges every op (PROTOCOL.md §9).
+                acked.extend(pending.iter().map(|p| p.seq));
+            }
+            for (p, result) in pending.iter().zip(&resp.results) {
+                match result {
+                    OpResult::Rejected { code, message } => {
+                        tracing::warn!(collection = %p.op.collection, id = %p.op.id, %code, "op rejected by the server");
+                        rejected.push(Rejection { seq: p.seq, code: *code, message: message.clone() });
+                    }
+                    _ => acked.push(p.seq),
+                }
+            }
+            report.acknowledged += acked.len();
+            report.rejected += rejected.len();
+            self.store.settle(acked, rejected).await?;
+            report.pulled += resp.changes.len();
+            let cursor = resp.cursor.max(if resp.reset { Cursor::START } else { req.cursor.unwrap_or_default() });
+            let applied = self.store.apply_page(resp.changes, cursor).await?;
+            report.applied += applied.len();
+            for c in applied {
+                let doc = c.payload.doc().cloned();
+                self.hub.emit(&ChangeEvent {
+                    collection: c.collection,
+                    id: c.id,
+                    doc,
+                    source: Source::Remote,
+                    stamp: c.stamp,
+                });
+            }
+            // A short batch was the whole outbox as it stood; writes made
+            // since then wake the next sync.
+            if pending.len() < PUSH_BATCH_OPS_MAX && !resp.has_more {
+                break;
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// The delay before the next retry after `failures` failures in a row:
+/// exponential from [`BACKOFF_BASE`] up to [`BACKOFF_MAX`], with full
+/// jitter in its upper half, and never shorter than the server's
+/// `Retry-After`.
+pub(crate) fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1 << failures.min(16)).min(BACKOFF_MAX);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u32(failures);
+    let per_mille = u32::try_from(h.finish() % 1_000).expect("below 1,000");
+    let jitter = exp / 2 * per_mille / 1_000;
+    (exp / 2 + jitter).max(retry_after.unwrap_or_default())
+}
+
+/// Runs background syncs until `stop` says so: at once, then on every local
+/// write, every `interval`, and after failures by [`backoff`].
+pub(crate) async fn run_forever(inner: Arc<Inner>, interval: Duration, mut stop: watch::Receiver<bool>) {
+    let mut failures = 0u32;
+    let mut delay = Duration::ZERO;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return,
+            // After a failure only the backoff timer retries: local writes
+            // queue up without hammering a server that is down.
+            () = inner.wake.notified(), if failures == 0 => {}
+            () = tokio::time::sleep(delay) => {}
+        }
+        if *stop.borrow() || inner.closed() {
+            return;
+        }
+        match inner.sync_once().await {
+            Ok(_) => {
+                failures = 0;
+                delay = interval;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let retry_after = match &e {
+                    Error::Transport(t) => t.retry_after(),
+                    _ => None,
+                };
+                delay = backoff(failures, retry_after);
+                tracing::warn!(error = %e, failures, retry_in = ?delay, "background sync failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,397 @@
+//! `Tide`: the handle an application holds, and how it is opened.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tide_core::{Doc, Payload, Stamp};
+use tide_store::{Durability, OpenOptions, RejectedOp, Store, Write};
+use tide_transport::{Headers, HttpTransport, Transport};
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::collection::Collection;
+use crate::error::{Error, Result};
+use crate::sync::{SyncReport, SyncStatus, run_forever};
+use crate::watch::{ChangeEvent, Filter, Hub, Source, Watch};
+
+/// How many changes a watcher may fall behind before it is told it lagged.
+pub const WATCH_BUFFER_CHANGES: usize = 1_024;
+
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) transport: Option<Arc<dyn Transport>>,
+    pub(crate) hub: Hub,
+    pub(crate) status: watch::Sender<SyncStatus>,
+    pub(crate) wake: Notify,
+    pub(crate) sync_lock: Mutex<()>,
+    closed: AtomicBool,
+    stop: watch::Sender<bool>,
+    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Inner {
+    pub(crate) fn closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn write(&self, writes: Vec<Write>) -> Result<Vec<Stamp>> {
+        if self.closed() {
+            return Err(Error::Closed);
+        }
+        let stamps = self.store.write(writes.clone()).await?;
+        for (w, stamp) in writes.into_iter().zip(&stamps) {
+            let doc = w.payload.doc().cloned();
+            self.hub.emit(&ChangeEvent {
+                collection: w.collection,
+                id: w.id,
+                doc,
+                source: Source::Local,
+                stamp: stamp.clone(),
+            });
+        }
+        self.status.send_modify(|s| s.pending += stamps.len() as u64);
+        // Wakes the background sync, even if it is in the middle of an
+        // exchange: the permit is kept until it next waits.
+        self.wake.notify_one();
+        Ok(stamps)
+    }
+}
+
+/// Stops the background syncs when the application drops its last handle.
+struct LastHandle(Arc<Inner>);
+
+impl Drop for LastHandle {
+    fn drop(&mut self) {
+        let _ = self.0.stop.send(true);
+    }
+}
+
+/// A local-first store that syncs: typed collections, watch streams, and
+/// sync with a server. Cheap to clone; clones share everything. Dropping
+/// the last clone stops its background syncs; [`Tide::close`] also waits
+/// for them and closes the store.
+#[derive(Clone)]
+pub struct Tide {
+    inner: Arc<Inner>,
+    _last: Arc<LastHandle>,
+}
+
+impl std::fmt::Debug for Tide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tide").field("node_id", &self.node_id()).finish_non_exhaustive()
+    }
+}
+
+/// How to open a [`Tide`].
+#[must_use]
+pub struct TideBuilder {
+    path: Option<PathBuf>,
+    endpoint: Option<String>,
+    transport: Option<Arc<dyn Transport>>,
+    headers: Headers,
+    store: OpenOptions,
+}
+
+impl std::fmt::Debug for TideBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TideBuilder")
+            .field("path", &self.path)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TideBuilder {
+    /// The SQLite file to keep the data in (created if missing). Without
+    /// it the data lives in memory and is gone when the Tide closes.
+    pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.path = Some(path.into());
+        self
+    }
+
+    /// Sync with the server at `endpoint` (for example
+    /// `https://example.com/sync`) over HTTP(S).
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Sync through any transport (the fake, or your own) instead of an endpoint.
+    pub fn transport(mut self, transport: Arc<dyn Transport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// Headers for every request to the endpoint: static, or a provider
+    /// asked before every exchange (for short-lived tokens).
+    pub fn headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// The node id for a new store (default: a fresh ULID). A store keeps
+    /// its node id; opening it with another is an error.
+    pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
+        self.store = self.store.node_id(node_id);
+        self
+    }
+
+    /// Commit durability (default [`Durability::Full`]: a write that
+    /// returned survives power loss).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.store = self.store.durability(durability);
+        self
+    }
+
+    /// Opens the store and, if a transport or endpoint was given, readies
+    /// sync. No background sync runs until [`Tide::sync_forever`].
+    ///
+    /// # Errors
+    /// The store's errors (a newer schema, a damaged file, another node id),
+    /// or a transport configuration error for a bad endpoint.
+    pub async fn open(self) -> Result<Tide> {
+        let transport = match (self.transport, self.endpoint) {
+            (Some(t), _) => Some(t),
+            (None, Some(endpoint)) => {
+                Some(Arc::new(HttpTransport::builder(&endpoint).headers(self.headers).build()?) as Arc<dyn Transport>)
+            }
+            (None, None) => None,
+        };
+        let store = match &self.path {
+            Some(path) => self.store.open(path).await?,
+            None => self.store.open_in_memory().await?,
+        };
+        let status = SyncStatus {
+            pending: store.pending_count().await?,
+            rejected: store.rejected().await?.len() as u64,
+            ..SyncStatus::default()
+        };
+        let inner = Arc::new(Inner {
+            store,
+            transport,
+            hub: Hub::default(),
+            status: watch::channel(status).0,
+            wake: Notify::new(),
+            sync_lock: Mutex::new(()),
+            closed: AtomicBool::new(false),
+            stop: watch::channel(false).0,
+            loops: Mutex::new(Vec::new()),
+        });
+        Ok(Tide { _last: Arc::new(LastHandle(Arc::clone(&inner))), inner })
+    }
+}
+
+/// Runs background syncs until dropped (or until the Tide closes).
+#[derive(Debug)]
+pub struct SyncHandle {
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for SyncHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Several writes to commit atomically: all or none, in order.
+#[derive(Debug, Default)]
+#[must_use]
+pub struct Batch {
+    writes: Vec<Write>,
+}
+
+impl Batch {
+    /// Adds a put of `value` (which must serialize to a JSON object).
+    ///
+    /// # Errors
+    /// [`Error::Encode`] if `value` is not a JSON object.
+    pub fn put<T: serde::Serialize + ?Sized>(mut self, collection: &str, id: &str, value: &T) -> Result<Self> {
+        let doc = to_doc(collection, id, value)?;
+        self.writes.push(Write { collection: collection.into(), id: id.into(), payload: Payload::Put(doc) });
+        Ok(self)
+    }
+
+    /// Adds a delete.
+    pub fn delete(mut self, collection: &str, id: &str) -> Self {
+        self.writes.push(Write { collection: collection.into(), id: id.into(), payload: Payload::Delete });
+        self
+    }
+}
+
+pub(crate) fn to_doc<T: serde::Serialize + ?Sized>(collection: &str, id: &str, value: &T) -> Result<Doc> {
+    let encode = |message: String| Error::Encode { collection: collection.into(), id: id.into(), message };
+    match serde_json::to_value(value).map_err(|e| encode(e.to_string()))? {
+        serde_json::Value::Object(doc) => Ok(doc),
+        other => Err(encode(format!("a document must be a JSON object, not {other}"))),
+    }
+}
+
+impl Tide {
+    /// Starts configuring a Tide.
+    pub fn builder() -> TideBuilder {
+        TideBuilder { path: None, endpoint: None, transport: None, headers: Headers::None, store: OpenOptions::new() }
+    }
+
+    /// Opens the store at `path`, syncing with `endpoint`.
+    ///
+    /// # Errors
+    /// See [`TideBuilder::open`].
+    pub async fn open(path: impl Into<PathBuf>, endpoint: &str) -> Result<Self> {
+        Self::builder().path(path).endpoint(endpoint).open().await
+    }
+
+    pub(crate) fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// This replica's node id.
+    pub fn node_id(&self) -> &str {
+        self.inner.store.node_id()
+    }
+
+    /// A collection of documents of type `T` (use `serde_json::Value` for
+    /// untyped documents). Nothing is checked or created until it is used.
+    pub fn collection<T>(&self, name: &str) -> Collection<T> {
+        Collection::new(self.clone(), name)
+    }
+
+    /// Commits a batch of writes atomically; returns their stamps in order.
+    ///
+    /// # Errors
+    /// Invalid names or documents, or a store failure; nothing is written.
+    pub async fn commit(&self, batch: Batch) -> Result<Vec<Stamp>> {
+        self.inner.write(batch.writes).await
+    }
+
+    /// Every change from now on, local and remote.
+    pub fn watch(&self) -> Watch {
+        self.inner.hub.subscribe(Filter::All, WATCH_BUFFER_CHANGES)
+    }
+
+    pub(crate) fn watch_filtered(&self, filter: Filter) -> Watch {
+        self.inner.hub.subscribe(filter, WATCH_BUFFER_CHANGES)
+    }
+
+    /// Pushes the whole outbox in batches and pulls until caught up.
+    ///
+    /// Cancel safety: dropping the future may leave an exchange's effect on
+    /// the server without its answer here; the next sync settles it (the
+    /// server answers `duplicate`). Nothing local is half-applied.
+    ///
+    /// # Errors
+    /// [`Error::NoTransport`] offline, [`Error::Transport`] if an exchange
+    /// failed (the outbox is kept), or a store error.
+    pub async fn sync_once(&self) -> Result<SyncReport> {
+        if self.inner.closed() {
+            return Err(Error::Closed);
+        }
+        self.inner.sync_once().await
+    }
+
+    /// Syncs in the background: at once, on every local write (even one
+    /// made during an exchange), every `interval`, and after a failure with
+    /// exponential backoff and jitter that honours `Retry-After`. Errors go
+    /// to [`Tide::status`]. It stops when the handle is dropped or the Tide
+    /// is closed.
+    ///
+    /// # Errors
+    /// [`Error::NoTransport`] offline; [`Error::Closed`] after `close`.
+    pub async fn sync_forever(&self, interval: Duration) -> Result<SyncHandle> {
+        if self.inner.transport.is_none() {
+            return Err(Error::NoTransport);
+        }
+        if self.inner.closed() {
+            return Err(Error::Closed);
+        }
+        let (stop, rx) = watch::channel(false);
+        let mut all = self.inner.stop.subscribe();
+        let mut own = rx;
+        let combined = {
+            let (tx, combined) = watch::channel(false);
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = all.changed() => {}
+                    _ = own.changed() => {}
+                }
+                let _ = tx.send(true);
+            });
+            combined
+        };
+        let task = tokio::spawn(run_forever(Arc::clone(&self.inner), interval, combined));
+        let mut loops = self.inner.loops.lock().await;
+        loops.retain(|t| !t.is_finished());
+        loops.push(task);
+        self.inner.wake.notify_one();
+        Ok(SyncHandle { stop })
+    }
+
+    /// The current sync status.
+    pub fn status(&self) -> SyncStatus {
+        self.inner.status.borrow().clone()
+    }
+
+    /// Sync status updates; `changed().await` then `borrow()` on the receiver.
+    pub fn watch_status(&self) -> watch::Receiver<SyncStatus> {
+        self.inner.status.subscribe()
+    }
+
+    /// How many ops wait in the outbox.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn pending_count(&self) -> Result<u64> {
+        Ok(self.inner.store.pending_count().await?)
+    }
+
+    /// The ops the server rejected, with why.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn rejected(&self) -> Result<Vec<RejectedOp>> {
+        Ok(self.inner.store.rejected().await?)
+    }
+
+    /// Forgets a rejected op; the local document stays as it is.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn discard_rejected(&self, seq: u64) -> Result<()> {
+        self.inner.store.discard_rejected(vec![seq]).await?;
+        self.inner.status.send_modify(|s| s.rejected = s.rejected.saturating_sub(1));
+        Ok(())
+    }
+
+    /// Writes a rejected op again with a fresh stamp (which beats what the
+    /// server holds) and forgets the rejection.
+    ///
+    /// # Errors
+    /// A store failure; nothing changes if the seq is not a rejected op.
+    pub async fn retry_rejected(&self, seq: u64) -> Result<Option<Stamp>> {
+        let Some(r) = self.rejected().await?.into_iter().find(|r| r.seq == seq) else { return Ok(None) };
+        let write = Write { collection: r.op.collection, id: r.op.id, payload: r.op.payload };
+        let stamp = self.inner.write(vec![write]).await?.remove(0);
+        self.discard_rejected(seq).await?;
+        Ok(Some(stamp))
+    }
+
+    /// Stops background syncs (letting a running exchange finish), ends the
+    /// watch streams and closes the store.
+    pub async fn close(&self) {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let _ = self.inner.stop.send(true);
+        let loops = std::mem::take(&mut *self.inner.loops.lock().await);
+        for task in loops {
+            let _ = task.await;
+        }
+        self.inner.hub.close();
+        self.inner.store.close().await;
+    }
+}
+
+/// Reads go through the store directly.
+pub(crate) fn store(tide: &Tide) -> &Store {
+    &tide.inner.store
+}

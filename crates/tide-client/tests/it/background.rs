@@ -1,0 +1,135 @@
+//! The background sync: at once on local writes (even mid-exchange),
+//! backoff with jitter honouring Retry-After, status, and stopping.
+
+use std::time::Duration;
+
+use tide_client::SyncStatus;
+use tide_transport::{FakeServer, Fault};
+
+use crate::{Note, client, note};
+
+/// Waits (bounded) until the status satisfies `f`.
+async fn until(t: &tide_client::Tide, f: impl Fn(&SyncStatus) -> bool) -> SyncStatus {
+    let mut rx = t.watch_status();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if f(&rx.borrow_and_update()) {
+                return rx.borrow().clone();
+            }
+            rx.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the status reached the expected state in time")
+}
+
+// These run in real time: the store's SQLite works on threads of its own,
+// which tokio's paused clock cannot see, so it would skip ahead of them.
+
+#[tokio::test]
+async fn a_local_write_syncs_at_once_even_during_an_exchange() {
+    let server = FakeServer::new();
+    let a = client(&server, "a").await;
+    // An hour between timed syncs: only writes can trigger them.
+    let _sync = a.sync_forever(Duration::from_hours(1)).await.unwrap();
+    until(&a, |s| s.last_success.is_some()).await;
+    // The next exchange is slow; a second write lands while it is in flight.
+    server.script("a", [Fault::Delay(Duration::from_millis(500))]);
+    a.collection::<Note>("n").put("first", &note("1")).await.unwrap();
+    until(&a, |s| s.syncing).await;
+    a.collection::<Note>("n").put("second", &note("2")).await.unwrap();
+    until(&a, |s| s.pending == 0 && !s.syncing).await;
+    assert_eq!(server.model().rows().count(), 2, "not an hour later (quirk 6)");
+}
+
+#[tokio::test]
+async fn failures_back_off_and_honour_retry_after() {
+    let server = FakeServer::new();
+    let a = client(&server, "a").await;
+    a.collection::<Note>("n").put("k", &note("x")).await.unwrap();
+    server.script("a", [Fault::Status { status: 503, retry_after: Some(Duration::from_secs(1)) }]);
+    let start = std::time::Instant::now();
+    let _sync = a.sync_forever(Duration::from_hours(1)).await.unwrap();
+    let failed = until(&a, |s| s.last_error.is_some()).await;
+    assert!(failed.last_error.unwrap().contains("503"));
+    assert_eq!(failed.reachable, Some(true), "a 503 came from the server");
+    until(&a, |s| s.pending == 0 && s.last_error.is_none()).await;
+    assert!(start.elapsed() >= Duration::from_secs(1), "the retry waited for Retry-After");
+    assert_eq!(server.traffic().len(), 2, "one failure, one retry: no hot loop");
+}
+
+#[tokio::test]
+async fn an_outage_is_retried_with_growing_delays_then_recovers() {
+    let server = FakeServer::new();
+    let a = client(&server, "a").await;
+    a.collection::<Note>("n").put("k", &note("x")).await.unwrap();
+    server.partition("a");
+    let _sync = a.sync_forever(Duration::from_hours(1)).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Delays of 0.125-0.25, 0.25-0.5, 0.5-1, 1-2 s: four or five attempts.
+    let attempts = server.traffic().len();
+    assert!((3..=7).contains(&attempts), "exponential backoff: {attempts} attempts in 3 s");
+    assert_eq!(a.status().reachable, Some(false));
+    server.heal("a");
+    until(&a, |s| s.pending == 0).await;
+}
+
+#[tokio::test]
+async fn dropping_the_handle_or_closing_stops_the_loop() {
+    let server = FakeServer::new();
+    let a = client(&server, "a").await;
+    let handle = a.sync_forever(Duration::from_millis(100)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let before = server.traffic().len();
+    assert!(before >= 3, "it ran: {before}");
+    drop(handle);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = server.traffic().len();
+    assert!(after <= before + 1, "stopped (one exchange may have been in flight): {before} then {after}");
+    let _again = a.sync_forever(Duration::from_millis(100)).await.unwrap();
+    a.close().await;
+    let closed = server.traffic().len();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(server.traffic().len(), closed, "close stops it for good");
+    assert!(matches!(a.sync_once().await, Err(tide_client::Error::Closed)));
+}
+
+#[tokio::test]
+async fn rejected_ops_can_be_listed_retried_and_discarded() {
+    // Two replicas share a node id (a copied store): the same stamp with
+    // different payloads is rejected, never dropped silently.
+    let server = FakeServer::new();
+    let (a, b) = (client(&server, "twin").await, client(&server, "twin").await);
+    a.collection::<Note>("n").put("k", &note("a's")).await.unwrap();
+    b.collection::<Note>("n").put("k", &note("b's")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let report = b.sync_once().await.unwrap();
+    assert_eq!(report.rejected, 1);
+    let rejected = b.rejected().await.unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].code, tide_core::ErrorCode::StampCollision);
+    assert_eq!(b.status().rejected, 1);
+    assert_eq!(b.pending_count().await.unwrap(), 0, "the bad op does not block the queue");
+    // Retry: written again with a fresh stamp, it wins.
+    b.retry_rejected(rejected[0].seq).await.unwrap().unwrap();
+    b.sync_once().await.unwrap();
+    let other = client(&server, "other").await;
+    other.sync_once().await.unwrap();
+    assert_eq!(
+        other.collection::<Note>("n").get("k").await.unwrap(),
+        Some(note("b's")),
+        "everyone else converges on it"
+    );
+    assert!(b.rejected().await.unwrap().is_empty());
+    // Discarding forgets the rejection and keeps the local document.
+    let (first, second) = (client(&server, "twin2").await, client(&server, "twin2").await);
+    first.collection::<Note>("n").put("j", &note("first's j")).await.unwrap();
+    second.collection::<Note>("n").put("j", &note("second's j")).await.unwrap();
+    first.sync_once().await.unwrap();
+    second.sync_once().await.unwrap();
+    let seq = second.rejected().await.unwrap()[0].seq;
+    second.discard_rejected(seq).await.unwrap();
+    assert!(second.rejected().await.unwrap().is_empty());
+    assert_eq!(second.status().rejected, 0);
+    assert_eq!(second.collection::<Note>("n").get("j").await.unwrap(), Some(note("second's j")));
+}

@@ -1,0 +1,39 @@
+//! tide-client's integration tests, one binary.
+
+mod background;
+mod behaviour;
+mod interop;
+mod watching;
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tide_client::Tide;
+use tide_transport::FakeServer;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub(crate) struct Note {
+    pub(crate) title: String,
+    #[serde(default)]
+    pub(crate) done: bool,
+}
+
+pub(crate) fn note(title: &str) -> Note {
+    Note { title: title.into(), done: false }
+}
+
+/// A Tide in memory on `server`, as client `name`.
+pub(crate) async fn client(server: &FakeServer, name: &str) -> Tide {
+    Tide::builder().node_id(name).transport(Arc::new(server.connect(name))).open().await.unwrap()
+}
+
+/// A Tide on a file in `dir`, as client `name`.
+pub(crate) async fn file_client(server: &FakeServer, dir: &std::path::Path, name: &str) -> Tide {
+    Tide::builder()
+        .path(dir.join(format!("{name}.db")))
+        .node_id(name)
+        .transport(Arc::new(server.connect(name)))
+        .open()
+        .await
+        .unwrap()
+}

@@ -1,0 +1,76 @@
+//! Watch streams: local and remote changes, registered at the call, no
+//! echo duplicates, bounded with lag reported, filtered.
+
+use serde_json::json;
+use tide_client::{Source, WatchEvent};
+use tide_transport::FakeServer;
+
+use crate::{Note, client, note};
+
+fn change(e: Option<WatchEvent>) -> tide_client::ChangeEvent {
+    match e {
+        Some(WatchEvent::Change(c)) => c,
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn local_and_remote_changes_without_echo_duplicates() {
+    let server = FakeServer::new();
+    let (a, b) = (client(&server, "a").await, client(&server, "b").await);
+    // Registered now: the write below, made before the first poll, is seen.
+    let mut wa = a.watch();
+    let mut wb = b.collection::<Note>("notes").watch();
+    let stamp = a.collection::<Note>("notes").put("n1", &note("hello")).await.unwrap();
+    let e = change(wa.next().await);
+    assert_eq!((e.source, e.id.as_str(), &e.stamp), (Source::Local, "n1", &stamp));
+    assert_eq!(e.decode::<Note>().unwrap(), Some(note("hello")));
+    a.sync_once().await.unwrap();
+    b.sync_once().await.unwrap();
+    let e = change(wb.next().await);
+    assert_eq!((e.source, e.id.as_str()), (Source::Remote, "n1"));
+    // a syncs again: its own write must not come back as a remote change.
+    b.collection::<Note>("notes").delete("n1").await.unwrap();
+    b.sync_once().await.unwrap();
+    a.sync_once().await.unwrap();
+    let e = change(wa.next().await);
+    assert_eq!((e.source, e.doc.is_none()), (Source::Remote, true), "only b's delete, no echo of a's put");
+    a.close().await;
+    assert_eq!(wa.next().await, None, "closing ends the stream");
+}
+
+#[tokio::test]
+async fn watchers_see_only_what_they_asked_for() {
+    let server = FakeServer::new();
+    let a = client(&server, "a").await;
+    let notes = a.collection::<serde_json::Value>("notes");
+    let mut one = notes.watch_doc("n2");
+    let mut todos = a.collection::<serde_json::Value>("todos").watch();
+    notes.put("n1", &json!({})).await.unwrap();
+    notes.put("n2", &json!({"x": 1})).await.unwrap();
+    a.collection::<serde_json::Value>("todos").put("t1", &json!({})).await.unwrap();
+    assert_eq!(change(one.next().await).id, "n2");
+    assert_eq!(change(todos.next().await).id, "t1");
+    a.close().await;
+    assert_eq!(one.next().await, None, "n1 never reached the n2 watcher");
+}
+
+#[tokio::test]
+async fn a_slow_watcher_learns_it_lagged() {
+    let server = FakeServer::new();
+    let a = client(&server, "a").await;
+    let mut w = a.watch();
+    let n = tide_client::WATCH_BUFFER_CHANGES + 10;
+    let mut batch = tide_client::Batch::default();
+    for i in 0..n {
+        batch = batch.put("n", &format!("k{i:05}"), &json!({"i": i})).unwrap();
+    }
+    a.commit(batch).await.unwrap();
+    assert_eq!(w.next().await, Some(WatchEvent::Lagged { missed: 10 }));
+    let mut delivered = 0;
+    a.close().await;
+    while let Some(WatchEvent::Change(_)) = w.next().await {
+        delivered += 1;
+    }
+    assert_eq!(delivered, tide_client::WATCH_BUFFER_CHANGES, "the buffer holds what it can, no more");
+}

@@ -15,6 +15,24 @@ use crate::watch::{Filter, Watch};
 pub const LIST_LIMIT_DEFAULT: usize = 100;
 
 /// The documents of one collection, as values of `T`.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tide_client::Error> {
+/// #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+/// struct Todo { text: String, done: bool }
+///
+/// let tide = tide_client::Tide::builder().open().await?;
+/// let todos = tide.collection::<Todo>("todos");
+/// todos.put("t1", &Todo { text: "water the plants".into(), done: false }).await?;
+/// todos.put("t2", &Todo { text: "buy bread".into(), done: true }).await?;
+/// todos.delete("t2").await?;
+/// assert_eq!(todos.count().await?, 1);
+/// let first_page = todos.list(None, 50).await?;
+/// assert_eq!(first_page[0].1.text, "water the plants");
+/// assert_eq!(todos.get("t2").await?, None);
+/// # Ok(()) }
+/// ```
 pub struct Collection<T> {
     tide: Tide,
     name: String,

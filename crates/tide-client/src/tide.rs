@@ -258,6 +258,20 @@ impl Tide {
 
     /// Commits a batch of writes atomically; returns their stamps in order.
     ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tide_client::Error> {
+    /// use tide_client::{Batch, Tide};
+    /// let tide = Tide::builder().open().await?; // in memory, offline
+    /// let batch = Batch::default()
+    ///     .put("lists", "groceries", &serde_json::json!({"title": "Groceries"}))?
+    ///     .put("items", "bread", &serde_json::json!({"list": "groceries"}))?
+    ///     .delete("items", "old");
+    /// let stamps = tide.commit(batch).await?;
+    /// assert!(stamps[0] < stamps[1]);
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// Invalid names or documents, or a store failure; nothing is written.
     pub async fn commit(&self, batch: Batch) -> Result<Vec<Stamp>> {
@@ -265,6 +279,18 @@ impl Tide {
     }
 
     /// Every change from now on, local and remote.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tide_client::Error> {
+    /// use tide_client::{Source, Tide, WatchEvent};
+    /// let tide = Tide::builder().open().await?;
+    /// let mut changes = tide.watch(); // registered now: nothing after this is missed
+    /// tide.collection::<serde_json::Value>("notes").put("n1", &serde_json::json!({"t": 1})).await?;
+    /// let Some(WatchEvent::Change(change)) = changes.next().await else { panic!() };
+    /// assert_eq!((change.id.as_str(), change.source), ("n1", Source::Local));
+    /// # Ok(()) }
+    /// ```
     pub fn watch(&self) -> Watch {
         self.inner.hub.subscribe(Filter::All, WATCH_BUFFER_CHANGES)
     }

@@ -6,7 +6,8 @@
 //!   [`Server::serve`] runs it on a listener with connection limits,
 //!   timeouts and graceful shutdown.
 //! - [`Backend`]: where namespaces are stored; [`SqliteBackend`] is the
-//!   default. Every backend gives `tide_core::Model`'s exact results.
+//!   default, [`PostgresBackend`] runs several servers on one database.
+//!   Every backend gives `tide_core::Model`'s exact results.
 //! - [`Authenticator`]: a token in, a [`Principal`] and its [`Namespace`]
 //!   out; [`NoAuth`] and [`StaticTokens`] ship with it.
 //!
@@ -18,6 +19,7 @@ mod http;
 mod metrics;
 
 pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError};
+pub use backend::postgres::{POSTGRES_POOL_MAX, PostgresBackend};
 pub use backend::sqlite::{Durability, SqliteBackend};
 pub use backend::{Backend, BackendError, Reply};
 pub use http::{

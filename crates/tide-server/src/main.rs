@@ -10,8 +10,9 @@ use std::time::Duration;
 use clap::Parser;
 use tide_core::limits;
 use tide_server::{
-    Authenticator, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT, Durability, HEADER_READ_TIMEOUT_DEFAULT, NoAuth,
-    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens,
+    Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, CONNECTIONS_MAX_DEFAULT, Durability,
+    HEADER_READ_TIMEOUT_DEFAULT, NoAuth, PostgresBackend, SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend,
+    StaticTokens,
 };
 
 /// tide's sync server: clients POST their pending writes and pull what
@@ -22,9 +23,13 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "TIDE_SERVER_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
-    /// SQLite database file (created if missing).
+    /// SQLite database file (created if missing); the default storage.
     #[arg(long, env = "TIDE_SERVER_DB", default_value = "tide-server.db")]
     db: PathBuf,
+    /// PostgreSQL instead of SQLite, e.g. `postgres://user@host/db`: several
+    /// servers can share one database. `?options[search_path]=SCHEMA` picks a schema.
+    #[arg(long, env = "TIDE_SERVER_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
     /// Path of the sync endpoint.
     #[arg(long, env = "TIDE_SERVER_PATH", default_value = "/sync")]
     path: String,
@@ -136,9 +141,12 @@ async fn run(args: Args) -> Result<(), String> {
         shutdown_grace: seconds("shutdown-grace", args.shutdown_grace)?,
     };
     let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
-    let backend = SqliteBackend::open(&args.db, durability, limits)
-        .await
-        .map_err(|e| format!("opening {}: {e}", args.db.display()))?;
+    let backend: Arc<dyn Backend> = match &args.database_url {
+        Some(url) => PostgresBackend::open(url, limits).await.map_err(|e| format!("opening PostgreSQL: {e}"))?,
+        None => SqliteBackend::open(&args.db, durability, limits)
+            .await
+            .map_err(|e| format!("opening {}: {e}", args.db.display()))?,
+    };
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

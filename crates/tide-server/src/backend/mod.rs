@@ -1,8 +1,14 @@
 //! Storage behind the handler: one trait, one call per exchange.
 
+pub mod postgres;
 pub mod sqlite;
 
-use tide_core::{Cursor, OpResult, PROTOCOL_VERSION, SyncRequest, SyncResponse, Violation};
+use std::collections::HashMap;
+
+use tide_core::{
+    Cursor, Decision, ErrorCode, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse, Violation,
+    decide,
+};
 
 use crate::auth::Namespace;
 
@@ -158,3 +164,81 @@ impl PageBuilder {
 /// The most rows one page query reads; a page of many own (skipped) rows
 /// takes several queries.
 pub const PAGE_WINDOW_ROWS_MAX: usize = 1_001;
+
+/// Per key written by a request: the index of its last applied op and that op's seq.
+pub(crate) type Written<'a> = HashMap<(&'a str, &'a str), (usize, u64)>;
+
+/// The ops of a request in order, by the one LWW rule, against what is
+/// stored: their results, the last applied op and seq per key, and the new
+/// namespace seq.
+pub(crate) fn decide_all<'a>(
+    req: &'a SyncRequest,
+    keys: &[(&'a str, &'a str)],
+    mut current: HashMap<(&'a str, &'a str), (Stamp, Payload)>,
+    mut seq: u64,
+) -> (Vec<OpResult>, Written<'a>, u64) {
+    let mut results = Vec::with_capacity(req.ops.len());
+    let mut written = HashMap::new();
+    for (i, op) in req.ops.iter().enumerate() {
+        let stored = current.get(&keys[i]).map(|(s, p)| (s, p));
+        results.push(match decide(stored, &op.stamp, &op.payload) {
+            Decision::Apply => {
+                seq += 1;
+                current.insert(keys[i], (op.stamp.clone(), op.payload.clone()));
+                written.insert(keys[i], (i, seq));
+                OpResult::Applied { seq }
+            }
+            Decision::Duplicate => OpResult::Duplicate,
+            Decision::Superseded => {
+                let winner = &current[&keys[i]].0;
+                OpResult::Superseded { lamport: winner.lamport, node_id: winner.node_id.clone() }
+            }
+            Decision::Collision => OpResult::Rejected {
+                code: ErrorCode::StampCollision,
+                message: format!(
+                    "stamp ({}, {:?}) is already stored with a different payload; two writers share node id {:?}",
+                    op.stamp.lamport, op.stamp.node_id, op.stamp.node_id
+                ),
+            },
+        });
+    }
+    (results, written, seq)
+}
+
+/// Refuses ops whose counter runs more than the allowed lead past the
+/// namespace's highest, naming the first.
+pub(crate) fn check_lead(req: &SyncRequest, lamport_max: u64, lead_max: u64) -> Result<(), BackendError> {
+    let bound = lamport_max.saturating_add(lead_max);
+    match req.ops.iter().position(|op| op.stamp.lamport > bound) {
+        None => Ok(()),
+        Some(i) => Err(Violation::new(
+            ErrorCode::LamportOutOfRange,
+            format!(
+                "lamport {} is more than {lead_max} ahead of the highest counter seen ({lamport_max})",
+                req.ops[i].stamp.lamport
+            ),
+        )
+        .at_op(i)
+        .into()),
+    }
+}
+
+/// Renders a stored version exactly as `serde_json` renders a `tide_core::Change`.
+pub(crate) fn render_change(
+    collection: &str,
+    id: &str,
+    doc: Option<&str>,
+    lamport: u64,
+    node_id: &str,
+    seq: u64,
+) -> String {
+    let quote = |s: &str| serde_json::to_string(s).expect("strings serialize");
+    let kind = if doc.is_some() { "put" } else { "delete" };
+    format!(
+        r#"{{"collection":{},"id":{},"kind":"{kind}","doc":{},"lamport":{lamport},"node_id":{},"seq":{seq}}}"#,
+        quote(collection),
+        quote(id),
+        doc.unwrap_or("null"),
+        quote(node_id)
+    )
+}

@@ -14,10 +14,10 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
-use tide_core::{Cursor, Decision, ErrorCode, Limits, OpResult, Payload, Stamp, SyncRequest, Violation, decide};
+use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest};
 use tokio::sync::{Mutex, Semaphore};
 
-use super::{Backend, BackendError, PageBuilder, PageRow, Reply};
+use super::{Backend, BackendError, PageBuilder, PageRow, Reply, Written, check_lead, decide_all};
 use crate::auth::Namespace;
 
 /// Reader connections of the SQLite backend.
@@ -129,18 +129,7 @@ impl SqliteBackend {
                 .await
                 .map_err(unavailable)?;
         let (seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
-        let bound = lamport_max.saturating_add(self.limits.lamport_lead_max);
-        if let Some(i) = req.ops.iter().position(|op| op.stamp.lamport > bound) {
-            return Err(Violation::new(
-                ErrorCode::LamportOutOfRange,
-                format!(
-                    "lamport {} is more than {} ahead of the highest counter seen ({lamport_max})",
-                    req.ops[i].stamp.lamport, self.limits.lamport_lead_max
-                ),
-            )
-            .at_op(i)
-            .into());
-        }
+        check_lead(req, lamport_max, self.limits.lamport_lead_max)?;
 
         // What is stored for the request's keys, as one row.
         let keys: Vec<(&str, &str)> = req.ops.iter().map(|o| (o.collection.as_str(), o.id.as_str())).collect();
@@ -291,46 +280,6 @@ async fn upsert(
     .await
     .map_err(unavailable)?;
     Ok(())
-}
-
-/// Per key written by a request: the index of its last applied op and that op's seq.
-type Written<'a> = HashMap<(&'a str, &'a str), (usize, u64)>;
-
-/// The ops of a request in order, by the one LWW rule, against what is
-/// stored: their results, the last applied op and seq per key, and the new
-/// namespace seq.
-fn decide_all<'a>(
-    req: &'a SyncRequest,
-    keys: &[(&'a str, &'a str)],
-    mut current: HashMap<(&'a str, &'a str), (Stamp, Payload)>,
-    mut seq: u64,
-) -> (Vec<OpResult>, Written<'a>, u64) {
-    let mut results = Vec::with_capacity(req.ops.len());
-    let mut written = HashMap::new();
-    for (i, op) in req.ops.iter().enumerate() {
-        let stored = current.get(&keys[i]).map(|(s, p)| (s, p));
-        results.push(match decide(stored, &op.stamp, &op.payload) {
-            Decision::Apply => {
-                seq += 1;
-                current.insert(keys[i], (op.stamp.clone(), op.payload.clone()));
-                written.insert(keys[i], (i, seq));
-                OpResult::Applied { seq }
-            }
-            Decision::Duplicate => OpResult::Duplicate,
-            Decision::Superseded => {
-                let winner = &current[&keys[i]].0;
-                OpResult::Superseded { lamport: winner.lamport, node_id: winner.node_id.clone() }
-            }
-            Decision::Collision => OpResult::Rejected {
-                code: ErrorCode::StampCollision,
-                message: format!(
-                    "stamp ({}, {:?}) is already stored with a different payload; two writers share node id {:?}",
-                    op.stamp.lamport, op.stamp.node_id, op.stamp.node_id
-                ),
-            },
-        });
-    }
-    (results, written, seq)
 }
 
 fn to_u64(v: i64) -> u64 {

@@ -1,6 +1,7 @@
-//! Differential test: random request sequences give byte-identical answers
-//! (results, pages, errors) from the SQLite backend behind the real handler
-//! and from `tide_core::Model`, across two namespaces.
+//! Differential test (reliability.md V9): random request sequences give
+//! byte-identical answers (results, pages, errors) from `tide_core::Model`,
+//! the SQLite backend and the PostgreSQL backend (with
+//! `TIDE_TEST_POSTGRES_URL`), behind the real handler, across two namespaces.
 //!
 //! `TIDE_SEED=n` replays one seed; `TIDE_SEEDS=n` runs n seeds (default 40).
 
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 use tide_core::{Cursor, Limits, Model, Op, Payload, Stamp, SyncRequest};
-use tide_server::{Durability, Server, ServerConfig, SqliteBackend, StaticTokens};
+use tide_server::{Backend, Durability, PostgresBackend, Server, ServerConfig, SqliteBackend, StaticTokens};
 
 struct Rng(u64);
 
@@ -65,14 +66,32 @@ async fn call(server: &Server, token: &str, body: Vec<u8>) -> (u16, String) {
     (status, String::from_utf8(body.to_vec()).unwrap())
 }
 
-async fn run(seed: u64) -> Result<(), String> {
+async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let limits =
         Limits { changes_per_response_max: 4, response_bytes_max: 400, lamport_lead_max: 1_000, ..Limits::default() };
-    let backend = SqliteBackend::open(&dir.path().join("s.db"), Durability::Normal, limits.clone()).await.unwrap();
-    let tokens = StaticTokens::new([("t1", "one"), ("t2", "two")]);
-    let server =
-        Server::new(backend, Arc::new(tokens), ServerConfig { limits: limits.clone(), ..ServerConfig::default() });
+    let mut backends: Vec<(&str, Arc<dyn Backend>)> = vec![(
+        "sqlite",
+        SqliteBackend::open(&dir.path().join("s.db"), Durability::Normal, limits.clone()).await.unwrap(),
+    )];
+    if let Some(url) = postgres {
+        let url = crate::postgres::fresh_schema(url).await;
+        backends.push(("postgres", PostgresBackend::open(&url, limits.clone()).await.unwrap()));
+    }
+    let servers: Vec<(&str, Server)> = backends
+        .into_iter()
+        .map(|(name, backend)| {
+            let tokens = StaticTokens::new([("t1", "one"), ("t2", "two")]);
+            (
+                name,
+                Server::new(
+                    backend,
+                    Arc::new(tokens),
+                    ServerConfig { limits: limits.clone(), ..ServerConfig::default() },
+                ),
+            )
+        })
+        .collect();
     let mut models = [Model::new(limits.clone()), Model::new(limits)];
     let mut cursors = Vec::new();
     let mut rng = Rng(seed);
@@ -84,14 +103,16 @@ async fn run(seed: u64) -> Result<(), String> {
             Ok(resp) => (200, serde_json::to_string(&resp).unwrap()),
             Err(v) => (v.status(), serde_json::to_string(&v.to_body()).unwrap()),
         };
-        let got = call(&server, ["t1", "t2"][ns], body).await;
-        if got != expected {
-            return Err(format!(
-                "step {step}, namespace {ns}, request {}\n server {got:?}\n model  {expected:?}",
-                serde_json::to_string(&req).unwrap()
-            ));
+        for (name, server) in &servers {
+            let got = call(server, ["t1", "t2"][ns], body.clone()).await;
+            if got != expected {
+                return Err(format!(
+                    "step {step}, namespace {ns}, request {}\n {name} {got:?}\n model  {expected:?}",
+                    serde_json::to_string(&req).unwrap()
+                ));
+            }
         }
-        if let Ok(resp) = serde_json::from_str::<tide_core::SyncResponse>(&got.1) {
+        if let Ok(resp) = serde_json::from_str::<tide_core::SyncResponse>(&expected.1) {
             cursors.push(resp.cursor.seq());
         }
     }
@@ -99,16 +120,18 @@ async fn run(seed: u64) -> Result<(), String> {
 }
 
 #[tokio::test]
-async fn the_sqlite_backend_answers_exactly_as_the_model() {
+async fn every_backend_answers_exactly_as_the_model() {
+    let postgres = crate::postgres::url();
     let seeds: Vec<u64> = if let Ok(s) = std::env::var("TIDE_SEED") {
         vec![s.parse().unwrap()]
     } else {
         (0..std::env::var("TIDE_SEEDS").map_or(40, |s| s.parse().unwrap())).collect()
     };
     for &seed in &seeds {
-        if let Err(e) = run(seed).await {
+        if let Err(e) = run(seed, postgres.as_deref()).await {
             panic!("seed {seed}: {e}\nreplay: TIDE_SEED={seed} cargo test -p tide-server --test it differential");
         }
     }
-    println!("differential: {} seeds × 120 requests matched the model", seeds.len());
+    let backends = if postgres.is_some() { "SQLite and PostgreSQL" } else { "SQLite" };
+    println!("differential: {} seeds × 120 requests; {backends} matched the model", seeds.len());
 }

@@ -5,4 +5,5 @@ mod behaviour;
 mod binary;
 mod differential;
 mod original_client;
+mod postgres;
 mod support;

@@ -3,7 +3,9 @@
 //! run, the original Python reference server (tide 0.2.1 under uvicorn).
 //!
 //! `TIDE_PYTHON=/path/to/python cargo bench -p tide-server --bench load`
-//! (`TIDE_BENCH_CLIENTS`, default 16; `TIDE_BENCH_SECS`, default 10).
+//! (`TIDE_BENCH_CLIENTS`, default 16; `TIDE_BENCH_SECS`, default 10;
+//! `TIDE_BENCH_POSTGRES_URL` adds PostgreSQL with one and two server
+//! processes, clients spread across them).
 //!
 //! Every client has its own connection and node id; every exchange pushes
 //! 10 puts over the client's own 1,000 keys and pulls what changed since
@@ -34,14 +36,15 @@ struct Stats {
     latencies: Vec<Duration>,
 }
 
-async fn load(endpoint: &str, clients: u64, secs: u64) -> Stats {
+async fn load(endpoints: &[String], clients: u64, secs: u64) -> Stats {
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let totals = Arc::new(Mutex::new((0usize, 0usize, 0usize, 0usize)));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let (latencies, totals, endpoint) = (Arc::clone(&latencies), Arc::clone(&totals), endpoint.to_owned());
+            let endpoint = endpoints[usize::try_from(c).unwrap() % endpoints.len()].clone();
+            let (latencies, totals) = (Arc::clone(&latencies), Arc::clone(&totals));
             tokio::spawn(async move {
                 let t = HttpTransport::new(&endpoint).unwrap();
                 let node = format!("client-{c:03}");
@@ -136,13 +139,13 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-fn start_ours(dir: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tide-server"))
-        .args(["--no-auth", "--listen", "127.0.0.1:0", "--log", "warn", "--db"])
-        .arg(dir.join("ours.db"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+fn start_ours(dir: &std::path::Path, database_url: Option<&str>) -> (Child, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tide-server"));
+    cmd.args(["--no-auth", "--listen", "127.0.0.1:0", "--log", "warn", "--db"]).arg(dir.join("ours.db"));
+    if let Some(url) = database_url {
+        cmd.args(["--database-url", url]);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     (child, line.trim().trim_start_matches("tide-server listening on ").to_owned())
@@ -160,6 +163,18 @@ fn start_original(dir: &std::path::Path) -> Option<(Child, String)> {
     Some((child, format!("http://127.0.0.1:{port}/sync")))
 }
 
+/// A new schema for one measurement; returns the URL that uses it.
+fn fresh_postgres_schema(url: &str, tag: usize) -> String {
+    let schema = format!("tide_bench_{}_{tag}", std::process::id());
+    let status = Command::new("psql")
+        .args([url, "-qc", &format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")])
+        .status()
+        .expect("psql runs");
+    assert!(status.success(), "creating schema {schema}");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}options[search_path]={schema}")
+}
+
 fn main() {
     let clients = env_or("TIDE_BENCH_CLIENTS", 16);
     let secs = env_or("TIDE_BENCH_SECS", 10);
@@ -168,24 +183,44 @@ fn main() {
     println!("{clients} clients, {secs} s each, 10 puts + a pull per exchange");
     let mut results = Vec::new();
 
-    let (mut ours, endpoint) = start_ours(dir.path());
-    let stats = rt.block_on(load(&endpoint, clients, secs));
+    let (mut ours, endpoint) = start_ours(dir.path(), None);
+    let stats = rt.block_on(load(&[endpoint], clients, secs));
     results.push(report("tide-server (SQLite, FULL)", &stats, peak_rss_mib(ours.id())));
     let _ = ours.kill();
     let _ = ours.wait();
 
+    // PostgreSQL, with one server process and then two sharing the database.
+    if let Ok(url) = std::env::var("TIDE_BENCH_POSTGRES_URL") {
+        for processes in [1, 2] {
+            let schema = fresh_postgres_schema(&url, processes);
+            let servers: Vec<_> = (0..processes).map(|_| start_ours(dir.path(), Some(&schema))).collect();
+            let endpoints: Vec<String> = servers.iter().map(|(_, e)| e.clone()).collect();
+            let stats = rt.block_on(load(&endpoints, clients, secs));
+            let rss = servers.iter().filter_map(|(c, _)| peak_rss_mib(c.id())).fold(0.0, f64::max);
+            results.push(report(&format!("tide-server (PostgreSQL) x{processes}"), &stats, Some(rss)));
+            for (mut child, _) in servers {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    } else {
+        println!("tide-server on PostgreSQL: not measured (set TIDE_BENCH_POSTGRES_URL)");
+    }
+
     match start_original(dir.path()) {
         Some((mut original, endpoint)) => {
-            let stats = rt.block_on(load(&endpoint, clients, secs));
+            let stats = rt.block_on(load(&[endpoint], clients, secs));
             results.push(report("original Python tide 0.2.1", &stats, peak_rss_mib(original.id())));
             let _ = original.kill();
             let _ = original.wait();
         }
         None => println!("original Python tide 0.2.1: not measured (set TIDE_PYTHON)"),
     }
-    if let [ours, original] = results.as_slice() {
+    if let (Some(ours), Some(original)) =
+        (results.first(), results.iter().find(|r| r["server"].as_str().is_some_and(|s| s.starts_with("original"))))
+    {
         let ratio = ours["req_per_s"].as_f64().unwrap() / original["req_per_s"].as_f64().unwrap();
-        println!("throughput ratio, tide-server / original: {ratio:.1}x");
+        println!("throughput ratio, tide-server (SQLite) / original: {ratio:.1}x");
     }
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-server.json");
     std::fs::write(

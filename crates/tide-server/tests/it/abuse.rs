@@ -7,7 +7,7 @@ use tide_core::Limits;
 use tide_server::{NoAuth, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::support::{self, raw};
+use crate::support::{self, Storage, on_both_backends, raw};
 
 /// What a fresh client pulls: the whole stored state of the namespace.
 async fn state(addr: std::net::SocketAddr) -> String {
@@ -20,10 +20,10 @@ fn op(node: &str, lamport: &str) -> String {
     format!(r#"{{"collection":"c","id":"i","kind":"put","doc":{{"v":1}},"lamport":{lamport},"node_id":"{node}"}}"#)
 }
 
-#[tokio::test]
-async fn bad_requests_get_their_status_and_code_and_change_nothing() {
+async fn bad_requests_get_their_status_and_code_and_change_nothing(storage: Storage) {
     let limits = Limits { ops_per_request_max: 3, request_bytes_max: 64 * 1024, ..Limits::default() };
-    let running = support::start_with(support::config(limits), std::sync::Arc::new(NoAuth::new("default"))).await;
+    let running =
+        support::start_on_with(storage, support::config(limits), std::sync::Arc::new(NoAuth::new("default"))).await;
     let seeded = raw(running.addr, &support::post(&format!(r#"{{"node_id":"a","ops":[{}]}}"#, op("a", "1")), "")).await;
     assert_eq!(seeded.0, 200);
     let before = state(running.addr).await;
@@ -75,10 +75,10 @@ async fn bad_requests_get_their_status_and_code_and_change_nothing() {
     }
 }
 
-#[tokio::test]
-async fn oversize_bodies_are_refused_declared_or_chunked() {
+async fn oversize_bodies_are_refused_declared_or_chunked(storage: Storage) {
     let limits = Limits { request_bytes_max: 1024, ..Limits::default() };
-    let running = support::start_with(support::config(limits), std::sync::Arc::new(NoAuth::new("default"))).await;
+    let running =
+        support::start_on_with(storage, support::config(limits), std::sync::Arc::new(NoAuth::new("default"))).await;
     let before = state(running.addr).await;
     let big = format!(r#"{{"node_id":"a","pad":"{}"}}"#, "x".repeat(4096));
     let (status, body) = raw(running.addr, &support::post(&big, "")).await;
@@ -98,14 +98,13 @@ async fn oversize_bodies_are_refused_declared_or_chunked() {
     assert_eq!(state(running.addr).await, before);
 }
 
-#[tokio::test]
-async fn slow_clients_are_cut_off() {
+async fn slow_clients_are_cut_off(storage: Storage) {
     let config = ServerConfig {
         header_read_timeout: Duration::from_millis(300),
         body_read_timeout: Duration::from_millis(300),
         ..ServerConfig::default()
     };
-    let running = support::start_with(config, std::sync::Arc::new(NoAuth::new("default"))).await;
+    let running = support::start_on_with(storage, config, std::sync::Arc::new(NoAuth::new("default"))).await;
     let before = state(running.addr).await;
 
     // Headers that never finish: the connection is closed.
@@ -130,10 +129,9 @@ async fn slow_clients_are_cut_off() {
     assert_eq!(state(running.addr).await, before);
 }
 
-#[tokio::test]
-async fn connections_beyond_the_cap_wait_their_turn() {
+async fn connections_beyond_the_cap_wait_their_turn(storage: Storage) {
     let config = ServerConfig { connections_max: 2, ..ServerConfig::default() };
-    let running = support::start_with(config, std::sync::Arc::new(NoAuth::new("default"))).await;
+    let running = support::start_on_with(storage, config, std::sync::Arc::new(NoAuth::new("default"))).await;
     // Two idle keep-alive connections fill the cap.
     let idle1 = tokio::net::TcpStream::connect(running.addr).await.unwrap();
     let idle2 = tokio::net::TcpStream::connect(running.addr).await.unwrap();
@@ -150,3 +148,10 @@ async fn connections_beyond_the_cap_wait_their_turn() {
     assert_eq!(status, 200);
     drop(idle2);
 }
+
+on_both_backends!(
+    bad_requests_get_their_status_and_code_and_change_nothing,
+    oversize_bodies_are_refused_declared_or_chunked,
+    slow_clients_are_cut_off,
+    connections_beyond_the_cap_wait_their_turn,
+);

@@ -10,7 +10,7 @@ use tide_server::{AuthError, Authenticator, Principal, ServerConfig, StaticToken
 use tide_transport::{HttpTransport, Transport};
 use tokio::io::AsyncWriteExt;
 
-use crate::support::{self, raw};
+use crate::support::{self, Storage, on_both_backends, raw};
 
 fn doc(v: serde_json::Value) -> tide_core::Doc {
     match v {
@@ -35,9 +35,8 @@ fn req(node: &str, cursor: Option<u64>, ops: Vec<Op>) -> SyncRequest {
     r
 }
 
-#[tokio::test]
-async fn two_clients_converge_with_per_op_results() {
-    let running = support::start().await;
+async fn two_clients_converge_with_per_op_results(storage: Storage) {
+    let running = support::start_on(storage).await;
     let a = HttpTransport::new(&running.endpoint()).unwrap();
     let b = HttpTransport::new(&running.endpoint()).unwrap();
     let ra = a.exchange(&req("a", None, vec![put("a", "n1", 1, 1), put("a", "n2", 2, 1)])).await.unwrap();
@@ -61,9 +60,8 @@ async fn two_clients_converge_with_per_op_results() {
     running.stop().await;
 }
 
-#[tokio::test]
-async fn a_cursor_beyond_the_namespace_is_reset() {
-    let running = support::start().await;
+async fn a_cursor_beyond_the_namespace_is_reset(storage: Storage) {
+    let running = support::start_on(storage).await;
     let a = HttpTransport::new(&running.endpoint()).unwrap();
     a.exchange(&req("a", None, vec![put("a", "x", 1, 1)])).await.unwrap();
     let r = a.exchange(&req("b", Some(57), vec![])).await.unwrap();
@@ -71,10 +69,9 @@ async fn a_cursor_beyond_the_namespace_is_reset() {
     assert_eq!((r.changes.len(), r.cursor), (1, Cursor(1)));
 }
 
-#[tokio::test]
-async fn namespaces_are_isolated_by_token() {
+async fn namespaces_are_isolated_by_token(storage: Storage) {
     let tokens = StaticTokens::parse_file("tok-alpha alpha alice\ntok-beta beta bob\n").unwrap();
-    let running = support::start_with(ServerConfig::default(), Arc::new(tokens)).await;
+    let running = support::start_on_with(storage, ServerConfig::default(), Arc::new(tokens)).await;
     let alice =
         HttpTransport::builder(&running.endpoint()).header("authorization", "Bearer tok-alpha").build().unwrap();
     let bob = HttpTransport::builder(&running.endpoint()).header("authorization", "Bearer tok-beta").build().unwrap();
@@ -102,17 +99,15 @@ impl Authenticator for Down {
     }
 }
 
-#[tokio::test]
-async fn an_unavailable_verifier_is_a_503_never_a_pass() {
-    let running = support::start_with(ServerConfig::default(), Arc::new(Down)).await;
+async fn an_unavailable_verifier_is_a_503_never_a_pass(storage: Storage) {
+    let running = support::start_on_with(storage, ServerConfig::default(), Arc::new(Down)).await;
     let (status, body) = raw(running.addr, &support::post(r#"{"node_id":"a"}"#, "authorization: Bearer x\r\n")).await;
     assert_eq!(status, 503);
     assert!(body.contains(r#""code":"unavailable""#), "{body}");
 }
 
-#[tokio::test]
-async fn health_readiness_metrics_and_routes() {
-    let running = support::start().await;
+async fn health_readiness_metrics_and_routes(storage: Storage) {
+    let running = support::start_on(storage).await;
     let get = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").into_bytes();
     assert_eq!(raw(running.addr, &get("/healthz")).await.0, 200);
     assert_eq!(raw(running.addr, &get("/readyz")).await.0, 200);
@@ -148,9 +143,8 @@ impl ReplacePath for Vec<u8> {
     }
 }
 
-#[tokio::test]
-async fn shutdown_lets_an_in_flight_exchange_finish() {
-    let running = support::start().await;
+async fn shutdown_lets_an_in_flight_exchange_finish(storage: Storage) {
+    let running = support::start_on(storage).await;
     let body = serde_json::to_string(&req("a", None, vec![put("a", "late", 1, 1)])).unwrap();
     let (head, tail) = body.split_at(body.len() / 2);
     let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
@@ -177,19 +171,17 @@ async fn shutdown_lets_an_in_flight_exchange_finish() {
     tokio::time::timeout(Duration::from_secs(10), stopping).await.expect("the server stops").unwrap();
 }
 
-#[tokio::test]
-async fn a_foreign_node_id_names_the_op() {
-    let running = support::start().await;
+async fn a_foreign_node_id_names_the_op(storage: Storage) {
+    let running = support::start_on(storage).await;
     let a = HttpTransport::new(&running.endpoint()).unwrap();
     let err = a.exchange(&req("a", None, vec![put("a", "x", 1, 1), put("b", "y", 1, 1)])).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::ForeignNodeId));
     assert!(matches!(err, tide_transport::Error::Status { status: 400, op: Some(1), .. }));
 }
 
-#[tokio::test]
-async fn gzip_requests_and_responses() {
+async fn gzip_requests_and_responses(storage: Storage) {
     use std::io::Write as _;
-    let running = support::start().await;
+    let running = support::start_on(storage).await;
     let ops: Vec<Op> = (1..=50).map(|i| put("a", &format!("k{i}"), i, i64::try_from(i).unwrap())).collect();
     let body = serde_json::to_vec(&req("a", None, ops)).unwrap();
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -219,3 +211,14 @@ async fn gzip_requests_and_responses() {
     let text = String::from_utf8_lossy(&out);
     assert!(text.to_ascii_lowercase().contains("content-encoding: gzip"), "the page was compressed");
 }
+
+on_both_backends!(
+    two_clients_converge_with_per_op_results,
+    a_cursor_beyond_the_namespace_is_reset,
+    namespaces_are_isolated_by_token,
+    an_unavailable_verifier_is_a_503_never_a_pass,
+    health_readiness_metrics_and_routes,
+    shutdown_lets_an_in_flight_exchange_finish,
+    a_foreign_node_id_names_the_op,
+    gzip_requests_and_responses,
+);

@@ -242,3 +242,18 @@ async fn two_server_processes_on_one_database() {
         let _ = child.wait();
     }
 }
+
+#[tokio::test]
+async fn servers_starting_together_migrate_safely() {
+    let Some(url) = url() else { return };
+    let url = fresh_schema(&url).await;
+    let opening: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PostgresBackend::open(&url, tide_core::Limits::default()).await.map(|_| ()) })
+        })
+        .collect();
+    for o in opening {
+        o.await.unwrap().expect("every server starts on the shared schema");
+    }
+}

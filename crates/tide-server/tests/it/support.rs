@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tide_core::Limits;
-use tide_server::{Authenticator, Durability, NoAuth, Server, ServerConfig, SqliteBackend};
+use tide_server::{Authenticator, Backend, Durability, NoAuth, PostgresBackend, Server, ServerConfig, SqliteBackend};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -29,27 +29,64 @@ impl Running {
     }
 }
 
-pub(crate) async fn start_with(config: ServerConfig, auth: Arc<dyn Authenticator>) -> Running {
+/// Which backend a test server stores in.
+#[derive(Debug, Clone)]
+pub(crate) enum Storage {
+    Sqlite,
+    /// A URL whose connections use a fresh schema.
+    Postgres(String),
+}
+
+impl Storage {
+    /// PostgreSQL in a fresh schema, or `None` (said loudly) without a database.
+    pub(crate) async fn postgres() -> Option<Self> {
+        let url = crate::postgres::url()?;
+        Some(Self::Postgres(crate::postgres::fresh_schema(&url).await))
+    }
+}
+
+pub(crate) async fn start_on_with(storage: Storage, config: ServerConfig, auth: Arc<dyn Authenticator>) -> Running {
     let dir = tempfile::tempdir().unwrap();
-    let backend =
-        SqliteBackend::open(&dir.path().join("server.db"), Durability::Normal, config.limits.clone()).await.unwrap();
+    let backend: Arc<dyn Backend> = match storage {
+        Storage::Sqlite => {
+            SqliteBackend::open(&dir.path().join("server.db"), Durability::Normal, config.limits.clone()).await.unwrap()
+        }
+        Storage::Postgres(url) => PostgresBackend::open(&url, config.limits.clone()).await.unwrap(),
+    };
     let server = Server::new(backend, auth, config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let s = server.clone();
     let task = tokio::spawn(async move {
-        s.serve(listener, async {
-            let _ = stopped.await;
-        })
-        .await
+        server
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
     });
     Running { addr, stop: Some(stop), task: Some(task), _dir: dir }
 }
 
-pub(crate) async fn start() -> Running {
-    start_with(ServerConfig::default(), Arc::new(NoAuth::new("default"))).await
+pub(crate) async fn start_on(storage: Storage) -> Running {
+    start_on_with(storage, ServerConfig::default(), Arc::new(NoAuth::new("default"))).await
 }
+
+/// Runs each listed `async fn(Storage)` as a test on SQLite and on
+/// PostgreSQL: one behavioural suite, two backends.
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod on_sqlite {
+            $( #[tokio::test] async fn $test() { super::$test(crate::support::Storage::Sqlite).await } )*
+        }
+        mod on_postgres {
+            $( #[tokio::test] async fn $test() {
+                let Some(storage) = crate::support::Storage::postgres().await else { return };
+                super::$test(storage).await
+            } )*
+        }
+    };
+}
+pub(crate) use on_both_backends;
 
 pub(crate) fn config(limits: Limits) -> ServerConfig {
     ServerConfig { limits, ..ServerConfig::default() }

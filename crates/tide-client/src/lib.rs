@@ -50,6 +50,6 @@ pub use sync::{
     BACKOFF_BASE, BACKOFF_MAX, PULL_PAGE_CHANGES_MAX, PUSH_BATCH_OPS_MAX, SYNC_EXCHANGES_MAX, SyncReport, SyncStatus,
 };
 pub use tide::{Batch, SyncHandle, Tide, TideBuilder, WATCH_BUFFER_CHANGES};
-pub use tide_store::{Durability, RejectedOp};
+pub use tide_store::{Durability, RejectedOp, Version};
 pub use tide_transport::{HeaderProvider, Headers};
 pub use watch::{ChangeEvent, Source, Watch, WatchEvent};

@@ -362,6 +362,14 @@ impl Tide {
         self.inner.status.subscribe()
     }
 
+    /// The stored version of a document, tombstones included, with its stamp.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn version(&self, collection: &str, id: &str) -> Result<Option<tide_store::Version>> {
+        Ok(self.inner.store.version(collection, id).await?)
+    }
+
     /// How many ops wait in the outbox.
     ///
     /// # Errors

@@ -4,6 +4,7 @@ mod abuse;
 mod behaviour;
 mod binary;
 mod differential;
+mod fuzz_twin;
 mod original_client;
 mod postgres;
 mod support;

@@ -1,0 +1,42 @@
+//! The seeded simulator over many seeds (reliability.md V1, N1–N4, N6, N10,
+//! N11, C10, V3, V7).
+//!
+//! `TIDE_SIM_SEED=n` replays one seed; `TIDE_SIM_SEEDS=n` runs n seeds
+//! (default 24 in CI; thousands for a soak).
+
+use tide_testkit::{SimConfig, SimReport, simulate};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_clients_converge_under_faults_and_restarts() {
+    let seeds: Vec<u64> = if let Ok(s) = std::env::var("TIDE_SIM_SEED") {
+        vec![s.parse().expect("TIDE_SIM_SEED is a number")]
+    } else {
+        (0..std::env::var("TIDE_SIM_SEEDS").map_or(24, |s| s.parse().expect("TIDE_SIM_SEEDS is a number"))).collect()
+    };
+    let config = SimConfig::default();
+    let mut total = SimReport::default();
+    for &seed in &seeds {
+        match simulate(seed, &config).await {
+            Ok(r) => {
+                total.writes += r.writes;
+                total.exchanges += r.exchanges;
+                total.faulted += r.faulted;
+                total.restarts += r.restarts;
+                total.settle_rounds = total.settle_rounds.max(r.settle_rounds);
+            }
+            Err(e) => panic!(
+                "seed {seed} failed: {e}\nreplay: TIDE_SIM_SEED={seed} cargo test -p tide-testkit --test it simulation"
+            ),
+        }
+    }
+    assert!(total.faulted > 0 && total.restarts > 0, "the runs met faults and restarts: {total:?}");
+    println!(
+        "simulation: {} seeds, {} writes, {} exchanges ({} faulted), {} restarts; settled within {} rounds at most",
+        seeds.len(),
+        total.writes,
+        total.exchanges,
+        total.faulted,
+        total.restarts,
+        total.settle_rounds
+    );
+}

@@ -20,8 +20,9 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use crate::auth::{AuthError, Authenticator};
-use crate::backend::{Backend, BackendError};
+use crate::auth::{AuthError, Authenticator, Namespace};
+use crate::backend::{Backend, BackendError, Reply};
+use crate::hub::{HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, Hub};
 use crate::metrics::Metrics;
 
 /// Default for [`ServerConfig::header_read_timeout`]: a client that has not
@@ -56,6 +57,11 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// See [`SHUTDOWN_GRACE_DEFAULT`].
     pub shutdown_grace: Duration,
+    /// Most long-polls held at once; past it a waiting request is answered
+    /// at once (default 10,000).
+    pub held_requests_max: usize,
+    /// Most long-polls held at once in one namespace (default 1,000).
+    pub held_per_namespace_max: usize,
 }
 
 impl Default for ServerConfig {
@@ -67,6 +73,8 @@ impl Default for ServerConfig {
             body_read_timeout: BODY_READ_TIMEOUT_DEFAULT,
             connections_max: CONNECTIONS_MAX_DEFAULT,
             shutdown_grace: SHUTDOWN_GRACE_DEFAULT,
+            held_requests_max: HELD_REQUESTS_MAX_DEFAULT,
+            held_per_namespace_max: HELD_PER_NAMESPACE_MAX_DEFAULT,
         }
     }
 }
@@ -76,6 +84,9 @@ struct App {
     auth: Arc<dyn Authenticator>,
     config: ServerConfig,
     metrics: Metrics,
+    hub: Arc<Hub>,
+    /// Set when shutdown begins: held long-polls answer at once.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// The sync server: a service to embed in any hyper (or axum) app with
@@ -136,9 +147,47 @@ fn accepts_gzip(headers: &HeaderMap) -> bool {
 }
 
 impl Server {
-    /// A server over `backend`, authenticating with `auth`.
+    /// A server over `backend`, authenticating with `auth`. Called within a
+    /// tokio runtime, it also starts listening for commits made by other
+    /// processes on the same storage (PostgreSQL), to wake long-polls.
     pub fn new(backend: Arc<dyn Backend>, auth: Arc<dyn Authenticator>, config: ServerConfig) -> Self {
-        Self { app: Arc::new(App { backend, auth, config, metrics: Metrics::default() }) }
+        let hub = Arc::new(Hub::new(config.held_requests_max, config.held_per_namespace_max));
+        let stopping = tokio::sync::watch::channel(false).0;
+        let app = Arc::new(App { backend, auth, config, metrics: Metrics::default(), hub, stopping });
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let weak = Arc::downgrade(&app.hub);
+            let on_commit: crate::backend::CommitCallback = Arc::new(move |namespace: &str| {
+                let Some(hub) = weak.upgrade() else { return false };
+                if namespace.is_empty() {
+                    hub.notify_all();
+                } else {
+                    hub.notify(namespace);
+                }
+                true
+            });
+            let backend = Arc::clone(&app.backend);
+            tokio::spawn(async move {
+                if let Err(e) = backend.listen(on_commit).await {
+                    tracing::warn!(error = %e, "not listening for other servers' commits; long-polls wake on this server's only");
+                }
+            });
+        }
+        Self { app }
+    }
+
+    /// Runs one exchange in a task of its own: a client that hangs up
+    /// cannot cancel a transaction halfway.
+    async fn run_exchange(
+        &self,
+        namespace: &Namespace,
+        request: &Arc<SyncRequest>,
+        span: &tracing::Span,
+    ) -> Result<Reply, BackendError> {
+        let backend = Arc::clone(&self.app.backend);
+        let (namespace, request) = (namespace.clone(), Arc::clone(request));
+        let result =
+            tokio::spawn(async move { backend.exchange(&namespace, &request).await }.instrument(span.clone())).await;
+        result.unwrap_or_else(|e| Err(BackendError::Internal(format!("exchange task failed: {e}"))))
     }
 
     /// Answers one request: `POST` to the sync path, `GET /healthz`,
@@ -168,7 +217,7 @@ impl Server {
             };
             ("readyz", resp)
         } else if req.method() == Method::GET && path == "/metrics" {
-            let mut resp = http::Response::new(Full::new(Bytes::from(app.metrics.render())));
+            let mut resp = http::Response::new(Full::new(Bytes::from(app.metrics.render(app.hub.held()))));
             resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             ("metrics", resp)
         } else {
@@ -221,8 +270,7 @@ impl Server {
         if let Err(v) = limits.check_request(&request) {
             return refuse(&v);
         }
-        // 5. Apply in a task of its own: a client that hangs up cannot
-        // cancel a transaction halfway.
+        // 5. Apply and read the page; a caught-up long-poll waits for a commit.
         let span = tracing::info_span!(
             "sync",
             namespace = %principal.namespace,
@@ -231,29 +279,47 @@ impl Server {
             ops = request.ops.len(),
             changes = tracing::field::Empty,
         );
-        let backend = Arc::clone(&app.backend);
-        let namespace = principal.namespace.clone();
         let started = Instant::now();
-        let result =
-            tokio::spawn(async move { backend.exchange(&namespace, &request).await }.instrument(span.clone())).await;
+        let wait = request.wait.filter(|w| request.ops.is_empty() && !w.is_zero()).map(|w| w.min(limits.wait_max));
+        // Taken before the first read, so a commit in between is not missed.
+        let mut held = wait.and_then(|_| app.hub.hold(principal.namespace.as_str()));
+        let request = Arc::new(request);
+        let mut result = self.run_exchange(&principal.namespace, &request, &span).await;
+        if let (Some(wait), Some(hold), Ok(reply)) = (wait, held.as_mut(), &result)
+            && reply.change_count == 0
+            && !reply.has_more
+            && !reply.reset
+        {
+            let mut stopping = app.stopping.subscribe();
+            let woken = tokio::select! {
+                changed = hold.commits.changed() => changed.is_ok(),
+                () = tokio::time::sleep(wait) => false,
+                _ = stopping.wait_for(|s| *s) => false,
+            };
+            if woken {
+                result = self.run_exchange(&principal.namespace, &request, &span).await;
+            }
+        }
+        drop(held);
+        if let Ok(reply) = &result
+            && reply.results.iter().any(|r| matches!(r, tide_core::OpResult::Applied { .. }))
+        {
+            app.hub.notify(principal.namespace.as_str());
+        }
         let resp = match result {
-            Ok(Ok(reply)) => {
+            Ok(reply) => {
                 app.metrics.results(&reply.results);
                 app.metrics.changes(reply.change_count);
                 span.record("changes", reply.change_count);
                 reply_response(&reply, gzip_reply)
             }
-            Ok(Err(BackendError::Refused(v))) => refuse(&v),
-            Ok(Err(BackendError::Unavailable(why))) => {
+            Err(BackendError::Refused(v)) => refuse(&v),
+            Err(BackendError::Unavailable(why)) => {
                 tracing::warn!(parent: &span, %why, "storage unavailable");
                 plain(ErrorCode::Unavailable, "storage unavailable; retry later")
             }
-            Ok(Err(BackendError::Internal(why))) => {
+            Err(BackendError::Internal(why)) => {
                 tracing::error!(parent: &span, %why, "storage failure");
-                plain(ErrorCode::Internal, "internal error")
-            }
-            Err(e) => {
-                tracing::error!(parent: &span, error = %e, "exchange task failed");
                 plain(ErrorCode::Internal, "internal error")
             }
         };
@@ -327,7 +393,8 @@ impl Server {
             });
         }
         drop(listener);
-        tracing::info!("shutting down: finishing in-flight exchanges");
+        self.app.stopping.send_replace(true);
+        tracing::info!("shutting down: answering held long-polls, finishing in-flight exchanges");
         tokio::select! {
             () = graceful.shutdown() => tracing::info!("all connections closed"),
             () = tokio::time::sleep(config.shutdown_grace) => tracing::warn!("shutdown grace ran out with connections open"),

@@ -16,13 +16,15 @@
 mod auth;
 pub mod backend;
 mod http;
+mod hub;
 mod metrics;
 
 pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError};
 pub use backend::postgres::{POSTGRES_POOL_MAX, PostgresBackend};
 pub use backend::sqlite::{Durability, SqliteBackend};
-pub use backend::{Backend, BackendError, Reply};
+pub use backend::{Backend, BackendError, CommitCallback, Reply};
 pub use http::{
     AUTHORIZATION_BYTES_MAX, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT, HEADER_READ_TIMEOUT_DEFAULT,
     SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig,
 };
+pub use hub::{HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT};

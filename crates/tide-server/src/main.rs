@@ -11,8 +11,8 @@ use clap::Parser;
 use tide_core::limits;
 use tide_server::{
     Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, CONNECTIONS_MAX_DEFAULT, Durability,
-    HEADER_READ_TIMEOUT_DEFAULT, NoAuth, PostgresBackend, SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend,
-    StaticTokens,
+    HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, NoAuth, PostgresBackend,
+    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens,
 };
 
 /// tide's sync server: clients POST their pending writes and pull what
@@ -82,6 +82,15 @@ struct Args {
     /// Most connections open at once.
     #[arg(long, env = "TIDE_SERVER_CONNECTIONS_MAX", default_value_t = CONNECTIONS_MAX_DEFAULT)]
     connections_max: usize,
+    /// Most long-polls held at once (past it, waiting requests are answered at once).
+    #[arg(long, env = "TIDE_SERVER_HELD_REQUESTS_MAX", default_value_t = HELD_REQUESTS_MAX_DEFAULT)]
+    held_requests_max: usize,
+    /// Most long-polls held at once in one namespace.
+    #[arg(long, env = "TIDE_SERVER_HELD_PER_NAMESPACE_MAX", default_value_t = HELD_PER_NAMESPACE_MAX_DEFAULT)]
+    held_per_namespace_max: usize,
+    /// Longest long-poll hold, in seconds (a client's `wait_ms` is capped to it).
+    #[arg(long, env = "TIDE_SERVER_WAIT_MAX", default_value_t = limits::WAIT_MAX.as_secs_f64())]
+    wait_max: f64,
     /// Seconds in-flight exchanges get to finish on shutdown.
     #[arg(long, env = "TIDE_SERVER_SHUTDOWN_GRACE", default_value_t = SHUTDOWN_GRACE_DEFAULT.as_secs_f64())]
     shutdown_grace: f64,
@@ -130,6 +139,7 @@ async fn run(args: Args) -> Result<(), String> {
         changes_per_response_max: args.changes_per_response_max,
         response_bytes_max: args.response_bytes_max,
         lamport_lead_max: args.lamport_lead_max,
+        wait_max: seconds("wait-max", args.wait_max)?,
         ..limits::Limits::default()
     };
     let config = ServerConfig {
@@ -139,6 +149,8 @@ async fn run(args: Args) -> Result<(), String> {
         body_read_timeout: seconds("body-read-timeout", args.body_read_timeout)?,
         connections_max: args.connections_max.max(1),
         shutdown_grace: seconds("shutdown-grace", args.shutdown_grace)?,
+        held_requests_max: args.held_requests_max,
+        held_per_namespace_max: args.held_per_namespace_max,
     };
     let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
     let backend: Arc<dyn Backend> = match &args.database_url {

@@ -60,7 +60,7 @@ impl Metrics {
         self.open_connections.fetch_sub(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn render(&self) -> String {
+    pub(crate) fn render(&self, held: usize) -> String {
         let mut out = String::new();
         out.push_str(
             "# HELP tide_requests_total HTTP requests by route and status.\n# TYPE tide_requests_total counter\n",
@@ -78,6 +78,8 @@ impl Metrics {
         let _ = writeln!(out, "tide_changes_served_total {}", self.changes.load(Ordering::Relaxed));
         out.push_str("# HELP tide_open_connections Open client connections.\n# TYPE tide_open_connections gauge\n");
         let _ = writeln!(out, "tide_open_connections {}", self.open_connections.load(Ordering::Relaxed));
+        out.push_str("# HELP tide_held_requests Long-polls waiting for a commit.\n# TYPE tide_held_requests gauge\n");
+        let _ = writeln!(out, "tide_held_requests {held}");
         out.push_str(
             "# HELP tide_request_duration_seconds Time to answer a sync request.\n# TYPE tide_request_duration_seconds histogram\n",
         );

@@ -28,6 +28,10 @@ pub enum BackendError {
     Internal(String),
 }
 
+/// Told the namespace of every commit another process made; returns
+/// whether to keep listening (false once the server is gone).
+pub type CommitCallback = std::sync::Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// The answer to one exchange, with the page already rendered as JSON so
 /// the server never re-parses stored documents.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +95,15 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether the backend can serve now (for readiness checks).
     async fn ready(&self) -> Result<(), BackendError>;
+
+    /// Reports commits made by other processes sharing this storage, for as
+    /// long as the backend lives: `on_commit(namespace)`, or
+    /// `on_commit("")` when some may have been missed. A backend only this
+    /// process writes needs nothing here.
+    async fn listen(&self, on_commit: CommitCallback) -> Result<(), BackendError> {
+        let _ = on_commit;
+        Ok(())
+    }
 }
 
 /// One row of a page window, as a backend reads it.

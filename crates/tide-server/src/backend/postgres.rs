@@ -22,11 +22,16 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest};
 
-use super::{Backend, BackendError, PageBuilder, PageRow, Reply, Written, check_lead, decide_all, render_change};
+use super::{
+    Backend, BackendError, CommitCallback, PageBuilder, PageRow, Reply, Written, check_lead, decide_all, render_change,
+};
 use crate::auth::Namespace;
 
 /// Connections in the PostgreSQL pool of one server process.
 pub const POSTGRES_POOL_MAX: u32 = 16;
+
+/// The channel commits are announced on, for servers holding long-polls.
+const COMMITS_CHANNEL: &str = "tide_commits";
 
 /// A constant key for the advisory lock that serializes migrations when
 /// several servers start together.
@@ -174,6 +179,15 @@ impl PostgresBackend {
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
+        if results.iter().any(|r| matches!(r, OpResult::Applied { .. })) {
+            // Delivered to every listening server when the transaction commits.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(COMMITS_CHANNEL)
+                .bind(ns.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
         tx.commit().await.map_err(unavailable)?;
         Ok(results)
     }
@@ -274,6 +288,29 @@ impl Backend for PostgresBackend {
 
     async fn ready(&self) -> Result<(), BackendError> {
         sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&self.pool).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn listen(&self, on_commit: CommitCallback) -> Result<(), BackendError> {
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.map_err(unavailable)?;
+        listener.listen(COMMITS_CHANNEL).await.map_err(unavailable)?;
+        tokio::spawn(async move {
+            loop {
+                let keep = match listener.recv().await {
+                    Ok(n) => on_commit(n.payload()),
+                    Err(e) => {
+                        // The listener reconnects; what was sent meanwhile is lost,
+                        // so wake everyone to look.
+                        tracing::warn!(error = %e, "commit notifications interrupted");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        on_commit("")
+                    }
+                };
+                if !keep {
+                    return;
+                }
+            }
+        });
         Ok(())
     }
 }

@@ -23,6 +23,10 @@ pub const PULL_PAGE_CHANGES_MAX: u32 = 1_000;
 pub const SYNC_EXCHANGES_MAX: usize = 10_000;
 /// First delay after a failed background sync; it doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// A long-poll answered sooner than this with nothing in it means the
+/// server does not hold polls: the background sync falls back to its
+/// interval.
+pub const LONG_POLL_HOLD_MIN: Duration = Duration::from_millis(500);
 /// Longest delay between background retries.
 pub const BACKOFF_MAX: Duration = Duration::from_mins(1);
 
@@ -169,11 +173,55 @@ pub(crate) fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration 
     (exp / 2 + jitter).max(retry_after.unwrap_or_default())
 }
 
+/// How a long-poll ended.
+enum Poll {
+    /// A remote change is waiting (or may be): sync now.
+    Changed,
+    /// A local write: push now.
+    LocalWrite,
+    /// The server answered at once with nothing: it does not hold polls.
+    NotHeld,
+    /// The hold ran out with nothing new: poll again.
+    Expired,
+    Stop,
+    Failed(Error),
+}
+
+impl Inner {
+    /// One long-poll: a request with no ops that the server holds until a
+    /// change commits. Dropped on a local write or stop (the server lets go
+    /// of a request whose client hung up).
+    async fn poll(&self, wait: Duration, stop: &mut watch::Receiver<bool>) -> Poll {
+        let Some(transport) = &self.transport else { return Poll::Stop };
+        let cursor = match self.store.cursor().await {
+            Ok(c) => c,
+            Err(e) => return Poll::Failed(e.into()),
+        };
+        let mut req = SyncRequest::new(self.store.node_id(), cursor);
+        req.limit = Some(PULL_PAGE_CHANGES_MAX);
+        req.wait = Some(wait);
+        let started = std::time::Instant::now();
+        tokio::select! {
+            biased;
+            _ = stop.changed() => Poll::Stop,
+            () = self.wake.notified() => Poll::LocalWrite,
+            resp = transport.exchange(&req) => match resp {
+                Ok(r) if !r.changes.is_empty() || r.has_more || r.reset => Poll::Changed,
+                Ok(_) if started.elapsed() < LONG_POLL_HOLD_MIN => Poll::NotHeld,
+                Ok(_) => Poll::Expired,
+                Err(e) => Poll::Failed(e.into()),
+            },
+        }
+    }
+}
+
 /// Runs background syncs until `stop` says so: at once, then on every local
-/// write, every `interval`, and after failures by [`backoff`].
+/// write, on every remote change (long-poll) or every `interval`, and after
+/// failures by [`backoff`].
 pub(crate) async fn run_forever(inner: Arc<Inner>, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut failures = 0u32;
     let mut delay = Duration::ZERO;
+    let mut live = inner.long_poll;
     loop {
         tokio::select! {
             biased;
@@ -186,19 +234,37 @@ pub(crate) async fn run_forever(inner: Arc<Inner>, interval: Duration, mut stop:
         if *stop.borrow() || inner.closed() {
             return;
         }
-        match inner.sync_once().await {
-            Ok(_) => {
-                failures = 0;
-                delay = interval;
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                let retry_after = match &e {
-                    Error::Transport(t) => t.retry_after(),
-                    _ => None,
-                };
-                delay = backoff(failures, retry_after);
-                tracing::warn!(error = %e, failures, retry_in = ?delay, "background sync failed");
+        if let Err(e) = inner.sync_once().await {
+            failures = failures.saturating_add(1);
+            let retry_after = match &e {
+                Error::Transport(t) => t.retry_after(),
+                _ => None,
+            };
+            delay = backoff(failures, retry_after);
+            tracing::warn!(error = %e, failures, retry_in = ?delay, "background sync failed");
+            continue;
+        }
+        failures = 0;
+        delay = interval;
+        // Caught up: hold a long-poll until something changes.
+        while let Some(wait) = live {
+            match inner.poll(wait, &mut stop).await {
+                Poll::Expired => {}
+                Poll::Changed | Poll::LocalWrite => {
+                    delay = Duration::ZERO;
+                    break;
+                }
+                Poll::NotHeld => {
+                    tracing::debug!("the server does not hold long-polls; syncing every interval");
+                    live = None;
+                }
+                Poll::Stop => return,
+                Poll::Failed(e) => {
+                    failures = 1;
+                    delay = backoff(failures, None);
+                    tracing::warn!(error = %e, retry_in = ?delay, "long-poll failed");
+                    break;
+                }
             }
         }
     }

@@ -17,10 +17,14 @@ use crate::watch::{ChangeEvent, Filter, Hub, Source, Watch};
 
 /// How many changes a watcher may fall behind before it is told it lagged.
 pub const WATCH_BUFFER_CHANGES: usize = 1_024;
+/// Default for [`TideBuilder::long_poll`]: below the server's 30 s cap and
+/// the HTTP transport's 60 s exchange timeout.
+pub const LONG_POLL_WAIT_DEFAULT: Duration = Duration::from_secs(25);
 
 pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) transport: Option<Arc<dyn Transport>>,
+    pub(crate) long_poll: Option<Duration>,
     pub(crate) hub: Hub,
     pub(crate) status: watch::Sender<SyncStatus>,
     pub(crate) wake: Notify,
@@ -91,6 +95,7 @@ pub struct TideBuilder {
     transport: Option<Arc<dyn Transport>>,
     headers: Headers,
     store: OpenOptions,
+    long_poll: Option<Duration>,
 }
 
 impl std::fmt::Debug for TideBuilder {
@@ -144,6 +149,15 @@ impl TideBuilder {
         self
     }
 
+    /// How long the background sync asks the server to hold a request
+    /// while caught up (long-poll), so a remote change arrives as soon as it
+    /// commits; `None` polls every interval instead. Default
+    /// [`LONG_POLL_WAIT_DEFAULT`]; the transport's timeout must be longer.
+    pub fn long_poll(mut self, wait: Option<Duration>) -> Self {
+        self.long_poll = wait;
+        self
+    }
+
     /// Opens the store and, if a transport or endpoint was given, readies
     /// sync. No background sync runs until [`Tide::sync_forever`].
     ///
@@ -170,6 +184,7 @@ impl TideBuilder {
         let inner = Arc::new(Inner {
             store,
             transport,
+            long_poll: self.long_poll,
             hub: Hub::default(),
             status: watch::channel(status).0,
             wake: Notify::new(),
@@ -230,7 +245,14 @@ pub(crate) fn to_doc<T: serde::Serialize + ?Sized>(collection: &str, id: &str, v
 impl Tide {
     /// Starts configuring a Tide.
     pub fn builder() -> TideBuilder {
-        TideBuilder { path: None, endpoint: None, transport: None, headers: Headers::None, store: OpenOptions::new() }
+        TideBuilder {
+            path: None,
+            endpoint: None,
+            transport: None,
+            headers: Headers::None,
+            store: OpenOptions::new(),
+            long_poll: Some(LONG_POLL_WAIT_DEFAULT),
+        }
     }
 
     /// Opens the store at `path`, syncing with `endpoint`.
@@ -316,8 +338,10 @@ impl Tide {
     }
 
     /// Syncs in the background: at once, on every local write (even one
-    /// made during an exchange), every `interval`, and after a failure with
-    /// exponential backoff and jitter that honours `Retry-After`. Errors go
+    /// made during an exchange or a long-poll), on every remote change (a
+    /// long-poll held by the server answers when one commits; against a
+    /// server that does not hold polls, every `interval`), and after a
+    /// failure with exponential backoff and jitter that honours `Retry-After`. Errors go
     /// to [`Tide::status`]. It stops when the handle is dropped or the Tide
     /// is closed.
     ///

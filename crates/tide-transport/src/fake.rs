@@ -90,9 +90,14 @@ struct State {
 }
 
 /// An in-memory sync server. Cheap to clone; clones share one server.
+///
+/// It holds long-polls like a real server: a request with `wait` and no
+/// ops whose page is empty waits for the next commit (or the wait).
 #[derive(Clone)]
 pub struct FakeServer {
     state: Arc<Mutex<State>>,
+    commits: Arc<tokio::sync::watch::Sender<u64>>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Default for FakeServer {
@@ -116,7 +121,11 @@ impl FakeServer {
     /// A server enforcing `limits`.
     pub fn with_limits(limits: Limits) -> Self {
         let state = State { model: Model::new(limits), clients: HashMap::new(), traffic: Vec::new(), chaos: None };
-        Self { state: Arc::new(Mutex::new(state)) }
+        Self {
+            state: Arc::new(Mutex::new(state)),
+            commits: Arc::new(tokio::sync::watch::channel(0).0),
+            held: Arc::default(),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -135,6 +144,11 @@ impl FakeServer {
     /// A copy of the server's state.
     pub fn model(&self) -> Model {
         self.lock().model.clone()
+    }
+
+    /// How many long-polls the server is holding now.
+    pub fn held_polls(&self) -> usize {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every exchange so far, in order.
@@ -244,6 +258,36 @@ impl Transport for FakeTransport {
         if let Some(Fault::Delay(d)) = fault {
             tokio::time::sleep(d).await;
         }
+        let mut commits = self.server.commits.subscribe();
+        if fault.is_none() && request.ops.is_empty() && request.wait.is_some_and(|w| !w.is_zero()) {
+            // A long-poll: hold it while there is nothing to send.
+            let wait = {
+                let state = self.server.lock();
+                let limits = state.model.limits();
+                let from = request.cursor.unwrap_or_default();
+                let empty = from.seq() <= state.model.seq()
+                    && state
+                        .model
+                        .page(from, Some(&request.node_id).filter(|_| from.seq() > 0).map(String::as_str), 1)
+                        .changes
+                        .is_empty();
+                empty.then(|| request.wait.unwrap_or_default().min(limits.wait_max))
+            };
+            if let Some(wait) = wait {
+                struct Holding<'a>(&'a std::sync::atomic::AtomicUsize);
+                impl Drop for Holding<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                }
+                self.server.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _holding = Holding(&self.server.held);
+                tokio::select! {
+                    _ = commits.changed() => {}
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
         let mut state = self.server.lock();
         let (committed, result) = match &fault {
             Some(Fault::Drop) => (false, Err(Error::Network { message: "request lost (fake)".into(), source: None })),
@@ -269,6 +313,9 @@ impl Transport for FakeTransport {
             Ok(resp) => Outcome::Response(resp.clone()),
             Err(e) => Outcome::Failed(e.to_string()),
         };
+        if committed && !request.ops.is_empty() {
+            self.server.commits.send_modify(|v| *v += 1);
+        }
         state.traffic.push(Exchange { client: self.name.clone(), request, fault, committed, outcome });
         result
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tide_client::SyncStatus;
 use tide_transport::{FakeServer, Fault};
 
-use crate::{Note, client, note};
+use crate::{Note, client, interval_client, note};
 
 /// Waits (bounded) until the status satisfies `f`.
 async fn until(t: &tide_client::Tide, f: impl Fn(&SyncStatus) -> bool) -> SyncStatus {
@@ -45,7 +45,7 @@ async fn a_local_write_syncs_at_once_even_during_an_exchange() {
 #[tokio::test]
 async fn failures_back_off_and_honour_retry_after() {
     let server = FakeServer::new();
-    let a = client(&server, "a").await;
+    let a = interval_client(&server, "a").await;
     a.collection::<Note>("n").put("k", &note("x")).await.unwrap();
     server.script("a", [Fault::Status { status: 503, retry_after: Some(Duration::from_secs(1)) }]);
     let start = std::time::Instant::now();
@@ -61,7 +61,7 @@ async fn failures_back_off_and_honour_retry_after() {
 #[tokio::test]
 async fn an_outage_is_retried_with_growing_delays_then_recovers() {
     let server = FakeServer::new();
-    let a = client(&server, "a").await;
+    let a = interval_client(&server, "a").await;
     a.collection::<Note>("n").put("k", &note("x")).await.unwrap();
     server.partition("a");
     let _sync = a.sync_forever(Duration::from_hours(1)).await.unwrap();
@@ -77,7 +77,7 @@ async fn an_outage_is_retried_with_growing_delays_then_recovers() {
 #[tokio::test]
 async fn dropping_the_handle_or_closing_stops_the_loop() {
     let server = FakeServer::new();
-    let a = client(&server, "a").await;
+    let a = interval_client(&server, "a").await;
     let handle = a.sync_forever(Duration::from_millis(100)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
     let before = server.traffic().len();
@@ -132,4 +132,48 @@ async fn rejected_ops_can_be_listed_retried_and_discarded() {
     assert!(second.rejected().await.unwrap().is_empty());
     assert_eq!(second.status().rejected, 0);
     assert_eq!(second.collection::<Note>("n").get("j").await.unwrap(), Some(note("second's j")));
+}
+
+#[tokio::test]
+async fn a_remote_write_reaches_a_live_client_at_once() {
+    let server = FakeServer::new();
+    let (a, b) = (client(&server, "a").await, client(&server, "b").await);
+    // An hour between timed syncs: only the long-poll can bring b the change.
+    let _sync = b.sync_forever(Duration::from_hours(1)).await.unwrap();
+    until(&b, |s| s.last_success.is_some()).await;
+    let mut watch = b.watch();
+    a.collection::<Note>("n").put("k", &note("live")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let event =
+        tokio::time::timeout(Duration::from_secs(10), watch.next()).await.expect("arrives without waiting an interval");
+    let Some(tide_client::WatchEvent::Change(change)) = event else { panic!("{event:?}") };
+    assert_eq!((change.id.as_str(), change.source), ("k", tide_client::Source::Remote));
+}
+
+#[tokio::test]
+async fn a_local_write_during_a_held_poll_is_pushed_at_once() {
+    let server = FakeServer::new();
+    let a = client(&server, "a").await;
+    let _sync = a.sync_forever(Duration::from_hours(1)).await.unwrap();
+    until(&a, |s| s.last_success.is_some()).await;
+    // Wait until the server holds a poll (25 s long by default).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while server.held_polls() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("a poll is held");
+    a.collection::<Note>("n").put("k", &note("now")).await.unwrap();
+    // Far sooner than the poll would return by itself.
+    tokio::time::timeout(Duration::from_secs(5), until(&a, |s| s.pending == 0)).await.expect("pushed at once");
+    assert_eq!(server.model().rows().count(), 1);
+    // The dropped poll was let go, and the client holds a new one: never two.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while server.held_polls() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("one poll held again");
 }

@@ -27,6 +27,12 @@ pub(crate) async fn client(server: &FakeServer, name: &str) -> Tide {
     Tide::builder().node_id(name).transport(Arc::new(server.connect(name))).open().await.unwrap()
 }
 
+/// A Tide in memory that syncs every interval, without long-polls, so
+/// tests can count its exchanges.
+pub(crate) async fn interval_client(server: &FakeServer, name: &str) -> Tide {
+    Tide::builder().node_id(name).long_poll(None).transport(Arc::new(server.connect(name))).open().await.unwrap()
+}
+
 /// A Tide on a file in `dir`, as client `name`.
 pub(crate) async fn file_client(server: &FakeServer, dir: &std::path::Path, name: &str) -> Tide {
     Tide::builder()

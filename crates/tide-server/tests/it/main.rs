@@ -5,6 +5,7 @@ mod behaviour;
 mod binary;
 mod differential;
 mod fuzz_twin;
+mod live;
 mod original_client;
 mod postgres;
 mod support;

@@ -1,0 +1,172 @@
+//! Long-poll (live sync): held until a commit, expiry, caps, shutdown, a
+//! vanished client, many idle clients, and two servers on PostgreSQL.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tide_core::{Cursor, Op, Payload, Stamp, SyncRequest, SyncResponse};
+use tide_server::{NoAuth, ServerConfig};
+use tide_transport::{HttpTransport, Transport};
+use tokio::io::AsyncWriteExt;
+
+use crate::support::{self, Storage};
+
+fn poll(node: &str, cursor: Option<Cursor>, wait: Duration) -> SyncRequest {
+    let mut r = SyncRequest::new(node, cursor);
+    r.wait = Some(wait);
+    r
+}
+
+fn push(node: &str, id: &str, lamport: u64) -> SyncRequest {
+    let mut r = SyncRequest::new(node, None);
+    r.ops = vec![Op {
+        collection: "c".into(),
+        id: id.into(),
+        stamp: Stamp::new(lamport, node),
+        payload: Payload::Put(json!({"v": lamport}).as_object().cloned().unwrap()),
+        op_id: None,
+    }];
+    r
+}
+
+async fn held(addr: std::net::SocketAddr) -> usize {
+    let get = b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let (_, body) = support::raw(addr, get).await;
+    body.lines().find_map(|l| l.strip_prefix("tide_held_requests ")).and_then(|n| n.parse().ok()).unwrap_or(usize::MAX)
+}
+
+async fn until_held(addr: std::net::SocketAddr, n: usize) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while held(addr).await != n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("never {n} held requests"));
+}
+
+#[tokio::test]
+async fn a_held_poll_wakes_on_a_commit() {
+    let running = support::start_on(Storage::Sqlite).await;
+    let (a, b) = (HttpTransport::new(&running.endpoint()).unwrap(), HttpTransport::new(&running.endpoint()).unwrap());
+    let first = b.exchange(&SyncRequest::new("b", None)).await.unwrap();
+    let waiting =
+        tokio::spawn(async move { b.exchange(&poll("b", Some(first.cursor), Duration::from_secs(20))).await });
+    until_held(running.addr, 1).await;
+    let start = Instant::now();
+    a.exchange(&push("a", "k", 1)).await.unwrap();
+    let woken: SyncResponse = waiting.await.unwrap().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10), "woken by the commit, not the 20 s wait");
+    assert_eq!(woken.changes.len(), 1);
+    assert_eq!(held(running.addr).await, 0);
+}
+
+#[tokio::test]
+async fn a_poll_expires_and_old_clients_are_answered_at_once() {
+    let running = support::start_on(Storage::Sqlite).await;
+    let b = HttpTransport::new(&running.endpoint()).unwrap();
+    let start = Instant::now();
+    let r = b.exchange(&poll("b", None, Duration::from_millis(300))).await.unwrap();
+    assert!(start.elapsed() >= Duration::from_millis(300) && r.changes.is_empty());
+    // No wait_ms, or ops in the request: answered at once even with nothing to send.
+    let start = Instant::now();
+    b.exchange(&SyncRequest::new("b", None)).await.unwrap();
+    let mut with_ops = push("b", "x", 1);
+    with_ops.wait = Some(Duration::from_secs(20));
+    b.exchange(&with_ops).await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn holds_are_capped_per_namespace() {
+    let config = ServerConfig { held_per_namespace_max: 2, ..ServerConfig::default() };
+    let running = support::start_on_with(Storage::Sqlite, config, Arc::new(NoAuth::new("n"))).await;
+    let endpoint = running.endpoint();
+    let holders: Vec<_> = (0..2)
+        .map(|i| {
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                HttpTransport::new(&endpoint)
+                    .unwrap()
+                    .exchange(&poll(&format!("h{i}"), None, Duration::from_secs(20)))
+                    .await
+            })
+        })
+        .collect();
+    until_held(running.addr, 2).await;
+    let start = Instant::now();
+    let third =
+        HttpTransport::new(&endpoint).unwrap().exchange(&poll("h3", None, Duration::from_secs(20))).await.unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10) && third.changes.is_empty(), "answered at once past the cap");
+    for h in holders {
+        h.abort();
+    }
+}
+
+#[tokio::test]
+async fn shutdown_answers_held_polls() {
+    let running = support::start_on(Storage::Sqlite).await;
+    let b = HttpTransport::new(&running.endpoint()).unwrap();
+    let waiting = tokio::spawn(async move { b.exchange(&poll("b", None, Duration::from_secs(25))).await });
+    until_held(running.addr, 1).await;
+    let start = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), running.stop())
+        .await
+        .expect("the server stops without waiting out the poll");
+    let answered = waiting.await.unwrap().unwrap();
+    assert!(answered.changes.is_empty());
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_vanished_client_releases_its_hold() {
+    let running = support::start_on(Storage::Sqlite).await;
+    let body = serde_json::to_string(&poll("gone", None, Duration::from_secs(25))).unwrap();
+    let mut stream = tokio::net::TcpStream::connect(running.addr).await.unwrap();
+    let request = format!("POST /sync HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    stream.write_all(request.as_bytes()).await.unwrap();
+    until_held(running.addr, 1).await;
+    drop(stream);
+    until_held(running.addr, 0).await;
+}
+
+#[tokio::test]
+async fn many_idle_clients_are_all_woken_by_one_commit() {
+    let running = support::start_on(Storage::Sqlite).await;
+    let n = 200;
+    let endpoint = running.endpoint();
+    let waiting: Vec<_> = (0..n)
+        .map(|i| {
+            let endpoint = endpoint.clone();
+            tokio::spawn(async move {
+                HttpTransport::new(&endpoint)
+                    .unwrap()
+                    .exchange(&poll(&format!("idle{i}"), None, Duration::from_secs(25)))
+                    .await
+            })
+        })
+        .collect();
+    until_held(running.addr, n).await;
+    HttpTransport::new(&endpoint).unwrap().exchange(&push("writer", "k", 1)).await.unwrap();
+    for w in waiting {
+        let r = tokio::time::timeout(Duration::from_secs(20), w).await.expect("woken").unwrap().unwrap();
+        assert_eq!(r.changes.len(), 1);
+    }
+    assert_eq!(held(running.addr).await, 0);
+}
+
+#[tokio::test]
+async fn a_commit_on_one_postgres_server_wakes_a_poll_on_another() {
+    let Some(Storage::Postgres(url)) = Storage::postgres().await else { return };
+    let one = support::start_on(Storage::Postgres(url.clone())).await;
+    let two = support::start_on(Storage::Postgres(url)).await;
+    let b = HttpTransport::new(&one.endpoint()).unwrap();
+    let waiting = tokio::spawn(async move { b.exchange(&poll("b", None, Duration::from_secs(20))).await });
+    until_held(one.addr, 1).await;
+    let start = Instant::now();
+    HttpTransport::new(&two.endpoint()).unwrap().exchange(&push("a", "k", 1)).await.unwrap();
+    let woken = waiting.await.unwrap().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(10), "LISTEN/NOTIFY woke it, not the wait");
+    assert_eq!(woken.changes.len(), 1);
+}

@@ -14,8 +14,10 @@ use crate::error::{Error, Result};
 use crate::tide::Inner;
 use crate::watch::{ChangeEvent, Source};
 
-/// Most ops pushed in one exchange (the original pushed at most 500).
-pub const PUSH_BATCH_OPS_MAX: usize = 500;
+/// Most ops pushed in one exchange: the protocol's default cap (the
+/// original pushed at most 500). A server with a lower cap refuses with
+/// `too_many_ops`, and the client should be configured to match it.
+pub const PUSH_BATCH_OPS_MAX: usize = tide_core::limits::OPS_PER_REQUEST_MAX;
 /// Most changes asked for in one exchange (the server may send fewer).
 pub const PULL_PAGE_CHANGES_MAX: u32 = 1_000;
 /// Most exchanges one `sync_once` makes before returning (it resumes on

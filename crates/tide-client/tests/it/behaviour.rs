@@ -88,16 +88,16 @@ async fn more_than_one_batch_goes_out_in_one_sync() {
     let server = FakeServer::new();
     let a = client(&server, "a").await;
     let mut batch = Batch::default();
-    for i in 0..1_234 {
+    for i in 0..2_345 {
         batch = batch.put("n", &format!("k{i:04}"), &note("bulk")).unwrap();
     }
     a.commit(batch).await.unwrap();
     let report = a.sync_once().await.unwrap();
-    assert_eq!(report.pushed, 1_234, "the original pushed only 500 per sync");
+    assert_eq!(report.pushed, 2_345, "the original pushed only 500 per sync");
     assert!(report.exchanges >= 3);
     let b = client(&server, "b").await;
     let report = b.sync_once().await.unwrap();
-    assert_eq!(report.applied, 1_234, "and pulls follow has_more to the end");
+    assert_eq!(report.applied, 2_345, "and pulls follow has_more to the end");
 }
 
 #[tokio::test]

@@ -1,0 +1,602 @@
+//! The benchmark suite: every workload of BENCHMARKS.md in one command,
+//! beside the raw limits (plain SQLite, an empty HTTP round trip) and the
+//! original Python tide 0.2.1, measured in the same run.
+//!
+//! ```text
+//! TIDE_PYTHON=/path/to/python-with-tide-0.2.1 cargo bench -p tide-testkit --bench suite
+//! ```
+//!
+//! Sizes: `TIDE_BENCH_OPS` (local ops, default 2,000), `TIDE_BENCH_PUSH`
+//! (default 100,000), `TIDE_BENCH_DOCS` (initial sync, default 1,000,000),
+//! `TIDE_BENCH_IDLE` (idle clients for live sync, default 1,000),
+//! `TIDE_BENCH_SECS` (per load run, default 5). The table is printed and
+//! written as JSON to `target/bench-suite.json`.
+#![expect(clippy::cast_precision_loss, reason = "rates and latencies are shown to a few digits")]
+
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tide_client::{Batch, Durability, Tide, WatchEvent};
+use tide_core::{Op, Payload, Stamp, SyncRequest};
+use tide_server::{Server, ServerConfig, SqliteBackend, StaticTokens};
+use tide_transport::{Headers, HttpTransport, Transport};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// p-th per mille of sorted durations, in ms.
+fn pct(sorted: &[Duration], per_mille: usize) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    ms(sorted[(sorted.len() - 1) * per_mille / 1000])
+}
+
+fn doc(i: usize) -> Value {
+    json!({"title": format!("document number {i}"), "body": "x".repeat(150), "n": i})
+}
+
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or(f64::NAN, |kib| kib / 1024.0)
+}
+
+struct Table {
+    rows: Vec<Value>,
+}
+
+impl Table {
+    fn row(
+        &mut self,
+        workload: &str,
+        tide: String,
+        raw: Option<String>,
+        original: Option<String>,
+        ratio: Option<f64>,
+        target: &str,
+    ) {
+        println!(
+            "{workload:<46} | {tide:<34} | {:<26} | {:<26} | {:>7} | {target}",
+            raw.as_deref().unwrap_or("-"),
+            original.as_deref().unwrap_or("-"),
+            ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+        );
+        let row = serde_json::Map::from_iter([
+            ("workload".to_owned(), Value::from(workload)),
+            ("tide".to_owned(), Value::String(tide)),
+            ("raw".to_owned(), raw.map_or(Value::Null, Value::String)),
+            ("original".to_owned(), original.map_or(Value::Null, Value::String)),
+            ("ratio".to_owned(), ratio.map_or(Value::Null, Value::from)),
+            ("target".to_owned(), Value::from(target)),
+        ]);
+        self.rows.push(Value::Object(row));
+    }
+}
+
+/// A tide-server in this process on SQLite in `dir`, for `namespace` tokens.
+async fn server(dir: &std::path::Path, name: &str, config: ServerConfig) -> String {
+    let backend =
+        SqliteBackend::open(&dir.join(format!("{name}.db")), tide_server::Durability::Full, config.limits.clone())
+            .await
+            .expect("the server database opens");
+    let tokens = StaticTokens::new([("live", "live"), ("idle", "idle"), ("bench", "bench")]);
+    let server = Server::new(backend, Arc::new(tokens), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
+    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    endpoint
+}
+
+fn auth(token: &str) -> Headers {
+    Headers::Static(vec![("authorization".into(), format!("Bearer {token}"))])
+}
+
+async fn client(dir: &std::path::Path, name: &str, endpoint: &str, durability: Durability) -> Tide {
+    Tide::builder()
+        .path(dir.join(format!("{name}.db")))
+        .endpoint(endpoint)
+        .headers(auth("bench"))
+        .durability(durability)
+        .open()
+        .await
+        .unwrap()
+}
+
+/// The original Python tide, running `script` with `args`; its last stdout line as a number.
+fn python(script: &str, args: &[&str]) -> Option<f64> {
+    let python = std::env::var("TIDE_PYTHON").ok()?;
+    let out = Command::new(python).arg("-c").arg(script).args(args).output().ok()?;
+    if !out.status.success() {
+        eprintln!("original tide failed: {}", String::from_utf8_lossy(&out.stderr));
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).lines().last()?.trim().parse().ok()
+}
+
+const PY_LOCAL: &str = r#"
+import asyncio, os, sys, tempfile, time
+from tide import Tide
+async def main(n, what):
+    async with Tide(db_path=os.path.join(tempfile.mkdtemp(), "p.db"), node_id="py") as t:
+        c = t.collection("c")
+        doc = {"title": "document number", "body": "x" * 150, "n": 1}
+        start = time.perf_counter()
+        for i in range(n):
+            await c.put(f"{i:026}", doc)
+        puts = n / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for i in range(n):
+            await c.get(f"{i:026}")
+        gets = n / (time.perf_counter() - start)
+        print(puts if what == "put" else gets)
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"#;
+
+async fn local_ops(t: &mut Table, dir: &std::path::Path) {
+    let n = env_or("TIDE_BENCH_OPS", 2_000);
+    for (durability, name, sync) in [(Durability::Full, "FULL", "FULL"), (Durability::Normal, "NORMAL", "NORMAL")] {
+        let tide =
+            Tide::builder().path(dir.join(format!("local-{name}.db"))).durability(durability).open().await.unwrap();
+        let c = tide.collection::<Value>("c");
+        let mut lat = Vec::with_capacity(n);
+        let start = Instant::now();
+        for i in 0..n {
+            let s = Instant::now();
+            c.put(&format!("{i:026}"), &doc(i)).await.unwrap();
+            lat.push(s.elapsed());
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        lat.sort();
+        let raw = raw_sqlite_puts(dir, n, sync);
+        let original = if sync == "NORMAL" { python(PY_LOCAL, &[&n.to_string(), "put"]) } else { None };
+        t.row(
+            &format!("local put, {name}"),
+            format!("{rate:.0}/s p50 {:.2} p99 {:.2} ms", pct(&lat, 500), pct(&lat, 990)),
+            Some(format!("{raw:.0}/s")),
+            original.map(|o| format!("{o:.0}/s (NORMAL)")),
+            Some(rate / raw),
+            "(ratio to raw SQLite)",
+        );
+        let mut lat = Vec::with_capacity(n);
+        let start = Instant::now();
+        for i in 0..n {
+            let s = Instant::now();
+            c.get(&format!("{i:026}")).await.unwrap();
+            lat.push(s.elapsed());
+        }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        lat.sort();
+        if sync == "NORMAL" {
+            let original = python(PY_LOCAL, &[&n.to_string(), "get"]);
+            t.row(
+                "local get",
+                format!("{rate:.0}/s p50 {:.2} p99 {:.2} ms", pct(&lat, 500), pct(&lat, 990)),
+                None,
+                original.map(|o| format!("{o:.0}/s")),
+                original.map(|o| rate / o),
+                ">= the original (ratio to it)",
+            );
+        }
+        tide.close().await;
+    }
+}
+
+/// Plain SQLite doing the same transaction as one local put.
+fn raw_sqlite_puts(dir: &std::path::Path, n: usize, sync: &str) -> f64 {
+    let conn = rusqlite::Connection::open(dir.join(format!("raw-{sync}.db"))).unwrap();
+    conn.execute_batch(&format!(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = {sync};
+         CREATE TABLE IF NOT EXISTS docs (collection TEXT, id TEXT, doc TEXT, lamport INTEGER, node_id TEXT, deleted INTEGER, PRIMARY KEY (collection, id));
+         CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT, id TEXT, kind TEXT, doc TEXT, lamport INTEGER, node_id TEXT);
+         CREATE TABLE IF NOT EXISTS clock (id INTEGER PRIMARY KEY, lamport INTEGER); INSERT OR IGNORE INTO clock VALUES (1, 0);"
+    ))
+    .unwrap();
+    let start = Instant::now();
+    for i in 0..n {
+        let text = doc(i).to_string();
+        let lamport = i64::try_from(i).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        conn.prepare_cached(
+            "INSERT INTO outbox (collection, id, kind, doc, lamport, node_id) VALUES ('c', ?1, 'put', ?2, ?3, 'n')",
+        )
+        .unwrap()
+        .execute(rusqlite::params![format!("{i:026}"), text, lamport])
+        .unwrap();
+        conn.prepare_cached("INSERT OR REPLACE INTO docs VALUES ('c', ?1, ?2, ?3, 'n', 0)")
+            .unwrap()
+            .execute(rusqlite::params![format!("{i:026}"), text, lamport])
+            .unwrap();
+        conn.prepare_cached("UPDATE clock SET lamport = max(lamport, ?1) WHERE id = 1")
+            .unwrap()
+            .execute([lamport])
+            .unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+const PY_PUSH: &str = r#"
+import asyncio, os, sys, tempfile, time
+from tide import Tide
+async def main(n, endpoint):
+    d = tempfile.mkdtemp()
+    async with Tide(db_path=os.path.join(d, "c.db"), node_id="py", endpoint=endpoint) as t:
+        c = t.collection("c")
+        doc = {"title": "document number", "body": "x" * 150, "n": 1}
+        for i in range(n):
+            await c.put(f"{i:026}", doc)
+        start = time.perf_counter()
+        for _ in range((n + 499) // 500):
+            await t.sync_once()
+        print(n / (time.perf_counter() - start))
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"#;
+
+/// The original reference server (uvicorn on loopback), killed on drop.
+struct Original(std::process::Child, String);
+
+impl Drop for Original {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start_original(dir: &std::path::Path, name: &str) -> Option<Original> {
+    let python = std::env::var("TIDE_PYTHON").ok()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+    let script = format!(
+        "import uvicorn; from tide.server import create_app; uvicorn.run(create_app({:?}), host='127.0.0.1', port={port}, log_level='error', backlog=2048)",
+        dir.join(format!("original-{name}.db")).to_string_lossy()
+    );
+    let child = Command::new(python).args(["-c", &script]).spawn().ok()?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Some(Original(child, format!("http://127.0.0.1:{port}/sync")))
+}
+
+async fn push(t: &mut Table, dir: &std::path::Path) {
+    let n = env_or("TIDE_BENCH_PUSH", 100_000);
+    let endpoint = server(dir, "push", ServerConfig::default()).await;
+    let tide = client(dir, "pusher", &endpoint, Durability::Normal).await;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(4_000) {
+        let mut batch = Batch::default();
+        for &i in chunk {
+            batch = batch.put("c", &format!("{i:026}"), &doc(i)).unwrap();
+        }
+        tide.commit(batch).await.unwrap();
+    }
+    let start = Instant::now();
+    let report = tide.sync_once().await.unwrap();
+    let rate = report.acknowledged as f64 / start.elapsed().as_secs_f64();
+    assert_eq!(report.acknowledged, n);
+    // The original over HTTP to its reference server, on a tenth of the ops.
+    let original = match start_original(dir, "push").await {
+        Some(server) => python(PY_PUSH, &[&(n / 10).to_string(), &server.1]),
+        None => None,
+    };
+    t.row(
+        &format!("push {n} pending ops, one client"),
+        format!("{rate:.0} ops/s ({} exchanges)", report.exchanges),
+        None,
+        original.map(|o| format!("{o:.0} ops/s ({} ops)", n / 10)),
+        original.map(|o| rate / o),
+        ">= 100,000 ops/s",
+    );
+    tide.close().await;
+}
+
+/// The child process for the initial sync: only the client, so its peak
+/// memory is the client's. Prints seconds and peak MiB.
+async fn initial_sync_child(endpoint: &str, dir: &str) {
+    let tide = Tide::builder()
+        .path(std::path::Path::new(dir).join("fresh.db"))
+        .endpoint(endpoint)
+        .headers(auth("bench"))
+        .open()
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let report = tide.sync_once().await.unwrap();
+    println!("{} {} {}", report.applied, start.elapsed().as_secs_f64(), peak_rss_mib());
+}
+
+const PY_INITIAL: &str = r#"
+import asyncio, os, sys, tempfile, time
+from tide import Tide
+async def main(n, endpoint):
+    async with Tide(db_path=os.path.join(tempfile.mkdtemp(), "c.db"), node_id="py", endpoint=endpoint) as t:
+        start = time.perf_counter()
+        await t.sync_once()
+        print(n / (time.perf_counter() - start))
+asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
+"#;
+
+async fn seed(endpoint: &str, n: usize) {
+    let t = HttpTransport::builder(endpoint).headers(auth("bench")).build().unwrap();
+    let d = doc(0).as_object().cloned().unwrap();
+    for start in (0..n).step_by(1_000) {
+        let mut req = SyncRequest::new("seed", None);
+        req.ops = (start..n.min(start + 1_000))
+            .map(|i| Op {
+                collection: "c".into(),
+                id: format!("{i:026}"),
+                stamp: Stamp::new(i as u64 + 1, "seed"),
+                payload: Payload::Put(d.clone()),
+                op_id: None,
+            })
+            .collect();
+        req.limit = Some(1);
+        t.exchange(&req).await.unwrap();
+    }
+}
+
+async fn initial_sync_and_idle(t: &mut Table, dir: &std::path::Path) {
+    let n = env_or("TIDE_BENCH_DOCS", 1_000_000);
+    let big = server(dir, "big", ServerConfig::default()).await;
+    let small = server(dir, "small", ServerConfig::default()).await;
+    let seeding = Instant::now();
+    seed(&big, n).await;
+    seed(&small, 1_000).await;
+    eprintln!("seeded {n} documents in {:.1} s", seeding.elapsed().as_secs_f64());
+
+    let out = Command::new(std::env::current_exe().unwrap())
+        .env("TIDE_BENCH_CHILD", "initial-sync")
+        .args([&big, dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let nums: Vec<f64> = text.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    let (applied, secs, rss) = (nums[0], nums[1], nums[2]);
+    let rate = applied / secs;
+    let original_n = n.min(100_000);
+    let original = match start_original(dir, "initial").await {
+        Some(server) => {
+            seed(&server.1, original_n).await;
+            python(PY_INITIAL, &[&original_n.to_string(), &server.1])
+        }
+        None => None,
+    };
+    t.row(
+        &format!("initial sync of {n} documents"),
+        format!("{rate:.0} docs/s, client peak {rss:.0} MiB"),
+        None,
+        original.map(|o| format!("{o:.0} docs/s ({original_n} docs)")),
+        original.map(|o| rate / o),
+        ">= 150,000 docs/s, < 100 MiB",
+    );
+
+    // An idle, caught-up client's sync, with 1,000 and with N documents on the server.
+    let mut cost = Vec::new();
+    for endpoint in [&small, &big] {
+        let tide = client(dir, &format!("idle-{}", cost.len()), endpoint, Durability::Normal).await;
+        while tide.sync_once().await.unwrap().applied > 0 {}
+        let rounds = 200;
+        let start = Instant::now();
+        for _ in 0..rounds {
+            tide.sync_once().await.unwrap();
+        }
+        cost.push(start.elapsed() / rounds);
+        tide.close().await;
+    }
+    t.row(
+        "idle caught-up sync, 1,000 vs N docs on the server",
+        format!("{:.2} ms vs {:.2} ms", ms(cost[0]), ms(cost[1])),
+        None,
+        None,
+        Some(cost[1].as_secs_f64() / cost[0].as_secs_f64()),
+        "ratio <= 1.5",
+    );
+}
+
+/// Concurrent clients pushing 10 puts and pulling, each on its own connection.
+async fn load(endpoint: &str, token: &str, clients: usize, secs: u64) -> (f64, Vec<Duration>, usize) {
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (endpoint, latencies, token) = (endpoint.to_owned(), Arc::clone(&latencies), token.to_owned());
+            tokio::spawn(async move {
+                let t = HttpTransport::builder(&endpoint).headers(auth(&token)).build().unwrap();
+                let node = format!("client{c:03}");
+                let d = json!({"title": "a note", "body": "x".repeat(60)}).as_object().cloned().unwrap();
+                let (mut lamport, mut cursor, mut errors) = (0u64, None, 0usize);
+                while Instant::now() < deadline {
+                    let mut req = SyncRequest::new(node.clone(), cursor);
+                    req.ops = (0..10)
+                        .map(|_| {
+                            lamport += 1;
+                            Op {
+                                collection: "notes".into(),
+                                id: format!("{node}-{}", lamport % 1000),
+                                stamp: Stamp::new(lamport, node.clone()),
+                                payload: Payload::Put(d.clone()),
+                                op_id: None,
+                            }
+                        })
+                        .collect();
+                    let s = Instant::now();
+                    match t.exchange(&req).await {
+                        Ok(r) => {
+                            lamport = lamport.max(r.changes.iter().map(|c| c.stamp.lamport).max().unwrap_or(0));
+                            cursor = Some(r.cursor);
+                            latencies.lock().unwrap().push(s.elapsed());
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let mut errors = 0;
+    for task in tasks {
+        errors += task.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let mut lat = std::mem::take(&mut *latencies.lock().unwrap());
+    lat.sort();
+    (lat.len() as f64 * 10.0 / elapsed, lat, errors)
+}
+
+async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
+    let secs = env_or("TIDE_BENCH_SECS", 5) as u64;
+    let empty = empty_http_round_trips(secs).await;
+    t.row(
+        "empty HTTP round trip, one client",
+        "-".into(),
+        Some(format!("{empty:.0}/s")),
+        None,
+        None,
+        "(the raw limit)",
+    );
+    for clients in [1, 16, 256] {
+        let config = ServerConfig { connections_max: 1_024, ..ServerConfig::default() };
+        let endpoint = server(dir, &format!("load{clients}"), config).await;
+        let (ops, lat, errors) = load(&endpoint, "bench", clients, secs).await;
+        let original = original_load(dir, clients, secs).await;
+        t.row(
+            &format!("server, {clients} clients pushing and pulling"),
+            format!(
+                "{ops:.0} ops/s p50 {:.1} p99 {:.1} ms{}",
+                pct(&lat, 500),
+                pct(&lat, 990),
+                if errors > 0 { format!(" ({errors} errors)") } else { String::new() }
+            ),
+            None,
+            original.as_ref().map(|(o, l)| format!("{o:.0} ops/s p99 {:.0} ms", pct(l, 990))),
+            original.as_ref().map(|(o, _)| ops / o),
+            if clients == 256 { ">= 10x the original, p99 <= 50 ms" } else { "(ratio to the original)" },
+        );
+    }
+}
+
+/// The original reference server under the same load (uvicorn on loopback).
+async fn original_load(dir: &std::path::Path, clients: usize, secs: u64) -> Option<(f64, Vec<Duration>)> {
+    let server = start_original(dir, &format!("load{clients}")).await?;
+    let (ops, lat, _) = load(&server.1, "none", clients, secs).await;
+    Some((ops, lat))
+}
+
+/// Requests per second to a hyper server that answers every request with 200 and no body.
+async fn empty_http_round_trips(secs: u64) -> f64 {
+    use http_body_util::{BodyExt, Empty, Full};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(bytes::Bytes::new())))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let (mut n, start) = (0u64, Instant::now());
+    while start.elapsed() < Duration::from_secs(secs.min(3)) {
+        let req = http::Request::post("/").body(Empty::<bytes::Bytes>::new()).unwrap();
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let _ = resp.into_body().collect().await;
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+async fn live(t: &mut Table, dir: &std::path::Path) {
+    let (idle, writes) = (env_or("TIDE_BENCH_IDLE", 1_000), 200);
+    let config = ServerConfig { connections_max: idle + 64, ..ServerConfig::default() };
+    let endpoint = server(dir, "live", config).await;
+    for i in 0..idle {
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            let t = HttpTransport::builder(&endpoint).headers(auth("idle")).build().unwrap();
+            let mut cursor = None;
+            loop {
+                let mut req = SyncRequest::new(format!("idle{i}"), cursor);
+                req.wait = Some(Duration::from_secs(25));
+                match t.exchange(&req).await {
+                    Ok(r) => cursor = Some(r.cursor),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+    }
+    let open = |name: &str| {
+        Tide::builder().path(dir.join(format!("{name}.db"))).endpoint(&endpoint).headers(auth("live")).open()
+    };
+    let (author, watcher) = (open("author").await.unwrap(), open("watcher").await.unwrap());
+    let _sync = watcher.sync_forever(Duration::from_hours(1)).await.unwrap();
+    let mut watch = watcher.watch();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let notes = author.collection::<Value>("notes");
+    let mut lat = Vec::with_capacity(writes);
+    for i in 0..writes {
+        let start = Instant::now();
+        notes.put(&format!("n{i}"), &doc(i)).await.unwrap();
+        author.sync_once().await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), watch.next()).await {
+                Ok(Some(WatchEvent::Change(c))) if c.id == format!("n{i}") => break,
+                Ok(Some(_)) => {}
+                other => panic!("write {i} never arrived: {other:?}"),
+            }
+        }
+        lat.push(start.elapsed());
+    }
+    lat.sort();
+    t.row(
+        &format!("write-to-remote-watch, {idle} idle clients"),
+        format!("p50 {:.1} ms, p99 {:.1} ms", pct(&lat, 500), pct(&lat, 990)),
+        None,
+        Some("no live sync (polls every interval)".into()),
+        None,
+        "p50 <= 10 ms, p99 <= 50 ms",
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("initial-sync") {
+        let args: Vec<String> = std::env::args().collect();
+        let positional: Vec<&String> = args.iter().skip(1).filter(|a| !a.starts_with("--")).collect();
+        initial_sync_child(positional[0], positional[1]).await;
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    println!(
+        "{:<46} | {:<34} | {:<26} | {:<26} | {:>7} | target",
+        "workload", "tide", "raw limit", "original Python tide 0.2.1", "ratio"
+    );
+    let mut t = Table { rows: Vec::new() };
+    local_ops(&mut t, dir.path()).await;
+    push(&mut t, dir.path()).await;
+    initial_sync_and_idle(&mut t, dir.path()).await;
+    server_throughput(&mut t, dir.path()).await;
+    live(&mut t, dir.path()).await;
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-suite.json");
+    std::fs::write(path, serde_json::to_string_pretty(&json!({"rows": t.rows})).unwrap()).unwrap();
+    println!("written to {path}");
+}

@@ -223,9 +223,15 @@ impl PostgresBackend {
                 .into_iter()
                 .map(|(seq, collection, id, doc, lamport, node_id, deleted)| {
                     let seq = to_u64(seq);
+                    let own = skip_own && node_id == req.node_id;
                     let doc = if deleted { None } else { doc };
-                    let json = render_change(&collection, &id, doc.as_deref(), to_u64(lamport), &node_id, seq);
-                    PageRow { seq, own: skip_own && node_id == req.node_id, json }
+                    // Own rows are only skipped: no need to render them.
+                    let json = if own {
+                        String::new()
+                    } else {
+                        render_change(&collection, &id, doc.as_deref(), to_u64(lamport), &node_id, seq)
+                    };
+                    PageRow { seq, own, json }
                 })
                 .collect();
             if page.feed(rows) {

@@ -203,7 +203,8 @@ impl SqliteBackend {
 }
 
 /// Up to `n` rows after seq `after`, each rendered exactly as `serde_json`
-/// renders a `tide_core::Change`, joined by control characters that JSON
+/// renders a `tide_core::Change` (except the caller's own, which are only
+/// skipped and so not rendered), joined by control characters that JSON
 /// text never holds raw.
 async fn window(
     conn: &mut SqliteConnection,
@@ -215,10 +216,11 @@ async fn window(
 ) -> Result<Vec<PageRow>, BackendError> {
     let text: Option<String> = sqlx::query_scalar(
         "SELECT group_concat(seq || char(31) || (?3 AND node_id = ?4) || char(31) || \
+           CASE WHEN ?3 AND node_id = ?4 THEN '' ELSE \
            '{\"collection\":' || json_quote(collection) || ',\"id\":' || json_quote(id) || \
            ',\"kind\":' || CASE deleted WHEN 1 THEN '\"delete\"' ELSE '\"put\"' END || \
            ',\"doc\":' || coalesce(doc, 'null') || ',\"lamport\":' || lamport || \
-           ',\"node_id\":' || json_quote(node_id) || ',\"seq\":' || seq || '}', char(30)) \
+           ',\"node_id\":' || json_quote(node_id) || ',\"seq\":' || seq || '}' END, char(30)) \
          FROM (SELECT * FROM tide_rows WHERE namespace = ?1 AND seq > ?2 ORDER BY seq LIMIT ?5)",
     )
     .bind(ns.as_str())

@@ -14,6 +14,28 @@ use crate::wire::{
 };
 use crate::{Limits, Stamp};
 
+/// What a server answers for `op` once `decide` has said `decision`:
+/// `seq` is the seq it was stored under (for [`Decision::Apply`]) and
+/// `winner` the stamp now stored (for [`Decision::Superseded`]). Every
+/// backend answers through this one function.
+pub fn op_result(decision: Decision, op: &Op, winner: Option<&Stamp>, seq: u64) -> OpResult {
+    match decision {
+        Decision::Apply => OpResult::Applied { seq },
+        Decision::Duplicate => OpResult::Duplicate,
+        Decision::Superseded => {
+            let winner = winner.expect("superseded implies a stored version");
+            OpResult::Superseded { lamport: winner.lamport, node_id: winner.node_id.clone() }
+        }
+        Decision::Collision => OpResult::Rejected {
+            code: ErrorCode::StampCollision,
+            message: format!(
+                "stamp ({}, {:?}) is already stored with a different payload; two writers share node id {:?}",
+                op.stamp.lamport, op.stamp.node_id, op.stamp.node_id
+            ),
+        },
+    }
+}
+
 /// A document's key: `(collection, id)`.
 pub type Key = (String, String);
 
@@ -126,30 +148,18 @@ impl Model {
         self.lamport_max = self.lamport_max.max(op.stamp.lamport);
         let key = (op.collection.clone(), op.id.clone());
         let stored = self.rows.get(&key);
-        match decide(stored.map(|r| (&r.stamp, &r.payload)), &op.stamp, &op.payload) {
-            Decision::Apply => {
-                self.seq += 1;
-                if let Some(old) = stored {
-                    self.by_seq.remove(&old.seq);
-                }
-                self.by_seq.insert(self.seq, key.clone());
-                let row = Row { stamp: op.stamp.clone(), payload: op.payload.clone(), seq: self.seq };
-                self.rows.insert(key, row);
-                OpResult::Applied { seq: self.seq }
+        let decision = decide(stored.map(|r| (&r.stamp, &r.payload)), &op.stamp, &op.payload);
+        if decision == Decision::Apply {
+            self.seq += 1;
+            if let Some(old) = stored {
+                self.by_seq.remove(&old.seq);
             }
-            Decision::Duplicate => OpResult::Duplicate,
-            Decision::Superseded => {
-                let winner = &stored.expect("superseded implies a stored row").stamp;
-                OpResult::Superseded { lamport: winner.lamport, node_id: winner.node_id.clone() }
-            }
-            Decision::Collision => OpResult::Rejected {
-                code: ErrorCode::StampCollision,
-                message: format!(
-                    "stamp ({}, {:?}) is already stored with a different payload; two writers share node id {:?}",
-                    op.stamp.lamport, op.stamp.node_id, op.stamp.node_id
-                ),
-            },
+            self.by_seq.insert(self.seq, key.clone());
+            let row = Row { stamp: op.stamp.clone(), payload: op.payload.clone(), seq: self.seq };
+            self.rows.insert(key.clone(), row);
         }
+        let winner = self.rows.get(&key).map(|r| &r.stamp);
+        op_result(decision, op, winner, self.seq)
     }
 
     /// The changes after `cursor` in seq order, at most `limit` of them and

@@ -194,26 +194,13 @@ pub(crate) fn decide_all<'a>(
     let mut written = HashMap::new();
     for (i, op) in req.ops.iter().enumerate() {
         let stored = current.get(&keys[i]).map(|(s, p)| (s, p));
-        results.push(match decide(stored, &op.stamp, &op.payload) {
-            Decision::Apply => {
-                seq += 1;
-                current.insert(keys[i], (op.stamp.clone(), op.payload.clone()));
-                written.insert(keys[i], (i, seq));
-                OpResult::Applied { seq }
-            }
-            Decision::Duplicate => OpResult::Duplicate,
-            Decision::Superseded => {
-                let winner = &current[&keys[i]].0;
-                OpResult::Superseded { lamport: winner.lamport, node_id: winner.node_id.clone() }
-            }
-            Decision::Collision => OpResult::Rejected {
-                code: ErrorCode::StampCollision,
-                message: format!(
-                    "stamp ({}, {:?}) is already stored with a different payload; two writers share node id {:?}",
-                    op.stamp.lamport, op.stamp.node_id, op.stamp.node_id
-                ),
-            },
-        });
+        let decision = decide(stored, &op.stamp, &op.payload);
+        if decision == Decision::Apply {
+            seq += 1;
+            current.insert(keys[i], (op.stamp.clone(), op.payload.clone()));
+            written.insert(keys[i], (i, seq));
+        }
+        results.push(tide_core::model::op_result(decision, op, current.get(&keys[i]).map(|(s, _)| s), seq));
     }
     (results, written, seq)
 }

@@ -101,8 +101,10 @@ impl Inner {
 
     async fn exchanges(&self, transport: &dyn tide_transport::Transport) -> Result<SyncReport> {
         let mut report = SyncReport::default();
+        // Halved when a server takes fewer ops or bytes per request than we send.
+        let mut batch = PUSH_BATCH_OPS_MAX;
         while report.exchanges < SYNC_EXCHANGES_MAX {
-            let pending = self.store.pending(PUSH_BATCH_OPS_MAX).await?;
+            let pending = self.store.pending(batch).await?;
             let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
             req.ops = pending.iter().map(|p| p.op.clone()).collect();
             req.limit = Some(PULL_PAGE_CHANGES_MAX);
@@ -116,6 +118,14 @@ impl Inner {
                 {
                     self.store.settle(Vec::new(), vec![Rejection { seq: pending[i].seq, code, message }]).await?;
                     report.rejected += 1;
+                    continue;
+                }
+                Err(tide_transport::Error::Status {
+                    code: Some(tide_core::ErrorCode::TooManyOps | tide_core::ErrorCode::BodyTooLarge),
+                    ..
+                }) if pending.len() > 1 => {
+                    batch = pending.len() / 2;
+                    tracing::info!(batch, "the server takes fewer ops per request; pushing smaller batches");
                     continue;
                 }
                 Err(e) => return Err(e.into()),
@@ -154,7 +164,7 @@ impl Inner {
             }
             // A short batch was the whole outbox as it stood; writes made
             // since then wake the next sync.
-            if pending.len() < PUSH_BATCH_OPS_MAX && !resp.has_more {
+            if pending.len() < batch && !resp.has_more {
                 break;
             }
         }

@@ -213,3 +213,18 @@ async fn offline_only_tides_refuse_to_sync() {
     t.collection::<Note>("n").put("k", &note("local only")).await.unwrap();
     assert_eq!(t.pending_count().await.unwrap(), 1);
 }
+
+#[tokio::test]
+async fn a_server_that_takes_fewer_ops_gets_smaller_batches() {
+    let server =
+        FakeServer::with_limits(tide_core::Limits { ops_per_request_max: 300, ..tide_core::Limits::default() });
+    let a = client(&server, "a").await;
+    let mut batch = Batch::default();
+    for i in 0..1_000 {
+        batch = batch.put("n", &format!("k{i:04}"), &note("x")).unwrap();
+    }
+    a.commit(batch).await.unwrap();
+    let report = a.sync_once().await.unwrap();
+    assert_eq!((report.acknowledged, a.pending_count().await.unwrap()), (1_000, 0), "no outbox stuck on too_many_ops");
+    assert_eq!(server.model().rows().count(), 1_000);
+}

@@ -186,7 +186,7 @@ impl Server {
         let backend = Arc::clone(&self.app.backend);
         let (namespace, request) = (namespace.clone(), Arc::clone(request));
         let result =
-            tokio::spawn(async move { backend.exchange(&namespace, &request).await }.instrument(span.clone())).await;
+            tokio::spawn(async move { backend.exchange(&namespace, request).await }.instrument(span.clone())).await;
         result.unwrap_or_else(|e| Err(BackendError::Internal(format!("exchange task failed: {e}"))))
     }
 

@@ -4,6 +4,7 @@ pub mod postgres;
 pub mod sqlite;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use tide_core::{
     Cursor, Decision, ErrorCode, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse, Violation,
@@ -91,7 +92,7 @@ pub trait Backend: Send + Sync + 'static {
     /// The caller has run `Limits::check_request`; the backend checks what
     /// needs stored state (the counter lead) and may refuse with
     /// [`BackendError::Refused`].
-    async fn exchange(&self, namespace: &Namespace, request: &SyncRequest) -> Result<Reply, BackendError>;
+    async fn exchange(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Reply, BackendError>;
 
     /// Whether the backend can serve now (for readiness checks).
     async fn ready(&self) -> Result<(), BackendError>;

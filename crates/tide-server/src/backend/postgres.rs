@@ -286,9 +286,9 @@ async fn upsert(
 
 #[async_trait::async_trait]
 impl Backend for PostgresBackend {
-    async fn exchange(&self, namespace: &Namespace, request: &SyncRequest) -> Result<Reply, BackendError> {
-        let results = if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, request).await? };
-        let (changes_json, change_count, cursor, has_more, reset) = self.page(namespace, request).await?;
+    async fn exchange(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
+        let results = if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, &request).await? };
+        let (changes_json, change_count, cursor, has_more, reset) = self.page(namespace, &request).await?;
         Ok(Reply { results, cursor, changes_json, change_count, has_more, reset })
     }
 

@@ -9,15 +9,17 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
-use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest};
-use tokio::sync::{Mutex, Semaphore};
+use tide_core::model::op_result;
+use tide_core::{Cursor, Decision, Limits, OpResult, Payload, Stamp, SyncRequest, decide};
+use tokio::sync::{Mutex, Semaphore, oneshot};
 
-use super::{Backend, BackendError, PageBuilder, PageRow, Reply, Written, check_lead, decide_all};
+use super::{Backend, BackendError, PageBuilder, PageRow, Reply, check_lead};
 use crate::auth::Namespace;
 
 /// Reader connections of the SQLite backend.
@@ -62,6 +64,16 @@ pub struct SqliteBackend {
     readers: Vec<Mutex<SqliteConnection>>,
     free: Semaphore,
     limits: Limits,
+    /// Requests waiting to be applied together (group commit).
+    queue: std::sync::Mutex<Vec<Pending>>,
+    draining: AtomicBool,
+}
+
+/// A request waiting for the next group transaction.
+struct Pending {
+    namespace: Namespace,
+    request: Arc<SyncRequest>,
+    reply: oneshot::Sender<Result<Vec<OpResult>, BackendError>>,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -111,63 +123,140 @@ impl SqliteBackend {
             let conn = options.clone().pragma("query_only", "ON").connect().await.map_err(unavailable)?;
             readers.push(Mutex::new(conn));
         }
-        Ok(Arc::new(Self { writer: Mutex::new(writer), readers, free: Semaphore::new(SQLITE_READERS), limits }))
+        Ok(Arc::new(Self {
+            writer: Mutex::new(writer),
+            readers,
+            free: Semaphore::new(SQLITE_READERS),
+            limits,
+            queue: std::sync::Mutex::new(Vec::new()),
+            draining: AtomicBool::new(false),
+        }))
     }
 
-    async fn apply(&self, ns: &Namespace, req: &SyncRequest) -> Result<Vec<OpResult>, BackendError> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
-        sqlx::query("INSERT OR IGNORE INTO tide_namespaces (namespace, seq, lamport_max) VALUES (?1, 0, 0)")
-            .bind(ns.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        let (seq, lamport_max): (i64, i64) =
-            sqlx::query_as("SELECT seq, lamport_max FROM tide_namespaces WHERE namespace = ?1")
-                .bind(ns.as_str())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        let (seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
-        check_lead(req, lamport_max, self.limits.lamport_lead_max)?;
+    /// Applies a request's ops, together with whatever other requests
+    /// arrive meanwhile: one transaction and one sync for the whole group.
+    /// The first caller to find no group running drains the queue (it runs
+    /// in the handler's own task, which a hang-up does not cancel).
+    async fn apply(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Vec<OpResult>, BackendError> {
+        let (reply, answer) = oneshot::channel();
+        self.lock_queue().push(Pending { namespace: namespace.clone(), request, reply });
+        if !self.draining.swap(true, Ordering::AcqRel) {
+            loop {
+                let batch = std::mem::take(&mut *self.lock_queue());
+                if batch.is_empty() {
+                    self.draining.store(false, Ordering::Release);
+                    // A request queued between the take and the store is ours to run.
+                    if self.lock_queue().is_empty() || self.draining.swap(true, Ordering::AcqRel) {
+                        break;
+                    }
+                    continue;
+                }
+                let mut conn = self.writer.lock().await;
+                self.apply_group(&mut conn, batch).await;
+            }
+        }
+        answer.await.map_err(|_| BackendError::Internal("the group transaction was abandoned".into()))?
+    }
 
-        // What is stored for the request's keys, as one row.
-        let keys: Vec<(&str, &str)> = req.ops.iter().map(|o| (o.collection.as_str(), o.id.as_str())).collect();
-        let stored: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.doc, r.seq)) \
-             FROM json_each(?2) AS j CROSS JOIN tide_rows AS r \
-             ON r.namespace = ?1 AND r.collection = j.value->>0 AND r.id = j.value->>1",
+    async fn apply_group(&self, conn: &mut SqliteConnection, batch: Vec<Pending>) {
+        match self.run_group(conn, &batch).await {
+            Ok(outcomes) => {
+                for (p, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = p.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                let shared = |_: &Pending| match &e {
+                    BackendError::Unavailable(_) => BackendError::Unavailable(message.clone()),
+                    _ => BackendError::Internal(message.clone()),
+                };
+                for p in batch {
+                    let err = shared(&p);
+                    let _ = p.reply.send(Err(err));
+                }
+            }
+        }
+    }
+
+    /// One transaction for a group: every request decided in order by the
+    /// one LWW rule against what is stored and what earlier requests of the
+    /// group wrote. A request refused by the counter lead is answered alone;
+    /// the others go on.
+    async fn run_group(
+        &self,
+        conn: &mut SqliteConnection,
+        batch: &[Pending],
+    ) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        let mut names: Vec<&str> = batch.iter().map(|p| p.namespace.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let names_json = serde_json::to_string(&names).expect("names serialize");
+        sqlx::query(
+            "INSERT OR IGNORE INTO tide_namespaces (namespace, seq, lamport_max) SELECT value, 0, 0 FROM json_each(?1)",
         )
-        .bind(ns.as_str())
-        .bind(serde_json::to_string(&keys).expect("keys serialize"))
+        .bind(&names_json)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let counters: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(namespace, seq, lamport_max)) FROM tide_namespaces \
+             WHERE namespace IN (SELECT value FROM json_each(?1))",
+        )
+        .bind(&names_json)
         .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
-        let stored: Vec<(usize, u64, String, u8, Option<String>, u64)> =
-            serde_json::from_str(&stored).map_err(|e| BackendError::Internal(format!("stored rows: {e}")))?;
-        let mut current: HashMap<(&str, &str), (Stamp, Payload)> = HashMap::new();
-        for (i, lamport, node, deleted, doc, _) in stored {
-            let payload = match (deleted, doc) {
-                (0, Some(doc)) => Payload::Put(
-                    serde_json::from_str(&doc).map_err(|e| BackendError::Internal(format!("stored document: {e}")))?,
-                ),
-                _ => Payload::Delete,
-            };
-            current.insert(keys[i], (Stamp::new(lamport, node), payload));
+        let counters: Vec<(String, u64, u64)> =
+            serde_json::from_str(&counters).map_err(|e| BackendError::Internal(format!("namespaces: {e}")))?;
+        let mut counters: HashMap<String, (u64, u64)> = counters.into_iter().map(|(n, s, l)| (n, (s, l))).collect();
+
+        let keys: Vec<(&str, &str, &str)> = batch
+            .iter()
+            .flat_map(|p| p.request.ops.iter().map(|o| (p.namespace.as_str(), o.collection.as_str(), o.id.as_str())))
+            .collect();
+        let mut current = stored_versions(&mut tx, &keys).await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut written: HashMap<GroupKey<'_>, (&tide_core::Op, u64)> = HashMap::new();
+        for p in batch {
+            let ns = p.namespace.as_str();
+            let (seq, lamport_max) = counters.get_mut(ns).expect("every namespace of the group was read");
+            if let Err(e) = check_lead(&p.request, *lamport_max, self.limits.lamport_lead_max) {
+                outcomes.push(Err(e));
+                continue;
+            }
+            let mut results = Vec::with_capacity(p.request.ops.len());
+            for op in &p.request.ops {
+                let key = (ns, op.collection.as_str(), op.id.as_str());
+                let decision = decide(current.get(&key).map(|(s, p)| (s, p)), &op.stamp, &op.payload);
+                if decision == Decision::Apply {
+                    *seq += 1;
+                    current.insert(key, (op.stamp.clone(), op.payload.clone()));
+                    written.insert(key, (op, *seq));
+                }
+                results.push(op_result(decision, op, current.get(&key).map(|(s, _)| s), *seq));
+            }
+            *lamport_max = (*lamport_max).max(p.request.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0));
+            outcomes.push(Ok(results));
         }
 
-        let (results, written, seq) = decide_all(req, &keys, current, seq);
-        upsert(&mut tx, ns, req, &written).await?;
-        let op_max = req.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0);
-        sqlx::query("UPDATE tide_namespaces SET seq = ?2, lamport_max = max(lamport_max, ?3) WHERE namespace = ?1")
-            .bind(ns.as_str())
-            .bind(to_i64(seq))
-            .bind(to_i64(op_max))
-            .execute(&mut *tx)
-            .await
-            .map_err(unavailable)?;
+        store_rows(&mut tx, &written).await?;
+        let updated: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
+        sqlx::query(
+            "UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
+             FROM json_each(?1) AS j WHERE tide_namespaces.namespace = j.value->>0",
+        )
+        .bind(serde_json::to_string(&updated).expect("counters serialize"))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
-        Ok(results)
+        Ok(outcomes)
+    }
+
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn page(
@@ -246,37 +335,65 @@ async fn window(
         .collect()
 }
 
-/// Stores the last applied op of each key written by a request.
-async fn upsert(
+/// A key of a group: namespace, collection, id.
+type GroupKey<'a> = (&'a str, &'a str, &'a str);
+
+/// What is stored for `keys`, read in one statement.
+async fn stored_versions<'a>(
     conn: &mut SqliteConnection,
-    ns: &Namespace,
-    req: &SyncRequest,
-    written: &Written<'_>,
+    keys: &[GroupKey<'a>],
+) -> Result<HashMap<GroupKey<'a>, (Stamp, Payload)>, BackendError> {
+    let stored: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.doc)) \
+         FROM json_each(?1) AS j CROSS JOIN tide_rows AS r \
+         ON r.namespace = j.value->>0 AND r.collection = j.value->>1 AND r.id = j.value->>2",
+    )
+    .bind(serde_json::to_string(keys).expect("keys serialize"))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    let stored: Vec<(usize, u64, String, u8, Option<String>)> =
+        serde_json::from_str(&stored).map_err(|e| BackendError::Internal(format!("stored rows: {e}")))?;
+    let mut current = HashMap::new();
+    for (i, lamport, node, deleted, doc) in stored {
+        let payload = match (deleted, doc) {
+            (0, Some(doc)) => Payload::Put(
+                serde_json::from_str(&doc).map_err(|e| BackendError::Internal(format!("stored document: {e}")))?,
+            ),
+            _ => Payload::Delete,
+        };
+        current.insert(keys[i], (Stamp::new(lamport, node), payload));
+    }
+    Ok(current)
+}
+
+/// Stores the last applied op of every key a group wrote, in one statement.
+async fn store_rows(
+    conn: &mut SqliteConnection,
+    written: &HashMap<GroupKey<'_>, (&tide_core::Op, u64)>,
 ) -> Result<(), BackendError> {
     #[derive(Serialize)]
-    struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8, u64);
+    struct Row<'a>(&'a str, &'a str, &'a str, Option<String>, u64, &'a str, u8, u64);
 
     if written.is_empty() {
         return Ok(());
     }
     let mut rows: Vec<Row> = written
-        .values()
-        .map(|&(i, seq)| {
-            let op = &req.ops[i];
+        .iter()
+        .map(|(&(ns, collection, id), &(op, seq))| {
             let doc = op.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
             let deleted = u8::from(doc.is_none());
-            Row(&op.collection, &op.id, doc, op.stamp.lamport, &op.stamp.node_id, deleted, seq)
+            Row(ns, collection, id, doc, op.stamp.lamport, &op.stamp.node_id, deleted, seq)
         })
         .collect();
-    rows.sort_by_key(|r| r.6);
+    rows.sort_by(|a, b| (a.0, a.7).cmp(&(b.0, b.7)));
     sqlx::query(
         "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq) \
-         SELECT ?1, value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6 \
-         FROM jsonb_each(?2) WHERE true \
+         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7 \
+         FROM jsonb_each(?1) WHERE true \
          ON CONFLICT (namespace, collection, id) DO UPDATE SET doc = excluded.doc, \
          lamport = excluded.lamport, node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq",
     )
-    .bind(ns.as_str())
     .bind(serde_json::to_string(&rows).expect("rows serialize"))
     .execute(conn)
     .await
@@ -294,9 +411,10 @@ fn to_i64(v: u64) -> i64 {
 
 #[async_trait::async_trait]
 impl Backend for SqliteBackend {
-    async fn exchange(&self, namespace: &Namespace, request: &SyncRequest) -> Result<Reply, BackendError> {
-        let results = if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, request).await? };
-        let (changes_json, change_count, cursor, has_more, reset) = self.page(namespace, request).await?;
+    async fn exchange(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
+        let results =
+            if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, Arc::clone(&request)).await? };
+        let (changes_json, change_count, cursor, has_more, reset) = self.page(namespace, &request).await?;
         Ok(Reply { results, cursor, changes_json, change_count, has_more, reset })
     }
 

@@ -221,6 +221,43 @@ async fn converge(endpoints: &[String], seed: u64) {
 }
 
 #[tokio::test]
+async fn same_key_writes_on_sqlite_resolve_by_lww_through_group_commits() {
+    // Many concurrent requests are committed together in groups.
+    let running = crate::support::start_on(crate::support::Storage::Sqlite).await;
+    let endpoint = running.endpoint();
+    let best: Arc<std::sync::Mutex<BTreeMap<String, Stamp>>> = Arc::default();
+    let tasks: Vec<_> = (0..16u64)
+        .map(|t| {
+            let (endpoint, best) = (endpoint.clone(), Arc::clone(&best));
+            tokio::spawn(async move {
+                let client = HttpTransport::new(&endpoint).unwrap();
+                let node = format!("n{t}");
+                for round in 1..=20u64 {
+                    let ops: Vec<Op> =
+                        (0..4).map(|k| put(&node, &format!("k{k}"), round * 3 + (t + k) % 3, t)).collect();
+                    client.exchange(&req(&node, None, ops.clone())).await.unwrap();
+                    let mut best = best.lock().unwrap();
+                    for op in ops {
+                        let e = best.entry(op.id.clone()).or_insert_with(|| op.stamp.clone());
+                        if op.stamp > *e {
+                            *e = op.stamp;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let all = HttpTransport::new(&endpoint).unwrap().exchange(&req("r", None, vec![])).await.unwrap();
+    let stored: BTreeMap<String, Stamp> = all.changes.into_iter().map(|c| (c.id, c.stamp)).collect();
+    assert_eq!(stored, *best.lock().unwrap(), "every key holds its highest stamp");
+    let fresh = crate::support::start_on(crate::support::Storage::Sqlite).await;
+    converge(&[fresh.endpoint()], 11).await;
+}
+
+#[tokio::test]
 async fn concurrent_random_clients_converge_with_nothing_skipped() {
     let Some(url) = url() else { return };
     for seed in 0..3 {

@@ -195,6 +195,8 @@ enum Poll {
     NotHeld,
     /// The hold ran out with nothing new: poll again.
     Expired,
+    /// It brought a change and applied it: poll again.
+    Applied,
     Stop,
     Failed(Error),
 }
@@ -213,17 +215,50 @@ impl Inner {
         req.limit = Some(PULL_PAGE_CHANGES_MAX);
         req.wait = Some(wait);
         let started = std::time::Instant::now();
-        tokio::select! {
+        let resp = tokio::select! {
             biased;
-            _ = stop.changed() => Poll::Stop,
-            () = self.wake.notified() => Poll::LocalWrite,
-            resp = transport.exchange(&req) => match resp {
-                Ok(r) if !r.changes.is_empty() || r.has_more || r.reset => Poll::Changed,
-                Ok(_) if started.elapsed() < LONG_POLL_HOLD_MIN => Poll::NotHeld,
-                Ok(_) => Poll::Expired,
-                Err(e) => Poll::Failed(e.into()),
+            _ = stop.changed() => return Poll::Stop,
+            () = self.wake.notified() => return Poll::LocalWrite,
+            resp = transport.exchange(&req) => resp,
+        };
+        match resp {
+            Ok(r) if !r.changes.is_empty() && !r.has_more && !r.reset => match self.apply_polled(cursor, r).await {
+                Ok(true) => Poll::Applied,
+                Ok(false) => Poll::Changed,
+                Err(e) => Poll::Failed(e),
             },
+            Ok(r) if !r.changes.is_empty() || r.has_more || r.reset => Poll::Changed,
+            Ok(_) if started.elapsed() < LONG_POLL_HOLD_MIN => Poll::NotHeld,
+            Ok(_) => Poll::Expired,
+            Err(e) => Poll::Failed(e.into()),
         }
+    }
+
+    /// Applies the page a woken long-poll brought, if nothing synced since
+    /// the poll was sent (then its cursor still follows ours); returns
+    /// whether it did. Saves the pull a woken client would otherwise make.
+    async fn apply_polled(&self, sent: Option<Cursor>, resp: tide_core::SyncResponse) -> Result<bool> {
+        let _one_at_a_time = self.sync_lock.lock().await;
+        if self.store.cursor().await? != sent || resp.cursor < sent.unwrap_or_default() {
+            return Ok(false);
+        }
+        let applied = self.store.apply_page(resp.changes, resp.cursor).await?;
+        for c in applied {
+            let doc = c.payload.doc().cloned();
+            self.hub.emit(&ChangeEvent {
+                collection: c.collection,
+                id: c.id,
+                doc,
+                source: Source::Remote,
+                stamp: c.stamp,
+            });
+        }
+        self.status.send_modify(|s| {
+            s.last_success = Some(SystemTime::now());
+            s.last_error = None;
+            s.reachable = Some(true);
+        });
+        Ok(true)
     }
 }
 
@@ -261,7 +296,7 @@ pub(crate) async fn run_forever(inner: Arc<Inner>, interval: Duration, mut stop:
         // Caught up: hold a long-poll until something changes.
         while let Some(wait) = live {
             match inner.poll(wait, &mut stop).await {
-                Poll::Expired => {}
+                Poll::Expired | Poll::Applied => {}
                 Poll::Changed | Poll::LocalWrite => {
                     delay = Duration::ZERO;
                     break;

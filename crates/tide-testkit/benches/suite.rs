@@ -529,10 +529,14 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
     let (idle, writes) = (env_or("TIDE_BENCH_IDLE", 1_000), 200);
     let config = ServerConfig { connections_max: idle + 64, ..ServerConfig::default() };
     let endpoint = server(dir, "live", config).await;
+    // TIDE_BENCH_SHARED=1 puts the idle clients in the writer's namespace,
+    // so every write wakes them all.
+    let shared = std::env::var("TIDE_BENCH_SHARED").is_ok_and(|v| v == "1");
     for i in 0..idle {
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
-            let t = HttpTransport::builder(&endpoint).headers(auth("idle")).build().unwrap();
+            let t =
+                HttpTransport::builder(&endpoint).headers(auth(if shared { "live" } else { "idle" })).build().unwrap();
             let mut cursor = None;
             loop {
                 let mut req = SyncRequest::new(format!("idle{i}"), cursor);
@@ -568,7 +572,7 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
     }
     lat.sort();
     t.row(
-        &format!("write-to-remote-watch, {idle} idle clients"),
+        &format!("write-to-remote-watch, {idle} idle clients{}", if shared { " (same namespace)" } else { "" }),
         format!("p50 {:.1} ms, p99 {:.1} ms", pct(&lat, 500), pct(&lat, 990)),
         None,
         Some("no live sync (polls every interval)".into()),

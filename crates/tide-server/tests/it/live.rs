@@ -157,16 +157,21 @@ async fn many_idle_clients_are_all_woken_by_one_commit() {
 }
 
 #[tokio::test]
-async fn a_commit_on_one_postgres_server_wakes_a_poll_on_another() {
+async fn a_commit_on_one_postgres_server_process_wakes_a_poll_on_another() {
     let Some(Storage::Postgres(url)) = Storage::postgres().await else { return };
-    let one = support::start_on(Storage::Postgres(url.clone())).await;
-    let two = support::start_on(Storage::Postgres(url)).await;
-    let b = HttpTransport::new(&one.endpoint()).unwrap();
+    let spawn = || crate::binary::spawn(&["--no-auth", "--namespace", "pg", "--database-url", &url]);
+    let ((mut one, e1), (mut two, e2)) = (spawn(), spawn());
+    let addr: std::net::SocketAddr = e1.trim_start_matches("http://").trim_end_matches("/sync").parse().unwrap();
+    let b = HttpTransport::new(&e1).unwrap();
     let waiting = tokio::spawn(async move { b.exchange(&poll("b", None, Duration::from_secs(20))).await });
-    until_held(one.addr, 1).await;
+    until_held(addr, 1).await;
     let start = Instant::now();
-    HttpTransport::new(&two.endpoint()).unwrap().exchange(&push("a", "k", 1)).await.unwrap();
+    HttpTransport::new(&e2).unwrap().exchange(&push("a", "k", 1)).await.unwrap();
     let woken = waiting.await.unwrap().unwrap();
     assert!(start.elapsed() < Duration::from_secs(10), "LISTEN/NOTIFY woke it, not the wait");
     assert_eq!(woken.changes.len(), 1);
+    for child in [&mut one, &mut two] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

@@ -152,16 +152,7 @@ impl Inner {
             let cursor = resp.cursor.max(if resp.reset { Cursor::START } else { req.cursor.unwrap_or_default() });
             let applied = self.store.apply_page(resp.changes, cursor).await?;
             report.applied += applied.len();
-            for c in applied {
-                let doc = c.payload.doc().cloned();
-                self.hub.emit(&ChangeEvent {
-                    collection: c.collection,
-                    id: c.id,
-                    doc,
-                    source: Source::Remote,
-                    stamp: c.stamp,
-                });
-            }
+            self.emit_remote(applied);
             // A short batch was the whole outbox as it stood; writes made
             // since then wake the next sync.
             if pending.len() < batch && !resp.has_more {
@@ -234,15 +225,8 @@ impl Inner {
         }
     }
 
-    /// Applies the page a woken long-poll brought, if nothing synced since
-    /// the poll was sent (then its cursor still follows ours); returns
-    /// whether it did. Saves the pull a woken client would otherwise make.
-    async fn apply_polled(&self, sent: Option<Cursor>, resp: tide_core::SyncResponse) -> Result<bool> {
-        let _one_at_a_time = self.sync_lock.lock().await;
-        if self.store.cursor().await? != sent || resp.cursor < sent.unwrap_or_default() {
-            return Ok(false);
-        }
-        let applied = self.store.apply_page(resp.changes, resp.cursor).await?;
+    /// Tells the watchers about changes that replaced local state.
+    fn emit_remote(&self, applied: Vec<tide_core::Change>) {
         for c in applied {
             let doc = c.payload.doc().cloned();
             self.hub.emit(&ChangeEvent {
@@ -253,6 +237,18 @@ impl Inner {
                 stamp: c.stamp,
             });
         }
+    }
+
+    /// Applies the page a woken long-poll brought, if nothing synced since
+    /// the poll was sent (then its cursor still follows ours); returns
+    /// whether it did. Saves the pull a woken client would otherwise make.
+    async fn apply_polled(&self, sent: Option<Cursor>, resp: tide_core::SyncResponse) -> Result<bool> {
+        let _one_at_a_time = self.sync_lock.lock().await;
+        if self.store.cursor().await? != sent || resp.cursor < sent.unwrap_or_default() {
+            return Ok(false);
+        }
+        let applied = self.store.apply_page(resp.changes, resp.cursor).await?;
+        self.emit_remote(applied);
         self.status.send_modify(|s| {
             s.last_success = Some(SystemTime::now());
             s.last_error = None;

@@ -243,3 +243,18 @@ pub(crate) fn render_change(
         quote(node_id)
     )
 }
+
+/// Where a page starts and whether it skips the caller's own changes, from
+/// the request's cursor and the namespace's highest seq (`reset` when the
+/// cursor is ahead of it); and a builder for it.
+pub(crate) fn page_start(
+    req: &SyncRequest,
+    namespace_seq: u64,
+    limits: &tide_core::Limits,
+) -> (PageBuilder, bool, bool) {
+    let requested = req.cursor.unwrap_or_default();
+    let reset = requested.seq() > namespace_seq;
+    let (from, skip_own) = if reset { (Cursor::START, false) } else { (requested, requested > Cursor::START) };
+    let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, limits.changes_per_response_max);
+    (PageBuilder::new(from, limit, limits.response_bytes_max), skip_own, reset)
+}

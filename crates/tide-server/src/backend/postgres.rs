@@ -23,7 +23,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest};
 
 use super::{
-    Backend, BackendError, CommitCallback, PageBuilder, PageRow, Reply, Written, check_lead, decide_all, render_change,
+    Backend, BackendError, CommitCallback, PageRow, Reply, Written, check_lead, decide_all, page_start, render_change,
 };
 use crate::auth::Namespace;
 
@@ -203,11 +203,7 @@ impl PostgresBackend {
             .fetch_optional(&mut *conn)
             .await
             .map_err(unavailable)?;
-        let requested = req.cursor.unwrap_or_default();
-        let reset = requested.seq() > to_u64(ns_seq.unwrap_or(0));
-        let (from, skip_own) = if reset { (Cursor::START, false) } else { (requested, requested > Cursor::START) };
-        let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, self.limits.changes_per_response_max);
-        let mut page = PageBuilder::new(from, limit, self.limits.response_bytes_max);
+        let (mut page, skip_own, reset) = page_start(req, to_u64(ns_seq.unwrap_or(0)), &self.limits);
         loop {
             let rows: Vec<StoredRow> = sqlx::query_as(
                 "SELECT seq, collection, id, doc, lamport, node_id, deleted FROM tide_rows \

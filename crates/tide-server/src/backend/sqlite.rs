@@ -19,7 +19,7 @@ use tide_core::model::op_result;
 use tide_core::{Cursor, Decision, Limits, OpResult, Payload, Stamp, SyncRequest, decide};
 use tokio::sync::{Mutex, Semaphore, oneshot};
 
-use super::{Backend, BackendError, PageBuilder, PageRow, Reply, check_lead};
+use super::{Backend, BackendError, PageRow, Reply, check_lead, page_start};
 use crate::auth::Namespace;
 
 /// Reader connections of the SQLite backend.
@@ -275,11 +275,7 @@ impl SqliteBackend {
             .fetch_optional(&mut *conn)
             .await
             .map_err(unavailable)?;
-        let requested = req.cursor.unwrap_or_default();
-        let reset = requested.seq() > to_u64(ns_seq.unwrap_or(0));
-        let (from, skip_own) = if reset { (Cursor::START, false) } else { (requested, requested > Cursor::START) };
-        let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, self.limits.changes_per_response_max);
-        let mut page = PageBuilder::new(from, limit, self.limits.response_bytes_max);
+        let (mut page, skip_own, reset) = page_start(req, to_u64(ns_seq.unwrap_or(0)), &self.limits);
         loop {
             let rows = window(&mut conn, ns, &req.node_id, skip_own, page.after(), page.window()).await?;
             if page.feed(rows) {

@@ -105,20 +105,18 @@ async fn v8_a_late_commit_is_not_skipped_by_a_pull() {
     assert_eq!(next.changes.iter().map(|c| (c.id.as_str(), c.seq)).collect::<Vec<_>>(), [("late", 2), ("other", 3)]);
 }
 
-#[tokio::test]
-async fn same_key_writes_through_two_servers_resolve_by_lww_without_deadlock() {
-    let Some(url) = url() else { return };
-    let url = fresh_schema(&url).await;
-    // Two backends with their own pools: two server processes' worth.
-    let endpoints = [serve(&url).await, serve(&url).await];
+/// `tasks` clients, spread over `endpoints`, write the same few keys for
+/// `rounds` rounds; afterwards every key holds its highest stamp.
+async fn same_key_writes(endpoints: &[String], tasks: u64, rounds: u64) {
     let best: Arc<std::sync::Mutex<BTreeMap<String, Stamp>>> = Arc::default();
-    let tasks: Vec<_> = (0..8u64)
+    let handles: Vec<_> = (0..tasks)
         .map(|t| {
-            let (endpoint, best) = (endpoints[(t % 2) as usize].clone(), Arc::clone(&best));
+            let endpoint = endpoints[usize::try_from(t).unwrap() % endpoints.len()].clone();
+            let best = Arc::clone(&best);
             tokio::spawn(async move {
                 let client = HttpTransport::new(&endpoint).unwrap();
                 let node = format!("n{t}");
-                for round in 1..=25u64 {
+                for round in 1..=rounds {
                     let ops: Vec<Op> =
                         (0..4).map(|k| put(&node, &format!("k{k}"), round * 3 + (t + k) % 3, t)).collect();
                     client.exchange(&req(&node, None, ops.clone())).await.unwrap();
@@ -133,12 +131,20 @@ async fn same_key_writes_through_two_servers_resolve_by_lww_without_deadlock() {
             })
         })
         .collect();
-    for t in tasks {
-        tokio::time::timeout(Duration::from_mins(1), t).await.expect("no deadlock").unwrap();
+    for h in handles {
+        tokio::time::timeout(Duration::from_mins(1), h).await.expect("no deadlock").unwrap();
     }
     let all = HttpTransport::new(&endpoints[0]).unwrap().exchange(&req("r", None, vec![])).await.unwrap();
     let stored: BTreeMap<String, Stamp> = all.changes.into_iter().map(|c| (c.id, c.stamp)).collect();
     assert_eq!(stored, *best.lock().unwrap(), "every key holds its highest stamp: no lost update");
+}
+
+#[tokio::test]
+async fn same_key_writes_through_two_servers_resolve_by_lww_without_deadlock() {
+    let Some(url) = url() else { return };
+    let url = fresh_schema(&url).await;
+    // Two backends with their own pools: two server processes' worth.
+    same_key_writes(&[serve(&url).await, serve(&url).await], 8, 25).await;
 }
 
 /// A client that pushes random writes and pulls pages, keeping its state
@@ -224,35 +230,7 @@ async fn converge(endpoints: &[String], seed: u64) {
 async fn same_key_writes_on_sqlite_resolve_by_lww_through_group_commits() {
     // Many concurrent requests are committed together in groups.
     let running = crate::support::start_on(crate::support::Storage::Sqlite).await;
-    let endpoint = running.endpoint();
-    let best: Arc<std::sync::Mutex<BTreeMap<String, Stamp>>> = Arc::default();
-    let tasks: Vec<_> = (0..16u64)
-        .map(|t| {
-            let (endpoint, best) = (endpoint.clone(), Arc::clone(&best));
-            tokio::spawn(async move {
-                let client = HttpTransport::new(&endpoint).unwrap();
-                let node = format!("n{t}");
-                for round in 1..=20u64 {
-                    let ops: Vec<Op> =
-                        (0..4).map(|k| put(&node, &format!("k{k}"), round * 3 + (t + k) % 3, t)).collect();
-                    client.exchange(&req(&node, None, ops.clone())).await.unwrap();
-                    let mut best = best.lock().unwrap();
-                    for op in ops {
-                        let e = best.entry(op.id.clone()).or_insert_with(|| op.stamp.clone());
-                        if op.stamp > *e {
-                            *e = op.stamp;
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let all = HttpTransport::new(&endpoint).unwrap().exchange(&req("r", None, vec![])).await.unwrap();
-    let stored: BTreeMap<String, Stamp> = all.changes.into_iter().map(|c| (c.id, c.stamp)).collect();
-    assert_eq!(stored, *best.lock().unwrap(), "every key holds its highest stamp");
+    same_key_writes(&[running.endpoint()], 16, 20).await;
     let fresh = crate::support::start_on(crate::support::Storage::Sqlite).await;
     converge(&[fresh.endpoint()], 11).await;
 }

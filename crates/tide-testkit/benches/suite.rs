@@ -44,7 +44,15 @@ fn doc(i: usize) -> Value {
 }
 
 fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    peak_rss_of("/proc/self/status")
+}
+
+fn peak_rss_mib_of(pid: u32) -> f64 {
+    peak_rss_of(&format!("/proc/{pid}/status"))
+}
+
+fn peak_rss_of(path: &str) -> f64 {
+    let status = std::fs::read_to_string(path).unwrap_or_default();
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -177,17 +185,15 @@ async fn local_ops(t: &mut Table, dir: &std::path::Path) {
         }
         let rate = n as f64 / start.elapsed().as_secs_f64();
         lat.sort();
-        if sync == "NORMAL" {
-            let original = python(PY_LOCAL, &[&n.to_string(), "get"]);
-            t.row(
-                "local get",
-                format!("{rate:.0}/s p50 {:.2} p99 {:.2} ms", pct(&lat, 500), pct(&lat, 990)),
-                None,
-                original.map(|o| format!("{o:.0}/s")),
-                original.map(|o| rate / o),
-                ">= the original (ratio to it)",
-            );
-        }
+        let original = if sync == "NORMAL" { python(PY_LOCAL, &[&n.to_string(), "get"]) } else { None };
+        t.row(
+            &format!("local get, {name}"),
+            format!("{rate:.0}/s p50 {:.2} p99 {:.2} ms", pct(&lat, 500), pct(&lat, 990)),
+            None,
+            original.map(|o| format!("{o:.0}/s")),
+            original.map(|o| rate / o),
+            ">= the original (ratio to it)",
+        );
         tide.close().await;
     }
 }
@@ -467,14 +473,25 @@ async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
         "(the raw limit)",
     );
     for clients in [1, 16, 256] {
-        let config = ServerConfig { connections_max: 1_024, ..ServerConfig::default() };
-        let endpoint = server(dir, &format!("load{clients}"), config).await;
+        // The server in a process of its own, so its peak memory is its own.
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env("TIDE_BENCH_CHILD", "server")
+            .arg(dir.join(format!("load{clients}")))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let endpoint = line.trim().to_owned();
         let (ops, lat, errors) = load(&endpoint, "bench", clients, secs).await;
+        let server_rss = peak_rss_mib_of(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
         let original = original_load(dir, clients, secs).await;
         t.row(
             &format!("server, {clients} clients pushing and pulling"),
             format!(
-                "{ops:.0} ops/s p50 {:.1} p99 {:.1} ms{}",
+                "{ops:.0} ops/s p50 {:.1} p99 {:.1} ms, server {server_rss:.0} MiB{}",
                 pct(&lat, 500),
                 pct(&lat, 990),
                 if errors > 0 { format!(" ({errors} errors)") } else { String::new() }
@@ -583,6 +600,17 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("server") {
+        // A server for the load runs: prints its endpoint, serves until killed.
+        let args: Vec<String> = std::env::args().collect();
+        let base = std::path::PathBuf::from(args.iter().skip(1).rfind(|a| !a.starts_with("--")).expect("a db path"));
+        let dir = base.parent().expect("a dir").to_owned();
+        let name = base.file_name().expect("a name").to_string_lossy().into_owned();
+        let config = ServerConfig { connections_max: 1_024, ..ServerConfig::default() };
+        let endpoint = server(&dir, &name, config).await;
+        println!("{endpoint}");
+        std::future::pending::<()>().await;
+    }
     if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("initial-sync") {
         let args: Vec<String> = std::env::args().collect();
         let positional: Vec<&String> = args.iter().skip(1).filter(|a| !a.starts_with("--")).collect();

@@ -1,8 +1,8 @@
 //! tide-core: the pure heart of tide's sync protocol.
 //!
 //! Everything here is a plain function of its arguments: no I/O, no async
-//! runtime, no clock, no randomness. Time, ids and counters come in as
-//! arguments, so the same code runs in the client, the server, the fake
+//! runtime, no clock, no randomness. Time, ids, counters and seeds come in
+//! as arguments, so the same code runs in the client, the server, the fake
 //! transport and the tests.
 //!
 //! - [`wire`]: the messages of `POST /sync`, mirroring PROTOCOL.md.
@@ -11,6 +11,7 @@
 //! - [`decide`]: the last-writer-wins rule, one total function.
 //! - [`Limits`]: every protocol limit, named, with its default and checks.
 //! - [`Model`]: the reference semantics of a server namespace, the oracle.
+//! - [`SplitMix64`]: the seeded generator of simulations and seeded faults.
 //!
 //! Layer rule: this crate depends on no other tide crate and on no tokio,
 //! hyper or sqlx (ARCHITECTURE.md; a test enforces it).
@@ -39,12 +40,14 @@
 pub mod limits;
 mod lww;
 pub mod model;
+mod seeded;
 mod stamp;
 pub mod wire;
 
 pub use limits::Limits;
 pub use lww::{Decision, decide, wins};
 pub use model::Model;
+pub use seeded::SplitMix64;
 pub use stamp::{LAMPORT_MAX, LamportClock, Stamp};
 pub use wire::{
     Change, Cursor, Doc, ErrorBody, ErrorCode, Kind, Op, OpResult, PROTOCOL_VERSION, Payload, SyncRequest,

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tide_core::{Change, Cursor, Doc, Payload, Stamp};
+use tide_core::{Change, Cursor, Doc, Payload, SplitMix64, Stamp};
 use tide_store::{Durability, OpenOptions, Store};
 
 fn secs() -> Duration {
@@ -29,17 +29,6 @@ fn doc200(i: u64) -> Doc {
 
 fn id(i: u64) -> String {
     format!("{i:026}")
-}
-
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
 }
 
 const RAW_SCHEMA: &str = "
@@ -246,7 +235,7 @@ async fn t4_gets(results: &mut Vec<serde_json::Value>, python: Option<f64>) {
             .collect();
         store.write(writes).await.unwrap();
     }
-    let mut rng = Rng(7);
+    let mut rng = SplitMix64::new(7);
     let (mut n, start) = (0u64, Instant::now());
     while start.elapsed() < secs() {
         assert!(store.get("c", &id(rng.below(DOCS))).await.unwrap().is_some());
@@ -260,7 +249,7 @@ async fn t4_gets(results: &mut Vec<serde_json::Value>, python: Option<f64>) {
         .map(|t| {
             let (store, count) = (store.clone(), Arc::clone(&count));
             tokio::spawn(async move {
-                let mut rng = Rng(t);
+                let mut rng = SplitMix64::new(t);
                 while start.elapsed() < secs() {
                     assert!(store.get("c", &id(rng.below(DOCS))).await.unwrap().is_some());
                     count.fetch_add(1, Ordering::Relaxed);
@@ -279,7 +268,7 @@ async fn t4_gets(results: &mut Vec<serde_json::Value>, python: Option<f64>) {
         let mut st = conn
             .prepare_cached("SELECT doc FROM tide_docs WHERE collection = 'c' AND id = ?1 AND deleted = 0")
             .unwrap();
-        let mut rng = Rng(7);
+        let mut rng = SplitMix64::new(7);
         let (mut n, start) = (0u64, Instant::now());
         while start.elapsed() < secs() {
             let d: String = st.query_row([id(rng.below(DOCS))], |r| r.get(0)).unwrap();

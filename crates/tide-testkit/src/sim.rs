@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde_json::json;
-use tide_core::{Limits, Payload, Stamp};
+use tide_core::{Limits, Payload, SplitMix64, Stamp};
 use tide_transport::{FakeServer, FaultRates};
 
 use crate::cluster::{Cluster, Snapshot};
@@ -57,22 +57,6 @@ pub struct SimReport {
     pub settle_rounds: usize,
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-
-    fn index(&mut self, n: usize) -> usize {
-        usize::try_from(self.below(n as u64)).expect("an index fits")
-    }
-}
-
 /// Runs one simulation. `Err` says what broke; the caller prints the seed.
 ///
 /// Checked along the way: reads never go back (a replica's stamp for a key
@@ -82,7 +66,7 @@ impl Rng {
 /// stamp ever written locally with its payload: so no acknowledged write
 /// is lost and no deleted document comes back (P1, P4, P5).
 pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String> {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let server =
         FakeServer::with_limits(Limits { changes_per_response_max: config.page_changes_max, ..Limits::default() });
     server.chaos(Some((seed, config.rates)));

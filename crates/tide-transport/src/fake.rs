@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tide_core::{Limits, Model, SyncRequest, SyncResponse};
+use tide_core::{Limits, Model, SplitMix64, SyncRequest, SyncResponse};
 
 use crate::{Error, Transport};
 
@@ -86,7 +86,7 @@ struct State {
     model: Model,
     clients: HashMap<String, Client>,
     traffic: Vec<Exchange>,
-    chaos: Option<(u64, FaultRates)>,
+    chaos: Option<(SplitMix64, FaultRates)>,
 }
 
 /// An in-memory sync server. Cheap to clone; clones share one server.
@@ -185,7 +185,7 @@ impl FakeServer {
     /// with `seed`, at `rates`; the same seed and the same exchanges give the
     /// same faults. `None` turns chaos off.
     pub fn chaos(&self, seed_and_rates: Option<(u64, FaultRates)>) {
-        self.lock().chaos = seed_and_rates;
+        self.lock().chaos = seed_and_rates.map(|(seed, rates)| (SplitMix64::new(seed), rates));
     }
 
     fn fault_for(&self, client: &str) -> Option<Fault> {
@@ -197,8 +197,8 @@ impl FakeServer {
         if let Some(fault) = entry.script.pop_front() {
             return Some(fault);
         }
-        let (seed, rates) = state.chaos.as_mut()?;
-        let roll = splitmix(seed) % 100;
+        let (generator, rates) = state.chaos.as_mut()?;
+        let roll = generator.below(100);
         let table = [
             (rates.drop, Fault::Drop),
             (rates.lose_response, Fault::LoseResponse),
@@ -216,14 +216,6 @@ impl FakeServer {
         }
         None
     }
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// One client's connection to a [`FakeServer`].

@@ -10,30 +10,9 @@
 use std::collections::BTreeMap;
 
 use serde_json::json;
-use tide_core::{Cursor, Decision, LamportClock, Limits, Model, Op, Payload, Stamp, SyncRequest, decide};
+use tide_core::{Cursor, Decision, LamportClock, Limits, Model, Op, Payload, SplitMix64, Stamp, SyncRequest, decide};
 
 use crate::doc;
-
-/// splitmix64: a tiny deterministic generator, enough for a simulation.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 type Key = (String, String);
 
@@ -90,7 +69,7 @@ impl Client {
 }
 
 fn run(seed: u64) -> Result<(), String> {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     let mut server = Model::new(Limits { changes_per_response_max: 1 + rng.below(4) as usize, ..Limits::default() });
     let n = 2 + rng.below(3) as usize;
     let mut clients: Vec<Client> = (0..n)

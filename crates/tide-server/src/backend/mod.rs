@@ -206,6 +206,24 @@ pub(crate) fn decide_all<'a>(
     (results, written, seq)
 }
 
+/// The server database schema this build reads and writes, as stored under
+/// `schema_version` in `tide_server_meta` by both backends.
+pub(crate) const SCHEMA_VERSION: &str = "1";
+
+/// The statement that reads the stored schema version, the same on both backends.
+pub(crate) const SELECT_SCHEMA_VERSION: &str = "SELECT value FROM tide_server_meta WHERE key = 'schema_version'";
+
+/// Refuses to open a database whose schema this build does not know.
+pub(crate) fn check_schema_version(found: &str) -> Result<(), BackendError> {
+    if found == SCHEMA_VERSION {
+        Ok(())
+    } else {
+        Err(BackendError::Internal(format!(
+            "server database schema v{found} is not supported by this build (v{SCHEMA_VERSION})"
+        )))
+    }
+}
+
 /// Refuses ops whose counter runs more than the allowed lead past the
 /// namespace's highest, naming the first.
 pub(crate) fn check_lead(req: &SyncRequest, lamport_max: u64, lead_max: u64) -> Result<(), BackendError> {

@@ -23,7 +23,8 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest};
 
 use super::{
-    Backend, BackendError, CommitCallback, PageRow, Reply, Written, check_lead, decide_all, page_start, render_change,
+    Backend, BackendError, CommitCallback, PageRow, Reply, SELECT_SCHEMA_VERSION, Written, check_lead,
+    check_schema_version, decide_all, page_start, render_change,
 };
 use crate::auth::Namespace;
 
@@ -111,15 +112,9 @@ impl PostgresBackend {
         for statement in SCHEMA {
             sqlx::query(*statement).execute(&mut *tx).await.map_err(unavailable)?;
         }
-        let version: String = sqlx::query_scalar("SELECT value FROM tide_server_meta WHERE key = 'schema_version'")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        if version != "1" {
-            return Err(BackendError::Internal(format!(
-                "server database schema v{version} is not supported by this build (v1)"
-            )));
-        }
+        let version: String =
+            sqlx::query_scalar(SELECT_SCHEMA_VERSION).fetch_one(&mut *tx).await.map_err(unavailable)?;
+        check_schema_version(&version)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(Arc::new(Self { pool, limits }))
     }

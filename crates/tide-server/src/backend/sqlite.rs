@@ -19,7 +19,9 @@ use tide_core::model::op_result;
 use tide_core::{Cursor, Decision, Limits, OpResult, Payload, Stamp, SyncRequest, decide};
 use tokio::sync::{Mutex, Semaphore, oneshot};
 
-use super::{Backend, BackendError, PageRow, Reply, check_lead, page_start};
+use super::{
+    Backend, BackendError, PageRow, Reply, SELECT_SCHEMA_VERSION, check_lead, check_schema_version, page_start,
+};
 use crate::auth::Namespace;
 
 /// Reader connections of the SQLite backend.
@@ -108,15 +110,9 @@ impl SqliteBackend {
         let mut writer = options.clone().journal_mode(SqliteJournalMode::Wal).connect().await.map_err(unavailable)?;
         let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
         sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(unavailable)?;
-        let version: String = sqlx::query_scalar("SELECT value FROM tide_server_meta WHERE key = 'schema_version'")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        if version != "1" {
-            return Err(BackendError::Internal(format!(
-                "server database schema v{version} is not supported by this build (v1)"
-            )));
-        }
+        let version: String =
+            sqlx::query_scalar(SELECT_SCHEMA_VERSION).fetch_one(&mut *tx).await.map_err(unavailable)?;
+        check_schema_version(&version)?;
         tx.commit().await.map_err(unavailable)?;
         let mut readers = Vec::with_capacity(SQLITE_READERS);
         for _ in 0..SQLITE_READERS {

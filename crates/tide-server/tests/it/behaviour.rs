@@ -1,12 +1,13 @@
 //! The server's behaviour through real HTTP: the protocol, namespaces and
-//! authentication, the operational endpoints, and graceful shutdown.
+//! authentication, the operational endpoints, graceful shutdown, and the
+//! databases it refuses to open.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tide_core::{Cursor, ErrorCode, Op, OpResult, Payload, Stamp, SyncRequest};
-use tide_server::{AuthError, Authenticator, Principal, ServerConfig, StaticTokens};
+use tide_core::{Cursor, ErrorCode, Limits, Op, OpResult, Payload, Stamp, SyncRequest};
+use tide_server::{AuthError, Authenticator, Durability, Principal, ServerConfig, SqliteBackend, StaticTokens};
 use tide_transport::{HttpTransport, Transport};
 use tokio::io::AsyncWriteExt;
 
@@ -222,3 +223,29 @@ on_both_backends!(
     a_foreign_node_id_names_the_op,
     gzip_requests_and_responses,
 );
+
+/// A server database written by a newer build is refused by name and left
+/// exactly as it was.
+#[tokio::test]
+async fn a_newer_server_schema_is_refused_and_left_alone() {
+    use sqlx::Connection as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.db");
+    let open = || SqliteBackend::open(&path, Durability::Normal, Limits::default());
+    drop(open().await.unwrap());
+    let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+    sqlx::query("UPDATE tide_server_meta SET value = '99' WHERE key = 'schema_version'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+
+    let Err(err) = open().await else { panic!("a v99 database opened") };
+    let text = err.to_string();
+    assert!(text.contains("schema v99") && text.contains("(v1)"), "{text}");
+    let version: String = sqlx::query_scalar("SELECT value FROM tide_server_meta WHERE key = 'schema_version'")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(version, "99");
+}

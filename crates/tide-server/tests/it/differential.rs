@@ -10,22 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
-use tide_core::{Cursor, Limits, Model, Op, Payload, Stamp, SyncRequest};
+use tide_core::{Cursor, Limits, Model, Op, Payload, SplitMix64, Stamp, SyncRequest};
 use tide_server::{Backend, Durability, PostgresBackend, Server, ServerConfig, SqliteBackend, StaticTokens};
 
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        (z ^ (z >> 31)) % n
-    }
-}
-
-fn random_request(rng: &mut Rng, cursors: &[u64]) -> SyncRequest {
+fn random_request(rng: &mut SplitMix64, cursors: &[u64]) -> SyncRequest {
     // Node ids that sort differently by locale and by bytes: the tie-break must be bytewise everywhere.
     let node = ["a", "B", "\u{e9}"][rng.below(3) as usize];
     let cursor = match rng.below(4) {
@@ -95,7 +83,7 @@ async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
         .collect();
     let mut models = [Model::new(limits.clone()), Model::new(limits)];
     let mut cursors = Vec::new();
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     for step in 0..120 {
         let ns = rng.below(2) as usize;
         let req = random_request(&mut rng, &cursors);

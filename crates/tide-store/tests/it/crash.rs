@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tide_core::{Limits, Model, Op, Payload, Stamp, SyncRequest, SyncResponse};
+use tide_core::{Limits, Model, Op, Payload, SplitMix64, Stamp, SyncRequest, SyncResponse};
 use tide_store::{Rejection, Store, Write};
 
 use crate::doc;
@@ -305,11 +305,8 @@ fn c9_killed_at_seeded_random_times() {
         Err(_) => (0..12).collect(),
     };
     for seed in seeds {
-        // splitmix64 of the seed picks how many events the child gets.
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let events = 1 + usize::try_from((z ^ (z >> 31)) % 2_000).unwrap();
+        // The seed's generator picks how many events the child gets.
+        let events = 1 + SplitMix64::new(seed).index(2_000);
         let result = std::panic::catch_unwind(|| crash_at(KillAt::Event(events)));
         if let Err(e) = result {
             eprintln!(

@@ -312,3 +312,29 @@ pub(crate) async fn run_forever(inner: Arc<Inner>, interval: Duration, mut stop:
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{BACKOFF_BASE, BACKOFF_MAX, backoff};
+
+    #[test]
+    fn backoff_doubles_within_its_jitter_band_up_to_the_cap() {
+        for failures in 1..=40u32 {
+            let exp = BACKOFF_BASE.saturating_mul(1 << failures.min(16)).min(BACKOFF_MAX);
+            for _ in 0..20 {
+                let d = backoff(failures, None);
+                assert!(exp / 2 <= d && d <= exp, "failure {failures}: {d:?} outside {:?}..={exp:?}", exp / 2);
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_never_undercuts_retry_after() {
+        let long = Duration::from_secs(90);
+        assert_eq!(backoff(1, Some(long)), long, "a Retry-After longer than the backoff wins");
+        let short = Duration::from_millis(1);
+        assert!(backoff(3, Some(short)) >= BACKOFF_BASE * 4, "a shorter Retry-After does not shorten the backoff");
+    }
+}

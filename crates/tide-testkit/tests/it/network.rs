@@ -79,12 +79,16 @@ async fn n7_a_one_way_partition_is_retried_with_backoff_then_converges() {
     proxy.set(ProxyMode::DropResponses);
     a.collection::<serde_json::Value>("n").put("k", &json!({"by": "a"})).await.unwrap();
     let sync = a.sync_forever(Duration::from_hours(1)).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    // Each attempt costs a 300 ms timeout plus a growing backoff: a handful, not a hot loop.
+    // Each attempt costs the 300 ms timeout; the op stays pending though the
+    // server committed it, because no answer came back.
+    let mut rx = a.watch_status();
+    tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| s.last_error.is_some()))
+        .await
+        .expect("the lost answer is reported")
+        .unwrap();
     let status = a.status();
     assert!(status.last_error.is_some() && status.pending == 1, "{status:?}");
     proxy.set(ProxyMode::Pass);
-    let mut rx = a.watch_status();
     tokio::time::timeout(Duration::from_secs(30), async {
         while rx.borrow_and_update().pending > 0 || rx.borrow().last_error.is_some() {
             rx.changed().await.unwrap();

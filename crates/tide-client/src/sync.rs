@@ -6,7 +6,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tide_core::{Cursor, OpResult, SyncRequest};
+use std::collections::BTreeMap;
+
+use tide_core::digest::{self, Hash64};
+use tide_core::{Cursor, DocKey, OpResult, SyncRequest, SyncResponse, Verify};
 use tide_store::Rejection;
 use tokio::sync::watch;
 
@@ -25,10 +28,13 @@ pub const PULL_PAGE_CHANGES_MAX: u32 = 1_000;
 pub const SYNC_EXCHANGES_MAX: usize = 10_000;
 /// First delay after a failed background sync; it doubles per failure.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
-/// A long-poll answered sooner than this with nothing in it means the
-/// server does not hold polls: the background sync falls back to its
-/// interval.
+/// A long-poll answered sooner than this with nothing in it was not held
+/// (caps reached, a server shutting down, or one that never holds): the
+/// background sync backs off, at most to its interval, and polls again.
 pub const LONG_POLL_HOLD_MIN: Duration = Duration::from_millis(500);
+/// Most exchanges one digest repair makes within a `sync_once` (it goes
+/// on in the next).
+pub const VERIFY_EXCHANGES_MAX: usize = 64;
 /// Longest delay between background retries.
 pub const BACKOFF_MAX: Duration = Duration::from_mins(1);
 
@@ -47,6 +53,13 @@ pub struct SyncReport {
     pub pulled: usize,
     /// Changes that replaced local state (and were sent to watchers).
     pub applied: usize,
+    /// Whether the last exchange proved the store equal to the server
+    /// (their digests matched; PROTOCOL.md §12).
+    pub verified: bool,
+    /// Versions a repair took from the server or gave back to it.
+    pub repaired: usize,
+    /// Documents of rejected ops put back to the server's version.
+    pub reverted: usize,
 }
 
 /// The sync state an application can show.
@@ -103,32 +116,36 @@ impl Inner {
         let mut report = SyncReport::default();
         // Halved when a server takes fewer ops or bytes per request than we send.
         let mut batch = PUSH_BATCH_OPS_MAX;
+        let mut last = None;
+        let mut settle_tries = 2;
         while report.exchanges < SYNC_EXCHANGES_MAX {
             let pending = self.store.pending(batch).await?;
             let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
             req.ops = pending.iter().map(|p| p.op.clone()).collect();
             req.limit = Some(PULL_PAGE_CHANGES_MAX);
-            report.exchanges += 1;
-            let resp = match transport.exchange(&req).await {
+            // The server's digests, which it sends only when it has nothing
+            // more for us: compared once our outbox is empty too.
+            req.verify = Some(Verify::Roots);
+            let resp = match self.round(transport, req, &mut report).await {
                 Ok(resp) => resp,
                 // The server refused the request because of one op: set that
                 // op aside, so it never blocks the queue, and go on.
-                Err(tide_transport::Error::Status { code: Some(code), message, op: Some(i), .. })
-                    if !code.is_retryable() && i < pending.len() =>
-                {
+                Err(Error::Transport(tide_transport::Error::Status {
+                    code: Some(code), message, op: Some(i), ..
+                })) if !code.is_retryable() && i < pending.len() => {
                     self.store.settle(Vec::new(), vec![Rejection { seq: pending[i].seq, code, message }]).await?;
                     report.rejected += 1;
                     continue;
                 }
-                Err(tide_transport::Error::Status {
+                Err(Error::Transport(tide_transport::Error::Status {
                     code: Some(tide_core::ErrorCode::TooManyOps | tide_core::ErrorCode::BodyTooLarge),
                     ..
-                }) if pending.len() > 1 => {
+                })) if pending.len() > 1 => {
                     batch = pending.len() / 2;
                     tracing::info!(batch, "the server takes fewer ops per request; pushing smaller batches");
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             };
             report.pushed += pending.len();
             let (mut acked, mut rejected) = (Vec::new(), Vec::new());
@@ -142,24 +159,199 @@ impl Inner {
                         tracing::warn!(collection = %p.op.collection, id = %p.op.id, %code, "op rejected by the server");
                         rejected.push(Rejection { seq: p.seq, code: *code, message: message.clone() });
                     }
+                    // Not acknowledged: it stays in the outbox (PROTOCOL.md §6).
+                    OpResult::Unknown => {}
                     _ => acked.push(p.seq),
                 }
             }
             report.acknowledged += acked.len();
             report.rejected += rejected.len();
             self.store.settle(acked, rejected).await?;
-            report.pulled += resp.changes.len();
-            let cursor = resp.cursor.max(if resp.reset { Cursor::START } else { req.cursor.unwrap_or_default() });
-            let applied = self.store.apply_page(resp.changes, cursor).await?;
-            report.applied += applied.len();
-            self.emit_remote(applied);
+            let mut done = pending.len() < batch && !resp.has_more;
+            // A v1 server that sent changes could not answer with its
+            // digests: ask once more so this sync ends verified.
+            if done && resp.protocol.is_some() && resp.roots.is_none() && !resp.changes.is_empty() && settle_tries > 0 {
+                settle_tries -= 1;
+                done = false;
+            }
+            last = Some(resp);
             // A short batch was the whole outbox as it stood; writes made
             // since then wake the next sync.
-            if pending.len() < batch && !resp.has_more {
+            if done {
                 break;
             }
         }
+        let Some(last) = last.filter(|r| r.protocol.is_some()) else { return Ok(report) };
+        self.revert_rejected(transport, &mut report).await?;
+        if let Some(roots) = last.roots {
+            self.verify(transport, &roots, &mut report).await?;
+        }
         Ok(report)
+    }
+
+    /// One exchange: sends `req`, checks that the response answers it,
+    /// applies its page with the cursor and tells the watchers. Ops are the
+    /// caller's to settle.
+    async fn round(
+        &self,
+        transport: &dyn tide_transport::Transport,
+        mut req: SyncRequest,
+        report: &mut SyncReport,
+    ) -> Result<SyncResponse> {
+        req.request_id = Some(ulid::Ulid::generate().to_string());
+        report.exchanges += 1;
+        let resp = transport.exchange(&req).await?;
+        if resp.request_id.is_some() && resp.request_id != req.request_id {
+            // A replayed or misrouted response: its results describe other ops.
+            return Err(tide_transport::Error::MalformedResponse {
+                message: format!(
+                    "the response answers request {:?}, not {:?}",
+                    resp.request_id.as_deref().unwrap_or_default(),
+                    req.request_id.as_deref().unwrap_or_default()
+                ),
+            }
+            .into());
+        }
+        report.pulled += resp.changes.len();
+        let cursor = resp.cursor.max(if resp.reset { Cursor::START } else { req.cursor.unwrap_or_default() });
+        let applied = self.store.apply_page(resp.changes.clone(), cursor).await?;
+        report.applied += applied.len();
+        self.emit_remote(applied);
+        Ok(resp)
+    }
+
+    /// Puts the documents of rejected ops back to the server's versions.
+    async fn revert_rejected(&self, transport: &dyn tide_transport::Transport, report: &mut SyncReport) -> Result<()> {
+        let keys = self.store.unreverted().await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
+        req.limit = Some(PULL_PAGE_CHANGES_MAX);
+        req.fetch.clone_from(&keys);
+        let resp = self.round(transport, req, report).await?;
+        for r in self.store.revert(keys, resp.fetched).await? {
+            report.reverted += 1;
+            let (doc, stamp) = match r.version {
+                Some(v) => (v.payload.doc().cloned(), v.stamp),
+                None => (None, r.previous),
+            };
+            self.hub.emit(&ChangeEvent { collection: r.collection, id: r.id, doc, source: Source::Reverted, stamp });
+        }
+        Ok(())
+    }
+
+    /// Compares the store's digests with the server's `roots`; where they
+    /// differ, narrows down to the differing keys and repairs them both
+    /// ways by the LWW rule (PROTOCOL.md §12).
+    async fn verify(
+        &self,
+        transport: &dyn tide_transport::Transport,
+        server: &BTreeMap<String, Hash64>,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        let Some(local) = self.store.settled_roots().await? else { return Ok(()) };
+        let mut collections: Vec<&String> = local.keys().chain(server.keys()).collect();
+        collections.sort_unstable();
+        collections.dedup();
+        let differing: Vec<&String> = collections.into_iter().filter(|c| local.get(*c) != server.get(*c)).collect();
+        report.verified = differing.is_empty();
+        let budget = report.exchanges + VERIFY_EXCHANGES_MAX;
+        for collection in differing {
+            tracing::info!(%collection, "digests differ from the server's; repairing");
+            let mut req = self.request().await?;
+            req.verify = Some(Verify::Groups { collection: collection.clone() });
+            let theirs = self.round(transport, req, report).await?.groups.unwrap_or_default();
+            let groups = digest::differing(&self.store.digest_groups(collection).await?, &theirs);
+            let mut buckets = Vec::new();
+            for chunk in groups.chunks(tide_core::limits::VERIFY_BUCKETS_MAX) {
+                let mut req = self.request().await?;
+                req.verify = Some(Verify::Buckets { collection: collection.clone(), groups: chunk.to_vec() });
+                let theirs = self.round(transport, req, report).await?.buckets.unwrap_or_default();
+                buckets.extend(digest::differing(&self.store.digest_buckets(collection, chunk).await?, &theirs));
+            }
+            for chunk in buckets.chunks(tide_core::limits::VERIFY_BUCKETS_MAX) {
+                if report.exchanges >= budget {
+                    tracing::info!("repair continues in the next sync");
+                    return Ok(());
+                }
+                let have = self.store.held_versions(collection, chunk).await?;
+                let mut req = self.request().await?;
+                req.verify = Some(Verify::Keys { collection: collection.clone(), buckets: chunk.to_vec(), have });
+                let resp = self.round(transport, req, report).await?;
+                let applied = self.store.apply_fetched(resp.fetched).await?;
+                report.repaired += applied.len();
+                self.emit_remote(applied);
+                self.push_repair(transport, collection, &resp.wanted, report).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A request from this node at the current cursor, with no ops.
+    async fn request(&self) -> Result<SyncRequest> {
+        let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
+        req.limit = Some(PULL_PAGE_CHANGES_MAX);
+        Ok(req)
+    }
+
+    /// Pushes back the versions the server asked for, with their original
+    /// stamps. A version the server refuses is put back to the server's.
+    async fn push_repair(
+        &self,
+        transport: &dyn tide_transport::Transport,
+        collection: &str,
+        wanted: &[String],
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        for ids in wanted.chunks(PUSH_BATCH_OPS_MAX) {
+            let mut ops = self.store.versions_as_ops(collection, ids).await?;
+            while !ops.is_empty() {
+                let mut req = self.request().await?;
+                req.repair = true;
+                req.ops.clone_from(&ops);
+                let refused: Vec<usize> = match self.round(transport, req, report).await {
+                    Ok(resp) => {
+                        report.repaired += resp.results.iter().filter(|r| r.is_ack()).count();
+                        ops.clear();
+                        resp.results.iter().enumerate().filter(|(_, r)| !r.is_ack()).map(|(i, _)| i).collect()
+                    }
+                    Err(Error::Transport(tide_transport::Error::Status { code: Some(code), op: Some(i), .. }))
+                        if !code.is_retryable() && i < ops.len() =>
+                    {
+                        vec![i]
+                    }
+                    Err(e) => return Err(e),
+                };
+                if refused.is_empty() {
+                    continue;
+                }
+                let keys: Vec<DocKey> = refused
+                    .iter()
+                    .filter_map(|&i| ops.get(i))
+                    .map(|o| DocKey(o.collection.clone(), o.id.clone()))
+                    .collect();
+                ops = ops.into_iter().enumerate().filter(|(i, _)| !refused.contains(i)).map(|(_, o)| o).collect();
+                let mut req = self.request().await?;
+                req.fetch.clone_from(&keys);
+                let resp = self.round(transport, req, report).await?;
+                for r in self.store.revert(keys, resp.fetched).await? {
+                    report.reverted += 1;
+                    let (doc, stamp) = match r.version {
+                        Some(v) => (v.payload.doc().cloned(), v.stamp),
+                        None => (None, r.previous),
+                    };
+                    self.hub.emit(&ChangeEvent {
+                        collection: r.collection,
+                        id: r.id,
+                        doc,
+                        source: Source::Reverted,
+                        stamp,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -264,7 +456,9 @@ impl Inner {
 pub(crate) async fn run_forever(inner: Arc<Inner>, interval: Duration, mut stop: watch::Receiver<bool>) {
     let mut failures = 0u32;
     let mut delay = Duration::ZERO;
-    let mut live = inner.long_poll;
+    let live = inner.long_poll;
+    // Long-polls answered at once in a row.
+    let mut not_held = 0u32;
     loop {
         tokio::select! {
             biased;
@@ -292,14 +486,18 @@ pub(crate) async fn run_forever(inner: Arc<Inner>, interval: Duration, mut stop:
         // Caught up: hold a long-poll until something changes.
         while let Some(wait) = live {
             match inner.poll(wait, &mut stop).await {
-                Poll::Expired | Poll::Applied => {}
+                Poll::Expired | Poll::Applied => not_held = 0,
                 Poll::Changed | Poll::LocalWrite => {
                     delay = Duration::ZERO;
                     break;
                 }
                 Poll::NotHeld => {
-                    tracing::debug!("the server does not hold long-polls; syncing every interval");
-                    live = None;
+                    // Caps reached, a server shutting down, or an old server
+                    // that never holds: back off, then try live sync again.
+                    not_held = not_held.saturating_add(1);
+                    delay = backoff(not_held, None).min(interval);
+                    tracing::debug!(retry_in = ?delay, "the server answered a long-poll at once; polling again later");
+                    break;
                 }
                 Poll::Stop => return,
                 Poll::Failed(e) => {

@@ -16,6 +16,10 @@ pub enum Source {
     Local,
     /// A change pulled from the server that replaced the local version.
     Remote,
+    /// A local write the server rejected, put back to the server's version
+    /// (`doc: None` when the server has none; the stamp is then the
+    /// rejected write's).
+    Reverted,
 }
 
 /// One change to one document.

@@ -37,6 +37,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod digest;
 pub mod limits;
 mod lww;
 pub mod model;
@@ -50,8 +51,8 @@ pub use model::Model;
 pub use seeded::SplitMix64;
 pub use stamp::{LAMPORT_MAX, LamportClock, Stamp};
 pub use wire::{
-    Change, Cursor, Doc, ErrorBody, ErrorCode, Kind, Op, OpResult, PROTOCOL_VERSION, Payload, SyncRequest,
-    SyncResponse, Violation,
+    Change, Cursor, Doc, DocKey, ErrorBody, ErrorCode, HeldVersion, Kind, Op, OpResult, PROTOCOL_VERSION, Payload,
+    SyncRequest, SyncResponse, Verify, Violation,
 };
 
 /// The errors of tide-core.

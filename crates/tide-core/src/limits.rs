@@ -4,7 +4,7 @@
 use std::io;
 use std::time::Duration;
 
-use crate::wire::{ErrorCode, Op, Payload, SyncRequest, Violation};
+use crate::wire::{ErrorCode, Op, Payload, SyncRequest, Verify, Violation};
 use crate::{LAMPORT_MAX, PROTOCOL_VERSION};
 
 /// Default for [`Limits::request_bytes_max`]: 32 MiB.
@@ -28,6 +28,11 @@ pub const RESPONSE_BYTES_MAX: usize = 4 << 20;
 pub const LAMPORT_LEAD_MAX: u64 = 1_000_000_000;
 /// Default for [`Limits::wait_max`]: the longest a server holds a long-poll.
 pub const WAIT_MAX: Duration = Duration::from_secs(30);
+/// Most buckets one key comparison may name, and most groups one bucket
+/// request may expand (PROTOCOL.md §12): 256.
+pub const VERIFY_BUCKETS_MAX: usize = 256;
+/// Most keys one request may `fetch` (PROTOCOL.md §12): 1,000.
+pub const FETCH_KEYS_MAX: usize = 1_000;
 /// The deepest JSON nesting any message may have (`serde_json`'s fixed limit).
 pub const JSON_DEPTH_MAX: usize = 128;
 
@@ -94,9 +99,54 @@ impl Limits {
             ));
         }
         for (i, op) in req.ops.iter().enumerate() {
-            self.check_op(op, &req.node_id).map_err(|v| v.at_op(i))?;
+            // A repair carries versions with their original stamps (§12).
+            let node_id = if req.repair { &op.stamp.node_id } else { &req.node_id };
+            if req.repair {
+                check_name(node_id, "node id", self.node_id_bytes_max, ErrorCode::InvalidNodeId)
+                    .map_err(|v| v.at_op(i))?;
+            }
+            self.check_op(op, node_id).map_err(|v| v.at_op(i))?;
         }
-        Ok(())
+        self.check_verify(req)
+    }
+
+    /// Checks the digest and fetch extensions of a request (§12).
+    fn check_verify(&self, req: &SyncRequest) -> Result<(), Violation> {
+        let too_many = |what: &str, n: usize, max: usize| {
+            Violation::new(ErrorCode::InvalidRequest, format!("{n} {what} in one request; the limit is {max}"))
+        };
+        if req.fetch.len() > FETCH_KEYS_MAX {
+            return Err(too_many("fetched keys", req.fetch.len(), FETCH_KEYS_MAX));
+        }
+        for key in &req.fetch {
+            self.check_collection(&key.0)?;
+            self.check_id(&key.1)?;
+        }
+        match &req.verify {
+            None | Some(Verify::Roots) => Ok(()),
+            Some(Verify::Groups { collection }) => self.check_collection(collection),
+            Some(Verify::Buckets { collection, groups }) => {
+                self.check_collection(collection)?;
+                if groups.len() > VERIFY_BUCKETS_MAX {
+                    return Err(too_many("groups", groups.len(), VERIFY_BUCKETS_MAX));
+                }
+                match groups.iter().find(|g| u32::from(**g) >= crate::digest::GROUP_BUCKETS) {
+                    Some(g) => Err(Violation::new(ErrorCode::InvalidRequest, format!("group {g} is out of range"))),
+                    None => Ok(()),
+                }
+            }
+            Some(Verify::Keys { collection, buckets, have }) => {
+                self.check_collection(collection)?;
+                if buckets.len() > VERIFY_BUCKETS_MAX {
+                    return Err(too_many("buckets", buckets.len(), VERIFY_BUCKETS_MAX));
+                }
+                for held in have {
+                    self.check_id(&held.0)?;
+                    check_name(&held.2, "node id", self.node_id_bytes_max, ErrorCode::InvalidNodeId)?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Checks one op on its own (see [`Limits::check_request`]).

@@ -7,11 +7,10 @@
 
 use std::collections::BTreeMap;
 
+use crate::digest::{self, DigestTree};
 use crate::limits::json_len;
 use crate::lww::{Decision, decide};
-use crate::wire::{
-    Change, Cursor, ErrorCode, Op, OpResult, PROTOCOL_VERSION, Payload, SyncRequest, SyncResponse, Violation,
-};
+use crate::wire::{Change, Cursor, ErrorCode, Op, OpResult, Payload, SyncRequest, SyncResponse, Verify, Violation};
 use crate::{Limits, Stamp};
 
 /// What a server answers for `op` once `decide` has said `decision`:
@@ -70,6 +69,7 @@ pub struct Model {
     by_seq: BTreeMap<u64, Key>,
     seq: u64,
     lamport_max: u64,
+    digest: DigestTree,
 }
 
 impl Model {
@@ -133,14 +133,69 @@ impl Model {
         };
         let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, self.limits.changes_per_response_max);
         let page = self.page(from, own, limit);
-        Ok(SyncResponse {
+        let settled = page.changes.is_empty() && !page.has_more && !reset;
+        let mut resp = SyncResponse {
             cursor: page.cursor,
             changes: page.changes,
-            protocol: Some(PROTOCOL_VERSION),
             results,
             has_more: page.has_more,
             reset,
-        })
+            request_id: req.request_id.clone(),
+            ..SyncResponse::new(Cursor::START)
+        };
+        self.verify(req, settled, &mut resp);
+        Ok(resp)
+    }
+
+    /// The digest tree of the live documents.
+    pub fn digest(&self) -> &DigestTree {
+        &self.digest
+    }
+
+    /// Answers the digest and fetch extensions of a request (§12).
+    fn verify(&self, req: &SyncRequest, settled: bool, resp: &mut SyncResponse) {
+        let change = |key: &Key| {
+            self.rows.get(key).map(|r| Change {
+                collection: key.0.clone(),
+                id: key.1.clone(),
+                stamp: r.stamp.clone(),
+                payload: r.payload.clone(),
+                seq: r.seq,
+            })
+        };
+        resp.fetched = req.fetch.iter().filter_map(|k| change(&(k.0.clone(), k.1.clone()))).collect();
+        match &req.verify {
+            None => {}
+            Some(Verify::Roots) => resp.roots = settled.then(|| self.digest.roots()),
+            Some(Verify::Groups { collection }) => resp.groups = Some(self.digest.groups(collection)),
+            Some(Verify::Buckets { collection, groups }) => {
+                resp.buckets = Some(self.digest.buckets(collection, groups));
+            }
+            Some(Verify::Keys { collection, buckets, have }) => {
+                let in_buckets = |id: &str| buckets.contains(&digest::bucket(collection, id));
+                let held: BTreeMap<&str, (Stamp, bool)> =
+                    have.iter().map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.3))).collect();
+                for (key, row) in self.rows.range((collection.clone(), String::new())..) {
+                    if &key.0 != collection {
+                        break;
+                    }
+                    if !in_buckets(&key.1) {
+                        continue;
+                    }
+                    let client = held.get(key.1.as_str()).map(|(s, live)| (s, *live));
+                    let live = matches!(row.payload, Payload::Put(_));
+                    if digest::compare(Some((&row.stamp, live)), client).0 {
+                        resp.fetched.extend(change(key));
+                    }
+                }
+                for (id, (stamp, live)) in &held {
+                    let server = self.row(collection, id).map(|r| (&r.stamp, matches!(r.payload, Payload::Put(_))));
+                    if digest::compare(server, Some((stamp, *live))).1 {
+                        resp.wanted.push((*id).to_owned());
+                    }
+                }
+            }
+        }
     }
 
     /// Applies one already-validated op and says what became of it.
@@ -155,6 +210,9 @@ impl Model {
                 self.by_seq.remove(&old.seq);
             }
             self.by_seq.insert(self.seq, key.clone());
+            let old_live = stored.and_then(|r| matches!(r.payload, Payload::Put(_)).then_some(&r.stamp));
+            let new_live = matches!(op.payload, Payload::Put(_)).then_some(&op.stamp);
+            self.digest.replace(&key.0, &key.1, old_live, new_live);
             let row = Row { stamp: op.stamp.clone(), payload: op.payload.clone(), seq: self.seq };
             self.rows.insert(key.clone(), row);
         }

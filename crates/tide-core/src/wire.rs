@@ -11,7 +11,10 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::ser::{SerializeStruct, Serializer};
 use serde::{Deserialize, Serialize};
 
+use std::collections::BTreeMap;
+
 use crate::Stamp;
+use crate::digest::Hash64;
 
 /// The protocol version this crate speaks (PROTOCOL.md §1). A request
 /// without a `protocol` field is version 0, the original 0.2.1 protocol.
@@ -47,6 +50,63 @@ pub struct SyncRequest {
     /// nothing to send (long-poll), on the wire as `wait_ms`.
     #[serde(default, rename = "wait_ms", skip_serializing_if = "Option::is_none", with = "duration_ms")]
     pub wait: Option<Duration>,
+    /// Extension: an id for this exchange that the server echoes in its
+    /// response, so a replayed response cannot settle ops it does not
+    /// describe (§4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Extension: the ops are a repair (§12): versions this client holds
+    /// with their original stamps, which may name other nodes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub repair: bool,
+    /// Extension: the digests the client asks for (§12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
+    /// Extension: keys whose stored versions the client asks for (§12).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fetch: Vec<DocKey>,
+}
+
+/// A document's key on the wire: `[collection, id]`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct DocKey(pub String, pub String);
+
+/// One version a client holds, as it reports it when comparing keys
+/// (§12): `[id, lamport, node_id, live]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldVersion(pub String, pub u64, pub String, pub bool);
+
+/// Which digests a client asks for (§12), one level at a time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "level", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Verify {
+    /// The root digest of every collection; answered only when the
+    /// response has no changes, no more to come and no reset, so the
+    /// client holds everything the server does.
+    Roots,
+    /// The group digests of one collection.
+    Groups {
+        /// The collection.
+        collection: String,
+    },
+    /// The bucket digests of one collection within some groups.
+    Buckets {
+        /// The collection.
+        collection: String,
+        /// The groups to expand.
+        groups: Vec<u16>,
+    },
+    /// Compare the versions of every key in some buckets: the client says
+    /// what it holds; the server sends what the client lacks or holds
+    /// older (`fetched`) and names what it wants back (`wanted`).
+    Keys {
+        /// The collection.
+        collection: String,
+        /// The buckets compared.
+        buckets: Vec<u16>,
+        /// Every version the client holds in those buckets, tombstones included.
+        have: Vec<HeldVersion>,
+    },
 }
 
 impl SyncRequest {
@@ -59,6 +119,10 @@ impl SyncRequest {
             protocol: Some(PROTOCOL_VERSION),
             limit: None,
             wait: None,
+            request_id: None,
+            repair: false,
+            verify: None,
+            fetch: Vec::new(),
         }
     }
 
@@ -240,6 +304,46 @@ pub struct SyncResponse {
     /// beginning.
     #[serde(default, skip_serializing_if = "is_false")]
     pub reset: bool,
+    /// Extension: the request's `request_id`, echoed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Extension: the root digest of every collection with live documents,
+    /// when asked for and the response is otherwise empty (§12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roots: Option<BTreeMap<String, Hash64>>,
+    /// Extension: the non-zero group digests asked for, in order (§12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<(u16, Hash64)>>,
+    /// Extension: the non-zero bucket digests asked for, in order (§12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Vec<(u16, Hash64)>>,
+    /// Extension: stored versions the client asked for or lacks (§12).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fetched: Vec<Change>,
+    /// Extension: ids of the compared collection whose versions the client
+    /// holds newer, or the server lacks: push them back as a repair (§12).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub wanted: Vec<String>,
+}
+
+impl SyncResponse {
+    /// A version-1 response with only a cursor.
+    pub fn new(cursor: Cursor) -> Self {
+        Self {
+            cursor,
+            changes: Vec::new(),
+            protocol: Some(PROTOCOL_VERSION),
+            results: Vec::new(),
+            has_more: false,
+            reset: false,
+            request_id: None,
+            roots: None,
+            groups: None,
+            buckets: None,
+            fetched: Vec::new(),
+            wanted: Vec::new(),
+        }
+    }
 }
 
 #[expect(clippy::trivially_copy_pass_by_ref, reason = "serde's skip_serializing_if passes a reference")]
@@ -329,12 +433,15 @@ pub enum OpResult {
         /// Why, for people.
         message: String,
     },
+    /// A status this version does not know: not an acknowledgement (§6).
+    #[serde(other)]
+    Unknown,
 }
 
 impl OpResult {
     /// Whether the op may leave the client's outbox.
     pub fn is_ack(&self) -> bool {
-        !matches!(self, Self::Rejected { .. })
+        !matches!(self, Self::Rejected { .. } | Self::Unknown)
     }
 }
 

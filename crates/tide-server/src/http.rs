@@ -184,9 +184,20 @@ impl Server {
         span: &tracing::Span,
     ) -> Result<Reply, BackendError> {
         let backend = Arc::clone(&self.app.backend);
+        let hub = Arc::clone(&self.app.hub);
         let (namespace, request) = (namespace.clone(), Arc::clone(request));
-        let result =
-            tokio::spawn(async move { backend.exchange(&namespace, request).await }.instrument(span.clone())).await;
+        let task = async move {
+            let result = backend.exchange(&namespace, request).await;
+            // Wakes held polls from the task that committed, so a client
+            // that hangs up after sending its write still wakes them.
+            if let Ok(reply) = &result
+                && reply.results.iter().any(|r| matches!(r, tide_core::OpResult::Applied { .. }))
+            {
+                hub.notify(namespace.as_str());
+            }
+            result
+        };
+        let result = tokio::spawn(task.instrument(span.clone())).await;
         result.unwrap_or_else(|e| Err(BackendError::Internal(format!("exchange task failed: {e}"))))
     }
 
@@ -301,11 +312,6 @@ impl Server {
             }
         }
         drop(held);
-        if let Ok(reply) = &result
-            && reply.results.iter().any(|r| matches!(r, tide_core::OpResult::Applied { .. }))
-        {
-            app.hub.notify(principal.namespace.as_str());
-        }
         let resp = match result {
             Ok(reply) => {
                 app.metrics.results(&reply.results);

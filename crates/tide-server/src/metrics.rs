@@ -42,7 +42,7 @@ impl Metrics {
                 OpResult::Applied { .. } => 0,
                 OpResult::Duplicate => 1,
                 OpResult::Superseded { .. } => 2,
-                OpResult::Rejected { .. } => 3,
+                OpResult::Rejected { .. } | OpResult::Unknown => 3,
             };
             self.ops[i].fetch_add(1, Ordering::Relaxed);
         }

@@ -38,7 +38,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tide_core::{Change, Cursor, Doc, ErrorCode, Limits, Op, Payload, Stamp};
+use std::collections::BTreeMap;
+
+use tide_core::digest::Hash64;
+use tide_core::{Change, Cursor, Doc, DocKey, ErrorCode, HeldVersion, Limits, Op, Payload, Stamp};
 use tokio::sync::{Mutex, oneshot};
 
 pub use conn::{ConnectionSettings, Durability};
@@ -488,6 +491,118 @@ impl Store {
         self.call(|reply| Command::Apply { changes, cursor, reply }).await
     }
 
+    /// Applies versions fetched outside the change stream (a repair or a
+    /// fetch, PROTOCOL.md §12) by the LWW rule, without touching the cursor;
+    /// returns those that altered local state.
+    pub async fn apply_fetched(&self, changes: Vec<Change>) -> Result<Vec<Change>> {
+        for c in &changes {
+            self.inner.limits.check_collection(&c.collection)?;
+            self.inner.limits.check_id(&c.id)?;
+        }
+        self.call(|reply| Command::Fetched { changes, reply }).await
+    }
+
+    /// The root digest of every collection with live documents, read in one
+    /// snapshot with the outbox; `None` while ops are pending (the store is
+    /// then ahead of the server by design).
+    pub async fn settled_roots(&self) -> Result<Option<BTreeMap<String, Hash64>>> {
+        let mut conn = self.inner.readers.get().await?;
+        let text: Option<String> = sqlx::query_scalar(
+            "SELECT CASE WHEN EXISTS (SELECT 1 FROM tide_outbox) THEN NULL ELSE \
+             (SELECT json_group_array(json_array(collection, hash)) FROM tide_digest WHERE level = 0 AND hash <> 0) END",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        let Some(text) = text else { return Ok(None) };
+        let rows: Vec<(String, i64)> = parse_json(&text)?;
+        Ok(Some(rows.into_iter().map(|(c, h)| (c, Hash64::from_i64(h))).collect()))
+    }
+
+    /// The non-zero group digests of a collection, in order.
+    pub async fn digest_groups(&self, collection: &str) -> Result<Vec<(u16, Hash64)>> {
+        self.digest_level(collection, 1, None).await
+    }
+
+    /// The non-zero bucket digests of a collection within `groups`, in order.
+    pub async fn digest_buckets(&self, collection: &str, groups: &[u16]) -> Result<Vec<(u16, Hash64)>> {
+        self.digest_level(collection, 2, Some(groups)).await
+    }
+
+    async fn digest_level(&self, collection: &str, level: u8, groups: Option<&[u16]>) -> Result<Vec<(u16, Hash64)>> {
+        let mut conn = self.inner.readers.get().await?;
+        let text: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(ix, hash) ORDER BY ix) FROM tide_digest \
+             WHERE collection = ?1 AND level = ?2 AND hash <> 0 \
+             AND (?3 IS NULL OR ix / 256 IN (SELECT value FROM json_each(?3)))",
+        )
+        .bind(collection)
+        .bind(i64::from(level))
+        .bind(groups.map(|g| serde_json::to_string(g).expect("groups serialize")))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        let rows: Vec<(u16, i64)> = parse_json(&text)?;
+        Ok(rows.into_iter().map(|(i, h)| (i, Hash64::from_i64(h))).collect())
+    }
+
+    /// Every version of a collection in `buckets`, tombstones included, as
+    /// a key comparison reports them (PROTOCOL.md §12).
+    pub async fn held_versions(&self, collection: &str, buckets: &[u16]) -> Result<Vec<HeldVersion>> {
+        let mut conn = self.inner.readers.get().await?;
+        let text: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(id, lamport, node_id, deleted = 0)) FROM tide_docs \
+             WHERE collection = ?1 AND bucket IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(collection)
+        .bind(serde_json::to_string(buckets).expect("buckets serialize"))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        let rows: Vec<(String, u64, String, u8)> = parse_json(&text)?;
+        Ok(rows.into_iter().map(|(id, l, n, live)| HeldVersion(id, l, n, live == 1)).collect())
+    }
+
+    /// The stored versions of `ids` in a collection as ops with their
+    /// original stamps: what a repair pushes back (PROTOCOL.md §12).
+    pub async fn versions_as_ops(&self, collection: &str, ids: &[String]) -> Result<Vec<Op>> {
+        let mut conn = self.inner.readers.get().await?;
+        let text: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(0, collection, id, iif(deleted, 'delete', 'put'), doc, lamport, node_id)) \
+             FROM tide_docs WHERE collection = ?1 AND id IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(collection)
+        .bind(serde_json::to_string(ids).expect("ids serialize"))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        let rows: Vec<OpRow> = parse_json(&text)?;
+        rows.into_iter().map(OpRow::into_op).collect()
+    }
+
+    /// The keys of rejected ops whose documents have not been put back to
+    /// the server's version yet.
+    pub async fn unreverted(&self) -> Result<Vec<DocKey>> {
+        let mut conn = self.inner.readers.get().await?;
+        let text: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(collection, id)) FROM \
+             (SELECT DISTINCT collection, id FROM tide_rejected WHERE reverted = 0 LIMIT 1000)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        parse_json(&text)
+    }
+
+    /// Puts the documents of rejected ops back to the server's versions
+    /// (`server`; a key missing from it is removed), unless a later local
+    /// write to the key is still pending, and marks the rejections
+    /// reverted, in one transaction. Returns each key whose local state
+    /// changed, with its new version.
+    pub async fn revert(&self, keys: Vec<DocKey>, server: Vec<Change>) -> Result<Vec<Reverted>> {
+        self.call(|reply| Command::Revert { keys, server, reply }).await
+    }
+
     /// Caps the database at `pages` pages (SQLite's `max_page_count`); a
     /// write that needs more fails with [`Error::Full`]. Returns the cap in
     /// force, which is never below the current size.
@@ -529,6 +644,19 @@ impl Store {
         let _ = self.call(|reply| Command::Close { reply }).await;
         self.inner.readers.close_all().await;
     }
+}
+
+/// A document put back to the server's version after a rejection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reverted {
+    /// The document's collection.
+    pub collection: String,
+    /// The document's id.
+    pub id: String,
+    /// The version now stored; `None` when the server had none.
+    pub version: Option<Version>,
+    /// The stamp of the local version it replaced.
+    pub previous: Stamp,
 }
 
 /// An outbox or rejected row as read back in one JSON array.

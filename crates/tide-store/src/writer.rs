@@ -13,13 +13,13 @@ use serde::Serialize;
 use sqlx::Connection;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use tide_core::{Change, Cursor, ErrorCode, LAMPORT_MAX, LamportClock, Payload, Stamp};
+use tide_core::{Change, Cursor, DocKey, ErrorCode, LAMPORT_MAX, LamportClock, Payload, Stamp};
 
 use tokio::sync::{Mutex, oneshot};
 
-use crate::Write;
 use crate::conn::{self, ConnectionSettings, Shared, read_settings};
 use crate::error::{Error, Result, db};
+use crate::{Reverted, Write};
 
 /// The most ops committed in one group.
 pub const GROUP_OPS_MAX: usize = 4_096;
@@ -40,6 +40,8 @@ pub struct Rejection {
 pub(crate) enum Command {
     Write { writes: Vec<Write>, reply: Reply<Vec<Stamp>> },
     Apply { changes: Vec<Change>, cursor: Cursor, reply: Reply<Vec<Change>> },
+    Fetched { changes: Vec<Change>, reply: Reply<Vec<Change>> },
+    Revert { keys: Vec<DocKey>, server: Vec<Change>, reply: Reply<Vec<Reverted>> },
     Settle { acked: Vec<u64>, rejected: Vec<Rejection>, reply: Reply<()> },
     Discard { seqs: Vec<u64>, reply: Reply<u64> },
     MaxPages { pages: u64, reply: Reply<u64> },
@@ -201,7 +203,13 @@ impl State {
         match cmd {
             Command::Write { .. } => unreachable!("writes are grouped"),
             Command::Apply { changes, cursor, reply } => {
-                let _ = reply.send(self.apply(changes, cursor).await);
+                let _ = reply.send(self.apply(changes, Some(cursor)).await);
+            }
+            Command::Fetched { changes, reply } => {
+                let _ = reply.send(self.apply(changes, None).await);
+            }
+            Command::Revert { keys, server, reply } => {
+                let _ = reply.send(self.revert(keys, server).await);
             }
             Command::Settle { acked, rejected, reply } => {
                 let _ = reply.send(self.settle(&acked, &rejected).await);
@@ -229,7 +237,7 @@ impl State {
 
     async fn write_group(&mut self, group: Vec<(Vec<Write>, Reply<Vec<Stamp>>)>) {
         #[derive(Serialize)]
-        struct Row<'a>(&'a str, &'a str, &'static str, Option<String>, u64);
+        struct Row<'a>(&'a str, &'a str, &'static str, Option<String>, u64, u16, i64);
 
         if self.closed {
             for (_, reply) in group {
@@ -259,7 +267,8 @@ impl State {
                     Payload::Put(doc) => ("put", Some(serde_json::to_string(doc).expect("documents serialize"))),
                     Payload::Delete => ("delete", None),
                 };
-                rows.push(Row(&w.collection, &w.id, kind, doc, stamp.lamport));
+                let (bucket, vhash) = digest_columns(&w.collection, &w.id, stamp);
+                rows.push(Row(&w.collection, &w.id, kind, doc, stamp.lamport, bucket, vhash));
             }
         }
         if rows.is_empty() {
@@ -286,8 +295,8 @@ impl State {
 
     async fn insert_group(&self, conn: &mut sqlx::SqliteConnection, rows: String) -> Result<()> {
         sqlx::query(
-            "INSERT INTO tide_outbox (collection, id, kind, doc, lamport, node_id) \
-             SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ?2 FROM jsonb_each(?1)",
+            "INSERT INTO tide_outbox (collection, id, kind, doc, lamport, node_id, bucket, vhash) \
+             SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ?2, value->>5, value->>6 FROM jsonb_each(?1)",
         )
         .bind(rows)
         .bind(&self.node_id)
@@ -299,7 +308,7 @@ impl State {
 
     /// Applies a page of remote changes and its cursor in one transaction;
     /// returns the changes that altered local state, in page order.
-    async fn apply(&mut self, changes: Vec<Change>, cursor: Cursor) -> Result<Vec<Change>> {
+    async fn apply(&mut self, changes: Vec<Change>, cursor: Option<Cursor>) -> Result<Vec<Change>> {
         let lamport_max = changes.iter().map(|c| c.stamp.lamport).max().unwrap_or(0);
         if lamport_max > LAMPORT_MAX {
             return Err(tide_core::Error::LamportOutOfRange { lamport: lamport_max }.into());
@@ -334,7 +343,7 @@ impl State {
         }
         if !last_winner.is_empty() {
             #[derive(Serialize)]
-            struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8);
+            struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8, u16, i64);
             let mut winners: Vec<usize> = last_winner.into_values().collect();
             winners.sort_unstable();
             let rows: Vec<Row> = winners
@@ -343,14 +352,16 @@ impl State {
                     let c = &changes[i];
                     let doc = c.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
                     let deleted = u8::from(doc.is_none());
-                    Row(&c.collection, &c.id, doc, c.stamp.lamport, &c.stamp.node_id, deleted)
+                    let (bucket, vhash) = digest_columns(&c.collection, &c.id, &c.stamp);
+                    Row(&c.collection, &c.id, doc, c.stamp.lamport, &c.stamp.node_id, deleted, bucket, vhash)
                 })
                 .collect();
             sqlx::query(
-                "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted) \
-                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5 FROM jsonb_each(?1) WHERE true \
+                "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7 \
+                 FROM jsonb_each(?1) WHERE true \
                  ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
-                 node_id = excluded.node_id, deleted = excluded.deleted \
+                 node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash \
                  WHERE (excluded.lamport, excluded.node_id) > (tide_docs.lamport, tide_docs.node_id)",
             )
             .bind(serde_json::to_string(&rows).expect("rows serialize"))
@@ -358,14 +369,16 @@ impl State {
             .await
             .map_err(db)?;
         }
-        sqlx::query(
-            "INSERT INTO tide_meta (key, value) VALUES ('cursor', ?1) \
-             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        )
-        .bind(cursor.to_string())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        if let Some(cursor) = cursor {
+            sqlx::query(
+                "INSERT INTO tide_meta (key, value) VALUES ('cursor', ?1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(cursor.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
         sqlx::query("UPDATE tide_clock SET lamport = max(lamport, ?1) WHERE id = 1")
             .bind(i64::try_from(lamport_max).expect("bounded by LAMPORT_MAX"))
             .execute(&mut *tx)
@@ -376,6 +389,102 @@ impl State {
 
         let mut keep = applied.into_iter().peekable();
         Ok(changes.into_iter().enumerate().filter_map(|(i, c)| keep.next_if_eq(&i).map(|_| c)).collect())
+    }
+
+    /// Puts rejected documents back to the server's versions, in one transaction.
+    async fn revert(&mut self, keys: Vec<DocKey>, server: Vec<Change>) -> Result<Vec<Reverted>> {
+        let lamport_max = server.iter().map(|c| c.stamp.lamport).max().unwrap_or(0);
+        if lamport_max > LAMPORT_MAX {
+            return Err(tide_core::Error::LamportOutOfRange { lamport: lamport_max }.into());
+        }
+        let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let mut reverted = Vec::new();
+        for DocKey(collection, id) in &keys {
+            let pending: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tide_outbox WHERE collection = ?1 AND id = ?2)")
+                    .bind(collection)
+                    .bind(id)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            let stored: Option<(i64, String, bool)> =
+                sqlx::query_as("SELECT lamport, node_id, deleted FROM tide_docs WHERE collection = ?1 AND id = ?2")
+                    .bind(collection)
+                    .bind(id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            let theirs = server.iter().find(|c| &c.collection == collection && &c.id == id);
+            let same = match (&stored, theirs) {
+                (None, None) => true,
+                (Some((l, n, deleted)), Some(c)) => {
+                    u64::try_from(*l).ok() == Some(c.stamp.lamport)
+                        && *n == c.stamp.node_id
+                        && *deleted == c.payload.doc().is_none()
+                }
+                _ => false,
+            };
+            if pending || same {
+                continue;
+            }
+            let previous = stored
+                .as_ref()
+                .map_or_else(|| Stamp::new(0, ""), |(l, n, _)| Stamp::new(u64::try_from(*l).unwrap_or(0), n.clone()));
+            if let Some(c) = theirs {
+                let doc = c.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
+                let (bucket, vhash) = digest_columns(collection, id, &c.stamp);
+                sqlx::query(
+                    "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+                         ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
+                         node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash",
+                )
+                .bind(collection)
+                .bind(id)
+                .bind(&doc)
+                .bind(i64::try_from(c.stamp.lamport).expect("bounded by LAMPORT_MAX"))
+                .bind(&c.stamp.node_id)
+                .bind(doc.is_none())
+                .bind(bucket)
+                .bind(vhash)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                let version = crate::Version { stamp: c.stamp.clone(), payload: c.payload.clone() };
+                reverted.push(Reverted {
+                    collection: collection.clone(),
+                    id: id.clone(),
+                    version: Some(version),
+                    previous,
+                });
+            } else {
+                sqlx::query("DELETE FROM tide_docs WHERE collection = ?1 AND id = ?2")
+                    .bind(collection)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                reverted.push(Reverted { collection: collection.clone(), id: id.clone(), version: None, previous });
+            }
+        }
+        let keys: Vec<(&str, &str)> = keys.iter().map(|k| (k.0.as_str(), k.1.as_str())).collect();
+        sqlx::query(
+            "UPDATE tide_rejected SET reverted = 1 FROM json_each(?1) AS j \
+             WHERE tide_rejected.collection = j.value->>0 AND tide_rejected.id = j.value->>1",
+        )
+        .bind(serde_json::to_string(&keys).expect("keys serialize"))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("UPDATE tide_clock SET lamport = max(lamport, ?1) WHERE id = 1")
+            .bind(i64::try_from(lamport_max).expect("bounded by LAMPORT_MAX"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.clock.observe(lamport_max)?;
+        Ok(reverted)
     }
 
     /// Removes acknowledged ops and moves rejected ones aside, in one transaction.
@@ -423,13 +532,21 @@ impl State {
     }
 }
 
+/// A document row's digest bucket and version hash (PROTOCOL.md §12).
+pub(crate) fn digest_columns(collection: &str, id: &str, stamp: &Stamp) -> (u16, i64) {
+    (tide_core::digest::bucket(collection, id), tide_core::digest::version_hash(collection, id, stamp).to_i64())
+}
+
 /// Answers a command that arrives after the store closed.
 fn refuse(cmd: Command) {
     match cmd {
         Command::Write { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
-        Command::Apply { reply, .. } => {
+        Command::Apply { reply, .. } | Command::Fetched { reply, .. } => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        Command::Revert { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Settle { reply, .. } | Command::Close { reply } => {

@@ -146,6 +146,12 @@ impl FakeServer {
         self.lock().model.clone()
     }
 
+    /// Replaces the server's state with `model`, as when a server's database
+    /// is restored from a backup: every seq and version after it is gone.
+    pub fn restore(&self, model: Model) {
+        self.lock().model = model;
+    }
+
     /// How many long-polls the server is holding now.
     pub fn held_polls(&self) -> usize {
         self.held.load(std::sync::atomic::Ordering::SeqCst)

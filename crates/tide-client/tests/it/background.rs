@@ -67,7 +67,8 @@ async fn failures_back_off_and_honour_retry_after() {
     assert_eq!(failed.reachable, Some(true), "a 503 came from the server");
     until(&a, |s| s.pending == 0 && s.last_error.is_none()).await;
     assert!(start.elapsed() >= Duration::from_secs(1), "the retry waited for Retry-After");
-    assert_eq!(server.traffic().len(), 2, "one failure, one retry: no hot loop");
+    let pushes = server.traffic().iter().filter(|e| !e.request.ops.is_empty()).count();
+    assert_eq!(pushes, 2, "one failure, one retry: no hot loop");
 }
 
 #[tokio::test]
@@ -190,4 +191,34 @@ async fn a_local_write_during_a_held_poll_is_pushed_at_once() {
     })
     .await
     .expect("one poll held again");
+}
+
+/// A server that answers long-polls at once (its caps are reached, or it is
+/// shutting down) makes live sync back off and poll again, not stop: a
+/// remote write still arrives without the hour-long interval.
+#[tokio::test]
+async fn long_polls_answered_at_once_back_off_and_retry() {
+    use std::sync::Arc;
+    use tide_server::{Durability, NoAuth, Server, ServerConfig, SqliteBackend};
+
+    let dir = tempfile::tempdir().unwrap();
+    let backend =
+        SqliteBackend::open(&dir.path().join("s.db"), Durability::Normal, tide_core::Limits::default()).await.unwrap();
+    let config = ServerConfig { held_requests_max: 0, ..ServerConfig::default() };
+    let server = Server::new(backend, Arc::new(NoAuth::new("t")), config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
+    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+
+    let watcher = tide_client::Tide::builder().endpoint(&endpoint).open().await.unwrap();
+    let writer = tide_client::Tide::builder().endpoint(&endpoint).long_poll(None).open().await.unwrap();
+    let _live = watcher.sync_forever(Duration::from_hours(1)).await.unwrap();
+    until(&watcher, |s| s.last_success.is_some()).await;
+    let mut arrivals = watcher.collection::<Note>("n").watch();
+    writer.collection::<Note>("n").put("k", &note("from the writer")).await.unwrap();
+    writer.sync_once().await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(20), arrivals.next())
+        .await
+        .expect("the write arrives by retried polls, not an hour later");
+    assert!(matches!(event, Some(tide_client::WatchEvent::Change(e)) if e.id == "k"));
 }

@@ -2,6 +2,7 @@
 
 mod background;
 mod behaviour;
+mod convergence;
 mod interop;
 mod watching;
 

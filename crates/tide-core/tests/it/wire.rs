@@ -121,6 +121,7 @@ fn extensions_are_additive_and_named_as_documented() {
         ],
         has_more: true,
         reset: true,
+        ..SyncResponse::new(Cursor(9))
     };
     assert_eq!(
         serde_json::to_value(&resp).unwrap(),
@@ -173,7 +174,7 @@ proptest! {
     #[test]
     fn requests_round_trip(node in "[a-z]{1,8}", cursor in prop::option::of(any::<u64>()), ops in prop::collection::vec(op(), 0..5),
                            protocol in prop::option::of(0u32..3), limit in prop::option::of(any::<u32>()), wait in prop::option::of(0u64..100_000)) {
-        let req = SyncRequest { node_id: node, cursor: cursor.map(Cursor), ops, protocol, limit, wait: wait.map(Duration::from_millis) };
+        let req = SyncRequest { cursor: cursor.map(Cursor), ops, protocol, limit, wait: wait.map(Duration::from_millis), ..SyncRequest::new(node, None) };
         let bytes = serde_json::to_vec(&req).unwrap();
         prop_assert_eq!(SyncRequest::from_json(&bytes).unwrap(), req);
     }
@@ -187,6 +188,7 @@ proptest! {
             results: seqs.into_iter().map(|seq| OpResult::Applied { seq }).collect(),
             has_more,
             reset,
+            ..SyncResponse::new(Cursor(cursor))
         };
         let text = serde_json::to_string(&resp).unwrap();
         prop_assert_eq!(serde_json::from_str::<SyncResponse>(&text).unwrap(), resp);
@@ -199,4 +201,34 @@ fn docs_keep_their_key_order() {
     let Payload::Put(d) = &req.ops[0].payload else { panic!() };
     assert_eq!(d.keys().collect::<Vec<_>>(), ["z", "a", "m"]);
     assert_eq!(d, &doc(json!({"z": 1, "a": 2, "m": 3})));
+}
+
+#[test]
+fn an_unknown_op_status_decodes_as_not_acknowledged() {
+    let resp: SyncResponse = serde_json::from_str(
+        r#"{"cursor":"1","changes":[],"results":[{"status":"deferred","until":5},{"status":"duplicate"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(resp.results, vec![OpResult::Unknown, OpResult::Duplicate]);
+    assert!(!resp.results[0].is_ack(), "an unknown status must not acknowledge the op");
+}
+
+#[test]
+fn the_digest_extensions_round_trip() {
+    let text = r#"{"node_id":"a","cursor":"4","ops":[],"request_id":"r1","verify":{"level":"keys","collection":"c","buckets":[3],"have":[["i",2,"b",true]]},"fetch":[["c","j"]]}"#;
+    let req = SyncRequest::from_json(text.as_bytes()).unwrap();
+    assert_eq!(req.request_id.as_deref(), Some("r1"));
+    assert_eq!(
+        req.verify,
+        Some(tide_core::Verify::Keys {
+            collection: "c".into(),
+            buckets: vec![3],
+            have: vec![tide_core::HeldVersion("i".into(), 2, "b".into(), true)]
+        })
+    );
+    assert_eq!(req.fetch, vec![tide_core::DocKey("c".into(), "j".into())]);
+    let again = SyncRequest::from_json(&serde_json::to_vec(&req).unwrap()).unwrap();
+    assert_eq!(again, req);
+    let bad = SyncRequest::from_json(br#"{"node_id":"a","verify":{"level":"everything"}}"#).unwrap_err();
+    assert_eq!(bad.code, ErrorCode::InvalidRequest);
 }

@@ -3,12 +3,13 @@
 pub mod postgres;
 pub mod sqlite;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use tide_core::digest::{self, Hash64};
 use tide_core::{
-    Cursor, Decision, ErrorCode, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse, Violation,
-    decide,
+    Cursor, Decision, ErrorCode, HeldVersion, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse,
+    Violation, decide,
 };
 
 use crate::auth::Namespace;
@@ -49,6 +50,27 @@ pub struct Reply {
     pub has_more: bool,
     /// Whether the request's cursor was ahead of the namespace's state.
     pub reset: bool,
+    /// The request's `request_id`, echoed.
+    pub request_id: Option<String>,
+    /// The answers to the digest and fetch extensions (PROTOCOL.md §12).
+    pub verify: VerifyReply,
+}
+
+/// The digest and fetch answers of one exchange (PROTOCOL.md §12).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct VerifyReply {
+    /// The root digest per collection, when asked and the page was empty.
+    pub roots: Option<BTreeMap<String, Hash64>>,
+    /// The non-zero group digests asked for.
+    pub groups: Option<Vec<(u16, Hash64)>>,
+    /// The non-zero bucket digests asked for.
+    pub buckets: Option<Vec<(u16, Hash64)>>,
+    /// Stored versions sent back, rendered as changes joined by commas.
+    pub fetched_json: String,
+    /// How many changes `fetched_json` holds.
+    pub fetched_count: usize,
+    /// Ids whose versions the client should push back as a repair.
+    pub wanted: Vec<String>,
 }
 
 impl Reply {
@@ -71,6 +93,32 @@ impl Reply {
         }
         if self.reset {
             out.extend_from_slice(br#","reset":true"#);
+        }
+        let mut field = |name: &[u8], value: &dyn erased::Value| {
+            out.extend_from_slice(name);
+            value.write(&mut out);
+        };
+        if let Some(id) = &self.request_id {
+            field(br#","request_id":"#, id);
+        }
+        let v = &self.verify;
+        if let Some(roots) = &v.roots {
+            field(br#","roots":"#, roots);
+        }
+        if let Some(groups) = &v.groups {
+            field(br#","groups":"#, groups);
+        }
+        if let Some(buckets) = &v.buckets {
+            field(br#","buckets":"#, buckets);
+        }
+        if v.fetched_count > 0 {
+            out.extend_from_slice(br#","fetched":["#);
+            out.extend_from_slice(v.fetched_json.as_bytes());
+            out.push(b']');
+        }
+        if !v.wanted.is_empty() {
+            out.extend_from_slice(br#","wanted":"#);
+            serde_json::to_writer(&mut out, &v.wanted).expect("ids serialize");
         }
         out.push(b'}');
         out
@@ -207,16 +255,20 @@ pub(crate) fn decide_all<'a>(
 }
 
 /// The server database schema this build reads and writes, as stored under
-/// `schema_version` in `tide_server_meta` by both backends.
-pub(crate) const SCHEMA_VERSION: &str = "1";
+/// `schema_version` in `tide_server_meta` by both backends. Version 2 adds
+/// the digest table, each row's bucket, and the node ids' principals.
+pub(crate) const SCHEMA_VERSION: &str = "2";
 
 /// The statement that reads the stored schema version, the same on both backends.
 pub(crate) const SELECT_SCHEMA_VERSION: &str = "SELECT value FROM tide_server_meta WHERE key = 'schema_version'";
 
-/// Refuses to open a database whose schema this build does not know.
-pub(crate) fn check_schema_version(found: &str) -> Result<(), BackendError> {
+/// Whether a database at schema `found` needs the version-2 migration;
+/// refuses one whose schema this build does not know.
+pub(crate) fn check_schema_version(found: &str) -> Result<bool, BackendError> {
     if found == SCHEMA_VERSION {
-        Ok(())
+        Ok(false)
+    } else if found == "1" {
+        Ok(true)
     } else {
         Err(BackendError::Internal(format!(
             "server database schema v{found} is not supported by this build (v{SCHEMA_VERSION})"
@@ -275,4 +327,92 @@ pub(crate) fn page_start(
     let (from, skip_own) = if reset { (Cursor::START, false) } else { (requested, requested > Cursor::START) };
     let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, limits.changes_per_response_max);
     (PageBuilder::new(from, limit, limits.response_bytes_max), skip_own, reset)
+}
+
+/// Serializing a field value into a body without naming its type.
+mod erased {
+    pub(super) trait Value {
+        fn write(&self, out: &mut Vec<u8>);
+    }
+
+    impl<T: serde::Serialize + ?Sized> Value for T {
+        fn write(&self, out: &mut Vec<u8>) {
+            serde_json::to_writer(out, self).expect("plain data serializes");
+        }
+    }
+}
+
+/// One stored version as the digest and fetch answers read it.
+pub(crate) struct StoredVersion {
+    pub(crate) collection: String,
+    pub(crate) id: String,
+    pub(crate) doc: Option<String>,
+    pub(crate) lamport: u64,
+    pub(crate) node_id: String,
+    pub(crate) seq: u64,
+}
+
+impl StoredVersion {
+    fn render(&self) -> String {
+        render_change(&self.collection, &self.id, self.doc.as_deref(), self.lamport, &self.node_id, self.seq)
+    }
+}
+
+/// Adds rendered versions to `reply.fetched_json` up to the response byte
+/// budget (always at least one, so every exchange makes progress).
+pub(crate) fn push_fetched<'a>(
+    reply: &mut VerifyReply,
+    versions: impl IntoIterator<Item = &'a StoredVersion>,
+    bytes_max: usize,
+) {
+    for v in versions {
+        let json = v.render();
+        if reply.fetched_count > 0 && reply.fetched_json.len() + json.len() + 1 > bytes_max {
+            return;
+        }
+        if reply.fetched_count > 0 {
+            reply.fetched_json.push(',');
+        }
+        reply.fetched_json.push_str(&json);
+        reply.fetched_count += 1;
+    }
+}
+
+/// Compares the stored versions of some buckets with what a client holds
+/// there (PROTOCOL.md §12): what to send it, and which ids to ask back.
+pub(crate) fn compare_keys(reply: &mut VerifyReply, stored: &[StoredVersion], have: &[HeldVersion], bytes_max: usize) {
+    let held: HashMap<&str, (Stamp, bool)> =
+        have.iter().map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.3))).collect();
+    let mut by_id: HashMap<&str, (Stamp, bool)> = HashMap::with_capacity(stored.len());
+    let mut send = Vec::new();
+    for v in stored {
+        let stamp = Stamp::new(v.lamport, v.node_id.clone());
+        let client = held.get(v.id.as_str()).map(|(s, live)| (s, *live));
+        if digest::compare(Some((&stamp, v.doc.is_some())), client).0 {
+            send.push(v);
+        }
+        by_id.insert(v.id.as_str(), (stamp, v.doc.is_some()));
+    }
+    push_fetched(reply, send, bytes_max);
+    let mut wanted: Vec<String> = held
+        .iter()
+        .filter(|(id, (stamp, live))| digest::compare(by_id.get(*id).map(|(s, l)| (s, *l)), Some((stamp, *live))).1)
+        .map(|(id, _)| (*id).to_owned())
+        .collect();
+    wanted.sort_unstable();
+    reply.wanted = wanted;
+}
+
+/// The XOR deltas a group of writes makes to the digest tables, combined per
+/// entry: `(namespace, collection, level, index, delta)`, zero deltas left out.
+pub(crate) fn digest_deltas<'a>(
+    changes: impl IntoIterator<Item = (&'a str, &'a str, &'a str, Option<&'a Stamp>, Option<&'a Stamp>)>,
+) -> Vec<(&'a str, &'a str, u8, u16, i64)> {
+    let mut sum: BTreeMap<(&str, &str, u8, u16), Hash64> = BTreeMap::new();
+    for (ns, collection, id, old, new) in changes {
+        for d in digest::deltas(collection, id, old, new).into_iter().flatten() {
+            *sum.entry((ns, collection, d.level, d.index)).or_default() ^= d.hash;
+        }
+    }
+    sum.into_iter().filter(|(_, h)| !h.is_zero()).map(|((n, c, l, i), h)| (n, c, l, i, h.to_i64())).collect()
 }

@@ -20,11 +20,12 @@ use std::sync::Arc;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
-use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest};
+use tide_core::digest::Hash64;
+use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest, Verify};
 
 use super::{
-    Backend, BackendError, CommitCallback, PageRow, Reply, SELECT_SCHEMA_VERSION, Written, check_lead,
-    check_schema_version, decide_all, page_start, render_change,
+    Backend, BackendError, CommitCallback, PageRow, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, Written,
+    check_lead, check_schema_version, decide_all, page_start, render_change,
 };
 use crate::auth::Namespace;
 
@@ -60,6 +61,31 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (namespace, collection, id))"#,
     "CREATE UNIQUE INDEX IF NOT EXISTS tide_rows_by_seq ON tide_rows (namespace, seq)",
 ];
+
+/// Version 1 to 2: each row's digest bucket, the digest table (filled from
+/// the rows), and the principal each node id is bound to.
+const MIGRATE_V2: &[&str] = &[
+    "ALTER TABLE tide_rows ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX tide_rows_by_bucket ON tide_rows (namespace, collection, bucket)",
+    r#"CREATE TABLE tide_digest (
+        namespace  TEXT COLLATE "C" NOT NULL,
+        collection TEXT COLLATE "C" NOT NULL,
+        level      SMALLINT NOT NULL,
+        ix         INTEGER NOT NULL,
+        hash       BIGINT NOT NULL,
+        PRIMARY KEY (namespace, collection, level, ix))"#,
+    r#"CREATE TABLE tide_nodes (
+        namespace TEXT COLLATE "C" NOT NULL,
+        node_id   TEXT COLLATE "C" NOT NULL,
+        principal TEXT COLLATE "C" NOT NULL,
+        PRIMARY KEY (namespace, node_id))"#,
+    "UPDATE tide_server_meta SET value = '2' WHERE key = 'schema_version'",
+];
+
+/// Adds XOR deltas to the digest table.
+const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, collection, level, ix, hash) \
+     SELECT * FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::int[], $5::bigint[]) \
+     ON CONFLICT (namespace, collection, level, ix) DO UPDATE SET hash = tide_digest.hash # excluded.hash";
 
 /// A stored version as a page reads it: seq, collection, id, doc, lamport, node id, deleted.
 type StoredRow = (i64, String, String, Option<String>, i64, String, bool);
@@ -114,7 +140,12 @@ impl PostgresBackend {
         }
         let version: String =
             sqlx::query_scalar(SELECT_SCHEMA_VERSION).fetch_one(&mut *tx).await.map_err(unavailable)?;
-        check_schema_version(&version)?;
+        if check_schema_version(&version)? {
+            for statement in MIGRATE_V2 {
+                sqlx::query(*statement).execute(&mut *tx).await.map_err(unavailable)?;
+            }
+            backfill_digests(&mut tx).await?;
+        }
         tx.commit().await.map_err(unavailable)?;
         Ok(Arc::new(Self { pool, limits }))
     }
@@ -162,8 +193,18 @@ impl PostgresBackend {
             };
             current.insert(key, (Stamp::new(to_u64(lamport), node), payload));
         }
+        let before: HashMap<(&str, &str), Stamp> = current
+            .iter()
+            .filter(|(_, (_, p))| matches!(p, Payload::Put(_)))
+            .map(|(k, (s, _))| (*k, s.clone()))
+            .collect();
         let (results, written, seq) = decide_all(req, &keys, current, seq);
         upsert(&mut tx, ns, req, &written).await?;
+        let deltas = super::digest_deltas(written.iter().map(|(&(c, id), &(i, _))| {
+            let op = &req.ops[i];
+            (ns.as_str(), c, id, before.get(&(c, id)), op.payload.doc().is_some().then_some(&op.stamp))
+        }));
+        upsert_digest(&mut tx, &deltas).await?;
         let op_max = req.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0);
         sqlx::query(
             "UPDATE tide_namespaces SET seq = $2, lamport_max = GREATEST(lamport_max, $3) WHERE namespace = $1",
@@ -187,12 +228,17 @@ impl PostgresBackend {
         Ok(results)
     }
 
-    async fn page(
-        &self,
-        ns: &Namespace,
-        req: &SyncRequest,
-    ) -> Result<(String, usize, Cursor, bool, bool), BackendError> {
-        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+    /// The page after the request's cursor and the answers to its digest
+    /// and fetch extensions, read in one snapshot when there are any.
+    async fn read(&self, ns: &Namespace, req: &SyncRequest) -> Result<Read, BackendError> {
+        let mut conn = self.pool.begin().await.map_err(unavailable)?;
+        let snapshot = req.verify.is_some() || !req.fetch.is_empty();
+        if snapshot {
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+        }
         let ns_seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = $1")
             .bind(ns.as_str())
             .fetch_optional(&mut *conn)
@@ -230,8 +276,179 @@ impl PostgresBackend {
             }
         }
         let (json, count, cursor, has_more) = page.finish();
-        Ok((json, count, cursor, has_more, reset))
+        let settled = count == 0 && !has_more && !reset;
+        let verify = if snapshot { self.verify(&mut conn, ns, req, settled).await? } else { VerifyReply::default() };
+        conn.commit().await.map_err(unavailable)?;
+        Ok((json, count, cursor, has_more, reset, verify))
     }
+
+    async fn verify(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        ns: &Namespace,
+        req: &SyncRequest,
+        settled: bool,
+    ) -> Result<VerifyReply, BackendError> {
+        let mut reply = VerifyReply::default();
+        let bytes_max = self.limits.response_bytes_max;
+        if !req.fetch.is_empty() {
+            let collections: Vec<&str> = req.fetch.iter().map(|k| k.0.as_str()).collect();
+            let ids: Vec<&str> = req.fetch.iter().map(|k| k.1.as_str()).collect();
+            let rows: Vec<VersionRow> = sqlx::query_as(
+                "SELECT r.collection, r.id, r.doc, r.lamport, r.node_id, r.seq, r.deleted FROM tide_rows r \
+                 JOIN UNNEST($2::text[], $3::text[]) AS k(collection, id) ON r.collection = k.collection AND r.id = k.id \
+                 WHERE r.namespace = $1",
+            )
+            .bind(ns.as_str())
+            .bind(&collections)
+            .bind(&ids)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+            super::push_fetched(&mut reply, &to_versions(rows), bytes_max);
+        }
+        match &req.verify {
+            // Digests are only comparable when nothing is in flight either way.
+            None | Some(Verify::Roots) if !settled => {}
+            None => {}
+            Some(Verify::Roots) => {
+                let rows: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT collection, hash FROM tide_digest \
+                     WHERE namespace = $1 AND level = 0 AND hash <> 0 ORDER BY collection",
+                )
+                .bind(ns.as_str())
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(unavailable)?;
+                reply.roots = Some(rows.into_iter().map(|(c, h)| (c, Hash64::from_i64(h))).collect());
+            }
+            Some(Verify::Groups { collection }) => reply.groups = Some(level(tx, ns, collection, 1, None).await?),
+            Some(Verify::Buckets { collection, groups }) => {
+                reply.buckets = Some(level(tx, ns, collection, 2, Some(groups)).await?);
+            }
+            Some(Verify::Keys { collection, buckets, have }) => {
+                let buckets: Vec<i32> = buckets.iter().map(|b| i32::from(*b)).collect();
+                let rows: Vec<VersionRow> = sqlx::query_as(
+                    "SELECT collection, id, doc, lamport, node_id, seq, deleted FROM tide_rows \
+                     WHERE namespace = $1 AND collection = $2 AND bucket = ANY($3)",
+                )
+                .bind(ns.as_str())
+                .bind(collection)
+                .bind(&buckets)
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(unavailable)?;
+                super::compare_keys(&mut reply, &to_versions(rows), have, bytes_max);
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// A page (changes, count, cursor, `has_more`, `reset`) and the digest answers.
+type Read = (String, usize, Cursor, bool, bool, VerifyReply);
+
+/// A stored version as the digest answers read it.
+type VersionRow = (String, String, Option<String>, i64, String, i64, bool);
+
+fn to_versions(rows: Vec<VersionRow>) -> Vec<StoredVersion> {
+    rows.into_iter()
+        .map(|(collection, id, doc, lamport, node_id, seq, deleted)| StoredVersion {
+            collection,
+            id,
+            doc: if deleted { None } else { doc },
+            lamport: to_u64(lamport),
+            node_id,
+            seq: to_u64(seq),
+        })
+        .collect()
+}
+
+/// The non-zero entries of one digest level of a collection, in order
+/// (buckets only within `groups`).
+async fn level(
+    tx: &mut Transaction<'_, Postgres>,
+    ns: &Namespace,
+    collection: &str,
+    level: i16,
+    groups: Option<&Vec<u16>>,
+) -> Result<Vec<(u16, Hash64)>, BackendError> {
+    let groups: Option<Vec<i32>> = groups.map(|g| g.iter().map(|g| i32::from(*g)).collect());
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT ix, hash FROM tide_digest WHERE namespace = $1 AND collection = $2 AND level = $3 AND hash <> 0 \
+         AND ($4::int[] IS NULL OR ix / 256 = ANY($4)) ORDER BY ix",
+    )
+    .bind(ns.as_str())
+    .bind(collection)
+    .bind(level)
+    .bind(groups)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    rows.into_iter()
+        .map(|(ix, h)| {
+            let ix = u16::try_from(ix).map_err(|_| BackendError::Internal(format!("digest index {ix}")))?;
+            Ok((ix, Hash64::from_i64(h)))
+        })
+        .collect()
+}
+
+async fn upsert_digest(
+    tx: &mut Transaction<'_, Postgres>,
+    deltas: &[(&str, &str, u8, u16, i64)],
+) -> Result<(), BackendError> {
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let namespaces: Vec<&str> = deltas.iter().map(|d| d.0).collect();
+    let collections: Vec<&str> = deltas.iter().map(|d| d.1).collect();
+    let levels: Vec<i16> = deltas.iter().map(|d| i16::from(d.2)).collect();
+    let ixs: Vec<i32> = deltas.iter().map(|d| i32::from(d.3)).collect();
+    let hashes: Vec<i64> = deltas.iter().map(|d| d.4).collect();
+    sqlx::query(UPSERT_DIGEST)
+        .bind(&namespaces)
+        .bind(&collections)
+        .bind(&levels)
+        .bind(&ixs)
+        .bind(&hashes)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Fills the digest table and each row's bucket from the stored rows (the
+/// version-2 migration of a database written by an earlier build).
+async fn backfill_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError> {
+    let rows: Vec<(String, String, String, i64, String, bool)> =
+        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted FROM tide_rows")
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+    let namespaces: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    let collections: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    let buckets: Vec<i32> = rows.iter().map(|r| i32::from(tide_core::digest::bucket(&r.1, &r.2))).collect();
+    sqlx::query(
+        "UPDATE tide_rows SET bucket = k.bucket FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) \
+         AS k(namespace, collection, id, bucket) \
+         WHERE tide_rows.namespace = k.namespace AND tide_rows.collection = k.collection AND tide_rows.id = k.id",
+    )
+    .bind(&namespaces)
+    .bind(&collections)
+    .bind(&ids)
+    .bind(&buckets)
+    .execute(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let stamps: Vec<Stamp> = rows.iter().map(|r| Stamp::new(to_u64(r.3), r.4.clone())).collect();
+    let deltas = super::digest_deltas(
+        rows.iter()
+            .zip(&stamps)
+            .filter(|(r, _)| !r.5)
+            .map(|(r, s)| (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(s))),
+    );
+    upsert_digest(tx, &deltas).await
 }
 
 /// Stores the last applied op of each key written by a request.
@@ -255,11 +472,13 @@ async fn upsert(
     let nodes: Vec<&str> = ops.iter().map(|o| o.stamp.node_id.as_str()).collect();
     let deleted: Vec<bool> = docs.iter().map(Option::is_none).collect();
     let seqs: Vec<i64> = order.iter().map(|&(_, seq)| to_i64(seq)).collect();
+    let buckets: Vec<i32> = ops.iter().map(|o| i32::from(tide_core::digest::bucket(&o.collection, &o.id))).collect();
     sqlx::query(
-        "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq) \
-         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bool[], $8::bigint[]) \
+        "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq, bucket) \
+         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bool[], \
+         $8::bigint[], $9::int[]) \
          ON CONFLICT (namespace, collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
-         node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq",
+         node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq, bucket = excluded.bucket",
     )
     .bind(ns.as_str())
     .bind(&collections)
@@ -269,6 +488,7 @@ async fn upsert(
     .bind(&nodes)
     .bind(&deleted)
     .bind(&seqs)
+    .bind(&buckets)
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
@@ -279,8 +499,9 @@ async fn upsert(
 impl Backend for PostgresBackend {
     async fn exchange(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
         let results = if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, &request).await? };
-        let (changes_json, change_count, cursor, has_more, reset) = self.page(namespace, &request).await?;
-        Ok(Reply { results, cursor, changes_json, change_count, has_more, reset })
+        let (changes_json, change_count, cursor, has_more, reset, verify) = self.read(namespace, &request).await?;
+        let request_id = request.request_id.clone();
+        Ok(Reply { results, cursor, changes_json, change_count, has_more, reset, request_id, verify })
     }
 
     async fn ready(&self) -> Result<(), BackendError> {

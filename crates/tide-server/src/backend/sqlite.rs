@@ -15,12 +15,14 @@ use std::time::Duration;
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use tide_core::digest::Hash64;
 use tide_core::model::op_result;
-use tide_core::{Cursor, Decision, Limits, OpResult, Payload, Stamp, SyncRequest, decide};
+use tide_core::{Cursor, Decision, Limits, OpResult, Payload, Stamp, SyncRequest, Verify, decide};
 use tokio::sync::{Mutex, Semaphore, oneshot};
 
 use super::{
-    Backend, BackendError, PageRow, Reply, SELECT_SCHEMA_VERSION, check_lead, check_schema_version, page_start,
+    Backend, BackendError, PageRow, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, check_lead,
+    check_schema_version, page_start,
 };
 use crate::auth::Namespace;
 
@@ -48,6 +50,35 @@ CREATE TABLE IF NOT EXISTS tide_rows (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tide_rows_by_seq ON tide_rows (namespace, seq);
 ";
+
+/// Version 1 to 2: each row's digest bucket, the digest table (filled from
+/// the rows by [`SqliteBackend::open`]), and the principal each node id is bound to.
+const MIGRATE_V2: &str = r"
+ALTER TABLE tide_rows ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX tide_rows_by_bucket ON tide_rows (namespace, collection, bucket);
+CREATE TABLE tide_digest (
+    namespace  TEXT NOT NULL,
+    collection TEXT NOT NULL,
+    level      INTEGER NOT NULL,
+    ix         INTEGER NOT NULL,
+    hash       INTEGER NOT NULL,
+    PRIMARY KEY (namespace, collection, level, ix)
+) WITHOUT ROWID;
+CREATE TABLE tide_nodes (
+    namespace TEXT NOT NULL,
+    node_id   TEXT NOT NULL,
+    principal TEXT NOT NULL,
+    PRIMARY KEY (namespace, node_id)
+) WITHOUT ROWID;
+UPDATE tide_server_meta SET value = '2' WHERE key = 'schema_version';
+";
+
+/// Adds XOR deltas to the digest table; SQLite has no XOR operator, so it
+/// is spelled `(a | b) & ~(a & b)`.
+const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, collection, level, ix, hash) \
+     SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1) WHERE true \
+     ON CONFLICT (namespace, collection, level, ix) DO UPDATE SET \
+     hash = (hash | excluded.hash) & ~(hash & excluded.hash)";
 
 /// Durability of the server's commits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,7 +143,10 @@ impl SqliteBackend {
         sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(unavailable)?;
         let version: String =
             sqlx::query_scalar(SELECT_SCHEMA_VERSION).fetch_one(&mut *tx).await.map_err(unavailable)?;
-        check_schema_version(&version)?;
+        if check_schema_version(&version)? {
+            sqlx::raw_sql(MIGRATE_V2).execute(&mut *tx).await.map_err(unavailable)?;
+            backfill_digests(&mut tx).await?;
+        }
         tx.commit().await.map_err(unavailable)?;
         let mut readers = Vec::with_capacity(SQLITE_READERS);
         for _ in 0..SQLITE_READERS {
@@ -213,6 +247,11 @@ impl SqliteBackend {
             .flat_map(|p| p.request.ops.iter().map(|o| (p.namespace.as_str(), o.collection.as_str(), o.id.as_str())))
             .collect();
         let mut current = stored_versions(&mut tx, &keys).await?;
+        let before: HashMap<GroupKey<'_>, Stamp> = current
+            .iter()
+            .filter(|(_, (_, p))| matches!(p, Payload::Put(_)))
+            .map(|(k, (s, _))| (*k, s.clone()))
+            .collect();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut written: HashMap<GroupKey<'_>, (&tide_core::Op, u64)> = HashMap::new();
         for p in batch {
@@ -238,6 +277,17 @@ impl SqliteBackend {
         }
 
         store_rows(&mut tx, &written).await?;
+        let deltas = super::digest_deltas(written.iter().map(|(&(ns, c, id), (op, _))| {
+            let new = op.payload.doc().is_some().then_some(&op.stamp);
+            (ns, c, id, before.get(&(ns, c, id)), new)
+        }));
+        if !deltas.is_empty() {
+            sqlx::query(UPSERT_DIGEST)
+                .bind(serde_json::to_string(&deltas).expect("deltas serialize"))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
         let updated: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
         sqlx::query(
             "UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
@@ -255,32 +305,183 @@ impl SqliteBackend {
         self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    async fn page(
-        &self,
-        ns: &Namespace,
-        req: &SyncRequest,
-    ) -> Result<(String, usize, Cursor, bool, bool), BackendError> {
+    /// The page after the request's cursor and the answers to its digest
+    /// and fetch extensions, read in one snapshot.
+    async fn read(&self, ns: &Namespace, req: &SyncRequest) -> Result<Read, BackendError> {
         let _permit = self.free.acquire().await.map_err(|e| BackendError::Internal(e.to_string()))?;
         let reader = self.readers.iter().find_map(|r| r.try_lock().ok());
         let mut conn = match reader {
             Some(conn) => conn,
             None => self.readers[0].lock().await,
         };
+        let mut tx = conn.begin().await.map_err(unavailable)?;
         let ns_seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = ?1")
             .bind(ns.as_str())
-            .fetch_optional(&mut *conn)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(unavailable)?;
         let (mut page, skip_own, reset) = page_start(req, to_u64(ns_seq.unwrap_or(0)), &self.limits);
         loop {
-            let rows = window(&mut conn, ns, &req.node_id, skip_own, page.after(), page.window()).await?;
+            let rows = window(&mut tx, ns, &req.node_id, skip_own, page.after(), page.window()).await?;
             if page.feed(rows) {
                 break;
             }
         }
         let (json, count, cursor, has_more) = page.finish();
-        Ok((json, count, cursor, has_more, reset))
+        let settled = count == 0 && !has_more && !reset;
+        let verify = self.verify(&mut tx, ns, req, settled).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok((json, count, cursor, has_more, reset, verify))
     }
+
+    async fn verify(
+        &self,
+        conn: &mut SqliteConnection,
+        ns: &Namespace,
+        req: &SyncRequest,
+        settled: bool,
+    ) -> Result<VerifyReply, BackendError> {
+        let mut reply = VerifyReply::default();
+        let bytes_max = self.limits.response_bytes_max;
+        if !req.fetch.is_empty() {
+            let keys: Vec<(&str, &str)> = req.fetch.iter().map(|k| (k.0.as_str(), k.1.as_str())).collect();
+            let rows = versions(
+                conn,
+                "SELECT r.collection, r.id, r.doc, r.lamport, r.node_id, r.seq FROM json_each(?2) AS j \
+                 CROSS JOIN tide_rows AS r ON r.namespace = ?1 AND r.collection = j.value->>0 AND r.id = j.value->>1",
+                ns,
+                serde_json::to_string(&keys).expect("keys serialize"),
+                "",
+            )
+            .await?;
+            super::push_fetched(&mut reply, &rows, bytes_max);
+        }
+        match &req.verify {
+            // Digests are only comparable when nothing is in flight either way.
+            None | Some(Verify::Roots) if !settled => {}
+            None => {}
+            Some(Verify::Roots) => {
+                let rows: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT collection, hash FROM tide_digest \
+                     WHERE namespace = ?1 AND level = 0 AND hash <> 0 ORDER BY collection",
+                )
+                .bind(ns.as_str())
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+                reply.roots = Some(rows.into_iter().map(|(c, h)| (c, Hash64::from_i64(h))).collect());
+            }
+            Some(Verify::Groups { collection }) => {
+                reply.groups = Some(level(conn, ns, collection, 1, None).await?);
+            }
+            Some(Verify::Buckets { collection, groups }) => {
+                reply.buckets = Some(level(conn, ns, collection, 2, Some(groups)).await?);
+            }
+            Some(Verify::Keys { collection, buckets, have }) => {
+                let rows = versions(
+                    conn,
+                    "SELECT collection, id, doc, lamport, node_id, seq FROM tide_rows \
+                     WHERE namespace = ?1 AND collection = ?3 AND bucket IN (SELECT value FROM json_each(?2))",
+                    ns,
+                    serde_json::to_string(buckets).expect("buckets serialize"),
+                    collection,
+                )
+                .await?;
+                super::compare_keys(&mut reply, &rows, have, bytes_max);
+            }
+        }
+        Ok(reply)
+    }
+}
+
+/// A page (changes, count, cursor, `has_more`, `reset`) and the digest answers.
+type Read = (String, usize, Cursor, bool, bool, VerifyReply);
+
+/// The non-zero entries of one digest level of a collection, in order
+/// (buckets only within `groups`).
+async fn level(
+    conn: &mut SqliteConnection,
+    ns: &Namespace,
+    collection: &str,
+    level: u8,
+    groups: Option<&Vec<u16>>,
+) -> Result<Vec<(u16, Hash64)>, BackendError> {
+    let rows: Vec<(i64, i64)> = sqlx::query_as(
+        "SELECT ix, hash FROM tide_digest WHERE namespace = ?1 AND collection = ?2 AND level = ?3 AND hash <> 0 \
+         AND (?4 IS NULL OR ix / 256 IN (SELECT value FROM json_each(?4))) ORDER BY ix",
+    )
+    .bind(ns.as_str())
+    .bind(collection)
+    .bind(i64::from(level))
+    .bind(groups.map(|g| serde_json::to_string(g).expect("groups serialize")))
+    .fetch_all(conn)
+    .await
+    .map_err(unavailable)?;
+    rows.into_iter()
+        .map(|(ix, h)| {
+            let ix = u16::try_from(ix).map_err(|_| BackendError::Internal(format!("digest index {ix}")))?;
+            Ok((ix, Hash64::from_i64(h)))
+        })
+        .collect()
+}
+
+/// Stored versions selected by `sql` (binding the namespace, a JSON list and a collection).
+async fn versions(
+    conn: &mut SqliteConnection,
+    sql: &'static str,
+    ns: &Namespace,
+    list: String,
+    collection: &str,
+) -> Result<Vec<StoredVersion>, BackendError> {
+    let rows: Vec<(String, String, Option<String>, i64, String, i64)> =
+        sqlx::query_as(sql).bind(ns.as_str()).bind(list).bind(collection).fetch_all(conn).await.map_err(unavailable)?;
+    Ok(rows
+        .into_iter()
+        .map(|(collection, id, doc, lamport, node_id, seq)| StoredVersion {
+            collection,
+            id,
+            doc,
+            lamport: to_u64(lamport),
+            node_id,
+            seq: to_u64(seq),
+        })
+        .collect())
+}
+
+/// Fills the digest table and each row's bucket from the stored rows (the
+/// version-2 migration of a database written by an earlier build).
+async fn backfill_digests(conn: &mut SqliteConnection) -> Result<(), BackendError> {
+    let rows: Vec<(String, String, String, i64, String, bool)> =
+        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted FROM tide_rows")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+    let stamps: Vec<Stamp> = rows.iter().map(|r| Stamp::new(to_u64(r.3), r.4.clone())).collect();
+    let buckets: Vec<(&str, &str, &str, u16)> = rows
+        .iter()
+        .map(|r| (r.0.as_str(), r.1.as_str(), r.2.as_str(), tide_core::digest::bucket(&r.1, &r.2)))
+        .collect();
+    sqlx::query(
+        "UPDATE tide_rows SET bucket = j.value->>3 FROM json_each(?1) AS j \
+         WHERE tide_rows.namespace = j.value->>0 AND tide_rows.collection = j.value->>1 \
+         AND tide_rows.id = j.value->>2",
+    )
+    .bind(serde_json::to_string(&buckets).expect("buckets serialize"))
+    .execute(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    let deltas = super::digest_deltas(
+        rows.iter()
+            .zip(&stamps)
+            .filter(|(r, _)| !r.5)
+            .map(|(r, s)| (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(s))),
+    );
+    sqlx::query(UPSERT_DIGEST)
+        .bind(serde_json::to_string(&deltas).expect("deltas serialize"))
+        .execute(conn)
+        .await
+        .map_err(unavailable)?;
+    Ok(())
 }
 
 /// Up to `n` rows after seq `after`, each rendered exactly as `serde_json`
@@ -365,7 +566,7 @@ async fn store_rows(
     written: &HashMap<GroupKey<'_>, (&tide_core::Op, u64)>,
 ) -> Result<(), BackendError> {
     #[derive(Serialize)]
-    struct Row<'a>(&'a str, &'a str, &'a str, Option<String>, u64, &'a str, u8, u64);
+    struct Row<'a>(&'a str, &'a str, &'a str, Option<String>, u64, &'a str, u8, u64, u16);
 
     if written.is_empty() {
         return Ok(());
@@ -375,13 +576,14 @@ async fn store_rows(
         .map(|(&(ns, collection, id), &(op, seq))| {
             let doc = op.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
             let deleted = u8::from(doc.is_none());
-            Row(ns, collection, id, doc, op.stamp.lamport, &op.stamp.node_id, deleted, seq)
+            let bucket = tide_core::digest::bucket(collection, id);
+            Row(ns, collection, id, doc, op.stamp.lamport, &op.stamp.node_id, deleted, seq, bucket)
         })
         .collect();
     rows.sort_by(|a, b| (a.0, a.7).cmp(&(b.0, b.7)));
     sqlx::query(
-        "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq) \
-         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7 \
+        "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq, bucket) \
+         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8 \
          FROM jsonb_each(?1) WHERE true \
          ON CONFLICT (namespace, collection, id) DO UPDATE SET doc = excluded.doc, \
          lamport = excluded.lamport, node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq",
@@ -406,8 +608,9 @@ impl Backend for SqliteBackend {
     async fn exchange(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
         let results =
             if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, Arc::clone(&request)).await? };
-        let (changes_json, change_count, cursor, has_more, reset) = self.page(namespace, &request).await?;
-        Ok(Reply { results, cursor, changes_json, change_count, has_more, reset })
+        let (changes_json, change_count, cursor, has_more, reset, verify) = self.read(namespace, &request).await?;
+        let request_id = request.request_id.clone();
+        Ok(Reply { results, cursor, changes_json, change_count, has_more, reset, request_id, verify })
     }
 
     async fn ready(&self) -> Result<(), BackendError> {

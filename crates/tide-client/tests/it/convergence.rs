@@ -1,0 +1,200 @@
+//! Convergence outside the network model: a server that goes back in time,
+//! a server that rejects a write, and replies that do not answer the
+//! request (PROTOCOL.md §12, §4).
+
+use serde_json::json;
+use tide_client::{Source, WatchEvent};
+use tide_core::Limits;
+use tide_transport::FakeServer;
+
+use crate::{Note, client, note};
+
+/// Every live document of `collection`, in id order.
+async fn docs(t: &tide_client::Tide, collection: &str) -> Vec<(String, Note)> {
+    t.collection::<Note>(collection).list(None, 1_000).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_server_restored_from_a_backup_gets_its_lost_writes_back_from_the_clients() {
+    let server = FakeServer::new();
+    let (a, b) = (client(&server, "a").await, client(&server, "b").await);
+    let notes = a.collection::<Note>("notes");
+    notes.put("kept", &note("before the backup")).await.unwrap();
+    notes.put("deleted later", &note("before the backup")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let backup = server.model();
+
+    // Acknowledged by the server, then lost when it is restored.
+    for i in 0..5 {
+        notes.put(&format!("lost{i}"), &note("after the backup")).await.unwrap();
+    }
+    notes.delete("deleted later").await.unwrap();
+    let report = a.sync_once().await.unwrap();
+    assert_eq!((report.acknowledged, a.pending_count().await.unwrap()), (6, 0));
+    server.restore(backup);
+
+    // Another client writes past a's old cursor on the restored server.
+    let nb = b.collection::<Note>("notes");
+    for i in 0..8 {
+        nb.put(&format!("b{i}"), &note("after the restore")).await.unwrap();
+    }
+    b.sync_once().await.unwrap();
+
+    // a finds the difference by digest and gives back what the server lost.
+    let report = a.sync_once().await.unwrap();
+    assert!(report.repaired >= 6, "{report:?}");
+    let report = a.sync_once().await.unwrap();
+    assert!(report.verified, "a second sync proves a equal to the server: {report:?}");
+    let report = b.sync_once().await.unwrap();
+    assert!(report.verified, "{report:?}");
+    let expected = docs(&a, "notes").await;
+    assert_eq!(expected.len(), 1 + 5 + 8, "{expected:?}");
+    assert!(!expected.iter().any(|(id, _)| id == "deleted later"), "a delete the server lost comes back too");
+    assert_eq!(docs(&b, "notes").await, expected);
+    let on_server: Vec<String> = server
+        .model()
+        .rows()
+        .filter(|(_, r)| matches!(r.payload, tide_core::Payload::Put(_)))
+        .map(|(k, _)| k.1.clone())
+        .collect();
+    assert_eq!(on_server, expected.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_caught_up_client_proves_it_agrees_and_a_diverged_one_repairs_only_what_differs() {
+    let server = FakeServer::new();
+    let (a, b) = (client(&server, "a").await, client(&server, "b").await);
+    let batch = (0..300).fold(tide_client::Batch::default(), |batch, i| {
+        batch.put("notes", &format!("n{i:03}"), &note("same")).unwrap()
+    });
+    a.commit(batch).await.unwrap();
+    a.sync_once().await.unwrap();
+    b.sync_once().await.unwrap();
+    assert!(b.sync_once().await.unwrap().verified);
+
+    // Three versions vanish from the server (a restore), nothing else.
+    let backup = server.model();
+    let na = a.collection::<Note>("notes");
+    for id in ["n007", "n150", "n299"] {
+        na.put(id, &note("newer")).await.unwrap();
+    }
+    a.sync_once().await.unwrap();
+    b.sync_once().await.unwrap();
+    server.restore(backup);
+    server.clear_traffic();
+    let report = b.sync_once().await.unwrap();
+    assert_eq!(report.repaired, 3, "only the three differing keys travel: {report:?}");
+    let fetched_or_sent: usize = server.traffic().iter().map(|e| e.request.ops.len()).sum();
+    assert_eq!(fetched_or_sent, 3, "the repair pushed exactly the three versions");
+    a.sync_once().await.unwrap();
+    assert!(a.sync_once().await.unwrap().verified);
+    assert_eq!(docs(&a, "notes").await, docs(&b, "notes").await);
+}
+
+#[tokio::test]
+async fn a_rejected_write_goes_back_to_the_servers_version_and_stays_inspectable() {
+    let server = FakeServer::with_limits(Limits { doc_bytes_max: 64, ..Limits::default() });
+    let (a, b) = (client(&server, "a").await, client(&server, "b").await);
+    let na = a.collection::<Note>("notes");
+    na.put("k", &note("small")).await.unwrap();
+    na.put("new", &note("small")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let mut watch = na.watch();
+
+    let big = note(&"x".repeat(200));
+    na.put("k", &big).await.unwrap();
+    na.put("new", &big).await.unwrap();
+    na.put("never", &big).await.unwrap();
+    let report = a.sync_once().await.unwrap();
+    assert_eq!(report.rejected, 3, "{report:?}");
+    assert_eq!(report.reverted, 3, "{report:?}");
+
+    // Back to what the server holds: the old version, or nothing.
+    assert_eq!(na.get("k").await.unwrap(), Some(note("small")));
+    assert_eq!(na.get("never").await.unwrap(), None);
+    let rejected = a.rejected().await.unwrap();
+    assert_eq!(rejected.len(), 3);
+    assert!(rejected.iter().all(|r| r.code == tide_core::ErrorCode::DocTooLarge), "{rejected:?}");
+    assert_eq!(rejected[0].op.payload.doc().unwrap()["title"], json!("x".repeat(200)));
+
+    // Watchers see the writes and then their reversal, ending on the stored version.
+    let mut last = std::collections::BTreeMap::new();
+    while let Ok(Some(WatchEvent::Change(e))) =
+        tokio::time::timeout(std::time::Duration::from_millis(200), watch.next()).await
+    {
+        last.insert(e.id.clone(), (e.source, e.doc.clone()));
+    }
+    assert_eq!(last["k"].0, Source::Reverted);
+    assert_eq!(last["never"], (Source::Reverted, None));
+
+    // Every replica agrees.
+    b.sync_once().await.unwrap();
+    assert!(a.sync_once().await.unwrap().verified);
+    assert!(b.sync_once().await.unwrap().verified);
+    assert_eq!(docs(&a, "notes").await, docs(&b, "notes").await);
+}
+
+/// A transport that tampers with what the fake answers.
+struct Tamper {
+    inner: tide_transport::FakeTransport,
+    mode: Mode,
+    last: std::sync::Mutex<Option<tide_core::SyncResponse>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Every result becomes a status this client does not know.
+    UnknownStatus,
+    /// The response to the first push is replayed for every later push.
+    Replay,
+}
+
+#[async_trait::async_trait]
+impl tide_transport::Transport for Tamper {
+    async fn exchange(&self, req: &tide_core::SyncRequest) -> Result<tide_core::SyncResponse, tide_transport::Error> {
+        let mut resp = self.inner.exchange(req).await?;
+        match self.mode {
+            Mode::UnknownStatus => resp.results.iter_mut().for_each(|r| *r = tide_core::OpResult::Unknown),
+            Mode::Replay if !req.ops.is_empty() => {
+                let mut last = self.last.lock().unwrap();
+                match &*last {
+                    Some(old) => resp = old.clone(),
+                    None => *last = Some(resp.clone()),
+                }
+            }
+            Mode::Replay => {}
+        }
+        Ok(resp)
+    }
+}
+
+async fn tampered(server: &FakeServer, name: &str, mode: Mode) -> tide_client::Tide {
+    let transport = Tamper { inner: server.connect(name), mode, last: std::sync::Mutex::new(None) };
+    tide_client::Tide::builder().node_id(name).transport(std::sync::Arc::new(transport)).open().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_unknown_status_keeps_the_op_pending() {
+    let server = FakeServer::new();
+    let a = tampered(&server, "a", Mode::UnknownStatus).await;
+    a.collection::<Note>("notes").put("k", &note("v")).await.unwrap();
+    let report = a.sync_once().await.unwrap();
+    assert_eq!((report.acknowledged, report.rejected), (0, 0), "{report:?}");
+    assert_eq!(a.pending_count().await.unwrap(), 1, "neither acknowledged nor rejected: still pending");
+    assert!(a.rejected().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_replayed_response_cannot_settle_ops_it_does_not_describe() {
+    let server = FakeServer::new();
+    let a = tampered(&server, "a", Mode::Replay).await;
+    let notes = a.collection::<Note>("notes");
+    notes.put("first", &note("v")).await.unwrap();
+    a.sync_once().await.unwrap();
+    // The next push gets the first exchange's response again: its results
+    // would acknowledge an op it never saw.
+    notes.put("second", &note("v")).await.unwrap();
+    let err = a.sync_once().await.unwrap_err();
+    assert!(err.to_string().contains("answers request"), "{err}");
+    assert_eq!(a.pending_count().await.unwrap(), 1, "the second op stays in the outbox");
+}

@@ -154,38 +154,37 @@ impl Model {
 
     /// Answers the digest and fetch extensions of a request (§12).
     fn verify(&self, req: &SyncRequest, settled: bool, resp: &mut SyncResponse) {
-        let change = |key: &Key| {
-            self.rows.get(key).map(|r| Change {
-                collection: key.0.clone(),
-                id: key.1.clone(),
-                stamp: r.stamp.clone(),
-                payload: r.payload.clone(),
-                seq: r.seq,
-            })
-        };
-        resp.fetched = req.fetch.iter().filter_map(|k| change(&(k.0.clone(), k.1.clone()))).collect();
+        let mut fetched: Vec<Change> = req
+            .fetch
+            .iter()
+            .filter_map(|k| self.rows.get(&(k.0.clone(), k.1.clone())).map(|r| Self::change(&k.0, &k.1, r)))
+            .collect();
+        fetched.sort_by(|a, b| (&a.collection, &a.id).cmp(&(&b.collection, &b.id)));
         match &req.verify {
-            None => {}
-            Some(Verify::Roots) => resp.roots = settled.then(|| self.digest.roots()),
+            Some(Verify::Roots) if settled => resp.roots = Some(self.digest.roots()),
+            None | Some(Verify::Roots) => {}
             Some(Verify::Groups { collection }) => resp.groups = Some(self.digest.groups(collection)),
             Some(Verify::Buckets { collection, groups }) => {
                 resp.buckets = Some(self.digest.buckets(collection, groups));
             }
             Some(Verify::Keys { collection, buckets, have }) => {
-                let in_buckets = |id: &str| buckets.contains(&digest::bucket(collection, id));
-                let held: BTreeMap<&str, (Stamp, bool)> =
-                    have.iter().map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.3))).collect();
+                // Versions outside the compared buckets are ignored.
+                let held: BTreeMap<&str, (Stamp, bool)> = have
+                    .iter()
+                    .filter(|h| buckets.contains(&digest::bucket(collection, &h.0)))
+                    .map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.3)))
+                    .collect();
                 for (key, row) in self.rows.range((collection.clone(), String::new())..) {
                     if &key.0 != collection {
                         break;
                     }
-                    if !in_buckets(&key.1) {
+                    if !buckets.contains(&digest::bucket(collection, &key.1)) {
                         continue;
                     }
                     let client = held.get(key.1.as_str()).map(|(s, live)| (s, *live));
                     let live = matches!(row.payload, Payload::Put(_));
                     if digest::compare(Some((&row.stamp, live)), client).0 {
-                        resp.fetched.extend(change(key));
+                        fetched.push(Self::change(&key.0, &key.1, row));
                     }
                 }
                 for (id, (stamp, live)) in &held {
@@ -195,6 +194,26 @@ impl Model {
                     }
                 }
             }
+        }
+        // Bounded like a page: at least one, then within the byte budget.
+        let mut bytes = 0;
+        for change in fetched {
+            let size = json_len(&change);
+            if !resp.fetched.is_empty() && bytes + size + 1 > self.limits.response_bytes_max {
+                break;
+            }
+            bytes += size + usize::from(!resp.fetched.is_empty());
+            resp.fetched.push(change);
+        }
+    }
+
+    fn change(collection: &str, id: &str, row: &Row) -> Change {
+        Change {
+            collection: collection.to_owned(),
+            id: id.to_owned(),
+            stamp: row.stamp.clone(),
+            payload: row.payload.clone(),
+            seq: row.seq,
         }
     }
 

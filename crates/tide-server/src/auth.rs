@@ -102,13 +102,15 @@ pub struct TokensError {
 }
 
 impl StaticTokens {
-    /// From `(token, namespace)` pairs; the principal id is the namespace.
+    /// From `(token, namespace)` pairs; each token is its own principal
+    /// (see [`token_principal`]).
     pub fn new<T: Into<String>, N: Into<String>>(pairs: impl IntoIterator<Item = (T, N)>) -> Self {
         let tokens = pairs
             .into_iter()
             .map(|(t, n)| {
-                let n = n.into();
-                (t.into().into_bytes(), Principal { id: n.clone(), namespace: Namespace::new(n) })
+                let (t, n) = (t.into(), n.into());
+                let id = token_principal(&t, &n);
+                (t.into_bytes(), Principal { id, namespace: Namespace::new(n) })
             })
             .collect();
         Self { tokens }
@@ -125,13 +127,13 @@ impl StaticTokens {
             }
             let words: Vec<&str> = line.split_whitespace().collect();
             let (token, namespace, id) = match words.as_slice() {
-                [t, n] => (*t, *n, *n),
-                [t, n, p] => (*t, *n, *p),
+                [t, n] => (*t, *n, token_principal(t, n)),
+                [t, n, p] => (*t, *n, (*p).to_owned()),
                 _ => {
                     return Err(TokensError { line: i + 1, message: "expected TOKEN NAMESPACE [PRINCIPAL]".into() });
                 }
             };
-            tokens.push((token.as_bytes().to_vec(), Principal { id: id.into(), namespace: Namespace::new(namespace) }));
+            tokens.push((token.as_bytes().to_vec(), Principal { id, namespace: Namespace::new(namespace) }));
         }
         Ok(Self { tokens })
     }
@@ -164,6 +166,14 @@ impl StaticTokens {
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
+}
+
+/// The principal id of a token given without one: its namespace and 8 hex
+/// digits of a hash of the token, so tokens are told apart in logs and node
+/// ids bind to one token, while the id says next to nothing about the token.
+pub fn token_principal(token: &str, namespace: &str) -> String {
+    let hash = token.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{namespace}:{:08x}", hash >> 32)
 }
 
 /// Compares without an early exit, so timing says nothing about the secret.

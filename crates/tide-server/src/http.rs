@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use crate::auth::{AuthError, Authenticator, Namespace};
+use crate::auth::{AuthError, Authenticator};
 use crate::backend::{Backend, BackendError, Reply};
 use crate::hub::{HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, Hub};
 use crate::metrics::Metrics;
@@ -179,21 +179,21 @@ impl Server {
     /// cannot cancel a transaction halfway.
     async fn run_exchange(
         &self,
-        namespace: &Namespace,
+        principal: &crate::auth::Principal,
         request: &Arc<SyncRequest>,
         span: &tracing::Span,
     ) -> Result<Reply, BackendError> {
         let backend = Arc::clone(&self.app.backend);
         let hub = Arc::clone(&self.app.hub);
-        let (namespace, request) = (namespace.clone(), Arc::clone(request));
+        let (principal, request) = (principal.clone(), Arc::clone(request));
         let task = async move {
-            let result = backend.exchange(&namespace, request).await;
+            let result = backend.exchange(&principal, request).await;
             // Wakes held polls from the task that committed, so a client
             // that hangs up after sending its write still wakes them.
             if let Ok(reply) = &result
                 && reply.results.iter().any(|r| matches!(r, tide_core::OpResult::Applied { .. }))
             {
-                hub.notify(namespace.as_str());
+                hub.notify(principal.namespace.as_str());
             }
             result
         };
@@ -295,7 +295,7 @@ impl Server {
         // Taken before the first read, so a commit in between is not missed.
         let mut held = wait.and_then(|_| app.hub.hold(principal.namespace.as_str()));
         let request = Arc::new(request);
-        let mut result = self.run_exchange(&principal.namespace, &request, &span).await;
+        let mut result = self.run_exchange(&principal, &request, &span).await;
         if let (Some(wait), Some(hold), Ok(reply)) = (wait, held.as_mut(), &result)
             && reply.change_count == 0
             && !reply.has_more
@@ -308,7 +308,7 @@ impl Server {
                 _ = stopping.wait_for(|s| *s) => false,
             };
             if woken {
-                result = self.run_exchange(&principal.namespace, &request, &span).await;
+                result = self.run_exchange(&principal, &request, &span).await;
             }
         }
         drop(held);

@@ -19,7 +19,7 @@ mod http;
 mod hub;
 mod metrics;
 
-pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError};
+pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError, token_principal};
 pub use backend::postgres::{POSTGRES_POOL_MAX, PostgresBackend};
 pub use backend::sqlite::{Durability, SqliteBackend};
 pub use backend::{Backend, BackendError, CommitCallback, Reply};

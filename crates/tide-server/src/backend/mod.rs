@@ -12,7 +12,7 @@ use tide_core::{
     Violation, decide,
 };
 
-use crate::auth::Namespace;
+use crate::auth::Principal;
 
 /// Why a backend could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +71,8 @@ pub struct VerifyReply {
     pub fetched_count: usize,
     /// Ids whose versions the client should push back as a repair.
     pub wanted: Vec<String>,
+    /// Whether `fetched_json` reached the response byte budget.
+    pub(crate) fetched_full: bool,
 }
 
 impl Reply {
@@ -140,7 +142,11 @@ pub trait Backend: Send + Sync + 'static {
     /// The caller has run `Limits::check_request`; the backend checks what
     /// needs stored state (the counter lead) and may refuse with
     /// [`BackendError::Refused`].
-    async fn exchange(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Reply, BackendError>;
+    ///
+    /// A request whose node id is bound to another principal of the
+    /// namespace is refused with `forbidden`; a node id is bound to the
+    /// first principal that writes with it.
+    async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError>;
 
     /// Whether the backend can serve now (for readiness checks).
     async fn ready(&self) -> Result<(), BackendError>;
@@ -366,8 +372,12 @@ pub(crate) fn push_fetched<'a>(
     bytes_max: usize,
 ) {
     for v in versions {
+        if reply.fetched_full {
+            return;
+        }
         let json = v.render();
         if reply.fetched_count > 0 && reply.fetched_json.len() + json.len() + 1 > bytes_max {
+            reply.fetched_full = true;
             return;
         }
         if reply.fetched_count > 0 {
@@ -380,9 +390,18 @@ pub(crate) fn push_fetched<'a>(
 
 /// Compares the stored versions of some buckets with what a client holds
 /// there (PROTOCOL.md §12): what to send it, and which ids to ask back.
-pub(crate) fn compare_keys(reply: &mut VerifyReply, stored: &[StoredVersion], have: &[HeldVersion], bytes_max: usize) {
-    let held: HashMap<&str, (Stamp, bool)> =
-        have.iter().map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.3))).collect();
+pub(crate) fn compare_keys(
+    reply: &mut VerifyReply,
+    stored: &[StoredVersion],
+    (collection, buckets, have): (&str, &[u16], &[HeldVersion]),
+    bytes_max: usize,
+) {
+    // Versions outside the compared buckets are ignored.
+    let held: HashMap<&str, (Stamp, bool)> = have
+        .iter()
+        .filter(|h| buckets.contains(&digest::bucket(collection, &h.0)))
+        .map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.3)))
+        .collect();
     let mut by_id: HashMap<&str, (Stamp, bool)> = HashMap::with_capacity(stored.len());
     let mut send = Vec::new();
     for v in stored {
@@ -415,4 +434,50 @@ pub(crate) fn digest_deltas<'a>(
         }
     }
     sum.into_iter().filter(|(_, h)| !h.is_zero()).map(|((n, c, l, i), h)| (n, c, l, i, h.to_i64())).collect()
+}
+
+/// Most node-id bindings a backend keeps in memory (a binding never
+/// changes once made, so a cached one is never stale; past this many the
+/// cache starts over).
+pub const NODE_BINDINGS_CACHED_MAX: usize = 100_000;
+
+/// Which principal each node id of a namespace is bound to, as far as this
+/// process has read or written it.
+#[derive(Default)]
+pub(crate) struct Bindings(std::sync::Mutex<HashMap<(String, String), String>>);
+
+impl Bindings {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The principal `node_id` is bound to in `namespace`, if known here.
+    pub(crate) fn get(&self, namespace: &str, node_id: &str) -> Option<String> {
+        self.lock().get(&(namespace.to_owned(), node_id.to_owned())).cloned()
+    }
+
+    /// Remembers bindings read from or written to the database.
+    pub(crate) fn remember(&self, bound: impl IntoIterator<Item = (String, String, String)>) {
+        let mut map = self.lock();
+        for (namespace, node_id, principal) in bound {
+            if map.len() >= NODE_BINDINGS_CACHED_MAX {
+                map.clear();
+            }
+            map.insert((namespace, node_id), principal);
+        }
+    }
+
+    /// Refuses `principal`'s use of `node_id` if it is bound to another.
+    pub(crate) fn check(&self, principal: &Principal, node_id: &str) -> Result<(), BackendError> {
+        match self.get(principal.namespace.as_str(), node_id) {
+            Some(owner) if owner != principal.id => Err(foreign_node(node_id)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The refusal of a request whose node id is another principal's.
+pub(crate) fn foreign_node(node_id: &str) -> BackendError {
+    Violation::new(ErrorCode::Forbidden, format!("node id {node_id:?} belongs to another principal of this namespace"))
+        .into()
 }

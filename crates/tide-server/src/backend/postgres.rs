@@ -23,11 +23,12 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tide_core::digest::Hash64;
 use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest, Verify};
 
+use super::Bindings;
 use super::{
     Backend, BackendError, CommitCallback, PageRow, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, Written,
     check_lead, check_schema_version, decide_all, page_start, render_change,
 };
-use crate::auth::Namespace;
+use crate::auth::{Namespace, Principal};
 
 /// Connections in the PostgreSQL pool of one server process.
 pub const POSTGRES_POOL_MAX: u32 = 16;
@@ -94,6 +95,7 @@ type StoredRow = (i64, String, String, Option<String>, i64, String, bool);
 pub struct PostgresBackend {
     pool: PgPool,
     limits: Limits,
+    bindings: Bindings,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -147,10 +149,11 @@ impl PostgresBackend {
             backfill_digests(&mut tx).await?;
         }
         tx.commit().await.map_err(unavailable)?;
-        Ok(Arc::new(Self { pool, limits }))
+        Ok(Arc::new(Self { pool, limits, bindings: Bindings::default() }))
     }
 
-    async fn apply(&self, ns: &Namespace, req: &SyncRequest) -> Result<Vec<OpResult>, BackendError> {
+    async fn apply(&self, principal: &Principal, req: &SyncRequest) -> Result<Vec<OpResult>, BackendError> {
+        let ns = &principal.namespace;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         sqlx::query(
             "INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
@@ -167,6 +170,7 @@ impl PostgresBackend {
                 .await
                 .map_err(unavailable)?;
         let (seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
+        let bound = self.bind_node(&mut tx, principal, &req.node_id).await?;
         check_lead(req, lamport_max, self.limits.lamport_lead_max)?;
 
         let keys: Vec<(&str, &str)> = req.ops.iter().map(|o| (o.collection.as_str(), o.id.as_str())).collect();
@@ -225,12 +229,48 @@ impl PostgresBackend {
                 .map_err(unavailable)?;
         }
         tx.commit().await.map_err(unavailable)?;
+        self.bindings.remember(bound.map(|owner| (ns.as_str().to_owned(), req.node_id.clone(), owner)));
         Ok(results)
+    }
+
+    /// Binds `node_id` to `principal` unless it is bound already (then it
+    /// must be to the same); returns a binding read from the database.
+    async fn bind_node(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        principal: &Principal,
+        node_id: &str,
+    ) -> Result<Option<String>, BackendError> {
+        let ns = principal.namespace.as_str();
+        if self.bindings.get(ns, node_id).is_some() {
+            return self.bindings.check(principal, node_id).map(|()| None);
+        }
+        sqlx::query(
+            "INSERT INTO tide_nodes (namespace, node_id, principal) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+        )
+        .bind(ns)
+        .bind(node_id)
+        .bind(&principal.id)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+        let owner: String =
+            sqlx::query_scalar("SELECT principal FROM tide_nodes WHERE namespace = $1 AND node_id = $2")
+                .bind(ns)
+                .bind(node_id)
+                .fetch_one(&mut **tx)
+                .await
+                .map_err(unavailable)?;
+        if owner != principal.id {
+            return Err(super::foreign_node(node_id));
+        }
+        Ok(Some(owner))
     }
 
     /// The page after the request's cursor and the answers to its digest
     /// and fetch extensions, read in one snapshot when there are any.
-    async fn read(&self, ns: &Namespace, req: &SyncRequest) -> Result<Read, BackendError> {
+    async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<Read, BackendError> {
+        let ns = &principal.namespace;
         let mut conn = self.pool.begin().await.map_err(unavailable)?;
         let snapshot = req.verify.is_some() || !req.fetch.is_empty();
         if snapshot {
@@ -239,6 +279,17 @@ impl PostgresBackend {
                 .await
                 .map_err(unavailable)?;
         }
+        if self.bindings.get(ns.as_str(), &req.node_id).is_none() {
+            let owner: Option<String> =
+                sqlx::query_scalar("SELECT principal FROM tide_nodes WHERE namespace = $1 AND node_id = $2")
+                    .bind(ns.as_str())
+                    .bind(&req.node_id)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(unavailable)?;
+            self.bindings.remember(owner.map(|o| (ns.as_str().to_owned(), req.node_id.clone(), o)));
+        }
+        self.bindings.check(principal, &req.node_id)?;
         let ns_seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = $1")
             .bind(ns.as_str())
             .fetch_optional(&mut *conn)
@@ -297,7 +348,7 @@ impl PostgresBackend {
             let rows: Vec<VersionRow> = sqlx::query_as(
                 "SELECT r.collection, r.id, r.doc, r.lamport, r.node_id, r.seq, r.deleted FROM tide_rows r \
                  JOIN UNNEST($2::text[], $3::text[]) AS k(collection, id) ON r.collection = k.collection AND r.id = k.id \
-                 WHERE r.namespace = $1",
+                 WHERE r.namespace = $1 ORDER BY r.collection, r.id",
             )
             .bind(ns.as_str())
             .bind(&collections)
@@ -326,11 +377,11 @@ impl PostgresBackend {
             Some(Verify::Buckets { collection, groups }) => {
                 reply.buckets = Some(level(tx, ns, collection, 2, Some(groups)).await?);
             }
-            Some(Verify::Keys { collection, buckets, have }) => {
-                let buckets: Vec<i32> = buckets.iter().map(|b| i32::from(*b)).collect();
+            Some(Verify::Keys { collection, buckets: wire_buckets, have }) => {
+                let buckets: Vec<i32> = wire_buckets.iter().map(|b| i32::from(*b)).collect();
                 let rows: Vec<VersionRow> = sqlx::query_as(
                     "SELECT collection, id, doc, lamport, node_id, seq, deleted FROM tide_rows \
-                     WHERE namespace = $1 AND collection = $2 AND bucket = ANY($3)",
+                     WHERE namespace = $1 AND collection = $2 AND bucket = ANY($3) ORDER BY id",
                 )
                 .bind(ns.as_str())
                 .bind(collection)
@@ -338,7 +389,7 @@ impl PostgresBackend {
                 .fetch_all(&mut **tx)
                 .await
                 .map_err(unavailable)?;
-                super::compare_keys(&mut reply, &to_versions(rows), have, bytes_max);
+                super::compare_keys(&mut reply, &to_versions(rows), (collection, wire_buckets, have), bytes_max);
             }
         }
         Ok(reply)
@@ -497,9 +548,9 @@ async fn upsert(
 
 #[async_trait::async_trait]
 impl Backend for PostgresBackend {
-    async fn exchange(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
-        let results = if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, &request).await? };
-        let (changes_json, change_count, cursor, has_more, reset, verify) = self.read(namespace, &request).await?;
+    async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
+        let results = if request.ops.is_empty() { Vec::new() } else { self.apply(principal, &request).await? };
+        let (changes_json, change_count, cursor, has_more, reset, verify) = self.read(principal, &request).await?;
         let request_id = request.request_id.clone();
         Ok(Reply { results, cursor, changes_json, change_count, has_more, reset, request_id, verify })
     }

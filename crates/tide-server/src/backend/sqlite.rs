@@ -20,11 +20,12 @@ use tide_core::model::op_result;
 use tide_core::{Cursor, Decision, Limits, OpResult, Payload, Stamp, SyncRequest, Verify, decide};
 use tokio::sync::{Mutex, Semaphore, oneshot};
 
+use super::Bindings;
 use super::{
     Backend, BackendError, PageRow, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, check_lead,
     check_schema_version, page_start,
 };
-use crate::auth::Namespace;
+use crate::auth::{Namespace, Principal};
 
 /// Reader connections of the SQLite backend.
 pub const SQLITE_READERS: usize = 4;
@@ -100,11 +101,12 @@ pub struct SqliteBackend {
     /// Requests waiting to be applied together (group commit).
     queue: std::sync::Mutex<Vec<Pending>>,
     draining: AtomicBool,
+    bindings: Bindings,
 }
 
 /// A request waiting for the next group transaction.
 struct Pending {
-    namespace: Namespace,
+    principal: Principal,
     request: Arc<SyncRequest>,
     reply: oneshot::Sender<Result<Vec<OpResult>, BackendError>>,
 }
@@ -160,6 +162,7 @@ impl SqliteBackend {
             limits,
             queue: std::sync::Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
+            bindings: Bindings::default(),
         }))
     }
 
@@ -167,9 +170,9 @@ impl SqliteBackend {
     /// arrive meanwhile: one transaction and one sync for the whole group.
     /// The first caller to find no group running drains the queue (it runs
     /// in the handler's own task, which a hang-up does not cancel).
-    async fn apply(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Vec<OpResult>, BackendError> {
+    async fn apply(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Vec<OpResult>, BackendError> {
         let (reply, answer) = oneshot::channel();
-        self.lock_queue().push(Pending { namespace: namespace.clone(), request, reply });
+        self.lock_queue().push(Pending { principal: principal.clone(), request, reply });
         if !self.draining.swap(true, Ordering::AcqRel) {
             loop {
                 let batch = std::mem::take(&mut *self.lock_queue());
@@ -219,7 +222,7 @@ impl SqliteBackend {
         batch: &[Pending],
     ) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
-        let mut names: Vec<&str> = batch.iter().map(|p| p.namespace.as_str()).collect();
+        let mut names: Vec<&str> = batch.iter().map(|p| p.principal.namespace.as_str()).collect();
         names.sort_unstable();
         names.dedup();
         let names_json = serde_json::to_string(&names).expect("names serialize");
@@ -242,9 +245,12 @@ impl SqliteBackend {
             serde_json::from_str(&counters).map_err(|e| BackendError::Internal(format!("namespaces: {e}")))?;
         let mut counters: HashMap<String, (u64, u64)> = counters.into_iter().map(|(n, s, l)| (n, (s, l))).collect();
 
+        let bound = self.bind_nodes(&mut tx, batch).await?;
         let keys: Vec<(&str, &str, &str)> = batch
             .iter()
-            .flat_map(|p| p.request.ops.iter().map(|o| (p.namespace.as_str(), o.collection.as_str(), o.id.as_str())))
+            .flat_map(|p| {
+                p.request.ops.iter().map(|o| (p.principal.namespace.as_str(), o.collection.as_str(), o.id.as_str()))
+            })
             .collect();
         let mut current = stored_versions(&mut tx, &keys).await?;
         let before: HashMap<GroupKey<'_>, Stamp> = current
@@ -255,8 +261,13 @@ impl SqliteBackend {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut written: HashMap<GroupKey<'_>, (&tide_core::Op, u64)> = HashMap::new();
         for p in batch {
-            let ns = p.namespace.as_str();
+            let ns = p.principal.namespace.as_str();
             let (seq, lamport_max) = counters.get_mut(ns).expect("every namespace of the group was read");
+            let owner = bound.get(&(ns, p.request.node_id.as_str())).map(String::as_str);
+            if owner.is_some_and(|o| o != p.principal.id) {
+                outcomes.push(Err(super::foreign_node(&p.request.node_id)));
+                continue;
+            }
             if let Err(e) = check_lead(&p.request, *lamport_max, self.limits.lamport_lead_max) {
                 outcomes.push(Err(e));
                 continue;
@@ -298,7 +309,54 @@ impl SqliteBackend {
         .await
         .map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
+        self.bindings.remember(bound.into_iter().map(|((n, node), p)| (n.to_owned(), node.to_owned(), p)));
         Ok(outcomes)
+    }
+
+    /// Binds each request's node id to its principal where it is not bound
+    /// yet, and returns the binding of every node id of the group.
+    async fn bind_nodes<'a>(
+        &self,
+        conn: &mut SqliteConnection,
+        batch: &'a [Pending],
+    ) -> Result<HashMap<(&'a str, &'a str), String>, BackendError> {
+        let mut bound = HashMap::new();
+        let mut unknown = Vec::new();
+        for p in batch {
+            let key = (p.principal.namespace.as_str(), p.request.node_id.as_str());
+            match self.bindings.get(key.0, key.1) {
+                Some(owner) => {
+                    bound.insert(key, owner);
+                }
+                None => unknown.push((key.0, key.1, p.principal.id.as_str())),
+            }
+        }
+        if unknown.is_empty() {
+            return Ok(bound);
+        }
+        let unknown_json = serde_json::to_string(&unknown).expect("bindings serialize");
+        sqlx::query(
+            "INSERT INTO tide_nodes (namespace, node_id, principal) \
+             SELECT value->>0, value->>1, value->>2 FROM json_each(?1) WHERE true ON CONFLICT DO NOTHING",
+        )
+        .bind(&unknown_json)
+        .execute(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+        let owners: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(j.key, n.principal)) FROM json_each(?1) AS j \
+             CROSS JOIN tide_nodes AS n ON n.namespace = j.value->>0 AND n.node_id = j.value->>1",
+        )
+        .bind(&unknown_json)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+        let owners: Vec<(usize, String)> =
+            serde_json::from_str(&owners).map_err(|e| BackendError::Internal(format!("node bindings: {e}")))?;
+        for (i, owner) in owners {
+            bound.insert((unknown[i].0, unknown[i].1), owner);
+        }
+        Ok(bound)
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
@@ -307,7 +365,8 @@ impl SqliteBackend {
 
     /// The page after the request's cursor and the answers to its digest
     /// and fetch extensions, read in one snapshot.
-    async fn read(&self, ns: &Namespace, req: &SyncRequest) -> Result<Read, BackendError> {
+    async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<Read, BackendError> {
+        let ns = &principal.namespace;
         let _permit = self.free.acquire().await.map_err(|e| BackendError::Internal(e.to_string()))?;
         let reader = self.readers.iter().find_map(|r| r.try_lock().ok());
         let mut conn = match reader {
@@ -315,6 +374,17 @@ impl SqliteBackend {
             None => self.readers[0].lock().await,
         };
         let mut tx = conn.begin().await.map_err(unavailable)?;
+        if self.bindings.get(ns.as_str(), &req.node_id).is_none() {
+            let owner: Option<String> =
+                sqlx::query_scalar("SELECT principal FROM tide_nodes WHERE namespace = ?1 AND node_id = ?2")
+                    .bind(ns.as_str())
+                    .bind(&req.node_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(unavailable)?;
+            self.bindings.remember(owner.map(|o| (ns.as_str().to_owned(), req.node_id.clone(), o)));
+        }
+        self.bindings.check(principal, &req.node_id)?;
         let ns_seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = ?1")
             .bind(ns.as_str())
             .fetch_optional(&mut *tx)
@@ -348,7 +418,8 @@ impl SqliteBackend {
             let rows = versions(
                 conn,
                 "SELECT r.collection, r.id, r.doc, r.lamport, r.node_id, r.seq FROM json_each(?2) AS j \
-                 CROSS JOIN tide_rows AS r ON r.namespace = ?1 AND r.collection = j.value->>0 AND r.id = j.value->>1",
+                 CROSS JOIN tide_rows AS r ON r.namespace = ?1 AND r.collection = j.value->>0 AND r.id = j.value->>1 \
+                 ORDER BY r.collection, r.id",
                 ns,
                 serde_json::to_string(&keys).expect("keys serialize"),
                 "",
@@ -381,13 +452,13 @@ impl SqliteBackend {
                 let rows = versions(
                     conn,
                     "SELECT collection, id, doc, lamport, node_id, seq FROM tide_rows \
-                     WHERE namespace = ?1 AND collection = ?3 AND bucket IN (SELECT value FROM json_each(?2))",
+                     WHERE namespace = ?1 AND collection = ?3 AND bucket IN (SELECT value FROM json_each(?2)) ORDER BY id",
                     ns,
                     serde_json::to_string(buckets).expect("buckets serialize"),
                     collection,
                 )
                 .await?;
-                super::compare_keys(&mut reply, &rows, have, bytes_max);
+                super::compare_keys(&mut reply, &rows, (collection, buckets, have), bytes_max);
             }
         }
         Ok(reply)
@@ -605,10 +676,10 @@ fn to_i64(v: u64) -> i64 {
 
 #[async_trait::async_trait]
 impl Backend for SqliteBackend {
-    async fn exchange(&self, namespace: &Namespace, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
+    async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
         let results =
-            if request.ops.is_empty() { Vec::new() } else { self.apply(namespace, Arc::clone(&request)).await? };
-        let (changes_json, change_count, cursor, has_more, reset, verify) = self.read(namespace, &request).await?;
+            if request.ops.is_empty() { Vec::new() } else { self.apply(principal, Arc::clone(&request)).await? };
+        let (changes_json, change_count, cursor, has_more, reset, verify) = self.read(principal, &request).await?;
         let request_id = request.request_id.clone();
         Ok(Reply { results, cursor, changes_json, change_count, has_more, reset, request_id, verify })
     }

@@ -213,7 +213,31 @@ async fn gzip_requests_and_responses(storage: Storage) {
     assert!(text.to_ascii_lowercase().contains("content-encoding: gzip"), "the page was compressed");
 }
 
+/// A node id belongs to the first principal that writes with it: another
+/// principal of the namespace gets 403 for writes and reads under it, and
+/// the owner's data is untouched (PROTOCOL.md §7, `forbidden`).
+async fn a_node_id_is_bound_to_its_first_principal(storage: Storage) {
+    let tokens = StaticTokens::parse_file("tok-alice shared\ntok-mallory shared\n").unwrap();
+    let running = support::start_on_with(storage, ServerConfig::default(), Arc::new(tokens)).await;
+    let as_token = |t: &str| {
+        HttpTransport::builder(&running.endpoint()).header("authorization", format!("Bearer {t}")).build().unwrap()
+    };
+    let (alice, mallory) = (as_token("tok-alice"), as_token("tok-mallory"));
+    alice.exchange(&req("alice-phone", None, vec![put("alice-phone", "k", 1, 1)])).await.unwrap();
+
+    let forged = mallory.exchange(&req("alice-phone", None, vec![put("alice-phone", "k", 9, 2)])).await.unwrap_err();
+    assert_eq!(forged.code(), Some(ErrorCode::Forbidden), "{forged}");
+    let read = mallory.exchange(&req("alice-phone", Some(1), vec![])).await.unwrap_err();
+    assert_eq!(read.code(), Some(ErrorCode::Forbidden), "{read}");
+    // Under a node id of its own, mallory reads and writes as usual.
+    let own = mallory.exchange(&req("mallory", None, vec![])).await.unwrap();
+    assert_eq!(own.changes.len(), 1);
+    assert_eq!(own.changes[0].payload, Payload::Put(doc(json!({"v": 1}))), "alice's version is untouched");
+    alice.exchange(&req("alice-phone", Some(1), vec![put("alice-phone", "k", 2, 3)])).await.unwrap();
+}
+
 on_both_backends!(
+    a_node_id_is_bound_to_its_first_principal,
     two_clients_converge_with_per_op_results,
     a_cursor_beyond_the_namespace_is_reset,
     namespaces_are_isolated_by_token,

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
-use tide_core::{Cursor, Limits, Model, Op, Payload, SplitMix64, Stamp, SyncRequest};
+use tide_core::digest;
+use tide_core::{Cursor, DocKey, HeldVersion, Limits, Model, Op, Payload, SplitMix64, Stamp, SyncRequest, Verify};
 use tide_server::{Backend, Durability, PostgresBackend, Server, ServerConfig, SqliteBackend, StaticTokens};
 
 fn random_request(rng: &mut SplitMix64, cursors: &[u64]) -> SyncRequest {
@@ -41,7 +42,48 @@ fn random_request(rng: &mut SplitMix64, cursors: &[u64]) -> SyncRequest {
             }
         })
         .collect();
+    extensions(rng, &mut req);
     req
+}
+
+/// The digest, fetch, repair and request-id extensions (PROTOCOL.md §12), at random.
+fn extensions(rng: &mut SplitMix64, req: &mut SyncRequest) {
+    let collection = format!("c{}", rng.below(2));
+    let buckets: Vec<u16> = (0..4).map(|k| digest::bucket(&collection, &format!("k{k}"))).collect();
+    req.verify = match rng.below(8) {
+        0 | 1 => Some(Verify::Roots),
+        2 => Some(Verify::Groups { collection }),
+        3 => Some(Verify::Buckets {
+            collection,
+            groups: buckets.iter().map(|b| u16::from(digest::group(*b))).filter(|_| rng.below(2) == 0).collect(),
+        }),
+        4 => {
+            let mut have = Vec::new();
+            for k in 0..4 {
+                if rng.below(2) == 0 {
+                    let node = ["a", "B"][rng.below(2) as usize];
+                    have.push(HeldVersion(format!("k{k}"), rng.below(9), node.into(), rng.below(3) > 0));
+                }
+            }
+            let buckets = buckets.into_iter().filter(|_| rng.below(3) > 0).collect();
+            Some(Verify::Keys { collection, buckets, have })
+        }
+        _ => None,
+    };
+    if rng.below(4) == 0 {
+        req.fetch =
+            (0..rng.below(4)).map(|_| DocKey(format!("c{}", rng.below(2)), format!("k{}", rng.below(5)))).collect();
+    }
+    if rng.below(8) == 0 {
+        // A repair: versions of other nodes, with their own stamps.
+        req.repair = true;
+        for op in &mut req.ops {
+            op.stamp.node_id = ["a", "B", "\u{e9}", "d"][rng.below(4) as usize].into();
+        }
+    }
+    if rng.below(2) == 0 {
+        req.request_id = Some(format!("r{}", rng.below(1000)));
+    }
 }
 
 async fn call(server: &Server, token: &str, body: Vec<u8>) -> (u16, String) {

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use std::collections::BTreeMap;
 
 use tide_core::digest::{self, Hash64};
-use tide_core::{Cursor, DocKey, OpResult, SyncRequest, SyncResponse, Verify};
+use tide_core::{Cursor, DocKey, OpResult, Stamp, SyncRequest, SyncResponse, Verify};
 use tide_store::Rejection;
 use tokio::sync::watch;
 
@@ -222,15 +222,25 @@ impl Inner {
 
     /// Puts the documents of rejected ops back to the server's versions.
     async fn revert_rejected(&self, transport: &dyn tide_transport::Transport, report: &mut SyncReport) -> Result<()> {
-        let keys = self.store.unreverted().await?;
-        if keys.is_empty() {
+        let targets = self.store.unreverted().await?;
+        if targets.is_empty() {
             return Ok(());
         }
-        let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
-        req.limit = Some(PULL_PAGE_CHANGES_MAX);
-        req.fetch.clone_from(&keys);
+        self.revert(transport, targets, report).await
+    }
+
+    /// Fetches the server's versions of refused writes' keys and puts the
+    /// local documents back to them, telling the watchers.
+    async fn revert(
+        &self,
+        transport: &dyn tide_transport::Transport,
+        targets: Vec<(DocKey, Stamp)>,
+        report: &mut SyncReport,
+    ) -> Result<()> {
+        let mut req = self.request().await?;
+        req.fetch = targets.iter().map(|(k, _)| k.clone()).collect();
         let resp = self.round(transport, req, report).await?;
-        for r in self.store.revert(keys, resp.fetched).await? {
+        for r in self.store.revert(targets, resp.fetched).await? {
             report.reverted += 1;
             let (doc, stamp) = match r.version {
                 Some(v) => (v.payload.doc().cloned(), v.stamp),
@@ -310,44 +320,35 @@ impl Inner {
                 let mut req = self.request().await?;
                 req.repair = true;
                 req.ops.clone_from(&ops);
-                let refused: Vec<usize> = match self.round(transport, req, report).await {
+                // The ops the server refused for good, and whether the rest are settled.
+                let (refused, settled): (Vec<usize>, bool) = match self.round(transport, req, report).await {
                     Ok(resp) => {
                         report.repaired += resp.results.iter().filter(|r| r.is_ack()).count();
-                        ops.clear();
-                        resp.results.iter().enumerate().filter(|(_, r)| !r.is_ack()).map(|(i, _)| i).collect()
+                        let refused = resp.results.iter().enumerate();
+                        (
+                            refused.filter(|(_, r)| matches!(r, OpResult::Rejected { .. })).map(|(i, _)| i).collect(),
+                            true,
+                        )
                     }
                     Err(Error::Transport(tide_transport::Error::Status { code: Some(code), op: Some(i), .. }))
                         if !code.is_retryable() && i < ops.len() =>
                     {
-                        vec![i]
+                        (vec![i], false)
                     }
                     Err(e) => return Err(e),
                 };
-                if refused.is_empty() {
-                    continue;
-                }
-                let keys: Vec<DocKey> = refused
+                let targets: Vec<(DocKey, Stamp)> = refused
                     .iter()
                     .filter_map(|&i| ops.get(i))
-                    .map(|o| DocKey(o.collection.clone(), o.id.clone()))
+                    .map(|o| (DocKey(o.collection.clone(), o.id.clone()), o.stamp.clone()))
                     .collect();
-                ops = ops.into_iter().enumerate().filter(|(i, _)| !refused.contains(i)).map(|(_, o)| o).collect();
-                let mut req = self.request().await?;
-                req.fetch.clone_from(&keys);
-                let resp = self.round(transport, req, report).await?;
-                for r in self.store.revert(keys, resp.fetched).await? {
-                    report.reverted += 1;
-                    let (doc, stamp) = match r.version {
-                        Some(v) => (v.payload.doc().cloned(), v.stamp),
-                        None => (None, r.previous),
-                    };
-                    self.hub.emit(&ChangeEvent {
-                        collection: r.collection,
-                        id: r.id,
-                        doc,
-                        source: Source::Reverted,
-                        stamp,
-                    });
+                if settled {
+                    ops.clear();
+                } else {
+                    ops = ops.into_iter().enumerate().filter(|(i, _)| !refused.contains(i)).map(|(_, o)| o).collect();
+                }
+                if !targets.is_empty() {
+                    self.revert(transport, targets, report).await?;
                 }
             }
         }

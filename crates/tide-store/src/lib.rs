@@ -580,27 +580,29 @@ impl Store {
         rows.into_iter().map(OpRow::into_op).collect()
     }
 
-    /// The keys of rejected ops whose documents have not been put back to
-    /// the server's version yet.
-    pub async fn unreverted(&self) -> Result<Vec<DocKey>> {
+    /// The keys and stamps of rejected ops whose documents have not been
+    /// put back to the server's version yet.
+    pub async fn unreverted(&self) -> Result<Vec<(DocKey, Stamp)>> {
         let mut conn = self.inner.readers.get().await?;
         let text: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(collection, id)) FROM \
-             (SELECT DISTINCT collection, id FROM tide_rejected WHERE reverted = 0 LIMIT 1000)",
+            "SELECT json_group_array(json_array(collection, id, lamport, node_id)) FROM \
+             (SELECT collection, id, lamport, node_id FROM tide_rejected WHERE reverted = 0 ORDER BY seq LIMIT 1000)",
         )
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-        parse_json(&text)
+        let rows: Vec<(String, String, u64, String)> = parse_json(&text)?;
+        Ok(rows.into_iter().map(|(c, id, l, n)| (DocKey(c, id), Stamp::new(l, n))).collect())
     }
 
-    /// Puts the documents of rejected ops back to the server's versions
-    /// (`server`; a key missing from it is removed), unless a later local
-    /// write to the key is still pending, and marks the rejections
-    /// reverted, in one transaction. Returns each key whose local state
-    /// changed, with its new version.
-    pub async fn revert(&self, keys: Vec<DocKey>, server: Vec<Change>) -> Result<Vec<Reverted>> {
-        self.call(|reply| Command::Revert { keys, server, reply }).await
+    /// Puts the documents of refused writes back to the server's versions
+    /// (`server`; a key missing from it is removed), where the local
+    /// version is still the refused one (`targets`: key and stamp of the
+    /// refused write), and marks those rejections reverted, in one
+    /// transaction. A key written again since keeps its newer version.
+    /// Returns each key whose local state changed, with its new version.
+    pub async fn revert(&self, targets: Vec<(DocKey, Stamp)>, server: Vec<Change>) -> Result<Vec<Reverted>> {
+        self.call(|reply| Command::Revert { targets, server, reply }).await
     }
 
     /// Caps the database at `pages` pages (SQLite's `max_page_count`); a

@@ -41,7 +41,7 @@ pub(crate) enum Command {
     Write { writes: Vec<Write>, reply: Reply<Vec<Stamp>> },
     Apply { changes: Vec<Change>, cursor: Cursor, reply: Reply<Vec<Change>> },
     Fetched { changes: Vec<Change>, reply: Reply<Vec<Change>> },
-    Revert { keys: Vec<DocKey>, server: Vec<Change>, reply: Reply<Vec<Reverted>> },
+    Revert { targets: Vec<(DocKey, Stamp)>, server: Vec<Change>, reply: Reply<Vec<Reverted>> },
     Settle { acked: Vec<u64>, rejected: Vec<Rejection>, reply: Reply<()> },
     Discard { seqs: Vec<u64>, reply: Reply<u64> },
     MaxPages { pages: u64, reply: Reply<u64> },
@@ -208,8 +208,8 @@ impl State {
             Command::Fetched { changes, reply } => {
                 let _ = reply.send(self.apply(changes, None).await);
             }
-            Command::Revert { keys, server, reply } => {
-                let _ = reply.send(self.revert(keys, server).await);
+            Command::Revert { targets, server, reply } => {
+                let _ = reply.send(self.revert(targets, server).await);
             }
             Command::Settle { acked, rejected, reply } => {
                 let _ = reply.send(self.settle(&acked, &rejected).await);
@@ -391,8 +391,8 @@ impl State {
         Ok(changes.into_iter().enumerate().filter_map(|(i, c)| keep.next_if_eq(&i).map(|_| c)).collect())
     }
 
-    /// Puts rejected documents back to the server's versions, in one transaction.
-    async fn revert(&mut self, keys: Vec<DocKey>, server: Vec<Change>) -> Result<Vec<Reverted>> {
+    /// Puts refused documents back to the server's versions, in one transaction.
+    async fn revert(&mut self, targets: Vec<(DocKey, Stamp)>, server: Vec<Change>) -> Result<Vec<Reverted>> {
         let lamport_max = server.iter().map(|c| c.stamp.lamport).max().unwrap_or(0);
         if lamport_max > LAMPORT_MAX {
             return Err(tide_core::Error::LamportOutOfRange { lamport: lamport_max }.into());
@@ -400,14 +400,7 @@ impl State {
         let mut conn = conn::lock(&self.conn).await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
         let mut reverted = Vec::new();
-        for DocKey(collection, id) in &keys {
-            let pending: bool =
-                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tide_outbox WHERE collection = ?1 AND id = ?2)")
-                    .bind(collection)
-                    .bind(id)
-                    .fetch_one(&mut *tx)
-                    .await
-                    .map_err(db)?;
+        for (DocKey(collection, id), refused) in &targets {
             let stored: Option<(i64, String, bool)> =
                 sqlx::query_as("SELECT lamport, node_id, deleted FROM tide_docs WHERE collection = ?1 AND id = ?2")
                     .bind(collection)
@@ -415,22 +408,17 @@ impl State {
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(db)?;
-            let theirs = server.iter().find(|c| &c.collection == collection && &c.id == id);
-            let same = match (&stored, theirs) {
-                (None, None) => true,
-                (Some((l, n, deleted)), Some(c)) => {
-                    u64::try_from(*l).ok() == Some(c.stamp.lamport)
-                        && *n == c.stamp.node_id
-                        && *deleted == c.payload.doc().is_none()
-                }
-                _ => false,
-            };
-            if pending || same {
+            // Only the refused version goes back: a later local write, or a
+            // newer version from elsewhere, stays.
+            let Some((lamport, node_id, _)) = &stored else { continue };
+            if u64::try_from(*lamport).ok() != Some(refused.lamport) || node_id != &refused.node_id {
                 continue;
             }
-            let previous = stored
-                .as_ref()
-                .map_or_else(|| Stamp::new(0, ""), |(l, n, _)| Stamp::new(u64::try_from(*l).unwrap_or(0), n.clone()));
+            let theirs = server.iter().find(|c| &c.collection == collection && &c.id == id);
+            if theirs.is_some_and(|c| &c.stamp == refused) {
+                continue;
+            }
+            let previous = refused.clone();
             if let Some(c) = theirs {
                 let doc = c.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
                 let (bucket, vhash) = digest_columns(collection, id, &c.stamp);
@@ -468,10 +456,12 @@ impl State {
                 reverted.push(Reverted { collection: collection.clone(), id: id.clone(), version: None, previous });
             }
         }
-        let keys: Vec<(&str, &str)> = keys.iter().map(|k| (k.0.as_str(), k.1.as_str())).collect();
+        let keys: Vec<(&str, &str, u64, &str)> =
+            targets.iter().map(|(k, s)| (k.0.as_str(), k.1.as_str(), s.lamport, s.node_id.as_str())).collect();
         sqlx::query(
             "UPDATE tide_rejected SET reverted = 1 FROM json_each(?1) AS j \
-             WHERE tide_rejected.collection = j.value->>0 AND tide_rejected.id = j.value->>1",
+             WHERE tide_rejected.collection = j.value->>0 AND tide_rejected.id = j.value->>1 \
+             AND tide_rejected.lamport = j.value->>2 AND tide_rejected.node_id = j.value->>3",
         )
         .bind(serde_json::to_string(&keys).expect("keys serialize"))
         .execute(&mut *tx)

@@ -26,6 +26,12 @@ pub struct SimConfig {
     pub page_changes_max: usize,
     /// Sync rounds allowed to settle after healing (liveness bound).
     pub settle_rounds_max: usize,
+    /// Per mille of steps that restore the server to an earlier snapshot
+    /// (a database restored from a backup); as many again take snapshots.
+    pub restore_per_mille: u64,
+    /// A document limit on the server lower than the clients': when set,
+    /// one put in ten is larger than it and is rejected.
+    pub doc_bytes_max: Option<usize>,
 }
 
 impl Default for SimConfig {
@@ -38,6 +44,8 @@ impl Default for SimConfig {
             rates: FaultRates { drop: 8, lose_response: 8, duplicate: 8, unavailable: 5, rate_limited: 5, garbage: 4 },
             page_changes_max: 2,
             settle_rounds_max: 40,
+            restore_per_mille: 20,
+            doc_bytes_max: Some(120),
         }
     }
 }
@@ -55,21 +63,32 @@ pub struct SimReport {
     pub restarts: usize,
     /// Sync rounds it took to settle after healing.
     pub settle_rounds: usize,
+    /// Times the server was restored to an earlier snapshot.
+    pub restores: usize,
+    /// Writes the server rejected (larger than its limit).
+    pub rejected: usize,
 }
 
 /// Runs one simulation. `Err` says what broke; the caller prints the seed.
 ///
 /// Checked along the way: reads never go back (a replica's stamp for a key
-/// never decreases, P7). Checked at the end, after healing: every outbox
-/// drains within `settle_rounds_max` rounds (liveness, P8); every replica
-/// equals the server, and the server holds, for every key, the highest
-/// stamp ever written locally with its payload: so no acknowledged write
-/// is lost and no deleted document comes back (P1, P4, P5).
+/// never decreases, P7), except from a rejected write to the server's
+/// version. Checked at the end, after healing: every outbox drains within
+/// `settle_rounds_max` rounds (liveness, P8); every replica holds the
+/// server's live documents, and the server holds, for every key, the
+/// highest write ever made locally that it does not reject: its document
+/// for a put, no live document for a delete. So no acknowledged write is
+/// lost, even across restores of the server, and no deleted document comes
+/// back (P1, P4, P5).
 pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String> {
     let mut rng = SplitMix64::new(seed);
-    let server =
-        FakeServer::with_limits(Limits { changes_per_response_max: config.page_changes_max, ..Limits::default() });
+    let mut limits = Limits { changes_per_response_max: config.page_changes_max, ..Limits::default() };
+    if let Some(max) = config.doc_bytes_max {
+        limits.doc_bytes_max = max;
+    }
+    let server = FakeServer::with_limits(limits);
     server.chaos(Some((seed, config.rates)));
+    let mut backups = Vec::new();
     let mut cluster = Cluster::new(server, config.clients).await.map_err(|e| e.to_string())?;
     let mut report = SimReport::default();
     let mut oracle: BTreeMap<(String, String), (Stamp, Payload)> = BTreeMap::new();
@@ -80,24 +99,41 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
         .collect();
 
     for step in 0..config.steps {
+        let fault = rng.below(1_000);
+        if fault < config.restore_per_mille {
+            backups.push(cluster.server().model());
+        } else if fault < 2 * config.restore_per_mille && !backups.is_empty() {
+            let backup = backups[rng.index(backups.len())].clone();
+            cluster.server().restore(backup);
+            report.restores += 1;
+        }
         let c = rng.index(config.clients);
         let collection = format!("col{}", rng.below(config.collections as u64));
         let id = format!("k{}", rng.below(config.ids as u64));
         match rng.below(100) {
             0..=39 => {
-                let payload =
-                    Payload::Put(json!({"v": rng.below(1000), "by": c}).as_object().cloned().unwrap_or_default());
-                let tide = cluster.client(c);
-                let stamp = match &payload {
-                    Payload::Put(doc) => {
-                        tide.collection::<serde_json::Value>(&collection)
-                            .put(&id, &serde_json::Value::Object(doc.clone()))
-                            .await
-                    }
-                    Payload::Delete => unreachable!(),
+                let big = config.doc_bytes_max.is_some() && rng.below(10) == 0;
+                let mut doc = json!({"v": rng.below(1000), "by": c});
+                if big {
+                    doc["big"] = json!("x".repeat(config.doc_bytes_max.unwrap_or(0)));
                 }
-                .map_err(|e| format!("step {step}: a local write failed: {e}"))?;
-                record(&mut oracle, collection, id, stamp, payload);
+                let stamp = cluster
+                    .client(c)
+                    .collection::<serde_json::Value>(&collection)
+                    .put(&id, &doc)
+                    .await
+                    .map_err(|e| format!("step {step}: a local write failed: {e}"))?;
+                if big {
+                    report.rejected += 1;
+                } else {
+                    record(
+                        &mut oracle,
+                        collection,
+                        id,
+                        stamp,
+                        Payload::Put(doc.as_object().cloned().unwrap_or_default()),
+                    );
+                }
                 report.writes += 1;
             }
             40..=51 => {
@@ -127,14 +163,8 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
                 report.restarts += 1;
             }
         }
-        // P7: no replica's stamp for a key ever goes back.
         let now = cluster.snapshot_keys(c, &keys).await.map_err(|e| e.to_string())?;
-        for (key, (stamp, _)) in &last_read[c] {
-            match now.get(key) {
-                Some((s, _)) if s >= stamp => {}
-                other => return Err(format!("step {step}: c{c} went back on {key:?}: had {stamp:?}, now {other:?}")),
-            }
-        }
+        never_back(&last_read[c], &now).map_err(|e| format!("step {step}: c{c} {e}"))?;
         last_read[c] = now;
     }
 
@@ -146,15 +176,48 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
     report.exchanges = traffic.len();
     report.faulted = traffic.iter().filter(|e| e.fault.is_some()).count();
     cluster.check_converged().await?;
-    let server: BTreeMap<(String, String), (Stamp, Payload)> =
-        cluster.server().model().rows().map(|(k, r)| (k.clone(), (r.stamp.clone(), r.payload.clone()))).collect();
-    if server != oracle {
-        let key = oracle.iter().find(|(k, v)| server.get(*k) != Some(*v)).map(|(k, _)| k.clone());
-        return Err(format!("the server is not the highest write of every key; first difference at {key:?}"));
-    }
+    check_highest_writes(&cluster.server().model(), &oracle)?;
     cluster.close().await;
     Ok(report)
 }
+
+/// P7: no replica's stamp for a key ever goes back, except from a write
+/// the server refused (too large) to the server's version.
+fn never_back(before: &Snapshot, now: &Snapshot) -> Result<(), String> {
+    for (key, (stamp, payload)) in before {
+        let refused = payload.doc().is_some_and(|d| d.contains_key("big"));
+        match now.get(key) {
+            Some((s, _)) if s >= stamp => {}
+            _ if refused => {}
+            other => return Err(format!("went back on {key:?}: had {stamp:?}, now {other:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// The server's live documents are exactly the highest write of every key
+/// that is a put (a delete leaves nothing live).
+fn check_highest_writes(model: &tide_core::Model, oracle: &Oracle) -> Result<(), String> {
+    // Live documents only: a tombstone the server lost is as good as none.
+    let live = |m: &BTreeMap<(String, String), (Stamp, Payload)>| -> BTreeMap<(String, String), (Stamp, Payload)> {
+        m.iter().filter(|(_, (_, p))| matches!(p, Payload::Put(_))).map(|(k, v)| (k.clone(), v.clone())).collect()
+    };
+    let server: BTreeMap<(String, String), (Stamp, Payload)> =
+        model.rows().map(|(k, r)| (k.clone(), (r.stamp.clone(), r.payload.clone()))).collect();
+    let (server, oracle) = (live(&server), live(oracle));
+    if server != oracle {
+        let key = oracle
+            .iter()
+            .find(|(k, v)| server.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k:?}: highest write {v:?}, server {:?}", server.get(k)))
+            .or_else(|| server.keys().find(|k| !oracle.contains_key(*k)).map(|k| format!("{k:?} only on the server")));
+        return Err(format!("the server is not the highest write of every key: {}", key.unwrap_or_default()));
+    }
+    Ok(())
+}
+
+/// The highest write made locally to each key.
+type Oracle = BTreeMap<(String, String), (Stamp, Payload)>;
 
 fn record(
     oracle: &mut BTreeMap<(String, String), (Stamp, Payload)>,

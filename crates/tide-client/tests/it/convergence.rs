@@ -198,3 +198,37 @@ async fn a_replayed_response_cannot_settle_ops_it_does_not_describe() {
     assert!(err.to_string().contains("answers request"), "{err}");
     assert_eq!(a.pending_count().await.unwrap(), 1, "the second op stays in the outbox");
 }
+
+/// A write made after a rejected one keeps its version, even when the
+/// server has meanwhile gone back to an older one: only the refused
+/// version itself is ever put back (found by the seeded simulator).
+#[tokio::test]
+async fn a_write_made_after_a_rejection_is_never_reverted() {
+    use std::time::Duration;
+    use tide_transport::Fault;
+
+    let server = FakeServer::with_limits(Limits { doc_bytes_max: 64, ..Limits::default() });
+    let a = client(&server, "a").await;
+    let na = a.collection::<Note>("notes");
+    na.put("k", &note("v1")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let backup = server.model();
+
+    // Refused; the exchange that would put it back is lost.
+    na.put("k", &note(&"x".repeat(200))).await.unwrap();
+    server.script("a", [Fault::Delay(Duration::ZERO), Fault::Drop]);
+    a.sync_once().await.unwrap_err();
+    // A newer write is acknowledged; the put-back is lost again.
+    na.put("k", &note("v2")).await.unwrap();
+    server.script("a", [Fault::Delay(Duration::ZERO), Fault::Drop]);
+    a.sync_once().await.unwrap_err();
+    assert_eq!(a.pending_count().await.unwrap(), 0, "v2 was acknowledged");
+
+    // The server goes back to v1; the put-back now sees v1 there.
+    server.restore(backup);
+    a.sync_once().await.unwrap();
+    assert_eq!(na.get("k").await.unwrap(), Some(note("v2")), "v2 is not the refused write");
+    assert!(a.sync_once().await.unwrap().verified);
+    let row = server.model().row("notes", "k").cloned().unwrap();
+    assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "and the server got v2 back by repair");
+}

@@ -23,6 +23,8 @@ async fn random_clients_converge_under_faults_and_restarts() {
                 total.faulted += r.faulted;
                 total.restarts += r.restarts;
                 total.settle_rounds = total.settle_rounds.max(r.settle_rounds);
+                total.restores += r.restores;
+                total.rejected += r.rejected;
             }
             Err(e) => panic!(
                 "seed {seed} failed: {e}\nreplay: TIDE_SIM_SEED={seed} cargo test -p tide-testkit --test it simulation"
@@ -30,13 +32,17 @@ async fn random_clients_converge_under_faults_and_restarts() {
         }
     }
     assert!(total.faulted > 0 && total.restarts > 0, "the runs met faults and restarts: {total:?}");
+    assert!(total.restores > 0 && total.rejected > 0, "the runs met server restores and rejections: {total:?}");
     println!(
-        "simulation: {} seeds, {} writes, {} exchanges ({} faulted), {} restarts; settled within {} rounds at most",
+        "simulation: {} seeds, {} writes ({} rejected), {} exchanges ({} faulted), {} restarts, {} server restores; \
+         settled within {} rounds at most",
         seeds.len(),
         total.writes,
+        total.rejected,
         total.exchanges,
         total.faulted,
         total.restarts,
+        total.restores,
         total.settle_rounds
     );
 }

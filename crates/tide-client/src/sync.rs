@@ -9,8 +9,8 @@ use std::time::{Duration, SystemTime};
 use std::collections::BTreeMap;
 
 use tide_core::digest::{self, Hash64};
-use tide_core::{Cursor, DocKey, OpResult, Stamp, SyncRequest, SyncResponse, Verify};
-use tide_store::Rejection;
+use tide_core::{Cursor, DocKey, OpResult, SyncRequest, SyncResponse, Verify};
+use tide_store::{Refused, Rejection};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -234,11 +234,11 @@ impl Inner {
     async fn revert(
         &self,
         transport: &dyn tide_transport::Transport,
-        targets: Vec<(DocKey, Stamp)>,
+        targets: Vec<Refused>,
         report: &mut SyncReport,
     ) -> Result<()> {
         let mut req = self.request().await?;
-        req.fetch = targets.iter().map(|(k, _)| k.clone()).collect();
+        req.fetch = targets.iter().map(|t| t.key.clone()).collect();
         let resp = self.round(transport, req, report).await?;
         for r in self.store.revert(targets, resp.fetched).await? {
             report.reverted += 1;
@@ -337,10 +337,14 @@ impl Inner {
                     }
                     Err(e) => return Err(e),
                 };
-                let targets: Vec<(DocKey, Stamp)> = refused
+                let targets: Vec<Refused> = refused
                     .iter()
                     .filter_map(|&i| ops.get(i))
-                    .map(|o| (DocKey(o.collection.clone(), o.id.clone()), o.stamp.clone()))
+                    .map(|o| Refused {
+                        key: DocKey(o.collection.clone(), o.id.clone()),
+                        stamp: o.stamp.clone(),
+                        before: None,
+                    })
                     .collect();
                 if settled {
                     ops.clear();

@@ -580,28 +580,46 @@ impl Store {
         rows.into_iter().map(OpRow::into_op).collect()
     }
 
-    /// The keys and stamps of rejected ops whose documents have not been
-    /// put back to the server's version yet.
-    pub async fn unreverted(&self) -> Result<Vec<(DocKey, Stamp)>> {
+    /// The rejected ops whose documents have not been put back to the
+    /// server's version yet, oldest first (at most 1,000).
+    pub async fn unreverted(&self) -> Result<Vec<Refused>> {
         let mut conn = self.inner.readers.get().await?;
         let text: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(collection, id, lamport, node_id)) FROM \
-             (SELECT collection, id, lamport, node_id FROM tide_rejected WHERE reverted = 0 ORDER BY seq LIMIT 1000)",
+            "SELECT json_group_array(json_array(collection, id, lamport, node_id, \
+             prev_doc, prev_lamport, prev_node_id, prev_deleted)) FROM \
+             (SELECT * FROM tide_rejected WHERE reverted = 0 ORDER BY seq LIMIT 1000)",
         )
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-        let rows: Vec<(String, String, u64, String)> = parse_json(&text)?;
-        Ok(rows.into_iter().map(|(c, id, l, n)| (DocKey(c, id), Stamp::new(l, n))).collect())
+        type Row = (String, String, u64, String, Option<String>, Option<u64>, Option<String>, Option<u8>);
+        let rows: Vec<Row> = parse_json(&text)?;
+        rows.into_iter()
+            .map(|(c, id, l, n, prev_doc, prev_lamport, prev_node, prev_deleted)| {
+                let before = match (prev_lamport, prev_node) {
+                    (Some(lamport), Some(node)) => {
+                        let payload = match (prev_deleted, prev_doc) {
+                            (Some(0), Some(doc)) => Payload::Put(parse_doc(&doc)?),
+                            _ => Payload::Delete,
+                        };
+                        Some(Version { stamp: Stamp::new(lamport, node), payload })
+                    }
+                    _ => None,
+                };
+                Ok(Refused { key: DocKey(c, id), stamp: Stamp::new(l, n), before })
+            })
+            .collect()
     }
 
-    /// Puts the documents of refused writes back to the server's versions
-    /// (`server`; a key missing from it is removed), where the local
-    /// version is still the refused one (`targets`: key and stamp of the
-    /// refused write), and marks those rejections reverted, in one
-    /// transaction. A key written again since keeps its newer version.
+    /// Puts the documents of refused writes back to the last version the
+    /// server took: the server's (`server`; a key missing from it is
+    /// removed), or the version the refused write replaced when that is
+    /// newer (the server lost it) and was not refused itself. Only where
+    /// the local version is still the refused one: a key written again
+    /// since keeps its newer version. Marks those rejections reverted, all
+    /// in one transaction.
     /// Returns each key whose local state changed, with its new version.
-    pub async fn revert(&self, targets: Vec<(DocKey, Stamp)>, server: Vec<Change>) -> Result<Vec<Reverted>> {
+    pub async fn revert(&self, targets: Vec<Refused>, server: Vec<Change>) -> Result<Vec<Reverted>> {
         self.call(|reply| Command::Revert { targets, server, reply }).await
     }
 
@@ -646,6 +664,17 @@ impl Store {
         let _ = self.call(|reply| Command::Close { reply }).await;
         self.inner.readers.close_all().await;
     }
+}
+
+/// A write the server refused, to put back (see [`Store::revert`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refused {
+    /// The document's key.
+    pub key: DocKey,
+    /// The refused write's stamp.
+    pub stamp: Stamp,
+    /// The version it replaced locally, if any.
+    pub before: Option<Version>,
 }
 
 /// A document put back to the server's version after a rejection.

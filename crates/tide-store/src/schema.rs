@@ -82,6 +82,16 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     ALTER TABLE tide_outbox ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tide_outbox ADD COLUMN vhash INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tide_rejected ADD COLUMN reverted INTEGER NOT NULL DEFAULT 0;
+    -- The version each op replaced (its before-image; lamport NULL for none),
+    -- so a refused write can go back to the last version the server took.
+    ALTER TABLE tide_outbox ADD COLUMN prev_doc TEXT;
+    ALTER TABLE tide_outbox ADD COLUMN prev_lamport INTEGER;
+    ALTER TABLE tide_outbox ADD COLUMN prev_node_id TEXT;
+    ALTER TABLE tide_outbox ADD COLUMN prev_deleted INTEGER;
+    ALTER TABLE tide_rejected ADD COLUMN prev_doc TEXT;
+    ALTER TABLE tide_rejected ADD COLUMN prev_lamport INTEGER;
+    ALTER TABLE tide_rejected ADD COLUMN prev_node_id TEXT;
+    ALTER TABLE tide_rejected ADD COLUMN prev_deleted INTEGER;
     CREATE INDEX tide_docs_by_bucket ON tide_docs (collection, bucket);
     CREATE TABLE tide_digest (
         collection TEXT NOT NULL,
@@ -92,6 +102,9 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     ) WITHOUT ROWID;
     DROP TRIGGER tide_outbox_write;
     CREATE TRIGGER tide_outbox_write AFTER INSERT ON tide_outbox BEGIN
+        UPDATE tide_outbox SET (prev_doc, prev_lamport, prev_node_id, prev_deleted) =
+            (SELECT doc, lamport, node_id, deleted FROM tide_docs WHERE collection = NEW.collection AND id = NEW.id)
+        WHERE seq = NEW.seq;
         INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash)
         VALUES (NEW.collection, NEW.id, NEW.doc, NEW.lamport, NEW.node_id, NEW.kind = 'delete', NEW.bucket, NEW.vhash)
         ON CONFLICT (collection, id) DO UPDATE SET

@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, oneshot};
 
 use crate::conn::{self, ConnectionSettings, Shared, read_settings};
 use crate::error::{Error, Result, db};
-use crate::{Reverted, Write};
+use crate::{Refused, Reverted, Write};
 
 /// The most ops committed in one group.
 pub const GROUP_OPS_MAX: usize = 4_096;
@@ -41,7 +41,7 @@ pub(crate) enum Command {
     Write { writes: Vec<Write>, reply: Reply<Vec<Stamp>> },
     Apply { changes: Vec<Change>, cursor: Cursor, reply: Reply<Vec<Change>> },
     Fetched { changes: Vec<Change>, reply: Reply<Vec<Change>> },
-    Revert { targets: Vec<(DocKey, Stamp)>, server: Vec<Change>, reply: Reply<Vec<Reverted>> },
+    Revert { targets: Vec<Refused>, server: Vec<Change>, reply: Reply<Vec<Reverted>> },
     Settle { acked: Vec<u64>, rejected: Vec<Rejection>, reply: Reply<()> },
     Discard { seqs: Vec<u64>, reply: Reply<u64> },
     MaxPages { pages: u64, reply: Reply<u64> },
@@ -392,7 +392,7 @@ impl State {
     }
 
     /// Puts refused documents back to the server's versions, in one transaction.
-    async fn revert(&mut self, targets: Vec<(DocKey, Stamp)>, server: Vec<Change>) -> Result<Vec<Reverted>> {
+    async fn revert(&mut self, targets: Vec<Refused>, server: Vec<Change>) -> Result<Vec<Reverted>> {
         let lamport_max = server.iter().map(|c| c.stamp.lamport).max().unwrap_or(0);
         if lamport_max > LAMPORT_MAX {
             return Err(tide_core::Error::LamportOutOfRange { lamport: lamport_max }.into());
@@ -400,7 +400,7 @@ impl State {
         let mut conn = conn::lock(&self.conn).await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
         let mut reverted = Vec::new();
-        for (DocKey(collection, id), refused) in &targets {
+        for Refused { key: DocKey(collection, id), stamp: refused, before } in &targets {
             let stored: Option<(i64, String, bool)> =
                 sqlx::query_as("SELECT lamport, node_id, deleted FROM tide_docs WHERE collection = ?1 AND id = ?2")
                     .bind(collection)
@@ -414,12 +414,36 @@ impl State {
             if u64::try_from(*lamport).ok() != Some(refused.lamport) || node_id != &refused.node_id {
                 continue;
             }
-            let theirs = server.iter().find(|c| &c.collection == collection && &c.id == id);
-            if theirs.is_some_and(|c| &c.stamp == refused) {
+            let theirs = server
+                .iter()
+                .find(|c| &c.collection == collection && &c.id == id)
+                .map(|c| crate::Version { stamp: c.stamp.clone(), payload: c.payload.clone() });
+            if theirs.as_ref().is_some_and(|v| &v.stamp == refused) {
                 continue;
             }
+            // The version the refused write replaced comes back if the server
+            // lost it (a restore) and it was not refused itself.
+            let mut back = theirs;
+            if let Some(b) = before
+                && back.as_ref().is_none_or(|v| b.stamp > v.stamp)
+            {
+                let refused_too: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM tide_rejected WHERE collection = ?1 AND id = ?2 \
+                     AND lamport = ?3 AND node_id = ?4)",
+                )
+                .bind(collection)
+                .bind(id)
+                .bind(i64::try_from(b.stamp.lamport).expect("bounded by LAMPORT_MAX"))
+                .bind(&b.stamp.node_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+                if !refused_too {
+                    back = Some(b.clone());
+                }
+            }
             let previous = refused.clone();
-            if let Some(c) = theirs {
+            if let Some(c) = back {
                 let doc = c.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
                 let (bucket, vhash) = digest_columns(collection, id, &c.stamp);
                 sqlx::query(
@@ -456,8 +480,10 @@ impl State {
                 reverted.push(Reverted { collection: collection.clone(), id: id.clone(), version: None, previous });
             }
         }
-        let keys: Vec<(&str, &str, u64, &str)> =
-            targets.iter().map(|(k, s)| (k.0.as_str(), k.1.as_str(), s.lamport, s.node_id.as_str())).collect();
+        let keys: Vec<(&str, &str, u64, &str)> = targets
+            .iter()
+            .map(|t| (t.key.0.as_str(), t.key.1.as_str(), t.stamp.lamport, t.stamp.node_id.as_str()))
+            .collect();
         sqlx::query(
             "UPDATE tide_rejected SET reverted = 1 FROM json_each(?1) AS j \
              WHERE tide_rejected.collection = j.value->>0 AND tide_rejected.id = j.value->>1 \
@@ -485,8 +511,10 @@ impl State {
             let rows: Vec<(u64, &str, &str)> =
                 rejected.iter().map(|r| (r.seq, r.code.as_str(), r.message.as_str())).collect();
             sqlx::query(
-                "INSERT OR REPLACE INTO tide_rejected (seq, collection, id, kind, doc, lamport, node_id, code, message) \
-                 SELECT o.seq, o.collection, o.id, o.kind, o.doc, o.lamport, o.node_id, r.value->>1, r.value->>2 \
+                "INSERT OR REPLACE INTO tide_rejected (seq, collection, id, kind, doc, lamport, node_id, code, message, \
+                 prev_doc, prev_lamport, prev_node_id, prev_deleted) \
+                 SELECT o.seq, o.collection, o.id, o.kind, o.doc, o.lamport, o.node_id, r.value->>1, r.value->>2, \
+                 o.prev_doc, o.prev_lamport, o.prev_node_id, o.prev_deleted \
                  FROM json_each(?1) AS r CROSS JOIN tide_outbox AS o ON o.seq = r.value->>0",
             )
             .bind(serde_json::to_string(&rows).expect("rows serialize"))

@@ -232,3 +232,27 @@ async fn a_write_made_after_a_rejection_is_never_reverted() {
     let row = server.model().row("notes", "k").cloned().unwrap();
     assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "and the server got v2 back by repair");
 }
+
+/// A refused write goes back to the last version the server took, even
+/// when the server has since lost it: that version is then repaired back
+/// (found by the seeded simulator, seed 130).
+#[tokio::test]
+async fn a_refused_write_goes_back_to_an_acknowledged_version_the_server_lost() {
+    let server = FakeServer::with_limits(Limits { doc_bytes_max: 64, ..Limits::default() });
+    let a = client(&server, "a").await;
+    let na = a.collection::<Note>("notes");
+    na.put("k", &note("v1")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let backup = server.model();
+    na.put("k", &note("v2")).await.unwrap();
+    a.sync_once().await.unwrap();
+    server.restore(backup);
+
+    na.put("k", &note(&"x".repeat(200))).await.unwrap();
+    let report = a.sync_once().await.unwrap();
+    assert_eq!((report.rejected, report.reverted), (1, 1), "{report:?}");
+    assert_eq!(na.get("k").await.unwrap(), Some(note("v2")), "back to v2, not the server's older v1");
+    a.sync_once().await.unwrap();
+    let row = server.model().row("notes", "k").cloned().unwrap();
+    assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "v2 was repaired back to the server");
+}

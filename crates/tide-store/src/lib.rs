@@ -583,6 +583,7 @@ impl Store {
     /// The rejected ops whose documents have not been put back to the
     /// server's version yet, oldest first (at most 1,000).
     pub async fn unreverted(&self) -> Result<Vec<Refused>> {
+        type Row = (String, String, u64, String, Option<String>, Option<u64>, Option<String>, Option<u8>);
         let mut conn = self.inner.readers.get().await?;
         let text: String = sqlx::query_scalar(
             "SELECT json_group_array(json_array(collection, id, lamport, node_id, \
@@ -592,7 +593,6 @@ impl Store {
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-        type Row = (String, String, u64, String, Option<String>, Option<u64>, Option<String>, Option<u8>);
         let rows: Vec<Row> = parse_json(&text)?;
         rows.into_iter()
             .map(|(c, id, l, n, prev_doc, prev_lamport, prev_node, prev_deleted)| {

@@ -427,58 +427,18 @@ impl State {
             if let Some(b) = before
                 && back.as_ref().is_none_or(|v| b.stamp > v.stamp)
             {
-                let refused_too: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM tide_rejected WHERE collection = ?1 AND id = ?2 \
-                     AND lamport = ?3 AND node_id = ?4)",
-                )
-                .bind(collection)
-                .bind(id)
-                .bind(i64::try_from(b.stamp.lamport).expect("bounded by LAMPORT_MAX"))
-                .bind(&b.stamp.node_id)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
+                let refused_too = was_refused(&mut tx, collection, id, &b.stamp).await?;
                 if !refused_too {
                     back = Some(b.clone());
                 }
             }
-            let previous = refused.clone();
-            if let Some(c) = back {
-                let doc = c.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
-                let (bucket, vhash) = digest_columns(collection, id, &c.stamp);
-                sqlx::query(
-                    "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
-                         ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
-                         node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash",
-                )
-                .bind(collection)
-                .bind(id)
-                .bind(&doc)
-                .bind(i64::try_from(c.stamp.lamport).expect("bounded by LAMPORT_MAX"))
-                .bind(&c.stamp.node_id)
-                .bind(doc.is_none())
-                .bind(bucket)
-                .bind(vhash)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                let version = crate::Version { stamp: c.stamp.clone(), payload: c.payload.clone() };
-                reverted.push(Reverted {
-                    collection: collection.clone(),
-                    id: id.clone(),
-                    version: Some(version),
-                    previous,
-                });
-            } else {
-                sqlx::query("DELETE FROM tide_docs WHERE collection = ?1 AND id = ?2")
-                    .bind(collection)
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                reverted.push(Reverted { collection: collection.clone(), id: id.clone(), version: None, previous });
-            }
+            put_version(&mut tx, collection, id, back.as_ref()).await?;
+            reverted.push(Reverted {
+                collection: collection.clone(),
+                id: id.clone(),
+                version: back,
+                previous: refused.clone(),
+            });
         }
         let keys: Vec<(&str, &str, u64, &str)> = targets
             .iter()
@@ -548,6 +508,58 @@ impl State {
             .map_err(db)?;
         Ok(u64::try_from(now).unwrap_or(0))
     }
+}
+
+/// Whether a write with `stamp` to the key was refused by the server.
+async fn was_refused(conn: &mut sqlx::SqliteConnection, collection: &str, id: &str, stamp: &Stamp) -> Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM tide_rejected WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4)",
+    )
+    .bind(collection)
+    .bind(id)
+    .bind(i64::try_from(stamp.lamport).expect("bounded by LAMPORT_MAX"))
+    .bind(&stamp.node_id)
+    .fetch_one(conn)
+    .await
+    .map_err(db)
+}
+
+/// Stores `version` under the key whatever is there (`None` removes the key).
+async fn put_version(
+    conn: &mut sqlx::SqliteConnection,
+    collection: &str,
+    id: &str,
+    version: Option<&crate::Version>,
+) -> Result<()> {
+    let Some(v) = version else {
+        sqlx::query("DELETE FROM tide_docs WHERE collection = ?1 AND id = ?2")
+            .bind(collection)
+            .bind(id)
+            .execute(conn)
+            .await
+            .map_err(db)?;
+        return Ok(());
+    };
+    let doc = v.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
+    let (bucket, vhash) = digest_columns(collection, id, &v.stamp);
+    sqlx::query(
+        "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+         ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
+         node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash",
+    )
+    .bind(collection)
+    .bind(id)
+    .bind(&doc)
+    .bind(i64::try_from(v.stamp.lamport).expect("bounded by LAMPORT_MAX"))
+    .bind(&v.stamp.node_id)
+    .bind(doc.is_none())
+    .bind(bucket)
+    .bind(vhash)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 /// A document row's digest bucket and version hash (PROTOCOL.md §12).

@@ -70,6 +70,15 @@ impl<T> Collection<T> {
         Ok(self.tide.inner().write(vec![write]).await?.remove(0))
     }
 
+    /// Whether the document has local writes the server has not
+    /// acknowledged yet (see also [`crate::Tide::acknowledged`]).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn has_pending(&self, id: &str) -> Result<bool> {
+        Ok(crate::tide::store(&self.tide).has_pending(&self.name, id).await?)
+    }
+
     /// How many live documents the collection holds.
     ///
     /// # Errors

@@ -39,6 +39,20 @@ pub enum Error {
     /// The Tide was closed.
     #[error("tide is closed")]
     Closed,
+    /// A wait for the server's acknowledgement ran out of time; the writes
+    /// stay pending and will still be sent.
+    #[error("not acknowledged by the server within {waited:?}")]
+    Timeout {
+        /// How long it waited.
+        waited: std::time::Duration,
+    },
+    /// The server refused writes that were waited for; they are in
+    /// [`crate::Tide::rejected`] and their documents were put back.
+    #[error("{count} write(s) rejected by the server")]
+    Rejected {
+        /// How many of the writes waited for were rejected.
+        count: u64,
+    },
 }
 
 /// The client's result type.

@@ -402,6 +402,69 @@ impl Tide {
         Ok(self.inner.store.pending_count().await?)
     }
 
+    /// Waits until the server has acknowledged the local write with
+    /// `stamp` (a write checkpoint: for a "saved" indicator, or a test that
+    /// must not race the sync). Syncing happens as usual meanwhile (the
+    /// background sync, or your own `sync_once`); this only waits.
+    ///
+    /// Cancel safe: dropping the future stops waiting and changes nothing.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if not acknowledged within `timeout` (the write
+    /// stays pending); [`Error::Rejected`] if the server refused it; a store failure.
+    pub async fn acknowledged(&self, stamp: &Stamp, timeout: Duration) -> Result<()> {
+        let store = &self.inner.store;
+        self.wait_until(timeout, || async {
+            Ok(match store.write_state(stamp).await? {
+                tide_store::WriteState::Pending => None,
+                tide_store::WriteState::Acknowledged => Some(Ok(())),
+                tide_store::WriteState::Rejected => Some(Err(Error::Rejected { count: 1 })),
+            })
+        })
+        .await
+    }
+
+    /// Waits until the server has acknowledged every local write made
+    /// before the call (see [`Tide::acknowledged`]).
+    ///
+    /// # Errors
+    /// [`Error::Timeout`], [`Error::Rejected`] (with how many of those
+    /// writes were refused; the others are acknowledged), or a store failure.
+    pub async fn all_acknowledged(&self, timeout: Duration) -> Result<()> {
+        let store = &self.inner.store;
+        let Some((from, to)) = store.pending_range().await? else { return Ok(()) };
+        self.wait_until(timeout, || async {
+            Ok(match store.settled_in(from, to).await? {
+                (0, 0) => Some(Ok(())),
+                (0, count) => Some(Err(Error::Rejected { count })),
+                _ => None,
+            })
+        })
+        .await
+    }
+
+    /// Checks `done` after every sync until it answers, or `timeout` passes.
+    async fn wait_until<F, Fut>(&self, timeout: Duration, done: F) -> Result<()>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Option<Result<()>>>>,
+    {
+        let mut syncs = self.inner.status.subscribe();
+        let wait = async {
+            loop {
+                // Subscribed before looking, so a sync that ends in between wakes us.
+                syncs.borrow_and_update();
+                if let Some(outcome) = done().await? {
+                    return outcome;
+                }
+                if syncs.changed().await.is_err() {
+                    return Err(Error::Closed);
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(Err(Error::Timeout { waited: timeout }))
+    }
+
     /// The ops the server rejected, with why.
     ///
     /// # Errors

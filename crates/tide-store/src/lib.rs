@@ -415,6 +415,66 @@ impl Store {
         rows.into_iter().map(|r| Ok(PendingOp { seq: r.0, op: r.into_op()? })).collect()
     }
 
+    /// What became of the local write with `stamp` (PROTOCOL.md §6): still
+    /// in the outbox, acknowledged by the server, or rejected.
+    pub async fn write_state(&self, stamp: &Stamp) -> Result<WriteState> {
+        let mut conn = self.inner.readers.get().await?;
+        let lamport =
+            i64::try_from(stamp.lamport).map_err(|_| tide_core::Error::LamportOutOfRange { lamport: stamp.lamport })?;
+        let (pending, rejected): (bool, bool) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM tide_outbox WHERE lamport = ?1 AND node_id = ?2), \
+             EXISTS (SELECT 1 FROM tide_rejected WHERE lamport = ?1 AND node_id = ?2)",
+        )
+        .bind(lamport)
+        .bind(&stamp.node_id)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        Ok(match (pending, rejected) {
+            (true, _) => WriteState::Pending,
+            (false, true) => WriteState::Rejected,
+            (false, false) => WriteState::Acknowledged,
+        })
+    }
+
+    /// The outbox seqs of the oldest and newest pending ops, if any.
+    pub async fn pending_range(&self) -> Result<Option<(u64, u64)>> {
+        let mut conn = self.inner.readers.get().await?;
+        let range: (Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT min(seq), max(seq) FROM tide_outbox").fetch_one(&mut *conn).await.map_err(db)?;
+        Ok(match range {
+            (Some(a), Some(b)) => Some((u64::try_from(a).unwrap_or(0), u64::try_from(b).unwrap_or(0))),
+            _ => None,
+        })
+    }
+
+    /// Of the ops with outbox seqs in `from..=to`: how many are still
+    /// pending, and how many the server rejected.
+    pub async fn settled_in(&self, from: u64, to: u64) -> Result<(u64, u64)> {
+        let mut conn = self.inner.readers.get().await?;
+        let (pending, rejected): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM tide_outbox WHERE seq BETWEEN ?1 AND ?2), \
+             (SELECT count(*) FROM tide_rejected WHERE seq BETWEEN ?1 AND ?2)",
+        )
+        .bind(i64::try_from(from).unwrap_or(i64::MAX))
+        .bind(i64::try_from(to).unwrap_or(i64::MAX))
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+        Ok((u64::try_from(pending).unwrap_or(0), u64::try_from(rejected).unwrap_or(0)))
+    }
+
+    /// Whether a document has local writes the server has not acknowledged.
+    pub async fn has_pending(&self, collection: &str, id: &str) -> Result<bool> {
+        let mut conn = self.inner.readers.get().await?;
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tide_outbox WHERE collection = ?1 AND id = ?2)")
+            .bind(collection)
+            .bind(id)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)
+    }
+
     /// How many ops wait in the outbox.
     pub async fn pending_count(&self) -> Result<u64> {
         let mut conn = self.inner.readers.get().await?;
@@ -664,6 +724,17 @@ impl Store {
         let _ = self.call(|reply| Command::Close { reply }).await;
         self.inner.readers.close_all().await;
     }
+}
+
+/// What became of one local write (see [`Store::write_state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteState {
+    /// In the outbox, not acknowledged yet.
+    Pending,
+    /// Acknowledged by the server (applied, a duplicate, or superseded).
+    Acknowledged,
+    /// Refused by the server; in the rejected set.
+    Rejected,
 }
 
 /// A write the server refused, to put back (see [`Store::revert`]).

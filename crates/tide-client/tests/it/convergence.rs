@@ -256,3 +256,34 @@ async fn a_refused_write_goes_back_to_an_acknowledged_version_the_server_lost() 
     let row = server.model().row("notes", "k").cloned().unwrap();
     assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "v2 was repaired back to the server");
 }
+
+/// Write checkpoints: wait until a write (or every write so far) is safe
+/// on the server, with a timeout; ask whether a document has pending writes.
+#[tokio::test]
+async fn an_app_can_wait_until_its_writes_are_safe_on_the_server() {
+    use std::time::Duration;
+
+    let server = FakeServer::with_limits(Limits { doc_bytes_max: 64, ..Limits::default() });
+    let a = client(&server, "a").await;
+    let na = a.collection::<Note>("notes");
+    let stamp = na.put("k", &note("v")).await.unwrap();
+    assert!(na.has_pending("k").await.unwrap());
+    // Nothing syncs: the wait runs out, and the write stays pending.
+    let err = a.acknowledged(&stamp, Duration::from_millis(50)).await.unwrap_err();
+    assert!(matches!(err, tide_client::Error::Timeout { .. }), "{err}");
+    assert!(na.has_pending("k").await.unwrap());
+
+    let _sync = a.sync_forever(Duration::from_hours(1)).await.unwrap();
+    a.acknowledged(&stamp, Duration::from_secs(20)).await.unwrap();
+    assert!(!na.has_pending("k").await.unwrap());
+    assert!(server.model().row("notes", "k").is_some(), "acknowledged means stored on the server");
+
+    na.put("a", &note("fits")).await.unwrap();
+    let refused = na.put("b", &note(&"x".repeat(200))).await.unwrap();
+    let err = a.all_acknowledged(Duration::from_secs(20)).await.unwrap_err();
+    assert!(matches!(err, tide_client::Error::Rejected { count: 1 }), "{err}");
+    let err = a.acknowledged(&refused, Duration::from_secs(20)).await.unwrap_err();
+    assert!(matches!(err, tide_client::Error::Rejected { count: 1 }), "{err}");
+    assert!(server.model().row("notes", "a").is_some());
+    a.all_acknowledged(Duration::from_secs(1)).await.unwrap();
+}

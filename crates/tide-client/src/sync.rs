@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use std::collections::BTreeMap;
 
 use tide_core::digest::{self, Hash64};
-use tide_core::{Cursor, DocKey, OpResult, SyncRequest, SyncResponse, Verify};
+use tide_core::{Cursor, DocKey, Lineage, OpResult, SyncRequest, SyncResponse, Verify};
 use tide_store::{Refused, Rejection};
 use tokio::sync::watch;
 
@@ -32,6 +32,9 @@ pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
 /// (caps reached, a server shutting down, or one that never holds): the
 /// background sync backs off, at most to its interval, and polls again.
 pub const LONG_POLL_HOLD_MIN: Duration = Duration::from_millis(500);
+/// Most re-keys in one `sync_once`: a server that keeps answering
+/// `node_id_conflict` is misbehaving, and the sync fails instead.
+pub const REKEYS_PER_SYNC_MAX: usize = 2;
 /// Most exchanges one digest repair makes within a `sync_once` (it goes
 /// on in the next).
 pub const VERIFY_EXCHANGES_MAX: usize = 64;
@@ -60,6 +63,9 @@ pub struct SyncReport {
     pub repaired: usize,
     /// Documents of rejected ops put back to the server's version.
     pub reverted: usize,
+    /// Times the store took a new node id because a copy of it writes
+    /// under the same one (PROTOCOL.md §13).
+    pub rekeyed: usize,
 }
 
 /// The sync state an application can show.
@@ -126,8 +132,30 @@ impl Inner {
             // The server's digests, which it sends only when it has nothing
             // more for us: compared once our outbox is empty too.
             req.verify = Some(Verify::Roots);
+            if !req.ops.is_empty() {
+                let (height, prev) = self.store.lineage().await?.unzip();
+                let next = ulid::Ulid::generate().to_string();
+                req.lineage = Some(Lineage { prev, next, height: height.unwrap_or(0) + 1 });
+            }
+            let lineage = req.lineage.clone();
             let resp = match self.round(transport, req, &mut report).await {
-                Ok(resp) => resp,
+                Ok(resp) => {
+                    if let Some(l) = lineage {
+                        self.store.set_lineage(l.height, &l.next).await?;
+                    }
+                    resp
+                }
+                // Another copy of this store writes under our node id: take
+                // a new one (pending ops are stamped anew) and go on.
+                Err(Error::Transport(tide_transport::Error::Status {
+                    code: Some(tide_core::ErrorCode::NodeIdConflict),
+                    ..
+                })) if report.rekeyed < REKEYS_PER_SYNC_MAX => {
+                    let node_id = self.store.rekey().await?;
+                    tracing::warn!(%node_id, "another store writes under this node id; re-keyed");
+                    report.rekeyed += 1;
+                    continue;
+                }
                 // The server refused the request because of one op: set that
                 // op aside, so it never blocks the queue, and go on.
                 Err(Error::Transport(tide_transport::Error::Status {
@@ -153,8 +181,16 @@ impl Inner {
                 // A version-0 server: a 200 acknowledges every op (PROTOCOL.md §9).
                 acked.extend(pending.iter().map(|p| p.seq));
             }
+            let mut collided = false;
             for (p, result) in pending.iter().zip(&resp.results) {
                 match result {
+                    // Another store wrote this very stamp: a copy of this
+                    // one. The op stays pending and is stamped anew below.
+                    OpResult::Rejected { code: tide_core::ErrorCode::StampCollision, .. }
+                        if report.rekeyed < REKEYS_PER_SYNC_MAX =>
+                    {
+                        collided = true;
+                    }
                     OpResult::Rejected { code, message } => {
                         tracing::warn!(collection = %p.op.collection, id = %p.op.id, %code, "op rejected by the server");
                         rejected.push(Rejection { seq: p.seq, code: *code, message: message.clone() });
@@ -167,6 +203,12 @@ impl Inner {
             report.acknowledged += acked.len();
             report.rejected += rejected.len();
             self.store.settle(acked, rejected).await?;
+            if collided {
+                let node_id = self.store.rekey().await?;
+                tracing::warn!(%node_id, "another store wrote under this node id; re-keyed");
+                report.rekeyed += 1;
+                continue;
+            }
             let mut done = pending.len() < batch && !resp.has_more;
             // A v1 server that sent changes could not answer with its
             // digests: ask once more so this sync ends verified.

@@ -268,7 +268,10 @@ impl Tide {
     }
 
     /// This replica's node id.
-    pub fn node_id(&self) -> &str {
+    ///
+    /// It changes if the store finds that a copy of it writes under the same
+    /// id (a restored backup, a copied profile) and re-keys itself.
+    pub fn node_id(&self) -> String {
         self.inner.store.node_id()
     }
 

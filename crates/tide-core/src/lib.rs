@@ -51,8 +51,8 @@ pub use model::Model;
 pub use seeded::SplitMix64;
 pub use stamp::{LAMPORT_MAX, LamportClock, Stamp};
 pub use wire::{
-    Change, Cursor, Doc, DocKey, ErrorBody, ErrorCode, HeldVersion, Kind, Op, OpResult, PROTOCOL_VERSION, Payload,
-    SyncRequest, SyncResponse, Verify, Violation,
+    Chain, Change, Cursor, Doc, DocKey, ErrorBody, ErrorCode, HeldVersion, Kind, Lineage, Op, OpResult,
+    PROTOCOL_VERSION, Payload, SyncRequest, SyncResponse, Verify, Violation,
 };
 
 /// The errors of tide-core.

@@ -70,6 +70,8 @@ pub struct Model {
     seq: u64,
     lamport_max: u64,
     digest: DigestTree,
+    /// Per node id: its chain of write exchanges (§13).
+    chains: BTreeMap<String, crate::Chain>,
 }
 
 impl Model {
@@ -119,6 +121,14 @@ impl Model {
                 ),
             )
             .at_op(i));
+        }
+        if let (Some(lineage), false) = (&req.lineage, req.ops.is_empty()) {
+            let chain = self.chains.get(&req.node_id);
+            if !lineage.continues(chain) {
+                return Err(crate::Lineage::conflict(&req.node_id));
+            }
+            let next = lineage.advance(chain);
+            self.chains.insert(req.node_id.clone(), next);
         }
         let results = req.ops.iter().map(|op| self.apply(op)).collect();
 

@@ -65,6 +65,68 @@ pub struct SyncRequest {
     /// Extension: keys whose stored versions the client asks for (§12).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub fetch: Vec<DocKey>,
+    /// Extension: the link of this write exchange in the node's chain of
+    /// exchanges, by which the server tells two copies of one store apart (§13).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
+}
+
+/// A write exchange's link in its node's chain (§13): the token of the
+/// node's last successful write exchange, a fresh one for this, and this
+/// exchange's height in the chain (the first is 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lineage {
+    /// The token sent with the node's last write exchange that succeeded;
+    /// `None` before the first.
+    pub prev: Option<String>,
+    /// A fresh token for this exchange.
+    pub next: String,
+    /// How many write exchanges of this node succeeded before, plus one.
+    pub height: u64,
+}
+
+/// A node's chain as the server keeps it (§13).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chain {
+    /// The token of the last accepted link.
+    pub last: String,
+    /// The `prev` that link was accepted from (`""` for none).
+    pub before: String,
+    /// The height of the last accepted link.
+    pub height: u64,
+}
+
+impl Lineage {
+    /// Whether this link may follow `chain`: it continues from the last
+    /// link, or again from the one before (a retry after a lost response),
+    /// or it comes from at least as high as the server's chain (the server
+    /// went back to a backup, which may even hold a link whose response was
+    /// lost). Only a store that is behind its node's chain is refused: a
+    /// copy that another copy has overtaken. A node with no chain yet may
+    /// start anywhere.
+    pub fn continues(&self, chain: Option<&Chain>) -> bool {
+        let prev = self.prev.as_deref().unwrap_or("");
+        chain.is_none_or(|c| prev == c.last || prev == c.before || self.height.saturating_sub(1) >= c.height)
+    }
+
+    /// The chain after this link is accepted.
+    pub fn advance(&self, chain: Option<&Chain>) -> Chain {
+        let prev = self.prev.as_deref().unwrap_or("");
+        let before = match chain {
+            Some(c) if prev != c.last && prev == c.before => c.before.clone(),
+            _ => prev.to_owned(),
+        };
+        Chain { last: self.next.clone(), before, height: self.height }
+    }
+
+    /// The refusal of a link that does not continue `node_id`'s chain.
+    pub fn conflict(node_id: &str) -> Violation {
+        Violation::new(
+            ErrorCode::NodeIdConflict,
+            format!("node id {node_id:?} is written by two stores; re-key and retry"),
+        )
+    }
 }
 
 /// A document's key on the wire: `[collection, id]`.
@@ -123,6 +185,7 @@ impl SyncRequest {
             repair: false,
             verify: None,
             fetch: Vec::new(),
+            lineage: None,
         }
     }
 
@@ -496,6 +559,10 @@ pub enum ErrorCode {
     /// Per-op: the same stamp is stored with a different payload (two
     /// writers share a node id).
     StampCollision,
+    /// The request's lineage does not continue its node's chain: two
+    /// copies of one store write under one node id (§13). The client
+    /// re-keys (takes a new node id) and retries.
+    NodeIdConflict,
     /// No valid credentials.
     Unauthorized,
     /// The credentials do not allow this (another namespace, another principal's node id).
@@ -533,6 +600,7 @@ impl ErrorCode {
             | Self::Unknown => 400,
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
+            Self::NodeIdConflict => 409,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::Timeout => 408,
@@ -563,6 +631,7 @@ impl ErrorCode {
             Self::BodyTooLarge => "body_too_large",
             Self::UnsupportedProtocol => "unsupported_protocol",
             Self::StampCollision => "stamp_collision",
+            Self::NodeIdConflict => "node_id_conflict",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",

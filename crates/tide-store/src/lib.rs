@@ -215,7 +215,12 @@ impl OpenOptions {
         };
         let writer = Writer::new(writer_conn, clock, node_id.clone());
         Ok(Store {
-            inner: Arc::new(Inner { writer, readers: Readers::new(readers), node_id, limits: Limits::default() }),
+            inner: Arc::new(Inner {
+                writer,
+                readers: Readers::new(readers),
+                node_id: std::sync::RwLock::new(node_id),
+                limits: Limits::default(),
+            }),
         })
     }
 }
@@ -238,8 +243,15 @@ async fn node_id(conn: &mut sqlx::SqliteConnection, requested: Option<String>) -
         .fetch_optional(&mut *conn)
         .await
         .map_err(db)?;
+    // A store that re-keyed (a copy) still opens under the id it was asked for first.
+    let origin: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'node_id_origin'")
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(db)?;
     match (stored, requested) {
-        (Some(stored), Some(requested)) if stored != requested => Err(Error::NodeIdMismatch { stored, requested }),
+        (Some(stored), Some(requested)) if stored != requested && origin.as_deref() != Some(requested.as_str()) => {
+            Err(Error::NodeIdMismatch { stored, requested })
+        }
         (Some(stored), _) => Ok(stored),
         (None, requested) => {
             let id = requested.unwrap_or_else(|| ulid::Ulid::generate().to_string());
@@ -259,7 +271,8 @@ async fn node_id(conn: &mut sqlx::SqliteConnection, requested: Option<String>) -
 struct Inner {
     writer: Writer,
     readers: Readers,
-    node_id: String,
+    /// Changes only when the store re-keys.
+    node_id: std::sync::RwLock<String>,
     limits: Limits,
 }
 
@@ -275,7 +288,7 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("node_id", &self.inner.node_id).finish_non_exhaustive()
+        f.debug_struct("Store").field("node_id", &self.node_id()).finish_non_exhaustive()
     }
 }
 
@@ -290,9 +303,45 @@ impl Store {
         OpenOptions::new().open_in_memory().await
     }
 
-    /// This store's node id: the second half of every stamp it issues.
-    pub fn node_id(&self) -> &str {
-        &self.inner.node_id
+    /// This store's node id: the second half of every stamp it issues. It
+    /// changes only when the store re-keys ([`Store::rekey`]).
+    pub fn node_id(&self) -> String {
+        self.inner.node_id.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Takes a new node id, because another copy of this store writes under
+    /// the current one (PROTOCOL.md §13): every pending op is stamped anew
+    /// (so it still wins over what it overwrote), and so is its document
+    /// where the op's version is the stored one; the chain of write
+    /// exchanges starts over. One transaction. Returns the new node id.
+    pub async fn rekey(&self) -> Result<String> {
+        let node_id = ulid::Ulid::generate().to_string();
+        self.call(|reply| Command::Rekey { node_id: node_id.clone(), reply }).await?;
+        self.inner.node_id.write().unwrap_or_else(std::sync::PoisonError::into_inner).clone_from(&node_id);
+        Ok(node_id)
+    }
+
+    /// The height and token of this node's last successful write exchange
+    /// (PROTOCOL.md §13); `None` before the first.
+    pub async fn lineage(&self) -> Result<Option<(u64, String)>> {
+        let mut conn = self.inner.readers.get().await?;
+        let value: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'lineage'")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+        value
+            .map(|v| {
+                let (height, token) = v.split_once(' ').unwrap_or(("0", v.as_str()));
+                let height = height.parse().map_err(|_| Error::Corrupt { detail: format!("lineage {v:?}") })?;
+                Ok((height, token.to_owned()))
+            })
+            .transpose()
+    }
+
+    /// Saves the height and token of a write exchange that succeeded.
+    pub async fn set_lineage(&self, height: u64, token: &str) -> Result<()> {
+        let token = format!("{height} {token}");
+        self.call(|reply| Command::Lineage { token, reply }).await
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {

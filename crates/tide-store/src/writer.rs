@@ -42,6 +42,8 @@ pub(crate) enum Command {
     Apply { changes: Vec<Change>, cursor: Cursor, reply: Reply<Vec<Change>> },
     Fetched { changes: Vec<Change>, reply: Reply<Vec<Change>> },
     Revert { targets: Vec<Refused>, server: Vec<Change>, reply: Reply<Vec<Reverted>> },
+    Rekey { node_id: String, reply: Reply<()> },
+    Lineage { token: String, reply: Reply<()> },
     Settle { acked: Vec<u64>, rejected: Vec<Rejection>, reply: Reply<()> },
     Discard { seqs: Vec<u64>, reply: Reply<u64> },
     MaxPages { pages: u64, reply: Reply<u64> },
@@ -210,6 +212,24 @@ impl State {
             }
             Command::Revert { targets, server, reply } => {
                 let _ = reply.send(self.revert(targets, server).await);
+            }
+            Command::Rekey { node_id, reply } => {
+                let _ = reply.send(self.rekey(node_id).await);
+            }
+            Command::Lineage { token, reply } => {
+                let result = match conn::lock(&self.conn).await {
+                    Ok(mut held) => sqlx::query(
+                        "INSERT INTO tide_meta (key, value) VALUES ('lineage', ?1) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )
+                    .bind(token)
+                    .execute(&mut *held)
+                    .await
+                    .map(|_| ())
+                    .map_err(db),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
             }
             Command::Settle { acked, rejected, reply } => {
                 let _ = reply.send(self.settle(&acked, &rejected).await);
@@ -389,6 +409,68 @@ impl State {
 
         let mut keep = applied.into_iter().peekable();
         Ok(changes.into_iter().enumerate().filter_map(|(i, c)| keep.next_if_eq(&i).map(|_| c)).collect())
+    }
+
+    /// Re-stamps every pending op (and its document, where it is the stored
+    /// version) under a new node id, in one transaction.
+    async fn rekey(&mut self, node_id: String) -> Result<()> {
+        let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let pending: Vec<(i64, String, String, i64, String)> =
+            sqlx::query_as("SELECT seq, collection, id, lamport, node_id FROM tide_outbox ORDER BY seq")
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+        let mut clock = self.clock;
+        for (seq, collection, id, lamport, old_node) in &pending {
+            let stamp = Stamp::new(clock.tick()?, node_id.clone());
+            let (_, vhash) = digest_columns(collection, id, &stamp);
+            let new_lamport = i64::try_from(stamp.lamport).expect("bounded by LAMPORT_MAX");
+            sqlx::query("UPDATE tide_outbox SET lamport = ?2, node_id = ?3, vhash = ?4 WHERE seq = ?1")
+                .bind(seq)
+                .bind(new_lamport)
+                .bind(&node_id)
+                .bind(vhash)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::query(
+                "UPDATE tide_docs SET lamport = ?5, node_id = ?6, vhash = ?7 \
+                 WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
+            )
+            .bind(collection)
+            .bind(id)
+            .bind(lamport)
+            .bind(old_node)
+            .bind(new_lamport)
+            .bind(&node_id)
+            .bind(vhash)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        sqlx::query(
+            "INSERT OR IGNORE INTO tide_meta (key, value) SELECT 'node_id_origin', value FROM tide_meta \
+             WHERE key = 'node_id'",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("UPDATE tide_meta SET value = ?1 WHERE key = 'node_id'")
+            .bind(&node_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("DELETE FROM tide_meta WHERE key = 'lineage'").execute(&mut *tx).await.map_err(db)?;
+        sqlx::query("UPDATE tide_clock SET lamport = max(lamport, ?1) WHERE id = 1")
+            .bind(i64::try_from(clock.value()).expect("bounded by LAMPORT_MAX"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.clock = clock;
+        self.node_id = node_id;
+        Ok(())
     }
 
     /// Puts refused documents back to the server's versions, in one transaction.
@@ -579,7 +661,10 @@ fn refuse(cmd: Command) {
         Command::Revert { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
-        Command::Settle { reply, .. } | Command::Close { reply } => {
+        Command::Rekey { reply, .. }
+        | Command::Lineage { reply, .. }
+        | Command::Settle { reply, .. }
+        | Command::Close { reply } => {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Discard { reply, .. } | Command::MaxPages { reply, .. } => {

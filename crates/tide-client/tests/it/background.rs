@@ -110,43 +110,55 @@ async fn dropping_the_handle_or_closing_stops_the_loop() {
 }
 
 #[tokio::test]
-async fn rejected_ops_can_be_listed_retried_and_discarded() {
+async fn twins_sharing_a_node_id_re_key_instead_of_rejecting() {
     // Two replicas share a node id (a copied store): the same stamp with
-    // different payloads is rejected, never dropped silently.
+    // different payloads is a collision, never dropped silently. The twin
+    // that meets it takes a new node id and its write goes through.
     let server = FakeServer::new();
     let (a, b) = (client(&server, "twin").await, client(&server, "twin").await);
     a.collection::<Note>("n").put("k", &note("a's")).await.unwrap();
     b.collection::<Note>("n").put("k", &note("b's")).await.unwrap();
     a.sync_once().await.unwrap();
     let report = b.sync_once().await.unwrap();
-    assert_eq!(report.rejected, 1);
-    let rejected = b.rejected().await.unwrap();
-    assert_eq!(rejected.len(), 1);
-    assert_eq!(rejected[0].code, tide_core::ErrorCode::StampCollision);
-    assert_eq!(b.status().rejected, 1);
-    assert_eq!(b.pending_count().await.unwrap(), 0, "the bad op does not block the queue");
-    // Retry: written again with a fresh stamp, it wins.
-    b.retry_rejected(rejected[0].seq).await.unwrap().unwrap();
-    b.sync_once().await.unwrap();
+    assert_eq!((report.rekeyed, report.rejected), (1, 0), "{report:?}");
+    assert_ne!(b.node_id(), "twin");
+    assert_eq!(b.pending_count().await.unwrap(), 0);
     let other = client(&server, "other").await;
     other.sync_once().await.unwrap();
     assert_eq!(
         other.collection::<Note>("n").get("k").await.unwrap(),
         Some(note("b's")),
-        "everyone else converges on it"
+        "re-stamped, b's write (the later one) wins everywhere"
     );
-    assert!(b.rejected().await.unwrap().is_empty());
-    // Discarding forgets the rejection and keeps the local document.
-    let (first, second) = (client(&server, "twin2").await, client(&server, "twin2").await);
-    first.collection::<Note>("n").put("j", &note("first's j")).await.unwrap();
-    second.collection::<Note>("n").put("j", &note("second's j")).await.unwrap();
-    first.sync_once().await.unwrap();
-    second.sync_once().await.unwrap();
-    let seq = second.rejected().await.unwrap()[0].seq;
-    second.discard_rejected(seq).await.unwrap();
-    assert!(second.rejected().await.unwrap().is_empty());
-    assert_eq!(second.status().rejected, 0);
-    assert_eq!(second.collection::<Note>("n").get("j").await.unwrap(), Some(note("second's j")));
+    a.sync_once().await.unwrap();
+    assert_eq!(a.collection::<Note>("n").get("k").await.unwrap(), Some(note("b's")));
+}
+
+#[tokio::test]
+async fn rejected_ops_can_be_listed_retried_and_discarded() {
+    let server = FakeServer::with_limits(tide_core::Limits { doc_bytes_max: 64, ..tide_core::Limits::default() });
+    let a = client(&server, "a").await;
+    let big = note(&"x".repeat(100));
+    a.collection::<Note>("n").put("k", &big).await.unwrap();
+    let report = a.sync_once().await.unwrap();
+    assert_eq!(report.rejected, 1);
+    let rejected = a.rejected().await.unwrap();
+    assert_eq!(rejected.len(), 1);
+    assert_eq!(rejected[0].code, tide_core::ErrorCode::DocTooLarge);
+    assert_eq!(a.status().rejected, 1);
+    assert_eq!(a.pending_count().await.unwrap(), 0, "the bad op does not block the queue");
+    // Retry: written again with a fresh stamp; this server still refuses it.
+    let stamp = a.retry_rejected(rejected[0].seq).await.unwrap().unwrap();
+    assert!(stamp > rejected[0].op.stamp);
+    assert_eq!(a.rejected().await.unwrap().len(), 0, "the old rejection is forgotten");
+    a.sync_once().await.unwrap();
+    let again = a.rejected().await.unwrap();
+    assert_eq!((again.len(), &again[0].op.stamp), (1, &stamp));
+    // Discarding forgets the rejection.
+    a.discard_rejected(again[0].seq).await.unwrap();
+    assert!(a.rejected().await.unwrap().is_empty());
+    assert_eq!(a.status().rejected, 0);
+    assert_eq!(a.collection::<Note>("n").get("k").await.unwrap(), None, "the refused write was put back");
 }
 
 #[tokio::test]

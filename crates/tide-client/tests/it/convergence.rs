@@ -287,3 +287,56 @@ async fn an_app_can_wait_until_its_writes_are_safe_on_the_server() {
     assert!(server.model().row("notes", "a").is_some());
     a.all_acknowledged(Duration::from_secs(1)).await.unwrap();
 }
+
+/// A store file copied (a restored phone backup, a copied profile): both
+/// copies write under one node id. One of them finds out by its second
+/// write exchange at the latest, takes a new node id, and every replica
+/// converges with nothing lost (PROTOCOL.md §13).
+#[tokio::test]
+async fn a_copied_store_re_keys_itself_and_everyone_converges() {
+    let server = FakeServer::new();
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str| {
+        tide_client::Tide::builder()
+            .path(dir.path().join(format!("{name}.db")))
+            .transport(std::sync::Arc::new(server.connect(name)))
+            .open()
+    };
+    let original = open("phone").await.unwrap();
+    original.collection::<Note>("notes").put("shared", &note("before the copy")).await.unwrap();
+    original.sync_once().await.unwrap();
+    original.close().await;
+    std::fs::copy(dir.path().join("phone.db"), dir.path().join("restored.db")).unwrap();
+    let (a, b) = (open("phone").await.unwrap(), open("restored").await.unwrap());
+    assert_eq!(a.node_id(), b.node_id(), "a copy carries the node id");
+    let other = client(&server, "other").await;
+
+    // Both copies write, with the same counters: same stamps, other payloads.
+    let mut rekeyed = 0;
+    for round in 0..2 {
+        for (t, who) in [(&a, "a"), (&b, "b")] {
+            let notes = t.collection::<Note>("notes");
+            notes.put("shared", &note(&format!("{who} {round}"))).await.unwrap();
+            notes.put(&format!("{who}{round}"), &note(who)).await.unwrap();
+            rekeyed += t.sync_once().await.unwrap().rekeyed;
+        }
+    }
+    assert!(rekeyed >= 1, "a copy re-keyed");
+    assert_ne!(a.node_id(), b.node_id());
+    for _ in 0..2 {
+        for t in [&a, &b, &other] {
+            t.sync_once().await.unwrap();
+        }
+    }
+    let expected = docs(&other, "notes").await;
+    assert_eq!(expected.len(), 5, "every write of both copies arrived: {expected:?}");
+    for t in [&a, &b] {
+        assert_eq!(docs(t, "notes").await, expected);
+        assert!(t.sync_once().await.unwrap().verified);
+        assert!(t.rejected().await.unwrap().is_empty(), "no write was refused as a stamp collision");
+    }
+    // The re-keyed copy still opens under the name it was opened with.
+    b.close().await;
+    let b = open("restored").await.unwrap();
+    assert_eq!(docs(&b, "notes").await, expected);
+}

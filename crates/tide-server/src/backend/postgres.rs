@@ -76,9 +76,12 @@ const MIGRATE_V2: &[&str] = &[
         hash       BIGINT NOT NULL,
         PRIMARY KEY (namespace, collection, level, ix))"#,
     r#"CREATE TABLE tide_nodes (
-        namespace TEXT COLLATE "C" NOT NULL,
-        node_id   TEXT COLLATE "C" NOT NULL,
-        principal TEXT COLLATE "C" NOT NULL,
+        namespace    TEXT COLLATE "C" NOT NULL,
+        node_id      TEXT COLLATE "C" NOT NULL,
+        principal    TEXT COLLATE "C" NOT NULL,
+        chain_last   TEXT COLLATE "C",
+        chain_before TEXT COLLATE "C",
+        chain_height BIGINT,
         PRIMARY KEY (namespace, node_id))"#,
     "UPDATE tide_server_meta SET value = '2' WHERE key = 'schema_version'",
 ];
@@ -172,6 +175,28 @@ impl PostgresBackend {
         let (seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
         let bound = self.bind_node(&mut tx, principal, &req.node_id).await?;
         check_lead(req, lamport_max, self.limits.lamport_lead_max)?;
+        if let Some(lineage) = &req.lineage {
+            // The node's chain of write exchanges (PROTOCOL.md §13).
+            let moved: Option<i32> = sqlx::query_scalar(
+                "UPDATE tide_nodes SET chain_last = $4, chain_height = $5, \
+                 chain_before = CASE WHEN chain_last IS NOT NULL AND $3 <> chain_last AND $3 = chain_before \
+                 THEN chain_before ELSE $3 END \
+                 WHERE namespace = $1 AND node_id = $2 AND (chain_last IS NULL OR $3 = chain_last \
+                 OR $3 = chain_before OR $6 >= chain_height) RETURNING 1",
+            )
+            .bind(ns.as_str())
+            .bind(&req.node_id)
+            .bind(lineage.prev.as_deref().unwrap_or(""))
+            .bind(&lineage.next)
+            .bind(i64::try_from(lineage.height).unwrap_or(i64::MAX))
+            .bind(i64::try_from(lineage.height.saturating_sub(1)).unwrap_or(i64::MAX))
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            if moved.is_none() {
+                return Err(tide_core::Lineage::conflict(&req.node_id).into());
+            }
+        }
 
         let keys: Vec<(&str, &str)> = req.ops.iter().map(|o| (o.collection.as_str(), o.id.as_str())).collect();
         let (collections, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();

@@ -66,9 +66,12 @@ CREATE TABLE tide_digest (
     PRIMARY KEY (namespace, collection, level, ix)
 ) WITHOUT ROWID;
 CREATE TABLE tide_nodes (
-    namespace TEXT NOT NULL,
-    node_id   TEXT NOT NULL,
-    principal TEXT NOT NULL,
+    namespace    TEXT NOT NULL,
+    node_id      TEXT NOT NULL,
+    principal    TEXT NOT NULL,
+    chain_last   TEXT,
+    chain_before TEXT,
+    chain_height INTEGER,
     PRIMARY KEY (namespace, node_id)
 ) WITHOUT ROWID;
 UPDATE tide_server_meta SET value = '2' WHERE key = 'schema_version';
@@ -272,6 +275,10 @@ impl SqliteBackend {
                 outcomes.push(Err(e));
                 continue;
             }
+            if let Err(e) = continue_chain(&mut tx, ns, &p.request).await? {
+                outcomes.push(Err(e));
+                continue;
+            }
             let mut results = Vec::with_capacity(p.request.ops.len());
             for op in &p.request.ops {
                 let key = (ns, op.collection.as_str(), op.id.as_str());
@@ -463,6 +470,33 @@ impl SqliteBackend {
         }
         Ok(reply)
     }
+}
+
+/// Moves the request's node along its chain of write exchanges (PROTOCOL.md
+/// §13); the inner error refuses a link that does not continue it.
+async fn continue_chain(
+    conn: &mut SqliteConnection,
+    ns: &str,
+    req: &SyncRequest,
+) -> Result<Result<(), BackendError>, BackendError> {
+    let Some(lineage) = &req.lineage else { return Ok(Ok(())) };
+    let moved: Option<i64> = sqlx::query_scalar(
+        "UPDATE tide_nodes SET chain_last = ?4, chain_height = ?5, \
+                 chain_before = CASE WHEN chain_last IS NOT NULL AND ?3 <> chain_last AND ?3 = chain_before \
+                 THEN chain_before ELSE ?3 END \
+                 WHERE namespace = ?1 AND node_id = ?2 AND (chain_last IS NULL OR ?3 = chain_last \
+                 OR ?3 = chain_before OR ?6 >= chain_height) RETURNING 1",
+    )
+    .bind(ns)
+    .bind(&req.node_id)
+    .bind(lineage.prev.as_deref().unwrap_or(""))
+    .bind(&lineage.next)
+    .bind(i64::try_from(lineage.height).unwrap_or(i64::MAX))
+    .bind(i64::try_from(lineage.height.saturating_sub(1)).unwrap_or(i64::MAX))
+    .fetch_optional(conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(if moved.is_some() { Ok(()) } else { Err(tide_core::Lineage::conflict(&req.node_id).into()) })
 }
 
 /// A page (changes, count, cursor, `has_more`, `reset`) and the digest answers.

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use serde_json::json;
 use tide_core::digest;
-use tide_core::{Cursor, DocKey, HeldVersion, Limits, Model, Op, Payload, SplitMix64, Stamp, SyncRequest, Verify};
+use tide_core::{
+    Cursor, DocKey, HeldVersion, Limits, Lineage, Model, Op, Payload, SplitMix64, Stamp, SyncRequest, Verify,
+};
 use tide_server::{Backend, Durability, PostgresBackend, Server, ServerConfig, SqliteBackend, StaticTokens};
 
 fn random_request(rng: &mut SplitMix64, cursors: &[u64]) -> SyncRequest {
@@ -83,6 +85,12 @@ fn extensions(rng: &mut SplitMix64, req: &mut SyncRequest) {
     }
     if rng.below(2) == 0 {
         req.request_id = Some(format!("r{}", rng.below(1000)));
+    }
+    if rng.below(2) == 0 {
+        // Links from a few tokens, so chains continue, retry and conflict.
+        let token = |rng: &mut SplitMix64| format!("t{}", rng.below(3));
+        let prev = (rng.below(4) > 0).then(|| token(rng));
+        req.lineage = Some(Lineage { prev, next: token(rng), height: rng.below(4) });
     }
 }
 

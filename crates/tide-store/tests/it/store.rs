@@ -153,7 +153,7 @@ async fn the_bundled_sqlite_has_the_wal_reset_fix() {
 #[tokio::test]
 async fn the_node_id_is_generated_once_and_kept() {
     let (_dir, path, store) = temp_store(OpenOptions::new()).await;
-    let id = store.node_id().to_owned();
+    let id = store.node_id();
     assert_eq!(id.len(), 26, "a ULID: {id}");
     store.close().await;
     drop(store);

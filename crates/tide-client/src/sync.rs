@@ -15,7 +15,6 @@ use tokio::sync::watch;
 
 use crate::error::{Error, Result};
 use crate::tide::Inner;
-use crate::watch::{ChangeEvent, Source};
 
 /// Most ops pushed in one exchange: the protocol's default cap (the
 /// original pushed at most 500). A server with a lower cap refuses with
@@ -258,7 +257,6 @@ impl Inner {
         let cursor = resp.cursor.max(if resp.reset { Cursor::START } else { req.cursor.unwrap_or_default() });
         let applied = self.store.apply_page(resp.changes.clone(), cursor).await?;
         report.applied += applied.len();
-        self.emit_remote(applied);
         Ok(resp)
     }
 
@@ -282,14 +280,8 @@ impl Inner {
         let mut req = self.request().await?;
         req.fetch = targets.iter().map(|t| t.key.clone()).collect();
         let resp = self.round(transport, req, report).await?;
-        for r in self.store.revert(targets, resp.fetched).await? {
-            report.reverted += 1;
-            let (doc, stamp) = match r.version {
-                Some(v) => (v.payload.doc().cloned(), v.stamp),
-                None => (None, r.previous),
-            };
-            self.hub.emit(&ChangeEvent { collection: r.collection, id: r.id, doc, source: Source::Reverted, stamp });
-        }
+        // The store tells the watchers what it put back.
+        report.reverted += self.store.revert(targets, resp.fetched).await?.len();
         Ok(())
     }
 
@@ -333,7 +325,6 @@ impl Inner {
                 let resp = self.round(transport, req, report).await?;
                 let applied = self.store.apply_fetched(resp.fetched).await?;
                 report.repaired += applied.len();
-                self.emit_remote(applied);
                 self.push_repair(transport, collection, &resp.wanted, report).await?;
             }
         }
@@ -464,20 +455,6 @@ impl Inner {
         }
     }
 
-    /// Tells the watchers about changes that replaced local state.
-    fn emit_remote(&self, applied: Vec<tide_core::Change>) {
-        for c in applied {
-            let doc = c.payload.doc().cloned();
-            self.hub.emit(&ChangeEvent {
-                collection: c.collection,
-                id: c.id,
-                doc,
-                source: Source::Remote,
-                stamp: c.stamp,
-            });
-        }
-    }
-
     /// Applies the page a woken long-poll brought, if nothing synced since
     /// the poll was sent (then its cursor still follows ours); returns
     /// whether it did. Saves the pull a woken client would otherwise make.
@@ -486,8 +463,7 @@ impl Inner {
         if self.store.cursor().await? != sent || resp.cursor < sent.unwrap_or_default() {
             return Ok(false);
         }
-        let applied = self.store.apply_page(resp.changes, resp.cursor).await?;
-        self.emit_remote(applied);
+        self.store.apply_page(resp.changes, resp.cursor).await?;
         self.status.send_modify(|s| {
             s.last_success = Some(SystemTime::now());
             s.last_error = None;

@@ -25,7 +25,7 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) transport: Option<Arc<dyn Transport>>,
     pub(crate) long_poll: Option<Duration>,
-    pub(crate) hub: Hub,
+    pub(crate) hub: Arc<Hub>,
     pub(crate) status: watch::Sender<SyncStatus>,
     pub(crate) wake: Notify,
     pub(crate) sync_lock: Mutex<()>,
@@ -43,17 +43,8 @@ impl Inner {
         if self.closed() {
             return Err(Error::Closed);
         }
-        let stamps = self.store.write(writes.clone()).await?;
-        for (w, stamp) in writes.into_iter().zip(&stamps) {
-            let doc = w.payload.doc().cloned();
-            self.hub.emit(&ChangeEvent {
-                collection: w.collection,
-                id: w.id,
-                doc,
-                source: Source::Local,
-                stamp: stamp.clone(),
-            });
-        }
+        // The store tells the watchers, in commit order (see `open`).
+        let stamps = self.store.write(writes).await?;
         self.status.send_modify(|s| s.pending += stamps.len() as u64);
         // Wakes the background sync, even if it is in the middle of an
         // exchange: the permit is kept until it next waits.
@@ -172,9 +163,30 @@ impl TideBuilder {
             }
             (None, None) => None,
         };
+        // Every committed change reaches the watchers from the store's
+        // writer, in commit order: local and remote events for one key can
+        // never overtake each other.
+        let hub = Arc::new(Hub::default());
+        let to_watchers = Arc::clone(&hub);
+        let options = self.store.on_commit(Arc::new(move |changes: Vec<tide_store::Committed>| {
+            for c in changes {
+                let source = match c.origin {
+                    tide_store::Origin::Local => Source::Local,
+                    tide_store::Origin::Remote => Source::Remote,
+                    tide_store::Origin::Reverted => Source::Reverted,
+                };
+                to_watchers.emit(&ChangeEvent {
+                    collection: c.collection,
+                    id: c.id,
+                    doc: c.doc,
+                    source,
+                    stamp: c.stamp,
+                });
+            }
+        }));
         let store = match &self.path {
-            Some(path) => self.store.open(path).await?,
-            None => self.store.open_in_memory().await?,
+            Some(path) => options.open(path).await?,
+            None => options.open_in_memory().await?,
         };
         let status = SyncStatus {
             pending: store.pending_count().await?,
@@ -185,7 +197,7 @@ impl TideBuilder {
             store,
             transport,
             long_poll: self.long_poll,
-            hub: Hub::default(),
+            hub,
             status: watch::channel(status).0,
             wake: Notify::new(),
             sync_lock: Mutex::new(()),

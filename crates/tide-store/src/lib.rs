@@ -105,14 +105,56 @@ pub struct Version {
     pub payload: Payload,
 }
 
+/// Where a committed change came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Origin {
+    /// A local write.
+    Local,
+    /// A version from the server (a page, a repair, a fetch).
+    Remote,
+    /// A refused local write put back to the server's version.
+    Reverted,
+}
+
+/// One change to one document, as committed (see [`OpenOptions::on_commit`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    /// The collection.
+    pub collection: String,
+    /// The document id.
+    pub id: String,
+    /// The new document, or `None` when deleted or removed.
+    pub doc: Option<Doc>,
+    /// The stamp of the version now stored (for a removal, of the one removed).
+    pub stamp: Stamp,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+/// Called with the changes of every write transaction, right after it
+/// commits and before the next one starts, so the calls follow commit
+/// order. It runs on the writer's path: it must be quick and never block.
+pub type CommitListener = Arc<dyn Fn(Vec<Committed>) + Send + Sync>;
+
 /// How to open a [`Store`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OpenOptions {
     durability: Durability,
     node_id: Option<String>,
     readers: usize,
     busy_timeout: Duration,
     verify: bool,
+    on_commit: Option<CommitListener>,
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("durability", &self.durability)
+            .field("node_id", &self.node_id)
+            .field("readers", &self.readers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for OpenOptions {
@@ -123,6 +165,7 @@ impl Default for OpenOptions {
             readers: READERS_DEFAULT,
             busy_timeout: BUSY_TIMEOUT_DEFAULT,
             verify: true,
+            on_commit: None,
         }
     }
 }
@@ -146,6 +189,13 @@ impl OpenOptions {
     #[must_use]
     pub fn node_id(mut self, node_id: impl Into<String>) -> Self {
         self.node_id = Some(node_id.into());
+        self
+    }
+
+    /// Tells `listener` every change, in commit order (see [`CommitListener`]).
+    #[must_use]
+    pub fn on_commit(mut self, listener: CommitListener) -> Self {
+        self.on_commit = Some(listener);
         self
     }
 
@@ -213,7 +263,7 @@ impl OpenOptions {
             }
             readers
         };
-        let writer = Writer::new(writer_conn, clock, node_id.clone());
+        let writer = Writer::new(writer_conn, clock, node_id.clone(), self.on_commit);
         Ok(Store {
             inner: Arc::new(Inner {
                 writer,

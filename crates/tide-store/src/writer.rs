@@ -19,7 +19,7 @@ use tokio::sync::{Mutex, oneshot};
 
 use crate::conn::{self, ConnectionSettings, Shared, read_settings};
 use crate::error::{Error, Result, db};
-use crate::{Refused, Reverted, Write};
+use crate::{CommitListener, Committed, Origin, Refused, Reverted, Write};
 
 /// The most ops committed in one group.
 pub const GROUP_OPS_MAX: usize = 4_096;
@@ -78,11 +78,12 @@ pub(crate) struct State {
     pub(crate) clock: LamportClock,
     pub(crate) node_id: String,
     closed: bool,
+    on_commit: Option<CommitListener>,
 }
 
 impl Writer {
-    pub(crate) fn new(conn: Shared, clock: LamportClock, node_id: String) -> Self {
-        let state = State { conn, clock, node_id, closed: false };
+    pub(crate) fn new(conn: Shared, clock: LamportClock, node_id: String, on_commit: Option<CommitListener>) -> Self {
+        let state = State { conn, clock, node_id, closed: false, on_commit };
         Self {
             shared: Arc::new(Core {
                 queue: std::sync::Mutex::new(Vec::new()),
@@ -301,6 +302,19 @@ impl State {
         };
         match result {
             Ok(()) => {
+                self.tell(|| {
+                    committing
+                        .iter()
+                        .flat_map(|(writes, stamps, _)| writes.iter().zip(stamps))
+                        .map(|(w, stamp)| Committed {
+                            collection: w.collection.clone(),
+                            id: w.id.clone(),
+                            doc: w.payload.doc().cloned(),
+                            stamp: stamp.clone(),
+                            origin: Origin::Local,
+                        })
+                        .collect()
+                });
                 for (_, stamps, reply) in committing {
                     let _ = reply.send(Ok(stamps));
                 }
@@ -408,7 +422,31 @@ impl State {
         self.clock.observe(lamport_max)?;
 
         let mut keep = applied.into_iter().peekable();
-        Ok(changes.into_iter().enumerate().filter_map(|(i, c)| keep.next_if_eq(&i).map(|_| c)).collect())
+        let applied: Vec<Change> =
+            changes.into_iter().enumerate().filter_map(|(i, c)| keep.next_if_eq(&i).map(|_| c)).collect();
+        self.tell(|| {
+            applied
+                .iter()
+                .map(|c| Committed {
+                    collection: c.collection.clone(),
+                    id: c.id.clone(),
+                    doc: c.payload.doc().cloned(),
+                    stamp: c.stamp.clone(),
+                    origin: Origin::Remote,
+                })
+                .collect()
+        });
+        Ok(applied)
+    }
+
+    /// Tells the commit listener, if any, what a transaction just committed.
+    fn tell(&self, changes: impl FnOnce() -> Vec<Committed>) {
+        if let Some(listener) = &self.on_commit {
+            let changes = changes();
+            if !changes.is_empty() {
+                listener(changes);
+            }
+        }
     }
 
     /// Re-stamps every pending op (and its document, where it is the stored
@@ -542,6 +580,18 @@ impl State {
             .map_err(db)?;
         tx.commit().await.map_err(db)?;
         self.clock.observe(lamport_max)?;
+        self.tell(|| {
+            reverted
+                .iter()
+                .map(|r| Committed {
+                    collection: r.collection.clone(),
+                    id: r.id.clone(),
+                    doc: r.version.as_ref().and_then(|v| v.payload.doc().cloned()),
+                    stamp: r.version.as_ref().map_or_else(|| r.previous.clone(), |v| v.stamp.clone()),
+                    origin: Origin::Reverted,
+                })
+                .collect()
+        });
         Ok(reverted)
     }
 

@@ -74,3 +74,46 @@ async fn a_slow_watcher_learns_it_lagged() {
     }
     assert_eq!(delivered, tide_client::WATCH_BUFFER_CHANGES, "the buffer holds what it can, no more");
 }
+
+/// Local writes and remote pages racing on one key: every watcher sees the
+/// key's versions in commit order (stamps never go back within a source of
+/// truth, and the last event is the stored version), whatever the timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_for_one_key_follow_commit_order_and_end_on_the_stored_version() {
+    let server = FakeServer::new();
+    let (a, b) = (client(&server, "a").await, client(&server, "b").await);
+    let mut watchers = [a.collection::<Note>("n").watch_doc("k"), a.collection::<Note>("n").watch_doc("k")];
+    let writer = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                a.collection::<Note>("n").put("k", &note(&format!("a{i}"))).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let syncer = {
+        let (a, b) = (a.clone(), b.clone());
+        tokio::spawn(async move {
+            for i in 0..60 {
+                b.collection::<Note>("n").put("k", &note(&format!("b{i}"))).await.unwrap();
+                b.sync_once().await.unwrap();
+                a.sync_once().await.unwrap();
+            }
+        })
+    };
+    writer.await.unwrap();
+    syncer.await.unwrap();
+    let stored = a.version("n", "k").await.unwrap().unwrap();
+    for w in &mut watchers {
+        let mut last = None;
+        while let Ok(Some(e)) = tokio::time::timeout(std::time::Duration::from_millis(100), w.next()).await {
+            let WatchEvent::Change(e) = e else { panic!("no lag expected: {e:?}") };
+            if let Some(prev) = &last {
+                assert!(&e.stamp > prev, "a watcher saw {:?} after {prev:?}", e.stamp);
+            }
+            last = Some(e.stamp);
+        }
+        assert_eq!(last.as_ref(), Some(&stored.stamp), "the stream ends on the stored version");
+    }
+}

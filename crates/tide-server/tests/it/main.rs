@@ -8,4 +8,5 @@ mod fuzz_twin;
 mod live;
 mod original_client;
 mod postgres;
+mod recovery;
 mod support;

@@ -1,0 +1,263 @@
+//! Convergence as a user meets it, through the real client and a real
+//! `tide-server` process, on SQLite and on PostgreSQL: a server database
+//! restored from a backup, a copied store file, a server limit lower than
+//! the client's (PROTOCOL.md §12, §13).
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tide_client::Tide;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Note {
+    title: String,
+}
+
+fn note(title: &str) -> Note {
+    Note { title: title.into() }
+}
+
+/// Where the server keeps its data, and how a backup of it is taken.
+enum Db {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Db {
+    fn args(&self) -> Vec<String> {
+        match self {
+            Db::Sqlite(path) => vec!["--db".into(), path.display().to_string()],
+            Db::Postgres(url) => vec!["--database-url".into(), url.clone()],
+        }
+    }
+
+    /// Takes a backup of the (stopped) server's data.
+    async fn backup(&self) {
+        match self {
+            Db::Sqlite(path) => {
+                for suffix in ["", "-wal"] {
+                    let from = PathBuf::from(format!("{}{suffix}", path.display()));
+                    if from.exists() {
+                        std::fs::copy(&from, format!("{}.backup{suffix}", path.display())).unwrap();
+                    }
+                }
+            }
+            Db::Postgres(url) => {
+                for table in TABLES {
+                    pg(url, &format!("DROP TABLE IF EXISTS backup_{table}")).await;
+                    pg(url, &format!("CREATE TABLE backup_{table} AS SELECT * FROM {table}")).await;
+                }
+            }
+        }
+    }
+
+    /// Puts the backup back in place of the (stopped) server's data.
+    async fn restore(&self) {
+        match self {
+            Db::Sqlite(path) => {
+                for suffix in ["-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+                for suffix in ["", "-wal"] {
+                    let from = PathBuf::from(format!("{}.backup{suffix}", path.display()));
+                    if from.exists() {
+                        std::fs::copy(&from, format!("{}{suffix}", path.display())).unwrap();
+                    }
+                }
+            }
+            Db::Postgres(url) => {
+                for table in TABLES {
+                    pg(url, &format!("TRUNCATE {table}")).await;
+                    pg(url, &format!("INSERT INTO {table} SELECT * FROM backup_{table}")).await;
+                }
+            }
+        }
+    }
+}
+
+const TABLES: [&str; 4] = ["tide_namespaces", "tide_rows", "tide_digest", "tide_nodes"];
+
+async fn pg(url: &str, sql: &str) {
+    use sqlx::{ConnectOptions, Connection};
+    let mut conn: sqlx::PgConnection =
+        url.parse::<sqlx::postgres::PgConnectOptions>().unwrap().connect().await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+}
+
+async fn sqlite(dir: &Path) -> Option<Db> {
+    Some(Db::Sqlite(dir.join("server.db")))
+}
+
+async fn postgres() -> Option<Db> {
+    let url = crate::postgres::url()?;
+    Some(Db::Postgres(crate::postgres::fresh_schema(&url).await))
+}
+
+/// A running `tide-server` process.
+struct Running {
+    child: Child,
+    endpoint: String,
+}
+
+fn start(db: &Db, extra: &[&str]) -> Running {
+    let mut args: Vec<String> = vec!["--no-auth".into(), "--durability".into(), "normal".into()];
+    args.extend(db.args());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (child, endpoint) = crate::binary::spawn(&args);
+    Running { child, endpoint }
+}
+
+async fn stop(mut running: Running) {
+    std::process::Command::new("kill").args(["-TERM", &running.child.id().to_string()]).status().unwrap();
+    tokio::time::timeout(Duration::from_secs(30), tokio::task::spawn_blocking(move || running.child.wait()))
+        .await
+        .expect("the server stops on SIGTERM")
+        .unwrap()
+        .unwrap();
+}
+
+async fn open(dir: &Path, name: &str, endpoint: &str) -> Tide {
+    Tide::builder().path(dir.join(format!("{name}.db"))).endpoint(endpoint).long_poll(None).open().await.unwrap()
+}
+
+async fn docs(t: &Tide) -> Vec<(String, Note)> {
+    t.collection::<Note>("notes").list(None, 1_000).await.unwrap()
+}
+
+/// The server's database is restored from a backup: writes it acknowledged
+/// after the backup come back from the client that holds them; another
+/// client that wrote past the old cursors meanwhile loses nothing either.
+async fn a_restored_server_database_converges(db: Option<Db>, dir: &Path) {
+    let Some(db) = db else { return };
+    let server = start(&db, &[]);
+    let a = open(dir, "a", &server.endpoint).await;
+    let notes = a.collection::<Note>("notes");
+    for i in 0..3 {
+        notes.put(&format!("k{i}"), &note("before the backup")).await.unwrap();
+    }
+    a.sync_once().await.unwrap();
+    a.close().await;
+    stop(server).await;
+    db.backup().await;
+
+    let server = start(&db, &[]);
+    let a = open(dir, "a", &server.endpoint).await;
+    let notes = a.collection::<Note>("notes");
+    for i in 3..8 {
+        notes.put(&format!("k{i}"), &note("after the backup")).await.unwrap();
+    }
+    notes.delete("k0").await.unwrap();
+    a.sync_once().await.unwrap();
+    a.all_acknowledged(Duration::from_secs(10)).await.unwrap();
+    a.close().await;
+    stop(server).await;
+    db.restore().await;
+
+    let server = start(&db, &[]);
+    let b = open(dir, "b", &server.endpoint).await;
+    for i in 0..10 {
+        b.collection::<Note>("notes").put(&format!("b{i}"), &note("after the restore")).await.unwrap();
+    }
+    b.sync_once().await.unwrap();
+    let a = open(dir, "a", &server.endpoint).await;
+    let report = a.sync_once().await.unwrap();
+    assert!(report.repaired >= 6, "a gave back what the server lost: {report:?}");
+    assert!(a.sync_once().await.unwrap().verified);
+    assert!(b.sync_once().await.unwrap().verified);
+    let fresh = open(dir, "fresh", &server.endpoint).await;
+    fresh.sync_once().await.unwrap();
+    let expected = docs(&fresh).await;
+    let ids: Vec<&str> = expected.iter().map(|(id, _)| id.as_str()).collect();
+    let mut want: Vec<String> = (0..10).map(|i| format!("b{i}")).chain((1..8).map(|i| format!("k{i}"))).collect();
+    want.sort();
+    assert_eq!(ids, want, "every acknowledged write is on the server, and the delete held");
+    assert_eq!(docs(&a).await, expected);
+    assert_eq!(docs(&b).await, expected);
+    stop(server).await;
+}
+
+/// A store file copied while its app was closed: both copies write; one
+/// re-keys; everyone converges with nothing refused.
+async fn a_copied_store_file_converges(db: Option<Db>, dir: &Path) {
+    let Some(db) = db else { return };
+    let server = start(&db, &[]);
+    let original = open(dir, "phone", &server.endpoint).await;
+    original.collection::<Note>("notes").put("shared", &note("before the copy")).await.unwrap();
+    original.sync_once().await.unwrap();
+    original.close().await;
+    std::fs::copy(dir.join("phone.db"), dir.join("laptop.db")).unwrap();
+    let (a, b) = (open(dir, "phone", &server.endpoint).await, open(dir, "laptop", &server.endpoint).await);
+    let mut rekeyed = 0;
+    for round in 0..2 {
+        for (t, who) in [(&a, "phone"), (&b, "laptop")] {
+            let notes = t.collection::<Note>("notes");
+            notes.put("shared", &note(&format!("{who} {round}"))).await.unwrap();
+            notes.put(&format!("{who}{round}"), &note(who)).await.unwrap();
+            rekeyed += t.sync_once().await.unwrap().rekeyed;
+        }
+    }
+    assert!(rekeyed >= 1);
+    assert_ne!(a.node_id(), b.node_id());
+    let fresh = open(dir, "fresh", &server.endpoint).await;
+    for _ in 0..2 {
+        for t in [&a, &b, &fresh] {
+            t.sync_once().await.unwrap();
+        }
+    }
+    let expected = docs(&fresh).await;
+    assert_eq!(expected.len(), 5, "{expected:?}");
+    for t in [&a, &b] {
+        assert_eq!(docs(t).await, expected);
+        assert!(t.rejected().await.unwrap().is_empty());
+    }
+    stop(server).await;
+}
+
+/// The server takes smaller documents than the client: the refused writes
+/// go back to the server's versions, stay inspectable, and everyone agrees.
+async fn a_lower_server_limit_converges(db: Option<Db>, dir: &Path) {
+    let Some(db) = db else { return };
+    let server = start(&db, &["--doc-bytes-max", "64"]);
+    let a = open(dir, "a", &server.endpoint).await;
+    let notes = a.collection::<Note>("notes");
+    notes.put("k", &note("small")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let big = note(&"x".repeat(200));
+    notes.put("k", &big).await.unwrap();
+    notes.put("new", &big).await.unwrap();
+    let report = a.sync_once().await.unwrap();
+    assert_eq!((report.rejected, report.reverted), (2, 2), "{report:?}");
+    assert_eq!(notes.get("k").await.unwrap(), Some(note("small")));
+    assert_eq!(notes.get("new").await.unwrap(), None);
+    assert_eq!(a.rejected().await.unwrap().len(), 2);
+    let b = open(dir, "b", &server.endpoint).await;
+    b.sync_once().await.unwrap();
+    assert!(a.sync_once().await.unwrap().verified);
+    assert_eq!(docs(&a).await, docs(&b).await);
+    stop(server).await;
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$name(super::sqlite(dir.path()).await, dir.path()).await;
+            })*
+        }
+        mod on_postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$name(super::postgres().await, dir.path()).await;
+            })*
+        }
+    };
+}
+
+on_both!(a_restored_server_database_converges, a_copied_store_file_converges, a_lower_server_limit_converges);

@@ -87,7 +87,7 @@ async fn pg(url: &str, sql: &str) {
     conn.close().await.unwrap();
 }
 
-async fn sqlite(dir: &Path) -> Option<Db> {
+fn sqlite(dir: &Path) -> Option<Db> {
     Some(Db::Sqlite(dir.join("server.db")))
 }
 
@@ -247,7 +247,7 @@ macro_rules! on_both {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let dir = tempfile::tempdir().unwrap();
-                super::$name(super::sqlite(dir.path()).await, dir.path()).await;
+                super::$name(super::sqlite(dir.path()), dir.path()).await;
             })*
         }
         mod on_postgres {

@@ -87,8 +87,8 @@ async fn pg(url: &str, sql: &str) {
     conn.close().await.unwrap();
 }
 
-fn sqlite(dir: &Path) -> Option<Db> {
-    Some(Db::Sqlite(dir.join("server.db")))
+fn sqlite(dir: &Path) -> Db {
+    Db::Sqlite(dir.join("server.db"))
 }
 
 async fn postgres() -> Option<Db> {
@@ -247,7 +247,7 @@ macro_rules! on_both {
             $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 let dir = tempfile::tempdir().unwrap();
-                super::$name(super::sqlite(dir.path()), dir.path()).await;
+                super::$name(Some(super::sqlite(dir.path())), dir.path()).await;
             })*
         }
         mod on_postgres {

@@ -94,19 +94,14 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
     let mut oracle: BTreeMap<(String, String), (Stamp, Payload)> = BTreeMap::new();
     let mut last_read: Vec<Snapshot> = vec![Snapshot::new(); config.clients];
     let mut offline = vec![false; config.clients];
+    // A watcher per client, checked against its store.
+    let mut watches: Vec<tide_client::Watch> = (0..config.clients).map(|c| cluster.client(c).watch()).collect();
     let keys: Vec<(String, String)> = (0..config.collections)
         .flat_map(|c| (0..config.ids).map(move |i| (format!("col{c}"), format!("k{i}"))))
         .collect();
 
     for step in 0..config.steps {
-        let fault = rng.below(1_000);
-        if fault < config.restore_per_mille {
-            backups.push(cluster.server().model());
-        } else if fault < 2 * config.restore_per_mille && !backups.is_empty() {
-            let backup = backups[rng.index(backups.len())].clone();
-            cluster.server().restore(backup);
-            report.restores += 1;
-        }
+        report.restores += backup_or_restore(&mut rng, config, cluster.server(), &mut backups);
         let c = rng.index(config.clients);
         let collection = format!("col{}", rng.below(config.collections as u64));
         let id = format!("k{}", rng.below(config.ids as u64));
@@ -159,7 +154,9 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
                 }
             }
             _ => {
+                check_watch(&mut watches[c], &cluster, c).await.map_err(|e| format!("step {step}: {e}"))?;
                 cluster.restart(c).await.map_err(|e| format!("step {step}: restart failed: {e}"))?;
+                watches[c] = cluster.client(c).watch();
                 report.restarts += 1;
             }
         }
@@ -177,8 +174,59 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
     report.faulted = traffic.iter().filter(|e| e.fault.is_some()).count();
     cluster.check_converged().await?;
     check_highest_writes(&cluster.server().model(), &oracle)?;
+    for (c, watch) in watches.iter_mut().enumerate() {
+        check_watch(watch, &cluster, c).await?;
+    }
     cluster.close().await;
     Ok(report)
+}
+
+/// Now and then a snapshot of the server's state, or the server put back to
+/// an earlier one (a database restored from a backup); returns 1 for a restore.
+fn backup_or_restore(
+    rng: &mut SplitMix64,
+    config: &SimConfig,
+    server: &FakeServer,
+    backups: &mut Vec<tide_core::Model>,
+) -> usize {
+    let fault = rng.below(1_000);
+    if fault < config.restore_per_mille {
+        backups.push(server.model());
+    } else if fault < 2 * config.restore_per_mille && !backups.is_empty() {
+        server.restore(backups[rng.index(backups.len())].clone());
+        return 1;
+    }
+    0
+}
+
+/// A client's watch stream, drained: for each key, stamps only rise except
+/// when a refused write is put back, and the last event is the version the
+/// store holds.
+async fn check_watch(watch: &mut tide_client::Watch, cluster: &Cluster, c: usize) -> Result<(), String> {
+    use tide_client::{Source, WatchEvent};
+    let mut last: BTreeMap<(String, String), (Stamp, Option<tide_core::Doc>)> = BTreeMap::new();
+    while let Ok(Some(event)) = tokio::time::timeout(std::time::Duration::from_millis(5), watch.next()).await {
+        let WatchEvent::Change(e) = event else { return Err(format!("c{c}'s watcher lagged: {event:?}")) };
+        let key = (e.collection.clone(), e.id.clone());
+        if let Some((prev, _)) = last.get(&key)
+            && e.stamp <= *prev
+            && e.source != Source::Reverted
+        {
+            return Err(format!("c{c}'s watcher saw {key:?} go from {prev:?} back to {:?}", e.stamp));
+        }
+        last.insert(key, (e.stamp, e.doc));
+    }
+    for ((collection, id), (stamp, doc)) in last {
+        let stored = cluster.client(c).version(&collection, &id).await.map_err(|e| e.to_string())?;
+        let matches = match &stored {
+            Some(v) => v.stamp == stamp && v.payload.doc() == doc.as_ref(),
+            None => doc.is_none(),
+        };
+        if !matches {
+            return Err(format!("c{c}'s watcher ended {collection}/{id} on {stamp:?}, the store holds {stored:?}"));
+        }
+    }
+    Ok(())
 }
 
 /// P7: no replica's stamp for a key ever goes back, except from a write

@@ -296,14 +296,10 @@ impl PostgresBackend {
     /// and fetch extensions, read in one snapshot when there are any.
     async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<Read, BackendError> {
         let ns = &principal.namespace;
-        let mut conn = self.pool.begin().await.map_err(unavailable)?;
+        // One snapshot for the page and the digests, begun in one round trip.
         let snapshot = req.verify.is_some() || !req.fetch.is_empty();
-        if snapshot {
-            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                .execute(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-        }
+        let begin = if snapshot { "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY" } else { "BEGIN READ ONLY" };
+        let mut conn = self.pool.begin_with(begin).await.map_err(unavailable)?;
         if self.bindings.get(ns.as_str(), &req.node_id).is_none() {
             let owner: Option<String> =
                 sqlx::query_scalar("SELECT principal FROM tide_nodes WHERE namespace = $1 AND node_id = $2")

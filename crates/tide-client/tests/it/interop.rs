@@ -23,11 +23,7 @@ async fn our_server(dir: &std::path::Path) -> String {
 }
 
 fn python() -> Option<String> {
-    let p = std::env::var("TIDE_PYTHON").ok();
-    if p.is_none() {
-        eprintln!("SKIPPED: TIDE_PYTHON is not set; interop with the original Python tide 0.2.1 was NOT tested");
-    }
-    p
+    crate::service("TIDE_PYTHON", "interop with the original Python tide 0.2.1")
 }
 
 #[tokio::test]

@@ -40,8 +40,7 @@ asyncio.run(main(sys.argv[1]))
 
 #[tokio::test]
 async fn two_original_clients_converge_through_our_server() {
-    let Ok(python) = std::env::var("TIDE_PYTHON") else {
-        eprintln!("SKIPPED: TIDE_PYTHON is not set; the original Python client was NOT tested against our server");
+    let Some(python) = crate::service("TIDE_PYTHON", "the original Python client against our server") else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();

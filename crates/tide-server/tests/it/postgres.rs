@@ -15,11 +15,7 @@ use tide_server::{NoAuth, PostgresBackend, Server, ServerConfig};
 use tide_transport::{HttpTransport, Transport};
 
 pub(crate) fn url() -> Option<String> {
-    let url = std::env::var("TIDE_TEST_POSTGRES_URL").ok();
-    if url.is_none() {
-        eprintln!("SKIPPED: TIDE_TEST_POSTGRES_URL is not set; the PostgreSQL backend was NOT tested");
-    }
-    url
+    crate::service("TIDE_TEST_POSTGRES_URL", "the PostgreSQL backend")
 }
 
 /// A new empty schema; returns a URL whose connections use it.

@@ -36,10 +36,7 @@ impl Drop for Original {
 }
 
 pub(crate) async fn start_original() -> Option<Original> {
-    let Ok(python) = std::env::var("TIDE_PYTHON") else {
-        eprintln!("SKIPPED: TIDE_PYTHON is not set; interop with the original Python tide 0.2.1 was NOT tested");
-        return None;
-    };
+    let python = crate::service("TIDE_PYTHON", "interop with the original Python tide 0.2.1")?;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let dir = std::env::temp_dir().join(format!("tide-original-{}-{port}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

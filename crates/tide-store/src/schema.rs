@@ -72,9 +72,10 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     END;
     UPDATE tide_meta SET value = '2' WHERE key = 'schema_version';
     ",
-    // v3: digests of the live documents (PROTOCOL.md §12), kept by triggers
-    // on tide_docs from each row's bucket and version hash (computed in Rust
-    // when the row is written; `backfill` fills them for existing rows);
+    // v3: digests of the live documents (PROTOCOL.md §12), from each row's
+    // bucket and version hash (computed in Rust when the row is written):
+    // kept by the outbox trigger for local writes and in bulk by the writer
+    // for pages and repairs; `backfill` fills them for existing rows;
     // rejected ops remember whether their document was put back.
     r"
     ALTER TABLE tide_docs ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
@@ -105,34 +106,24 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
         UPDATE tide_outbox SET (prev_doc, prev_lamport, prev_node_id, prev_deleted) =
             (SELECT doc, lamport, node_id, deleted FROM tide_docs WHERE collection = NEW.collection AND id = NEW.id)
         WHERE seq = NEW.seq;
+        -- The digests move by (old live hash) XOR (new live hash); SQLite has
+        -- no XOR operator, so a ^ b is (a | b) & ~(a & b). Page applies and
+        -- repairs update the digests in bulk from Rust instead.
+        INSERT INTO tide_digest (collection, level, ix, hash)
+        SELECT NEW.collection, l.level, l.ix, d.x
+        FROM (SELECT (a | b) & ~(a & b) AS x FROM (SELECT
+                coalesce((SELECT iif(deleted = 0, vhash, 0) FROM tide_docs
+                          WHERE collection = NEW.collection AND id = NEW.id), 0) AS a,
+                iif(NEW.kind = 'delete', 0, NEW.vhash) AS b)) AS d,
+             (SELECT 0 AS level, 0 AS ix UNION ALL SELECT 1, NEW.bucket >> 8 UNION ALL SELECT 2, NEW.bucket) AS l
+        WHERE d.x <> 0
+        ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash);
         INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash)
         VALUES (NEW.collection, NEW.id, NEW.doc, NEW.lamport, NEW.node_id, NEW.kind = 'delete', NEW.bucket, NEW.vhash)
         ON CONFLICT (collection, id) DO UPDATE SET
             doc = excluded.doc, lamport = excluded.lamport, node_id = excluded.node_id,
             deleted = excluded.deleted, vhash = excluded.vhash;
         UPDATE tide_clock SET lamport = max(lamport, NEW.lamport) WHERE id = 1;
-    END;
-    -- SQLite has no XOR operator: a ^ b is (a | b) & ~(a & b).
-    CREATE TRIGGER tide_docs_digest_insert AFTER INSERT ON tide_docs WHEN NEW.deleted = 0 BEGIN
-        INSERT INTO tide_digest (collection, level, ix, hash) VALUES
-            (NEW.collection, 0, 0, NEW.vhash), (NEW.collection, 1, NEW.bucket >> 8, NEW.vhash),
-            (NEW.collection, 2, NEW.bucket, NEW.vhash)
-        ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash);
-    END;
-    CREATE TRIGGER tide_docs_digest_update AFTER UPDATE ON tide_docs BEGIN
-        INSERT INTO tide_digest (collection, level, ix, hash)
-        SELECT NEW.collection, l.level, l.ix, d.x
-        FROM (SELECT (a | b) & ~(a & b) AS x FROM
-                (SELECT iif(OLD.deleted = 0, OLD.vhash, 0) AS a, iif(NEW.deleted = 0, NEW.vhash, 0) AS b)) AS d,
-             (SELECT 0 AS level, 0 AS ix UNION ALL SELECT 1, NEW.bucket >> 8 UNION ALL SELECT 2, NEW.bucket) AS l
-        WHERE d.x <> 0
-        ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash);
-    END;
-    CREATE TRIGGER tide_docs_digest_delete AFTER DELETE ON tide_docs WHEN OLD.deleted = 0 BEGIN
-        INSERT INTO tide_digest (collection, level, ix, hash) VALUES
-            (OLD.collection, 0, 0, OLD.vhash), (OLD.collection, 1, OLD.bucket >> 8, OLD.vhash),
-            (OLD.collection, 2, OLD.bucket, OLD.vhash)
-        ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash);
     END;
     UPDATE tide_meta SET value = '3' WHERE key = 'schema_version';
     ",
@@ -179,28 +170,30 @@ pub(crate) async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
     tx.commit().await.map_err(db)
 }
 
-/// Gives every existing document its bucket and version hash; the update
-/// trigger adds each live one to the digests (its old hash was 0).
+/// Gives every existing document its bucket and version hash, and the
+/// digests their live versions.
 async fn backfill_digests(conn: &mut SqliteConnection) -> Result<()> {
-    let rows: Vec<(String, String, i64, String)> =
-        sqlx::query_as("SELECT collection, id, lamport, node_id FROM tide_docs")
+    let rows: Vec<(String, String, i64, String, bool)> =
+        sqlx::query_as("SELECT collection, id, lamport, node_id, deleted FROM tide_docs")
             .fetch_all(&mut *conn)
             .await
             .map_err(db)?;
-    let rows: Vec<(&str, &str, u16, i64)> = rows
+    let hashed: Vec<(&str, &str, u16, i64, bool)> = rows
         .iter()
-        .map(|(c, id, lamport, node)| {
+        .map(|(c, id, lamport, node, deleted)| {
             let stamp = tide_core::Stamp::new(u64::try_from(*lamport).unwrap_or(0), node.clone());
-            (c.as_str(), id.as_str(), digest::bucket(c, id), digest::version_hash(c, id, &stamp).to_i64())
+            (c.as_str(), id.as_str(), digest::bucket(c, id), digest::version_hash(c, id, &stamp).to_i64(), *deleted)
         })
         .collect();
+    let updates: Vec<(&str, &str, u16, i64)> = hashed.iter().map(|&(c, id, b, h, _)| (c, id, b, h)).collect();
     sqlx::query(
         "UPDATE tide_docs SET bucket = j.value->>2, vhash = j.value->>3 FROM json_each(?1) AS j \
          WHERE tide_docs.collection = j.value->>0 AND tide_docs.id = j.value->>1",
     )
-    .bind(serde_json::to_string(&rows).expect("rows serialize"))
-    .execute(conn)
+    .bind(serde_json::to_string(&updates).expect("rows serialize"))
+    .execute(&mut *conn)
     .await
     .map_err(db)?;
-    Ok(())
+    let live = hashed.iter().filter(|r| !r.4).map(|&(c, _, b, h, _)| (c, b, h));
+    crate::writer::add_to_digests(conn, live).await
 }

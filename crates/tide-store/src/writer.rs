@@ -353,17 +353,19 @@ impl State {
         // The stored stamps of the page's keys, as one row.
         let keys: Vec<(&str, &str)> = changes.iter().map(|c| (c.collection.as_str(), c.id.as_str())).collect();
         let stored: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(j.key, d.lamport, d.node_id)) \
+            "SELECT json_group_array(json_array(j.key, d.lamport, d.node_id, iif(d.deleted, 0, d.vhash))) \
              FROM json_each(?1) AS j CROSS JOIN tide_docs AS d ON d.collection = j.value->>0 AND d.id = j.value->>1",
         )
         .bind(serde_json::to_string(&keys).expect("keys serialize"))
         .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
-        let stored: Vec<(usize, u64, String)> =
+        let stored: Vec<(usize, u64, String, i64)> =
             serde_json::from_str(&stored).map_err(|e| Error::Corrupt { detail: format!("stored stamps: {e}") })?;
+        // The live hash each key contributes before the page.
+        let old_hash: HashMap<(&str, &str), i64> = stored.iter().map(|&(i, _, _, h)| (keys[i], h)).collect();
         let mut current: HashMap<(&str, &str), Stamp> =
-            stored.into_iter().map(|(i, lamport, node)| (keys[i], Stamp::new(lamport, node))).collect();
+            stored.into_iter().map(|(i, lamport, node, _)| (keys[i], Stamp::new(lamport, node))).collect();
 
         // The same rule as everywhere: tide_core decides, in page order.
         let mut applied = Vec::new();
@@ -390,6 +392,11 @@ impl State {
                     Row(&c.collection, &c.id, doc, c.stamp.lamport, &c.stamp.node_id, deleted, bucket, vhash)
                 })
                 .collect();
+            let deltas = rows.iter().map(|r| {
+                let new = if r.5 == 0 { r.7 } else { 0 };
+                (r.0, r.6, old_hash.get(&(r.0, r.1)).copied().unwrap_or(0) ^ new)
+            });
+            add_to_digests(&mut tx, deltas).await?;
             sqlx::query(
                 "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
                  SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7 \
@@ -472,6 +479,21 @@ impl State {
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
+            let old: Option<i64> = sqlx::query_scalar(
+                "SELECT iif(deleted, 0, vhash) FROM tide_docs \
+                 WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
+            )
+            .bind(collection)
+            .bind(id)
+            .bind(lamport)
+            .bind(old_node)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            if let Some(old) = old.filter(|h| *h != 0) {
+                let bucket = tide_core::digest::bucket(collection, id);
+                add_to_digests(&mut tx, [(collection.as_str(), bucket, old ^ vhash)]).await?;
+            }
             sqlx::query(
                 "UPDATE tide_docs SET lamport = ?5, node_id = ?6, vhash = ?7 \
                  WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
@@ -663,6 +685,18 @@ async fn put_version(
     id: &str,
     version: Option<&crate::Version>,
 ) -> Result<()> {
+    let old: Option<i64> =
+        sqlx::query_scalar("SELECT iif(deleted, 0, vhash) FROM tide_docs WHERE collection = ?1 AND id = ?2")
+            .bind(collection)
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+    let new = version
+        .filter(|v| v.payload.doc().is_some())
+        .map_or(0, |v| tide_core::digest::version_hash(collection, id, &v.stamp).to_i64());
+    let bucket = tide_core::digest::bucket(collection, id);
+    add_to_digests(&mut *conn, [(collection, bucket, old.unwrap_or(0) ^ new)]).await?;
     let Some(v) = version else {
         sqlx::query("DELETE FROM tide_docs WHERE collection = ?1 AND id = ?2")
             .bind(collection)
@@ -688,6 +722,38 @@ async fn put_version(
     .bind(doc.is_none())
     .bind(bucket)
     .bind(vhash)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// XORs `(collection, bucket, delta)` into the digests (bucket, group and
+/// root), combined per entry, in one statement.
+pub(crate) async fn add_to_digests<'a>(
+    conn: &mut sqlx::SqliteConnection,
+    deltas: impl IntoIterator<Item = (&'a str, u16, i64)>,
+) -> Result<()> {
+    let mut sum: std::collections::BTreeMap<(&str, u8, u16), i64> = std::collections::BTreeMap::new();
+    for (collection, bucket, delta) in deltas {
+        if delta == 0 {
+            continue;
+        }
+        for (level, index) in [(0, 0), (1, bucket >> 8), (2, bucket)] {
+            *sum.entry((collection, level, index)).or_default() ^= delta;
+        }
+    }
+    let rows: Vec<(&str, u8, u16, i64)> =
+        sum.into_iter().filter(|(_, h)| *h != 0).map(|((c, l, i), h)| (c, l, i, h)).collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO tide_digest (collection, level, ix, hash) \
+         SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?1) WHERE true \
+         ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash)",
+    )
+    .bind(serde_json::to_string(&rows).expect("deltas serialize"))
     .execute(conn)
     .await
     .map_err(db)?;

@@ -95,11 +95,11 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     ALTER TABLE tide_rejected ADD COLUMN prev_deleted INTEGER;
     CREATE INDEX tide_docs_by_bucket ON tide_docs (collection, bucket);
     CREATE TABLE tide_digest (
-        collection TEXT NOT NULL,
         level      INTEGER NOT NULL,
+        collection TEXT NOT NULL,
         ix         INTEGER NOT NULL,
         hash       INTEGER NOT NULL,
-        PRIMARY KEY (collection, level, ix)
+        PRIMARY KEY (level, collection, ix)
     ) WITHOUT ROWID;
     DROP TRIGGER tide_outbox_write;
     CREATE TRIGGER tide_outbox_write AFTER INSERT ON tide_outbox BEGIN

@@ -70,11 +70,11 @@ const MIGRATE_V2: &[&str] = &[
     "CREATE INDEX tide_rows_by_bucket ON tide_rows (namespace, collection, bucket)",
     r#"CREATE TABLE tide_digest (
         namespace  TEXT COLLATE "C" NOT NULL,
-        collection TEXT COLLATE "C" NOT NULL,
         level      SMALLINT NOT NULL,
+        collection TEXT COLLATE "C" NOT NULL,
         ix         INTEGER NOT NULL,
         hash       BIGINT NOT NULL,
-        PRIMARY KEY (namespace, collection, level, ix))"#,
+        PRIMARY KEY (namespace, level, collection, ix))"#,
     r#"CREATE TABLE tide_nodes (
         namespace    TEXT COLLATE "C" NOT NULL,
         node_id      TEXT COLLATE "C" NOT NULL,
@@ -89,7 +89,7 @@ const MIGRATE_V2: &[&str] = &[
 /// Adds XOR deltas to the digest table.
 const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, collection, level, ix, hash) \
      SELECT * FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::int[], $5::bigint[]) \
-     ON CONFLICT (namespace, collection, level, ix) DO UPDATE SET hash = tide_digest.hash # excluded.hash";
+     ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = tide_digest.hash # excluded.hash";
 
 /// A stored version as a page reads it: seq, collection, id, doc, lamport, node id, deleted.
 type StoredRow = (i64, String, String, Option<String>, i64, String, bool);

@@ -59,11 +59,11 @@ ALTER TABLE tide_rows ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX tide_rows_by_bucket ON tide_rows (namespace, collection, bucket);
 CREATE TABLE tide_digest (
     namespace  TEXT NOT NULL,
-    collection TEXT NOT NULL,
     level      INTEGER NOT NULL,
+    collection TEXT NOT NULL,
     ix         INTEGER NOT NULL,
     hash       INTEGER NOT NULL,
-    PRIMARY KEY (namespace, collection, level, ix)
+    PRIMARY KEY (namespace, level, collection, ix)
 ) WITHOUT ROWID;
 CREATE TABLE tide_nodes (
     namespace    TEXT NOT NULL,
@@ -81,7 +81,7 @@ UPDATE tide_server_meta SET value = '2' WHERE key = 'schema_version';
 /// is spelled `(a | b) & ~(a & b)`.
 const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, collection, level, ix, hash) \
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1) WHERE true \
-     ON CONFLICT (namespace, collection, level, ix) DO UPDATE SET \
+     ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET \
      hash = (hash | excluded.hash) & ~(hash & excluded.hash)";
 
 /// Durability of the server's commits.

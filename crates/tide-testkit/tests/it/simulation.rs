@@ -2,7 +2,8 @@
 //! N11, C10, V3, V7).
 //!
 //! `TIDE_SIM_SEED=n` replays one seed; `TIDE_SIM_SEEDS=n` runs n seeds
-//! (default 24 in CI; thousands for a soak).
+//! (default 24 in CI; thousands for a soak), `TIDE_SIM_SEEDS=a..b` seeds a
+//! to b (to split a soak over processes).
 
 use tide_testkit::{SimConfig, SimReport, simulate};
 
@@ -11,7 +12,13 @@ async fn random_clients_converge_under_faults_and_restarts() {
     let seeds: Vec<u64> = if let Ok(s) = std::env::var("TIDE_SIM_SEED") {
         vec![s.parse().expect("TIDE_SIM_SEED is a number")]
     } else {
-        (0..std::env::var("TIDE_SIM_SEEDS").map_or(24, |s| s.parse().expect("TIDE_SIM_SEEDS is a number"))).collect()
+        // `TIDE_SIM_SEEDS=n` runs seeds 0..n; `TIDE_SIM_SEEDS=a..b` runs a..b (to split a soak).
+        let spec = std::env::var("TIDE_SIM_SEEDS").unwrap_or_else(|_| "24".into());
+        let (from, to) = match spec.split_once("..") {
+            Some((a, b)) => (a.parse().expect("TIDE_SIM_SEEDS is a..b"), b.parse().expect("TIDE_SIM_SEEDS is a..b")),
+            None => (0, spec.parse().expect("TIDE_SIM_SEEDS is a number")),
+        };
+        (from..to).collect()
     };
     let config = SimConfig::default();
     let mut total = SimReport::default();

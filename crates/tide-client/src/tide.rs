@@ -439,6 +439,16 @@ impl Tide {
         .await
     }
 
+    /// The stamp the local write first stamped `stamp` carries now: itself,
+    /// unless the store re-keyed (a copy of it was found) while the write was
+    /// pending and stamped it anew. [`Tide::acknowledged`] follows it already.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn current_stamp(&self, stamp: &Stamp) -> Result<Stamp> {
+        Ok(self.inner.store.current_stamp(stamp).await?)
+    }
+
     /// Waits until the server has acknowledged every local write made
     /// before the call (see [`Tide::acknowledged`]).
     ///

@@ -517,6 +517,7 @@ impl Store {
     /// What became of the local write with `stamp` (PROTOCOL.md §6): still
     /// in the outbox, acknowledged by the server, or rejected.
     pub async fn write_state(&self, stamp: &Stamp) -> Result<WriteState> {
+        let stamp = &self.current_stamp(stamp).await?;
         let mut conn = self.inner.readers.get().await?;
         let lamport =
             i64::try_from(stamp.lamport).map_err(|_| tide_core::Error::LamportOutOfRange { lamport: stamp.lamport })?;
@@ -534,6 +535,23 @@ impl Store {
             (false, true) => WriteState::Rejected,
             (false, false) => WriteState::Acknowledged,
         })
+    }
+
+    /// The stamp a local write first stamped `stamp` carries now: itself,
+    /// unless the store re-keyed while the write was pending and stamped it
+    /// anew ([`Store::rekey`]).
+    pub async fn current_stamp(&self, stamp: &Stamp) -> Result<Stamp> {
+        let mut conn = self.inner.readers.get().await?;
+        let lamport =
+            i64::try_from(stamp.lamport).map_err(|_| tide_core::Error::LamportOutOfRange { lamport: stamp.lamport })?;
+        let now: Option<(i64, String)> =
+            sqlx::query_as("SELECT new_lamport, new_node_id FROM tide_restamped WHERE lamport = ?1 AND node_id = ?2")
+                .bind(lamport)
+                .bind(&stamp.node_id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
+        Ok(now.map_or_else(|| stamp.clone(), |(l, n)| Stamp::new(u64::try_from(l).unwrap_or(0), n)))
     }
 
     /// The outbox seqs of the oldest and newest pending ops, if any.

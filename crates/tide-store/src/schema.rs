@@ -101,6 +101,14 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
         hash       INTEGER NOT NULL,
         PRIMARY KEY (level, collection, ix)
     ) WITHOUT ROWID;
+    -- The stamps of writes re-stamped when the store re-keyed (PROTOCOL.md §13).
+    CREATE TABLE tide_restamped (
+        lamport     INTEGER NOT NULL,
+        node_id     TEXT NOT NULL,
+        new_lamport INTEGER NOT NULL,
+        new_node_id TEXT NOT NULL,
+        PRIMARY KEY (lamport, node_id)
+    ) WITHOUT ROWID;
     DROP TRIGGER tide_outbox_write;
     CREATE TRIGGER tide_outbox_write AFTER INSERT ON tide_outbox BEGIN
         UPDATE tide_outbox SET (prev_doc, prev_lamport, prev_node_id, prev_deleted) =

@@ -467,47 +467,11 @@ impl State {
                 .await
                 .map_err(db)?;
         let mut clock = self.clock;
+        let mut restamped = Vec::new();
         for (seq, collection, id, lamport, old_node) in &pending {
-            let stamp = Stamp::new(clock.tick()?, node_id.clone());
-            let (_, vhash) = digest_columns(collection, id, &stamp);
-            let new_lamport = i64::try_from(stamp.lamport).expect("bounded by LAMPORT_MAX");
-            sqlx::query("UPDATE tide_outbox SET lamport = ?2, node_id = ?3, vhash = ?4 WHERE seq = ?1")
-                .bind(seq)
-                .bind(new_lamport)
-                .bind(&node_id)
-                .bind(vhash)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-            let old: Option<i64> = sqlx::query_scalar(
-                "SELECT iif(deleted, 0, vhash) FROM tide_docs \
-                 WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
-            )
-            .bind(collection)
-            .bind(id)
-            .bind(lamport)
-            .bind(old_node)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-            if let Some(old) = old.filter(|h| *h != 0) {
-                let bucket = tide_core::digest::bucket(collection, id);
-                add_to_digests(&mut tx, [(collection.as_str(), bucket, old ^ vhash)]).await?;
-            }
-            sqlx::query(
-                "UPDATE tide_docs SET lamport = ?5, node_id = ?6, vhash = ?7 \
-                 WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
-            )
-            .bind(collection)
-            .bind(id)
-            .bind(lamport)
-            .bind(old_node)
-            .bind(new_lamport)
-            .bind(&node_id)
-            .bind(vhash)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            let old = Stamp::new(u64::try_from(*lamport).unwrap_or(0), old_node.clone());
+            let new = Stamp::new(clock.tick()?, node_id.clone());
+            restamped.extend(restamp(&mut tx, *seq, collection, id, &old, &new).await?);
         }
         sqlx::query(
             "INSERT OR IGNORE INTO tide_meta (key, value) SELECT 'node_id_origin', value FROM tide_meta \
@@ -530,6 +494,8 @@ impl State {
         tx.commit().await.map_err(db)?;
         self.clock = clock;
         self.node_id = node_id;
+        // Watchers see the documents' new versions (same content, new stamps).
+        self.tell(|| restamped);
         Ok(())
     }
 
@@ -662,6 +628,95 @@ impl State {
             .map_err(db)?;
         Ok(u64::try_from(now).unwrap_or(0))
     }
+}
+
+/// Stamps the pending op `seq` anew (`old` to `new`), and its document where
+/// that op's version is the stored one; remembers the new stamp of the write
+/// (see [`crate::Store::current_stamp`]). Returns the document's new version.
+async fn restamp(
+    conn: &mut sqlx::SqliteConnection,
+    seq: i64,
+    collection: &str,
+    id: &str,
+    old: &Stamp,
+    new: &Stamp,
+) -> Result<Option<Committed>> {
+    let (_, vhash) = digest_columns(collection, id, new);
+    let (old_lamport, new_lamport) = (to_i64(old.lamport), to_i64(new.lamport));
+    sqlx::query("UPDATE tide_outbox SET lamport = ?2, node_id = ?3, vhash = ?4 WHERE seq = ?1")
+        .bind(seq)
+        .bind(new_lamport)
+        .bind(&new.node_id)
+        .bind(vhash)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    // A write re-stamped before keeps pointing at its latest stamp.
+    sqlx::query(
+        "UPDATE tide_restamped SET new_lamport = ?3, new_node_id = ?4 WHERE new_lamport = ?1 AND new_node_id = ?2",
+    )
+    .bind(old_lamport)
+    .bind(&old.node_id)
+    .bind(new_lamport)
+    .bind(&new.node_id)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO tide_restamped (lamport, node_id, new_lamport, new_node_id) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .bind(old_lamport)
+    .bind(&old.node_id)
+    .bind(new_lamport)
+    .bind(&new.node_id)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    let stored: Option<(Option<String>, bool, i64)> = sqlx::query_as(
+        "SELECT doc, deleted, vhash FROM tide_docs WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
+    )
+    .bind(collection)
+    .bind(id)
+    .bind(old_lamport)
+    .bind(&old.node_id)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    let Some((doc, deleted, old_hash)) = stored else { return Ok(None) };
+    if !deleted {
+        add_to_digests(&mut *conn, [(collection, tide_core::digest::bucket(collection, id), old_hash ^ vhash)]).await?;
+    }
+    sqlx::query(
+        "UPDATE tide_docs SET lamport = ?5, node_id = ?6, vhash = ?7 \
+         WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
+    )
+    .bind(collection)
+    .bind(id)
+    .bind(old_lamport)
+    .bind(&old.node_id)
+    .bind(new_lamport)
+    .bind(&new.node_id)
+    .bind(vhash)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    let doc = match (deleted, doc) {
+        (false, Some(d)) => {
+            Some(serde_json::from_str(&d).map_err(|e| Error::Corrupt { detail: format!("document: {e}") })?)
+        }
+        _ => None,
+    };
+    Ok(Some(Committed {
+        collection: collection.to_owned(),
+        id: id.to_owned(),
+        doc,
+        stamp: new.clone(),
+        origin: Origin::Local,
+    }))
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).expect("bounded by LAMPORT_MAX")
 }
 
 /// Whether a write with `stamp` to the key was refused by the server.

@@ -17,6 +17,9 @@ pub struct Cluster {
     server: FakeServer,
     dir: tempfile::TempDir,
     clients: Vec<Tide>,
+    /// Clients below this were opened under their names as node ids; the
+    /// others are copies of a store file and keep the node id they found.
+    originals: usize,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -36,7 +39,7 @@ impl Cluster {
             id: String::new(),
             message: e.to_string(),
         })?;
-        let mut cluster = Self { server, dir, clients: Vec::with_capacity(n) };
+        let mut cluster = Self { server, dir, clients: Vec::with_capacity(n), originals: n };
         for i in 0..n {
             let tide = cluster.open(i).await?;
             cluster.clients.push(tide);
@@ -50,12 +53,34 @@ impl Cluster {
 
     async fn open(&self, i: usize) -> Result<Tide, Error> {
         let name = Self::name(i);
-        Tide::builder()
-            .path(self.dir.path().join(format!("{name}.db")))
-            .node_id(name.clone())
-            .transport(Arc::new(self.server.connect(&name)))
-            .open()
-            .await
+        let mut builder = Tide::builder().path(self.dir.path().join(format!("{name}.db")));
+        if i < self.originals {
+            builder = builder.node_id(name.clone());
+        }
+        builder.transport(Arc::new(self.server.connect(&name))).open().await
+    }
+
+    /// Copies client `i`'s store file (closed for the copy, as a backup or
+    /// a copied profile is taken) into a new client, which it returns: both
+    /// go on under one node id until one of them re-keys.
+    ///
+    /// # Errors
+    /// The file cannot be copied or a store cannot be reopened.
+    pub async fn copy(&mut self, i: usize) -> Result<usize, Error> {
+        let n = self.clients.len();
+        self.clients[i].close().await;
+        for suffix in ["", "-wal"] {
+            let from = self.dir.path().join(format!("{}.db{suffix}", Self::name(i)));
+            if from.exists() {
+                std::fs::copy(&from, self.dir.path().join(format!("{}.db{suffix}", Self::name(n)))).map_err(|e| {
+                    Error::Encode { collection: String::new(), id: String::new(), message: e.to_string() }
+                })?;
+            }
+        }
+        self.clients[i] = self.open(i).await?;
+        let copy = self.open(n).await?;
+        self.clients.push(copy);
+        Ok(n)
     }
 
     /// The server.

@@ -32,6 +32,11 @@ pub struct SimConfig {
     /// A document limit on the server lower than the clients': when set,
     /// one put in ten is larger than it and is rejected.
     pub doc_bytes_max: Option<usize>,
+    /// Per mille of steps that copy a client's store file into a new client
+    /// (a restored phone backup, a copied profile), at most `copies_max`.
+    pub copy_per_mille: u64,
+    /// Most copies in one run.
+    pub copies_max: usize,
 }
 
 impl Default for SimConfig {
@@ -46,6 +51,8 @@ impl Default for SimConfig {
             settle_rounds_max: 40,
             restore_per_mille: 20,
             doc_bytes_max: Some(120),
+            copy_per_mille: 10,
+            copies_max: 2,
         }
     }
 }
@@ -67,6 +74,10 @@ pub struct SimReport {
     pub restores: usize,
     /// Writes the server rejected (larger than its limit).
     pub rejected: usize,
+    /// Store files copied into new clients.
+    pub copies: usize,
+    /// Re-keys the clients made (copies found out), before healing.
+    pub rekeyed: usize,
 }
 
 /// Runs one simulation. `Err` says what broke; the caller prints the seed.
@@ -91,7 +102,7 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
     let mut backups = Vec::new();
     let mut cluster = Cluster::new(server, config.clients).await.map_err(|e| e.to_string())?;
     let mut report = SimReport::default();
-    let mut oracle: BTreeMap<(String, String), (Stamp, Payload)> = BTreeMap::new();
+    let mut writes = Writes::default();
     let mut last_read: Vec<Snapshot> = vec![Snapshot::new(); config.clients];
     let mut offline = vec![false; config.clients];
     // A watcher per client, checked against its store.
@@ -102,7 +113,15 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
 
     for step in 0..config.steps {
         report.restores += backup_or_restore(&mut rng, config, cluster.server(), &mut backups);
-        let c = rng.index(config.clients);
+        if rng.below(1_000) < config.copy_per_mille && report.copies < config.copies_max {
+            let from = rng.index(cluster.len());
+            let to = copy_store(&mut cluster, from, &mut watches).await.map_err(|e| format!("step {step}: {e}"))?;
+            last_read.push(last_read[from].clone());
+            offline.push(false);
+            writes.copied(from, to);
+            report.copies += 1;
+        }
+        let c = rng.index(cluster.len());
         let collection = format!("col{}", rng.below(config.collections as u64));
         let id = format!("k{}", rng.below(config.ids as u64));
         match rng.below(100) {
@@ -112,38 +131,28 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
                 if big {
                     doc["big"] = json!("x".repeat(config.doc_bytes_max.unwrap_or(0)));
                 }
-                let stamp = cluster
-                    .client(c)
-                    .collection::<serde_json::Value>(&collection)
-                    .put(&id, &doc)
-                    .await
-                    .map_err(|e| format!("step {step}: a local write failed: {e}"))?;
+                let payload = Payload::Put(doc.as_object().cloned().unwrap_or_default());
+                let stamp =
+                    write(&cluster, c, &collection, &id, &payload).await.map_err(|e| format!("step {step}: {e}"))?;
                 if big {
                     report.rejected += 1;
                 } else {
-                    record(
-                        &mut oracle,
-                        collection,
-                        id,
-                        stamp,
-                        Payload::Put(doc.as_object().cloned().unwrap_or_default()),
-                    );
+                    writes.record(c, (collection, id), stamp, payload);
                 }
                 report.writes += 1;
             }
             40..=51 => {
-                let stamp = cluster
-                    .client(c)
-                    .collection::<serde_json::Value>(&collection)
-                    .delete(&id)
+                let stamp = write(&cluster, c, &collection, &id, &Payload::Delete)
                     .await
-                    .map_err(|e| format!("step {step}: a local delete failed: {e}"))?;
-                record(&mut oracle, collection, id, stamp, Payload::Delete);
+                    .map_err(|e| format!("step {step}: {e}"))?;
+                writes.record(c, (collection, id), stamp, Payload::Delete);
                 report.writes += 1;
             }
             52..=84 => {
                 // Errors are expected under faults: the outbox keeps the ops.
-                let _ = cluster.client(c).sync_once().await;
+                if let Ok(r) = cluster.client(c).sync_once().await {
+                    report.rekeyed += r.rekeyed;
+                }
             }
             85..=93 => {
                 offline[c] = !offline[c];
@@ -173,12 +182,37 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
     report.exchanges = traffic.len();
     report.faulted = traffic.iter().filter(|e| e.fault.is_some()).count();
     cluster.check_converged().await?;
+    let oracle = writes.highest(&cluster).await?;
     check_highest_writes(&cluster.server().model(), &oracle)?;
     for (c, watch) in watches.iter_mut().enumerate() {
         check_watch(watch, &cluster, c).await?;
     }
     cluster.close().await;
     Ok(report)
+}
+
+/// A local write by client `c` through its collection API.
+async fn write(cluster: &Cluster, c: usize, collection: &str, id: &str, payload: &Payload) -> Result<Stamp, String> {
+    let docs = cluster.client(c).collection::<serde_json::Value>(collection);
+    let written = match payload {
+        Payload::Put(doc) => docs.put(id, &serde_json::Value::Object(doc.clone())).await,
+        Payload::Delete => docs.delete(id).await,
+    };
+    written.map_err(|e| format!("a local write failed: {e}"))
+}
+
+/// Copies client `from`'s store file into a new client, checking and
+/// renewing the watchers of both.
+async fn copy_store(
+    cluster: &mut Cluster,
+    from: usize,
+    watches: &mut Vec<tide_client::Watch>,
+) -> Result<usize, String> {
+    check_watch(&mut watches[from], cluster, from).await?;
+    let to = cluster.copy(from).await.map_err(|e| format!("copy failed: {e}"))?;
+    watches[from] = cluster.client(from).watch();
+    watches.push(cluster.client(to).watch());
+    Ok(to)
 }
 
 /// Now and then a snapshot of the server's state, or the server put back to
@@ -267,15 +301,51 @@ fn check_highest_writes(model: &tide_core::Model, oracle: &Oracle) -> Result<(),
 /// The highest write made locally to each key.
 type Oracle = BTreeMap<(String, String), (Stamp, Payload)>;
 
-fn record(
-    oracle: &mut BTreeMap<(String, String), (Stamp, Payload)>,
-    collection: String,
-    id: String,
-    stamp: Stamp,
-    payload: Payload,
-) {
-    let entry = oracle.entry((collection, id)).or_insert_with(|| (stamp.clone(), payload.clone()));
-    if stamp > entry.0 {
-        *entry = (stamp, payload);
+/// Every write made locally, which client made it, and the copies of store
+/// files made since, so that the stamps a re-key gave writes can be found
+/// in the stores that hold them.
+#[derive(Default)]
+struct Writes {
+    /// Key, stamp as issued, payload, writer.
+    all: Vec<((String, String), Stamp, Payload, usize)>,
+    /// `(from, to, writes made before the copy)`.
+    copies: Vec<(usize, usize, usize)>,
+}
+
+impl Writes {
+    fn record(&mut self, client: usize, key: (String, String), stamp: Stamp, payload: Payload) {
+        self.all.push((key, stamp, payload, client));
+    }
+
+    fn copied(&mut self, from: usize, to: usize) {
+        self.copies.push((from, to, self.all.len()));
+    }
+
+    /// The stores that hold write `w`: its writer and every copy made of
+    /// one of them after it.
+    fn holders(&self, w: usize) -> Vec<usize> {
+        let mut holders = vec![self.all[w].3];
+        for &(from, to, before) in &self.copies {
+            if before > w && holders.contains(&from) {
+                holders.push(to);
+            }
+        }
+        holders
+    }
+
+    /// The highest version of every key among all the versions the writes
+    /// now have: as issued, or as re-stamped by a store that re-keyed.
+    async fn highest(&self, cluster: &Cluster) -> Result<Oracle, String> {
+        let mut oracle = Oracle::new();
+        for (w, (key, stamp, payload, _)) in self.all.iter().enumerate() {
+            for holder in self.holders(w) {
+                let now = cluster.client(holder).current_stamp(stamp).await.map_err(|e| e.to_string())?;
+                let entry = oracle.entry(key.clone()).or_insert_with(|| (now.clone(), payload.clone()));
+                if now > entry.0 {
+                    *entry = (now, payload.clone());
+                }
+            }
+        }
+        Ok(oracle)
     }
 }

@@ -313,16 +313,26 @@ async fn a_copied_store_re_keys_itself_and_everyone_converges() {
 
     // Both copies write, with the same counters: same stamps, other payloads.
     let mut rekeyed = 0;
+    let mut first = None;
     for round in 0..2 {
         for (t, who) in [(&a, "a"), (&b, "b")] {
             let notes = t.collection::<Note>("notes");
-            notes.put("shared", &note(&format!("{who} {round}"))).await.unwrap();
+            let stamp = notes.put("shared", &note(&format!("{who} {round}"))).await.unwrap();
+            if who == "b" && round == 0 {
+                first = Some(stamp);
+            }
             notes.put(&format!("{who}{round}"), &note(who)).await.unwrap();
             rekeyed += t.sync_once().await.unwrap().rekeyed;
         }
     }
     assert!(rekeyed >= 1, "a copy re-keyed");
     assert_ne!(a.node_id(), b.node_id());
+    // b met the collision and re-keyed: its first write carries a new stamp,
+    // and a checkpoint on the old one follows it.
+    let first = first.unwrap();
+    let now = b.current_stamp(&first).await.unwrap();
+    assert!(now > first && now.node_id == b.node_id(), "{first:?} became {now:?}");
+    b.acknowledged(&first, std::time::Duration::from_secs(1)).await.unwrap();
     for _ in 0..2 {
         for t in [&a, &b, &other] {
             t.sync_once().await.unwrap();

@@ -32,6 +32,8 @@ async fn random_clients_converge_under_faults_and_restarts() {
                 total.settle_rounds = total.settle_rounds.max(r.settle_rounds);
                 total.restores += r.restores;
                 total.rejected += r.rejected;
+                total.copies += r.copies;
+                total.rekeyed += r.rekeyed;
             }
             Err(e) => panic!(
                 "seed {seed} failed: {e}\nreplay: TIDE_SIM_SEED={seed} cargo test -p tide-testkit --test it simulation"
@@ -39,10 +41,13 @@ async fn random_clients_converge_under_faults_and_restarts() {
         }
     }
     assert!(total.faulted > 0 && total.restarts > 0, "the runs met faults and restarts: {total:?}");
-    assert!(total.restores > 0 && total.rejected > 0, "the runs met server restores and rejections: {total:?}");
+    assert!(
+        total.restores > 0 && total.rejected > 0 && total.copies > 0,
+        "the runs met server restores, rejections and copied stores: {total:?}"
+    );
     println!(
-        "simulation: {} seeds, {} writes ({} rejected), {} exchanges ({} faulted), {} restarts, {} server restores; \
-         settled within {} rounds at most",
+        "simulation: {} seeds, {} writes ({} rejected), {} exchanges ({} faulted), {} restarts, {} server restores, \
+         {} copied stores ({} re-keys); settled within {} rounds at most",
         seeds.len(),
         total.writes,
         total.rejected,
@@ -50,6 +55,8 @@ async fn random_clients_converge_under_faults_and_restarts() {
         total.faulted,
         total.restarts,
         total.restores,
+        total.copies,
+        total.rekeyed,
         total.settle_rounds
     );
 }

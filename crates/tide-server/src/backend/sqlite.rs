@@ -459,12 +459,16 @@ impl SqliteBackend {
                 let rows = versions(
                     conn,
                     "SELECT collection, id, doc, lamport, node_id, seq FROM tide_rows \
-                     WHERE namespace = ?1 AND collection = ?3 AND bucket IN (SELECT value FROM json_each(?2)) ORDER BY id",
+                     WHERE namespace = ?1 AND collection = ?3 AND bucket IN (SELECT value FROM json_each(?2))",
                     ns,
                     serde_json::to_string(buckets).expect("buckets serialize"),
                     collection,
                 )
                 .await?;
+                // Sorted here: an ORDER BY would make SQLite walk the whole
+                // collection in id order instead of using the bucket index.
+                let mut rows = rows;
+                rows.sort_unstable_by(|a, b| a.id.as_bytes().cmp(b.id.as_bytes()));
                 super::compare_keys(&mut reply, &rows, (collection, buckets, have), bytes_max);
             }
         }

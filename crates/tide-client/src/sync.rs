@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use tide_core::digest::{self, Hash64};
 use tide_core::{Cursor, DocKey, Lineage, OpResult, SyncRequest, SyncResponse, Verify};
-use tide_store::{Refused, Rejection};
+use tide_store::{PendingOp, Refused, Rejection};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -137,6 +137,7 @@ impl Inner {
                 req.lineage = Some(Lineage { prev, next, height: height.unwrap_or(0) + 1 });
             }
             let lineage = req.lineage.clone();
+            let pulled_before = report.pulled;
             let resp = match self.round(transport, req, &mut report).await {
                 Ok(resp) => {
                     if let Some(l) = lineage {
@@ -175,33 +176,7 @@ impl Inner {
                 Err(e) => return Err(e),
             };
             report.pushed += pending.len();
-            let (mut acked, mut rejected) = (Vec::new(), Vec::new());
-            if resp.results.is_empty() {
-                // A version-0 server: a 200 acknowledges every op (PROTOCOL.md §9).
-                acked.extend(pending.iter().map(|p| p.seq));
-            }
-            let mut collided = false;
-            for (p, result) in pending.iter().zip(&resp.results) {
-                match result {
-                    // Another store wrote this very stamp: a copy of this
-                    // one. The op stays pending and is stamped anew below.
-                    OpResult::Rejected { code: tide_core::ErrorCode::StampCollision, .. }
-                        if report.rekeyed < REKEYS_PER_SYNC_MAX =>
-                    {
-                        collided = true;
-                    }
-                    OpResult::Rejected { code, message } => {
-                        tracing::warn!(collection = %p.op.collection, id = %p.op.id, %code, "op rejected by the server");
-                        rejected.push(Rejection { seq: p.seq, code: *code, message: message.clone() });
-                    }
-                    // Not acknowledged: it stays in the outbox (PROTOCOL.md §6).
-                    OpResult::Unknown => {}
-                    _ => acked.push(p.seq),
-                }
-            }
-            report.acknowledged += acked.len();
-            report.rejected += rejected.len();
-            self.store.settle(acked, rejected).await?;
+            let collided = self.settle(&pending, &resp.results, &mut report).await?;
             if collided {
                 let node_id = self.store.rekey().await?;
                 tracing::warn!(%node_id, "another store wrote under this node id; re-keyed");
@@ -211,7 +186,12 @@ impl Inner {
             let mut done = pending.len() < batch && !resp.has_more;
             // A v1 server that sent changes could not answer with its
             // digests: ask once more so this sync ends verified.
-            if done && resp.protocol.is_some() && resp.roots.is_none() && !resp.changes.is_empty() && settle_tries > 0 {
+            if done
+                && resp.protocol.is_some()
+                && resp.roots.is_none()
+                && report.pulled > pulled_before
+                && settle_tries > 0
+            {
                 settle_tries -= 1;
                 done = false;
             }
@@ -228,6 +208,39 @@ impl Inner {
             self.verify(transport, &roots, &mut report).await?;
         }
         Ok(report)
+    }
+
+    /// Settles a push by its per-op results; returns whether one of them
+    /// collided with another store's write of the same stamp (a copy).
+    async fn settle(&self, pending: &[PendingOp], results: &[OpResult], report: &mut SyncReport) -> Result<bool> {
+        let (mut acked, mut rejected) = (Vec::new(), Vec::new());
+        if results.is_empty() {
+            // A version-0 server: a 200 acknowledges every op (PROTOCOL.md §9).
+            acked.extend(pending.iter().map(|p| p.seq));
+        }
+        let mut collided = false;
+        for (p, result) in pending.iter().zip(results) {
+            match result {
+                // Another store wrote this very stamp: a copy of this one.
+                // The op stays pending and is stamped anew.
+                OpResult::Rejected { code: tide_core::ErrorCode::StampCollision, .. }
+                    if report.rekeyed < REKEYS_PER_SYNC_MAX =>
+                {
+                    collided = true;
+                }
+                OpResult::Rejected { code, message } => {
+                    tracing::warn!(collection = %p.op.collection, id = %p.op.id, %code, "op rejected by the server");
+                    rejected.push(Rejection { seq: p.seq, code: *code, message: message.clone() });
+                }
+                // Not acknowledged: it stays in the outbox (PROTOCOL.md §6).
+                OpResult::Unknown => {}
+                _ => acked.push(p.seq),
+            }
+        }
+        report.acknowledged += acked.len();
+        report.rejected += rejected.len();
+        self.store.settle(acked, rejected).await?;
+        Ok(collided)
     }
 
     /// One exchange: sends `req`, checks that the response answers it,
@@ -255,7 +268,9 @@ impl Inner {
         }
         report.pulled += resp.changes.len();
         let cursor = resp.cursor.max(if resp.reset { Cursor::START } else { req.cursor.unwrap_or_default() });
-        let applied = self.store.apply_page(resp.changes.clone(), cursor).await?;
+        // The page goes to the store; the response keeps the rest.
+        let mut resp = resp;
+        let applied = self.store.apply_page(std::mem::take(&mut resp.changes), cursor).await?;
         report.applied += applied.len();
         Ok(resp)
     }

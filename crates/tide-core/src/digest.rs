@@ -205,6 +205,27 @@ impl DigestTree {
     }
 }
 
+/// One level's digests (1 for groups, 2 for buckets) from the stored rows
+/// (`folded`, as `(index, hash)`) and bucket deltas not yet folded into them
+/// (`logged`, as `(bucket, delta)`), restricted to `groups` if given: the
+/// non-zero entries in order. Stores that append bucket deltas to a log
+/// instead of updating random rows read their digests through this.
+pub fn with_logged(
+    level: u8,
+    folded: impl IntoIterator<Item = (u16, i64)>,
+    logged: impl IntoIterator<Item = (u16, i64)>,
+    groups: Option<&[u16]>,
+) -> Vec<(u16, Hash64)> {
+    let mut sum: std::collections::BTreeMap<u16, i64> = folded.into_iter().collect();
+    for (bucket, delta) in logged {
+        let g = u16::from(group(bucket));
+        if groups.is_none_or(|gs| gs.contains(&g)) {
+            *sum.entry(if level == 1 { g } else { bucket }).or_default() ^= delta;
+        }
+    }
+    sum.into_iter().filter(|(_, h)| *h != 0).map(|(i, h)| (i, Hash64::from_i64(h))).collect()
+}
+
 /// Entries of two sorted `(index, hash)` lists that differ (present on one
 /// side only, or with different hashes), in order.
 pub fn differing(ours: &[(u16, Hash64)], theirs: &[(u16, Hash64)]) -> Vec<u16> {

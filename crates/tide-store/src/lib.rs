@@ -47,7 +47,7 @@ use tokio::sync::{Mutex, oneshot};
 pub use conn::{ConnectionSettings, Durability};
 pub use error::{Error, Result};
 pub use schema::SCHEMA_VERSION;
-pub use writer::{GROUP_OPS_MAX, Rejection};
+pub use writer::{DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection};
 
 use conn::{Location, Readers, Settings};
 use error::db;
@@ -707,11 +707,14 @@ impl Store {
     }
 
     async fn digest_level(&self, collection: &str, level: u8, groups: Option<&[u16]>) -> Result<Vec<(u16, Hash64)>> {
+        // The folded rows and the logged deltas, in one statement (one snapshot).
         let mut conn = self.inner.readers.get().await?;
         let text: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(ix, hash) ORDER BY ix) FROM tide_digest \
-             WHERE collection = ?1 AND level = ?2 AND hash <> 0 \
-             AND (?3 IS NULL OR ix / 256 IN (SELECT value FROM json_each(?3)))",
+            "SELECT json_array( \
+               (SELECT json_group_array(json_array(ix, hash)) FROM tide_digest \
+                WHERE level = ?2 AND collection = ?1 AND hash <> 0 \
+                AND (?3 IS NULL OR ix / 256 IN (SELECT value FROM json_each(?3)))), \
+               (SELECT json_group_array(json_array(bucket, delta)) FROM tide_digest_log WHERE collection = ?1))",
         )
         .bind(collection)
         .bind(i64::from(level))
@@ -719,8 +722,8 @@ impl Store {
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-        let rows: Vec<(u16, i64)> = parse_json(&text)?;
-        Ok(rows.into_iter().map(|(i, h)| (i, Hash64::from_i64(h))).collect())
+        let (folded, logged): DigestEntries = parse_json(&text)?;
+        Ok(tide_core::digest::with_logged(level, folded, logged, groups))
     }
 
     /// Every version of a collection in `buckets`, tombstones included, as
@@ -908,3 +911,6 @@ fn parse_doc(text: &str) -> Result<Doc> {
     serde_json::from_str(text)
         .map_err(|e| Error::Corrupt { detail: format!("stored document is not a JSON object: {e}") })
 }
+
+/// Folded digest rows and logged bucket deltas, as read together.
+type DigestEntries = (Vec<(u16, i64)>, Vec<(u16, i64)>);

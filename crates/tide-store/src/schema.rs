@@ -93,7 +93,6 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     ALTER TABLE tide_rejected ADD COLUMN prev_lamport INTEGER;
     ALTER TABLE tide_rejected ADD COLUMN prev_node_id TEXT;
     ALTER TABLE tide_rejected ADD COLUMN prev_deleted INTEGER;
-    CREATE INDEX tide_docs_by_bucket ON tide_docs (collection, bucket);
     CREATE TABLE tide_digest (
         level      INTEGER NOT NULL,
         collection TEXT NOT NULL,
@@ -101,6 +100,10 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
         hash       INTEGER NOT NULL,
         PRIMARY KEY (level, collection, ix)
     ) WITHOUT ROWID;
+    -- Bucket deltas not yet folded into the group and bucket rows: appending
+    -- is cheap where updating random buckets is not (the roots, one row per
+    -- collection, are kept up to date at once).
+    CREATE TABLE tide_digest_log (collection TEXT NOT NULL, bucket INTEGER NOT NULL, delta INTEGER NOT NULL);
     -- The stamps of writes re-stamped when the store re-keyed (PROTOCOL.md §13).
     CREATE TABLE tide_restamped (
         lamport     INTEGER NOT NULL,
@@ -115,15 +118,22 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
             (SELECT doc, lamport, node_id, deleted FROM tide_docs WHERE collection = NEW.collection AND id = NEW.id)
         WHERE seq = NEW.seq;
         -- The digests move by (old live hash) XOR (new live hash); SQLite has
-        -- no XOR operator, so a ^ b is (a | b) & ~(a & b). Page applies and
-        -- repairs update the digests in bulk from Rust instead.
-        INSERT INTO tide_digest (collection, level, ix, hash)
-        SELECT NEW.collection, l.level, l.ix, d.x
+        -- no XOR operator, so a ^ b is (a | b) & ~(a & b). The root at once,
+        -- the bucket through the log. Page applies and repairs do the same in
+        -- bulk from Rust.
+        INSERT INTO tide_digest_log (collection, bucket, delta)
+        SELECT NEW.collection, NEW.bucket, d.x
         FROM (SELECT (a | b) & ~(a & b) AS x FROM (SELECT
                 coalesce((SELECT iif(deleted = 0, vhash, 0) FROM tide_docs
                           WHERE collection = NEW.collection AND id = NEW.id), 0) AS a,
-                iif(NEW.kind = 'delete', 0, NEW.vhash) AS b)) AS d,
-             (SELECT 0 AS level, 0 AS ix UNION ALL SELECT 1, NEW.bucket >> 8 UNION ALL SELECT 2, NEW.bucket) AS l
+                iif(NEW.kind = 'delete', 0, NEW.vhash) AS b)) AS d
+        WHERE d.x <> 0;
+        INSERT INTO tide_digest (level, collection, ix, hash)
+        SELECT 0, NEW.collection, 0, d.x
+        FROM (SELECT (a | b) & ~(a & b) AS x FROM (SELECT
+                coalesce((SELECT iif(deleted = 0, vhash, 0) FROM tide_docs
+                          WHERE collection = NEW.collection AND id = NEW.id), 0) AS a,
+                iif(NEW.kind = 'delete', 0, NEW.vhash) AS b)) AS d
         WHERE d.x <> 0
         ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash);
         INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash)

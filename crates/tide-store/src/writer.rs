@@ -783,35 +783,85 @@ async fn put_version(
     Ok(())
 }
 
-/// XORs `(collection, bucket, delta)` into the digests (bucket, group and
-/// root), combined per entry, in one statement.
+/// Most bucket deltas kept in `tide_digest_log` before they are folded into
+/// the group and bucket rows (see [`add_to_digests`]).
+pub const DIGEST_LOG_ROWS_MAX: i64 = 16_384;
+
+/// XORs `(collection, bucket, delta)` into the digests: the roots at once,
+/// the buckets (and groups) through the append-only log, which is folded
+/// once it holds [`DIGEST_LOG_ROWS_MAX`] rows. Updating thousands of random
+/// bucket rows per page would rewrite most of the table's pages every time.
 pub(crate) async fn add_to_digests<'a>(
     conn: &mut sqlx::SqliteConnection,
     deltas: impl IntoIterator<Item = (&'a str, u16, i64)>,
 ) -> Result<()> {
-    let mut sum: std::collections::BTreeMap<(&str, u8, u16), i64> = std::collections::BTreeMap::new();
+    let mut roots: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+    let mut buckets: std::collections::BTreeMap<(&str, u16), i64> = std::collections::BTreeMap::new();
     for (collection, bucket, delta) in deltas {
-        if delta == 0 {
-            continue;
-        }
-        for (level, index) in [(0, 0), (1, bucket >> 8), (2, bucket)] {
-            *sum.entry((collection, level, index)).or_default() ^= delta;
+        if delta != 0 {
+            *roots.entry(collection).or_default() ^= delta;
+            *buckets.entry((collection, bucket)).or_default() ^= delta;
         }
     }
-    let rows: Vec<(&str, u8, u16, i64)> =
-        sum.into_iter().filter(|(_, h)| *h != 0).map(|((c, l, i), h)| (c, l, i, h)).collect();
-    if rows.is_empty() {
+    let roots: Vec<(&str, i64)> = roots.into_iter().filter(|(_, h)| *h != 0).collect();
+    if !roots.is_empty() {
+        sqlx::query(
+            "INSERT INTO tide_digest (level, collection, ix, hash) \
+             SELECT 0, value->>0, 0, value->>1 FROM json_each(?1) WHERE true \
+             ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash)",
+        )
+        .bind(serde_json::to_string(&roots).expect("deltas serialize"))
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    let logged: Vec<(&str, u16, i64)> =
+        buckets.into_iter().filter(|(_, h)| *h != 0).map(|((c, b), h)| (c, b, h)).collect();
+    if logged.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO tide_digest (collection, level, ix, hash) \
+        "INSERT INTO tide_digest_log (collection, bucket, delta) \
+         SELECT value->>0, value->>1, value->>2 FROM json_each(?1)",
+    )
+    .bind(serde_json::to_string(&logged).expect("deltas serialize"))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    let logged: i64 = sqlx::query_scalar("SELECT coalesce(max(rowid) - min(rowid) + 1, 0) FROM tide_digest_log")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+    if logged > DIGEST_LOG_ROWS_MAX {
+        fold_digest_log(conn).await?;
+    }
+    Ok(())
+}
+
+/// Folds the logged bucket deltas into the group and bucket rows, combined
+/// per row, and empties the log.
+async fn fold_digest_log(conn: &mut sqlx::SqliteConnection) -> Result<()> {
+    let logged: Vec<(String, i64, i64)> = sqlx::query_as("SELECT collection, bucket, delta FROM tide_digest_log")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+    let mut sum: std::collections::BTreeMap<(&str, u8, i64), i64> = std::collections::BTreeMap::new();
+    for (collection, bucket, delta) in &logged {
+        *sum.entry((collection, 1, bucket >> 8)).or_default() ^= delta;
+        *sum.entry((collection, 2, *bucket)).or_default() ^= delta;
+    }
+    let rows: Vec<(u8, &str, i64, i64)> =
+        sum.into_iter().filter(|(_, h)| *h != 0).map(|((c, l, i), h)| (l, c, i, h)).collect();
+    sqlx::query(
+        "INSERT INTO tide_digest (level, collection, ix, hash) \
          SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?1) WHERE true \
          ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash)",
     )
     .bind(serde_json::to_string(&rows).expect("deltas serialize"))
-    .execute(conn)
+    .execute(&mut *conn)
     .await
     .map_err(db)?;
+    sqlx::query("DELETE FROM tide_digest_log").execute(conn).await.map_err(db)?;
     Ok(())
 }
 

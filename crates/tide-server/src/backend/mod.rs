@@ -422,18 +422,71 @@ pub(crate) fn compare_keys(
     reply.wanted = wanted;
 }
 
-/// The XOR deltas a group of writes makes to the digest tables, combined per
-/// entry: `(namespace, collection, level, index, delta)`, zero deltas left out.
+/// Most bucket deltas a server keeps in `tide_digest_log` before it folds
+/// them into the group and bucket rows: appending is cheap where updating
+/// thousands of random bucket rows per write group is not.
+pub const DIGEST_LOG_ROWS_MAX: i64 = 16_384;
+
+/// What a group of writes does to the digests, combined per entry and with
+/// zero deltas left out: `(namespace, collection, delta)` for the roots, kept
+/// up to date at once, and `(namespace, collection, bucket, delta)` for the
+/// log of bucket deltas.
+#[derive(Debug, Default)]
+pub(crate) struct DigestDeltas<'a> {
+    pub(crate) roots: Vec<(&'a str, &'a str, i64)>,
+    pub(crate) buckets: Vec<(&'a str, &'a str, u16, i64)>,
+}
+
 pub(crate) fn digest_deltas<'a>(
     changes: impl IntoIterator<Item = (&'a str, &'a str, &'a str, Option<&'a Stamp>, Option<&'a Stamp>)>,
-) -> Vec<(&'a str, &'a str, u8, u16, i64)> {
-    let mut sum: BTreeMap<(&str, &str, u8, u16), Hash64> = BTreeMap::new();
+) -> DigestDeltas<'a> {
+    let mut roots: BTreeMap<(&str, &str), Hash64> = BTreeMap::new();
+    let mut buckets: BTreeMap<(&str, &str, u16), Hash64> = BTreeMap::new();
     for (ns, collection, id, old, new) in changes {
         for d in digest::deltas(collection, id, old, new).into_iter().flatten() {
-            *sum.entry((ns, collection, d.level, d.index)).or_default() ^= d.hash;
+            match d.level {
+                0 => *roots.entry((ns, collection)).or_default() ^= d.hash,
+                2 => *buckets.entry((ns, collection, d.index)).or_default() ^= d.hash,
+                _ => {}
+            }
         }
     }
-    sum.into_iter().filter(|(_, h)| !h.is_zero()).map(|((n, c, l, i), h)| (n, c, l, i, h.to_i64())).collect()
+    DigestDeltas {
+        roots: roots.into_iter().filter(|(_, h)| !h.is_zero()).map(|((n, c), h)| (n, c, h.to_i64())).collect(),
+        buckets: buckets
+            .into_iter()
+            .filter(|(_, h)| !h.is_zero())
+            .map(|((n, c, b), h)| (n, c, b, h.to_i64()))
+            .collect(),
+    }
+}
+
+/// Logged bucket deltas, folded into group and bucket rows:
+/// `(namespace, level, collection, index, delta)`, combined, non-zero.
+pub(crate) fn fold_logged(logged: &[(String, String, i64, i64)]) -> Vec<(&str, i16, &str, i32, i64)> {
+    let mut sum: BTreeMap<(&str, i16, &str, i32), i64> = BTreeMap::new();
+    for (ns, collection, bucket, delta) in logged {
+        let bucket = i32::try_from(*bucket).unwrap_or(0);
+        *sum.entry((ns, 1, collection, bucket >> 8)).or_default() ^= delta;
+        *sum.entry((ns, 2, collection, bucket)).or_default() ^= delta;
+    }
+    sum.into_iter().filter(|(_, h)| *h != 0).map(|((n, l, c, i), h)| (n, l, c, i, h)).collect()
+}
+
+/// One digest level of a collection from its folded rows and logged deltas.
+pub(crate) fn combine(
+    level: u8,
+    folded: Vec<(i64, i64)>,
+    logged: Vec<(i64, i64)>,
+    groups: Option<&Vec<u16>>,
+) -> Vec<(u16, Hash64)> {
+    let index = |i: i64| u16::try_from(i).unwrap_or(u16::MAX);
+    digest::with_logged(
+        level,
+        folded.into_iter().map(|(i, h)| (index(i), h)),
+        logged.into_iter().map(|(b, d)| (index(b), d)),
+        groups.map(Vec::as_slice),
+    )
 }
 
 /// Most node-id bindings a backend keeps in memory (a binding never

@@ -67,7 +67,6 @@ const SCHEMA: &[&str] = &[
 /// the rows), and the principal each node id is bound to.
 const MIGRATE_V2: &[&str] = &[
     "ALTER TABLE tide_rows ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0",
-    "CREATE INDEX tide_rows_by_bucket ON tide_rows (namespace, collection, bucket)",
     r#"CREATE TABLE tide_digest (
         namespace  TEXT COLLATE "C" NOT NULL,
         level      SMALLINT NOT NULL,
@@ -75,6 +74,12 @@ const MIGRATE_V2: &[&str] = &[
         ix         INTEGER NOT NULL,
         hash       BIGINT NOT NULL,
         PRIMARY KEY (namespace, level, collection, ix))"#,
+    r#"CREATE TABLE tide_digest_log (
+        id         BIGSERIAL PRIMARY KEY,
+        namespace  TEXT COLLATE "C" NOT NULL,
+        collection TEXT COLLATE "C" NOT NULL,
+        bucket     INTEGER NOT NULL,
+        delta      BIGINT NOT NULL)"#,
     r#"CREATE TABLE tide_nodes (
         namespace    TEXT COLLATE "C" NOT NULL,
         node_id      TEXT COLLATE "C" NOT NULL,
@@ -86,9 +91,9 @@ const MIGRATE_V2: &[&str] = &[
     "UPDATE tide_server_meta SET value = '2' WHERE key = 'schema_version'",
 ];
 
-/// Adds XOR deltas to the digest table.
-const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, collection, level, ix, hash) \
-     SELECT * FROM UNNEST($1::text[], $2::text[], $3::smallint[], $4::int[], $5::bigint[]) \
+/// XORs rows of `(namespace, level, collection, ix, hash)` into the digest table.
+const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
+     SELECT * FROM UNNEST($1::text[], $2::smallint[], $3::text[], $4::int[], $5::bigint[]) \
      ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = tide_digest.hash # excluded.hash";
 
 /// A stored version as a page reads it: seq, collection, id, doc, lamport, node id, deleted.
@@ -233,7 +238,7 @@ impl PostgresBackend {
             let op = &req.ops[i];
             (ns.as_str(), c, id, before.get(&(c, id)), op.payload.doc().is_some().then_some(&op.stamp))
         }));
-        upsert_digest(&mut tx, &deltas).await?;
+        add_digests(&mut tx, &deltas).await?;
         let op_max = req.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0);
         sqlx::query(
             "UPDATE tide_namespaces SET seq = $2, lamport_max = GREATEST(lamport_max, $3) WHERE namespace = $1",
@@ -448,10 +453,11 @@ async fn level(
     level: i16,
     groups: Option<&Vec<u16>>,
 ) -> Result<Vec<(u16, Hash64)>, BackendError> {
+    let wire_groups = groups;
     let groups: Option<Vec<i32>> = groups.map(|g| g.iter().map(|g| i32::from(*g)).collect());
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT ix, hash FROM tide_digest WHERE namespace = $1 AND collection = $2 AND level = $3 AND hash <> 0 \
-         AND ($4::int[] IS NULL OR ix / 256 = ANY($4)) ORDER BY ix",
+    let folded: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT ix, hash FROM tide_digest WHERE namespace = $1 AND level = $3 AND collection = $2 AND hash <> 0 \
+         AND ($4::int[] IS NULL OR ix / 256 = ANY($4))",
     )
     .bind(ns.as_str())
     .bind(collection)
@@ -460,35 +466,79 @@ async fn level(
     .fetch_all(&mut **tx)
     .await
     .map_err(unavailable)?;
-    rows.into_iter()
-        .map(|(ix, h)| {
-            let ix = u16::try_from(ix).map_err(|_| BackendError::Internal(format!("digest index {ix}")))?;
-            Ok((ix, Hash64::from_i64(h)))
-        })
-        .collect()
+    let logged: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT bucket, delta FROM tide_digest_log WHERE namespace = $1 AND collection = $2")
+            .bind(ns.as_str())
+            .bind(collection)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+    let widen = |v: Vec<(i32, i64)>| v.into_iter().map(|(i, h)| (i64::from(i), h)).collect();
+    Ok(super::combine(u8::try_from(level).unwrap_or(2), widen(folded), widen(logged), wire_groups))
 }
 
+/// XORs `rows` of `(namespace, level, collection, ix, hash)` into the digest table.
 async fn upsert_digest(
     tx: &mut Transaction<'_, Postgres>,
-    deltas: &[(&str, &str, u8, u16, i64)],
+    rows: &[(&str, i16, &str, i32, i64)],
 ) -> Result<(), BackendError> {
-    if deltas.is_empty() {
+    if rows.is_empty() {
         return Ok(());
     }
-    let namespaces: Vec<&str> = deltas.iter().map(|d| d.0).collect();
-    let collections: Vec<&str> = deltas.iter().map(|d| d.1).collect();
-    let levels: Vec<i16> = deltas.iter().map(|d| i16::from(d.2)).collect();
-    let ixs: Vec<i32> = deltas.iter().map(|d| i32::from(d.3)).collect();
-    let hashes: Vec<i64> = deltas.iter().map(|d| d.4).collect();
+    let namespaces: Vec<&str> = rows.iter().map(|d| d.0).collect();
+    let levels: Vec<i16> = rows.iter().map(|d| d.1).collect();
+    let collections: Vec<&str> = rows.iter().map(|d| d.2).collect();
+    let ixs: Vec<i32> = rows.iter().map(|d| d.3).collect();
+    let hashes: Vec<i64> = rows.iter().map(|d| d.4).collect();
     sqlx::query(UPSERT_DIGEST)
         .bind(&namespaces)
-        .bind(&collections)
         .bind(&levels)
+        .bind(&collections)
         .bind(&ixs)
         .bind(&hashes)
         .execute(&mut **tx)
         .await
         .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Applies a write's digest deltas: the roots at once, the buckets to the
+/// log, which is folded into the group and bucket rows once it holds
+/// [`super::DIGEST_LOG_ROWS_MAX`] rows (each row folded exactly once, even
+/// with several servers: a fold takes the rows it deletes).
+async fn add_digests(tx: &mut Transaction<'_, Postgres>, deltas: &super::DigestDeltas<'_>) -> Result<(), BackendError> {
+    let roots: Vec<(&str, i16, &str, i32, i64)> = deltas.roots.iter().map(|&(n, c, h)| (n, 0, c, 0, h)).collect();
+    upsert_digest(tx, &roots).await?;
+    if deltas.buckets.is_empty() {
+        return Ok(());
+    }
+    let namespaces: Vec<&str> = deltas.buckets.iter().map(|d| d.0).collect();
+    let collections: Vec<&str> = deltas.buckets.iter().map(|d| d.1).collect();
+    let buckets: Vec<i32> = deltas.buckets.iter().map(|d| i32::from(d.2)).collect();
+    let hashes: Vec<i64> = deltas.buckets.iter().map(|d| d.3).collect();
+    let logged: i64 = sqlx::query_scalar(
+        "WITH added AS (INSERT INTO tide_digest_log (namespace, collection, bucket, delta) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::int[], $4::bigint[]) RETURNING id) \
+         SELECT coalesce((SELECT max(id) FROM added) - (SELECT min(id) FROM tide_digest_log) + 1, 0)",
+    )
+    .bind(&namespaces)
+    .bind(&collections)
+    .bind(&buckets)
+    .bind(&hashes)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    if logged > super::DIGEST_LOG_ROWS_MAX {
+        let taken: Vec<(String, String, i32, i64)> =
+            sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
+                .fetch_all(&mut **tx)
+                .await
+                .map_err(unavailable)?;
+        let taken: Vec<(String, String, i64, i64)> =
+            taken.into_iter().map(|(n, c, b, d)| (n, c, i64::from(b), d)).collect();
+        let folded: Vec<(&str, i16, &str, i32, i64)> = super::fold_logged(&taken);
+        upsert_digest(tx, &folded).await?;
+    }
     Ok(())
 }
 
@@ -523,7 +573,7 @@ async fn backfill_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), Back
             .filter(|(r, _)| !r.5)
             .map(|(r, s)| (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(s))),
     );
-    upsert_digest(tx, &deltas).await
+    add_digests(tx, &deltas).await
 }
 
 /// Stores the last applied op of each key written by a request.

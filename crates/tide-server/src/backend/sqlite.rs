@@ -56,7 +56,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS tide_rows_by_seq ON tide_rows (namespace, seq)
 /// the rows by [`SqliteBackend::open`]), and the principal each node id is bound to.
 const MIGRATE_V2: &str = r"
 ALTER TABLE tide_rows ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX tide_rows_by_bucket ON tide_rows (namespace, collection, bucket);
 CREATE TABLE tide_digest (
     namespace  TEXT NOT NULL,
     level      INTEGER NOT NULL,
@@ -65,6 +64,12 @@ CREATE TABLE tide_digest (
     hash       INTEGER NOT NULL,
     PRIMARY KEY (namespace, level, collection, ix)
 ) WITHOUT ROWID;
+CREATE TABLE tide_digest_log (
+    namespace  TEXT NOT NULL,
+    collection TEXT NOT NULL,
+    bucket     INTEGER NOT NULL,
+    delta      INTEGER NOT NULL
+);
 CREATE TABLE tide_nodes (
     namespace    TEXT NOT NULL,
     node_id      TEXT NOT NULL,
@@ -77,13 +82,12 @@ CREATE TABLE tide_nodes (
 UPDATE tide_server_meta SET value = '2' WHERE key = 'schema_version';
 ";
 
-/// Adds XOR deltas to the digest table; SQLite has no XOR operator, so it
-/// is spelled `(a | b) & ~(a & b)`.
-const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, collection, level, ix, hash) \
+/// XORs rows of `(namespace, level, collection, ix, hash)` into the digest
+/// table; SQLite has no XOR operator, so it is spelled `(a | b) & ~(a & b)`.
+const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1) WHERE true \
      ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET \
      hash = (hash | excluded.hash) & ~(hash & excluded.hash)";
-
 /// Durability of the server's commits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
@@ -299,13 +303,7 @@ impl SqliteBackend {
             let new = op.payload.doc().is_some().then_some(&op.stamp);
             (ns, c, id, before.get(&(ns, c, id)), new)
         }));
-        if !deltas.is_empty() {
-            sqlx::query(UPSERT_DIGEST)
-                .bind(serde_json::to_string(&deltas).expect("deltas serialize"))
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
+        add_digests(&mut tx, &deltas).await?;
         let updated: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
         sqlx::query(
             "UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
@@ -515,23 +513,25 @@ async fn level(
     level: u8,
     groups: Option<&Vec<u16>>,
 ) -> Result<Vec<(u16, Hash64)>, BackendError> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT ix, hash FROM tide_digest WHERE namespace = ?1 AND collection = ?2 AND level = ?3 AND hash <> 0 \
-         AND (?4 IS NULL OR ix / 256 IN (SELECT value FROM json_each(?4))) ORDER BY ix",
+    // The folded rows and the logged deltas, in one statement (one snapshot).
+    let text: String = sqlx::query_scalar(
+        "SELECT json_array( \
+           (SELECT json_group_array(json_array(ix, hash)) FROM tide_digest \
+            WHERE namespace = ?1 AND level = ?3 AND collection = ?2 AND hash <> 0 \
+            AND (?4 IS NULL OR ix / 256 IN (SELECT value FROM json_each(?4)))), \
+           (SELECT json_group_array(json_array(bucket, delta)) FROM tide_digest_log \
+            WHERE namespace = ?1 AND collection = ?2))",
     )
     .bind(ns.as_str())
     .bind(collection)
     .bind(i64::from(level))
     .bind(groups.map(|g| serde_json::to_string(g).expect("groups serialize")))
-    .fetch_all(conn)
+    .fetch_one(conn)
     .await
     .map_err(unavailable)?;
-    rows.into_iter()
-        .map(|(ix, h)| {
-            let ix = u16::try_from(ix).map_err(|_| BackendError::Internal(format!("digest index {ix}")))?;
-            Ok((ix, Hash64::from_i64(h)))
-        })
-        .collect()
+    let (folded, logged): DigestEntries =
+        serde_json::from_str(&text).map_err(|e| BackendError::Internal(format!("digests: {e}")))?;
+    Ok(super::combine(level, folded, logged, groups))
 }
 
 /// Stored versions selected by `sql` (binding the namespace, a JSON list and a collection).
@@ -585,11 +585,48 @@ async fn backfill_digests(conn: &mut SqliteConnection) -> Result<(), BackendErro
             .filter(|(r, _)| !r.5)
             .map(|(r, s)| (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(s))),
     );
-    sqlx::query(UPSERT_DIGEST)
-        .bind(serde_json::to_string(&deltas).expect("deltas serialize"))
-        .execute(conn)
+    add_digests(conn, &deltas).await
+}
+
+/// Applies a write group's digest deltas: the roots at once, the buckets to
+/// the log, which is folded into the group and bucket rows once it holds
+/// [`super::DIGEST_LOG_ROWS_MAX`] rows.
+async fn add_digests(conn: &mut SqliteConnection, deltas: &super::DigestDeltas<'_>) -> Result<(), BackendError> {
+    if !deltas.roots.is_empty() {
+        let roots: Vec<(&str, u8, &str, u8, i64)> = deltas.roots.iter().map(|&(n, c, h)| (n, 0, c, 0, h)).collect();
+        sqlx::query(UPSERT_DIGEST)
+            .bind(serde_json::to_string(&roots).expect("deltas serialize"))
+            .execute(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+    }
+    if deltas.buckets.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO tide_digest_log (namespace, collection, bucket, delta) \
+         SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?1)",
+    )
+    .bind(serde_json::to_string(&deltas.buckets).expect("deltas serialize"))
+    .execute(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    let logged: i64 = sqlx::query_scalar("SELECT coalesce(max(rowid) - min(rowid) + 1, 0) FROM tide_digest_log")
+        .fetch_one(&mut *conn)
         .await
         .map_err(unavailable)?;
+    if logged > super::DIGEST_LOG_ROWS_MAX {
+        let logged: Vec<(String, String, i64, i64)> =
+            sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+        sqlx::query(UPSERT_DIGEST)
+            .bind(serde_json::to_string(&super::fold_logged(&logged)).expect("deltas serialize"))
+            .execute(conn)
+            .await
+            .map_err(unavailable)?;
+    }
     Ok(())
 }
 
@@ -731,3 +768,6 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 }
+
+/// Folded digest rows and logged bucket deltas, as read together.
+type DigestEntries = (Vec<(i64, i64)>, Vec<(i64, i64)>);

@@ -236,7 +236,37 @@ async fn a_node_id_is_bound_to_its_first_principal(storage: Storage) {
     alice.exchange(&req("alice-phone", Some(1), vec![put("alice-phone", "k", 2, 3)])).await.unwrap();
 }
 
+/// Digests stay right when the log of bucket deltas is folded into the
+/// bucket rows (past `DIGEST_LOG_ROWS_MAX` writes), as the model computes them.
+async fn digests_survive_folding_the_bucket_log(storage: Storage) {
+    let running = support::start_on(storage).await;
+    let t = HttpTransport::new(&running.endpoint()).unwrap();
+    let mut model = tide_core::digest::DigestTree::new();
+    let n = usize::try_from(tide_server::backend::DIGEST_LOG_ROWS_MAX).unwrap() + 1_500;
+    for start in (0..n).step_by(1_000) {
+        let ops: Vec<Op> = (start..n.min(start + 1_000)).map(|i| put("w", &format!("k{i}"), 1, 1)).collect();
+        for op in &ops {
+            model.replace(&op.collection, &op.id, None, Some(&op.stamp));
+        }
+        let mut r = req("w", None, ops);
+        r.limit = Some(1);
+        t.exchange(&r).await.unwrap();
+    }
+    let mut groups = req("w", None, vec![]);
+    groups.limit = Some(1);
+    groups.verify = Some(tide_core::Verify::Groups { collection: "notes".into() });
+    assert_eq!(t.exchange(&groups).await.unwrap().groups.unwrap(), model.groups("notes"));
+    let all: Vec<u16> = (0..256).collect();
+    groups.verify = Some(tide_core::Verify::Buckets { collection: "notes".into(), groups: all.clone() });
+    assert_eq!(t.exchange(&groups).await.unwrap().buckets.unwrap(), model.buckets("notes", &all));
+    // At the end of the stream (its own writes skipped), the roots are sent.
+    let mut roots = req("w", Some(n as u64), vec![]);
+    roots.verify = Some(tide_core::Verify::Roots);
+    assert_eq!(t.exchange(&roots).await.unwrap().roots.unwrap(), model.roots());
+}
+
 on_both_backends!(
+    digests_survive_folding_the_bucket_log,
     a_node_id_is_bound_to_its_first_principal,
     two_clients_converge_with_per_op_results,
     a_cursor_beyond_the_namespace_is_reset,

@@ -77,7 +77,7 @@ impl Db {
     }
 }
 
-const TABLES: [&str; 4] = ["tide_namespaces", "tide_rows", "tide_digest", "tide_nodes"];
+const TABLES: [&str; 5] = ["tide_namespaces", "tide_rows", "tide_digest", "tide_digest_log", "tide_nodes"];
 
 async fn pg(url: &str, sql: &str) {
     use sqlx::{ConnectOptions, Connection};

@@ -93,7 +93,6 @@ async fn cursor_and_documents_survive_a_reopen_together() {
 #[tokio::test]
 async fn digests_kept_while_writing_equal_digests_from_scratch() {
     use tide_core::SplitMix64;
-    use tide_core::digest::DigestTree;
 
     let store = Store::open_in_memory().await.unwrap();
     let mut rng = SplitMix64::new(7);
@@ -130,12 +129,37 @@ async fn digests_kept_while_writing_equal_digests_from_scratch() {
     }
     let acked = store.pending(10_000).await.unwrap().iter().map(|p| p.seq).collect();
     store.settle(acked, Vec::new()).await.unwrap();
+    check_digests(&store).await;
+    // Enough changes to fold the digest log into the bucket rows.
+    let many: Vec<Change> = (0..tide_store::DIGEST_LOG_ROWS_MAX as u64 + 10)
+        .map(|i| Change {
+            collection: "c1".into(),
+            id: format!("bulk{i}"),
+            stamp: Stamp::new(1 + i % 7, "bulk"),
+            payload: Payload::Put(serde_json::json!({"i": i}).as_object().cloned().unwrap()),
+            seq: seq + 1 + i,
+        })
+        .collect();
+    store.apply_page(many, Cursor(seq + 20_000)).await.unwrap();
+    check_digests(&store).await;
+}
 
+/// The store's digests against digests computed from its live documents.
+async fn check_digests(store: &Store) {
+    use tide_core::digest::DigestTree;
     let mut expected = DigestTree::new();
     for c in ["c0", "c1"] {
-        for (id, _) in store.list(c, None, 1_000).await.unwrap() {
-            let v = store.version(c, &id).await.unwrap().unwrap();
-            expected.replace(c, &id, None, Some(&v.stamp));
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.list(c, after.as_deref(), 10_000).await.unwrap();
+            for (id, _) in &page {
+                let v = store.version(c, id).await.unwrap().unwrap();
+                expected.replace(c, id, None, Some(&v.stamp));
+            }
+            match page.last() {
+                Some((id, _)) => after = Some(id.clone()),
+                None => break,
+            }
         }
     }
     assert_eq!(store.settled_roots().await.unwrap().unwrap(), expected.roots());

@@ -323,7 +323,7 @@ impl Inner {
             let theirs = self.round(transport, req, report).await?.groups.unwrap_or_default();
             let groups = digest::differing(&self.store.digest_groups(collection).await?, &theirs);
             let mut buckets = Vec::new();
-            for chunk in groups.chunks(tide_core::limits::VERIFY_BUCKETS_MAX) {
+            for chunk in groups.chunks(tide_core::limits::VERIFY_GROUPS_MAX) {
                 let mut req = self.request().await?;
                 req.verify = Some(Verify::Buckets { collection: collection.clone(), groups: chunk.to_vec() });
                 let theirs = self.round(transport, req, report).await?.buckets.unwrap_or_default();

@@ -28,9 +28,11 @@ pub const RESPONSE_BYTES_MAX: usize = 4 << 20;
 pub const LAMPORT_LEAD_MAX: u64 = 1_000_000_000;
 /// Default for [`Limits::wait_max`]: the longest a server holds a long-poll.
 pub const WAIT_MAX: Duration = Duration::from_secs(30);
-/// Most buckets one key comparison may name, and most groups one bucket
-/// request may expand (PROTOCOL.md §12): 256.
-pub const VERIFY_BUCKETS_MAX: usize = 256;
+/// Most groups one bucket request may expand (PROTOCOL.md §12): all 256.
+pub const VERIFY_GROUPS_MAX: usize = 256;
+/// Most buckets one key comparison may name (PROTOCOL.md §12): 4,096. A
+/// comparison reads the collection once, so fewer, larger ones are cheaper.
+pub const VERIFY_BUCKETS_MAX: usize = 4_096;
 /// Most keys one request may `fetch` (PROTOCOL.md §12): 1,000.
 pub const FETCH_KEYS_MAX: usize = 1_000;
 /// The deepest JSON nesting any message may have (`serde_json`'s fixed limit).
@@ -127,8 +129,8 @@ impl Limits {
             Some(Verify::Groups { collection }) => self.check_collection(collection),
             Some(Verify::Buckets { collection, groups }) => {
                 self.check_collection(collection)?;
-                if groups.len() > VERIFY_BUCKETS_MAX {
-                    return Err(too_many("groups", groups.len(), VERIFY_BUCKETS_MAX));
+                if groups.len() > VERIFY_GROUPS_MAX {
+                    return Err(too_many("groups", groups.len(), VERIFY_GROUPS_MAX));
                 }
                 match groups.iter().find(|g| u32::from(**g) >= crate::digest::GROUP_BUCKETS) {
                     Some(g) => Err(Violation::new(ErrorCode::InvalidRequest, format!("group {g} is out of range"))),

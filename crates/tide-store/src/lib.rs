@@ -145,6 +145,7 @@ pub struct OpenOptions {
     busy_timeout: Duration,
     verify: bool,
     on_commit: Option<CommitListener>,
+    digest_log_rows_max: i64,
 }
 
 impl std::fmt::Debug for OpenOptions {
@@ -166,6 +167,7 @@ impl Default for OpenOptions {
             busy_timeout: BUSY_TIMEOUT_DEFAULT,
             verify: true,
             on_commit: None,
+            digest_log_rows_max: DIGEST_LOG_ROWS_MAX,
         }
     }
 }
@@ -196,6 +198,15 @@ impl OpenOptions {
     #[must_use]
     pub fn on_commit(mut self, listener: CommitListener) -> Self {
         self.on_commit = Some(listener);
+        self
+    }
+
+    /// Most bucket deltas logged before they are folded into the digests'
+    /// bucket rows (default [`DIGEST_LOG_ROWS_MAX`]): larger is cheaper for
+    /// bulk writes, smaller for reading bucket digests during a repair.
+    #[must_use]
+    pub fn digest_log_rows_max(mut self, rows: usize) -> Self {
+        self.digest_log_rows_max = i64::try_from(rows).unwrap_or(i64::MAX);
         self
     }
 
@@ -263,7 +274,7 @@ impl OpenOptions {
             }
             readers
         };
-        let writer = Writer::new(writer_conn, clock, node_id.clone(), self.on_commit);
+        let writer = Writer::new(writer_conn, clock, node_id.clone(), self.on_commit, self.digest_log_rows_max);
         Ok(Store {
             inner: Arc::new(Inner {
                 writer,

@@ -213,5 +213,5 @@ async fn backfill_digests(conn: &mut SqliteConnection) -> Result<()> {
     .await
     .map_err(db)?;
     let live = hashed.iter().filter(|r| !r.4).map(|&(c, _, b, h, _)| (c, b, h));
-    crate::writer::add_to_digests(conn, live).await
+    crate::writer::add_to_digests(conn, live, crate::writer::DIGEST_LOG_ROWS_MAX).await
 }

@@ -79,11 +79,18 @@ pub(crate) struct State {
     pub(crate) node_id: String,
     closed: bool,
     on_commit: Option<CommitListener>,
+    pub(crate) digest_log_rows_max: i64,
 }
 
 impl Writer {
-    pub(crate) fn new(conn: Shared, clock: LamportClock, node_id: String, on_commit: Option<CommitListener>) -> Self {
-        let state = State { conn, clock, node_id, closed: false, on_commit };
+    pub(crate) fn new(
+        conn: Shared,
+        clock: LamportClock,
+        node_id: String,
+        on_commit: Option<CommitListener>,
+        digest_log_rows_max: i64,
+    ) -> Self {
+        let state = State { conn, clock, node_id, closed: false, on_commit, digest_log_rows_max };
         Self {
             shared: Arc::new(Core {
                 queue: std::sync::Mutex::new(Vec::new()),
@@ -396,7 +403,7 @@ impl State {
                 let new = if r.5 == 0 { r.7 } else { 0 };
                 (r.0, r.6, old_hash.get(&(r.0, r.1)).copied().unwrap_or(0) ^ new)
             });
-            add_to_digests(&mut tx, deltas).await?;
+            add_to_digests(&mut tx, deltas, self.digest_log_rows_max).await?;
             sqlx::query(
                 "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
                  SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7 \
@@ -684,7 +691,8 @@ async fn restamp(
     .map_err(db)?;
     let Some((doc, deleted, old_hash)) = stored else { return Ok(None) };
     if !deleted {
-        add_to_digests(&mut *conn, [(collection, tide_core::digest::bucket(collection, id), old_hash ^ vhash)]).await?;
+        let delta = [(collection, tide_core::digest::bucket(collection, id), old_hash ^ vhash)];
+        add_to_digests(&mut *conn, delta, DIGEST_LOG_ROWS_MAX).await?;
     }
     sqlx::query(
         "UPDATE tide_docs SET lamport = ?5, node_id = ?6, vhash = ?7 \
@@ -751,7 +759,7 @@ async fn put_version(
         .filter(|v| v.payload.doc().is_some())
         .map_or(0, |v| tide_core::digest::version_hash(collection, id, &v.stamp).to_i64());
     let bucket = tide_core::digest::bucket(collection, id);
-    add_to_digests(&mut *conn, [(collection, bucket, old.unwrap_or(0) ^ new)]).await?;
+    add_to_digests(&mut *conn, [(collection, bucket, old.unwrap_or(0) ^ new)], DIGEST_LOG_ROWS_MAX).await?;
     let Some(v) = version else {
         sqlx::query("DELETE FROM tide_docs WHERE collection = ?1 AND id = ?2")
             .bind(collection)
@@ -783,17 +791,19 @@ async fn put_version(
     Ok(())
 }
 
-/// Most bucket deltas kept in `tide_digest_log` before they are folded into
-/// the group and bucket rows (see [`add_to_digests`]).
-pub const DIGEST_LOG_ROWS_MAX: i64 = 16_384;
+/// Default for [`crate::OpenOptions::digest_log_rows_max`]: most bucket
+/// deltas kept in `tide_digest_log` before they are folded into the group and
+/// bucket rows (see [`add_to_digests`]): 262,144.
+pub const DIGEST_LOG_ROWS_MAX: i64 = 1 << 18;
 
 /// XORs `(collection, bucket, delta)` into the digests: the roots at once,
 /// the buckets (and groups) through the append-only log, which is folded
-/// once it holds [`DIGEST_LOG_ROWS_MAX`] rows. Updating thousands of random
+/// once it holds more than `fold_over` rows. Updating thousands of random
 /// bucket rows per page would rewrite most of the table's pages every time.
 pub(crate) async fn add_to_digests<'a>(
     conn: &mut sqlx::SqliteConnection,
     deltas: impl IntoIterator<Item = (&'a str, u16, i64)>,
+    fold_over: i64,
 ) -> Result<()> {
     let mut roots: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
     let mut buckets: std::collections::BTreeMap<(&str, u16), i64> = std::collections::BTreeMap::new();
@@ -832,7 +842,7 @@ pub(crate) async fn add_to_digests<'a>(
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-    if logged > DIGEST_LOG_ROWS_MAX {
+    if logged > fold_over {
         fold_digest_log(conn).await?;
     }
     Ok(())

@@ -422,10 +422,11 @@ pub(crate) fn compare_keys(
     reply.wanted = wanted;
 }
 
-/// Most bucket deltas a server keeps in `tide_digest_log` before it folds
-/// them into the group and bucket rows: appending is cheap where updating
-/// thousands of random bucket rows per write group is not.
-pub const DIGEST_LOG_ROWS_MAX: i64 = 16_384;
+/// Default most bucket deltas a server keeps in `tide_digest_log` before it
+/// folds them into the group and bucket rows (262,144; see
+/// `set_digest_log_rows_max` on each backend): appending is cheap where
+/// updating thousands of random bucket rows per write group is not.
+pub const DIGEST_LOG_ROWS_MAX: i64 = 1 << 18;
 
 /// What a group of writes does to the digests, combined per entry and with
 /// zero deltas left out: `(namespace, collection, delta)` for the roots, kept

@@ -104,6 +104,7 @@ pub struct PostgresBackend {
     pool: PgPool,
     limits: Limits,
     bindings: Bindings,
+    digest_log_rows_max: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -157,7 +158,8 @@ impl PostgresBackend {
             backfill_digests(&mut tx).await?;
         }
         tx.commit().await.map_err(unavailable)?;
-        Ok(Arc::new(Self { pool, limits, bindings: Bindings::default() }))
+        let digest_log_rows_max = std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX);
+        Ok(Arc::new(Self { pool, limits, bindings: Bindings::default(), digest_log_rows_max }))
     }
 
     async fn apply(&self, principal: &Principal, req: &SyncRequest) -> Result<Vec<OpResult>, BackendError> {
@@ -238,7 +240,8 @@ impl PostgresBackend {
             let op = &req.ops[i];
             (ns.as_str(), c, id, before.get(&(c, id)), op.payload.doc().is_some().then_some(&op.stamp))
         }));
-        add_digests(&mut tx, &deltas).await?;
+        let fold_over = self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed);
+        add_digests(&mut tx, &deltas, fold_over).await?;
         let op_max = req.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0);
         sqlx::query(
             "UPDATE tide_namespaces SET seq = $2, lamport_max = GREATEST(lamport_max, $3) WHERE namespace = $1",
@@ -261,6 +264,12 @@ impl PostgresBackend {
         tx.commit().await.map_err(unavailable)?;
         self.bindings.remember(bound.map(|owner| (ns.as_str().to_owned(), req.node_id.clone(), owner)));
         Ok(results)
+    }
+
+    /// Folds logged bucket deltas once more than `rows` wait (default
+    /// [`super::DIGEST_LOG_ROWS_MAX`]).
+    pub fn set_digest_log_rows_max(&self, rows: usize) {
+        self.digest_log_rows_max.store(i64::try_from(rows).unwrap_or(i64::MAX), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Binds `node_id` to `principal` unless it is bound already (then it
@@ -506,7 +515,11 @@ async fn upsert_digest(
 /// log, which is folded into the group and bucket rows once it holds
 /// [`super::DIGEST_LOG_ROWS_MAX`] rows (each row folded exactly once, even
 /// with several servers: a fold takes the rows it deletes).
-async fn add_digests(tx: &mut Transaction<'_, Postgres>, deltas: &super::DigestDeltas<'_>) -> Result<(), BackendError> {
+async fn add_digests(
+    tx: &mut Transaction<'_, Postgres>,
+    deltas: &super::DigestDeltas<'_>,
+    fold_over: i64,
+) -> Result<(), BackendError> {
     let roots: Vec<(&str, i16, &str, i32, i64)> = deltas.roots.iter().map(|&(n, c, h)| (n, 0, c, 0, h)).collect();
     upsert_digest(tx, &roots).await?;
     if deltas.buckets.is_empty() {
@@ -528,7 +541,7 @@ async fn add_digests(tx: &mut Transaction<'_, Postgres>, deltas: &super::DigestD
     .fetch_one(&mut **tx)
     .await
     .map_err(unavailable)?;
-    if logged > super::DIGEST_LOG_ROWS_MAX {
+    if logged > fold_over {
         let taken: Vec<(String, String, i32, i64)> =
             sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
                 .fetch_all(&mut **tx)
@@ -573,7 +586,7 @@ async fn backfill_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), Back
             .filter(|(r, _)| !r.5)
             .map(|(r, s)| (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(s))),
     );
-    add_digests(tx, &deltas).await
+    add_digests(tx, &deltas, super::DIGEST_LOG_ROWS_MAX).await
 }
 
 /// Stores the last applied op of each key written by a request.

@@ -109,6 +109,7 @@ pub struct SqliteBackend {
     queue: std::sync::Mutex<Vec<Pending>>,
     draining: AtomicBool,
     bindings: Bindings,
+    digest_log_rows_max: std::sync::atomic::AtomicI64,
 }
 
 /// A request waiting for the next group transaction.
@@ -170,6 +171,7 @@ impl SqliteBackend {
             queue: std::sync::Mutex::new(Vec::new()),
             draining: AtomicBool::new(false),
             bindings: Bindings::default(),
+            digest_log_rows_max: std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX),
         }))
     }
 
@@ -303,7 +305,7 @@ impl SqliteBackend {
             let new = op.payload.doc().is_some().then_some(&op.stamp);
             (ns, c, id, before.get(&(ns, c, id)), new)
         }));
-        add_digests(&mut tx, &deltas).await?;
+        add_digests(&mut tx, &deltas, self.digest_log_rows_max.load(Ordering::Relaxed)).await?;
         let updated: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
         sqlx::query(
             "UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
@@ -362,6 +364,12 @@ impl SqliteBackend {
             bound.insert((unknown[i].0, unknown[i].1), owner);
         }
         Ok(bound)
+    }
+
+    /// Folds logged bucket deltas once more than `rows` wait (default
+    /// [`super::DIGEST_LOG_ROWS_MAX`]).
+    pub fn set_digest_log_rows_max(&self, rows: usize) {
+        self.digest_log_rows_max.store(i64::try_from(rows).unwrap_or(i64::MAX), Ordering::Relaxed);
     }
 
     fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
@@ -585,13 +593,17 @@ async fn backfill_digests(conn: &mut SqliteConnection) -> Result<(), BackendErro
             .filter(|(r, _)| !r.5)
             .map(|(r, s)| (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(s))),
     );
-    add_digests(conn, &deltas).await
+    add_digests(conn, &deltas, super::DIGEST_LOG_ROWS_MAX).await
 }
 
 /// Applies a write group's digest deltas: the roots at once, the buckets to
 /// the log, which is folded into the group and bucket rows once it holds
 /// [`super::DIGEST_LOG_ROWS_MAX`] rows.
-async fn add_digests(conn: &mut SqliteConnection, deltas: &super::DigestDeltas<'_>) -> Result<(), BackendError> {
+async fn add_digests(
+    conn: &mut SqliteConnection,
+    deltas: &super::DigestDeltas<'_>,
+    fold_over: i64,
+) -> Result<(), BackendError> {
     if !deltas.roots.is_empty() {
         let roots: Vec<(&str, u8, &str, u8, i64)> = deltas.roots.iter().map(|&(n, c, h)| (n, 0, c, 0, h)).collect();
         sqlx::query(UPSERT_DIGEST)
@@ -615,7 +627,7 @@ async fn add_digests(conn: &mut SqliteConnection, deltas: &super::DigestDeltas<'
         .fetch_one(&mut *conn)
         .await
         .map_err(unavailable)?;
-    if logged > super::DIGEST_LOG_ROWS_MAX {
+    if logged > fold_over {
         let logged: Vec<(String, String, i64, i64)> =
             sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
                 .fetch_all(&mut *conn)

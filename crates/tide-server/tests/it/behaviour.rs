@@ -237,12 +237,14 @@ async fn a_node_id_is_bound_to_its_first_principal(storage: Storage) {
 }
 
 /// Digests stay right when the log of bucket deltas is folded into the
-/// bucket rows (past `DIGEST_LOG_ROWS_MAX` writes), as the model computes them.
+/// bucket rows (past the configured number of logged rows), as the model
+/// computes them.
 async fn digests_survive_folding_the_bucket_log(storage: Storage) {
-    let running = support::start_on(storage).await;
+    let auth = Arc::new(tide_server::NoAuth::new("default"));
+    let running = support::start_with_digest_log(storage, ServerConfig::default(), auth, Some(2_000)).await;
     let t = HttpTransport::new(&running.endpoint()).unwrap();
     let mut model = tide_core::digest::DigestTree::new();
-    let n = usize::try_from(tide_server::backend::DIGEST_LOG_ROWS_MAX).unwrap() + 1_500;
+    let n: usize = 4_500;
     for start in (0..n).step_by(1_000) {
         let ops: Vec<Op> = (start..n.min(start + 1_000)).map(|i| put("w", &format!("k{i}"), 1, 1)).collect();
         for op in &ops {

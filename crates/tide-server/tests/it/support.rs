@@ -46,12 +46,34 @@ impl Storage {
 }
 
 pub(crate) async fn start_on_with(storage: Storage, config: ServerConfig, auth: Arc<dyn Authenticator>) -> Running {
+    start_with_digest_log(storage, config, auth, None).await
+}
+
+/// As [`start_on_with`], folding logged digest deltas past `digest_log_rows` if given.
+pub(crate) async fn start_with_digest_log(
+    storage: Storage,
+    config: ServerConfig,
+    auth: Arc<dyn Authenticator>,
+    digest_log_rows: Option<usize>,
+) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let backend: Arc<dyn Backend> = match storage {
         Storage::Sqlite => {
-            SqliteBackend::open(&dir.path().join("server.db"), Durability::Normal, config.limits.clone()).await.unwrap()
+            let b = SqliteBackend::open(&dir.path().join("server.db"), Durability::Normal, config.limits.clone())
+                .await
+                .unwrap();
+            if let Some(rows) = digest_log_rows {
+                b.set_digest_log_rows_max(rows);
+            }
+            b
         }
-        Storage::Postgres(url) => PostgresBackend::open(&url, config.limits.clone()).await.unwrap(),
+        Storage::Postgres(url) => {
+            let b = PostgresBackend::open(&url, config.limits.clone()).await.unwrap();
+            if let Some(rows) = digest_log_rows {
+                b.set_digest_log_rows_max(rows);
+            }
+            b
+        }
     };
     let server = Server::new(backend, auth, config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

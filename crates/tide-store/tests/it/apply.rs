@@ -94,7 +94,7 @@ async fn cursor_and_documents_survive_a_reopen_together() {
 async fn digests_kept_while_writing_equal_digests_from_scratch() {
     use tide_core::SplitMix64;
 
-    let store = Store::open_in_memory().await.unwrap();
+    let store = OpenOptions::new().digest_log_rows_max(1_000).open_in_memory().await.unwrap();
     let mut rng = SplitMix64::new(7);
     let mut seq = 0;
     for round in 0..20 {
@@ -131,7 +131,7 @@ async fn digests_kept_while_writing_equal_digests_from_scratch() {
     store.settle(acked, Vec::new()).await.unwrap();
     check_digests(&store).await;
     // Enough changes to fold the digest log into the bucket rows.
-    let many: Vec<Change> = (0..tide_store::DIGEST_LOG_ROWS_MAX as u64 + 10)
+    let many: Vec<Change> = (0..1_010)
         .map(|i| Change {
             collection: "c1".into(),
             id: format!("bulk{i}"),

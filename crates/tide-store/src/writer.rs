@@ -838,10 +838,12 @@ pub(crate) async fn add_to_digests<'a>(
     .execute(&mut *conn)
     .await
     .map_err(db)?;
-    let logged: i64 = sqlx::query_scalar("SELECT coalesce(max(rowid) - min(rowid) + 1, 0) FROM tide_digest_log")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(db)?;
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT max(rowid) FROM tide_digest_log) - (SELECT min(rowid) FROM tide_digest_log) + 1, 0)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
     if logged > fold_over {
         fold_digest_log(conn).await?;
     }

@@ -623,10 +623,12 @@ async fn add_digests(
     .execute(&mut *conn)
     .await
     .map_err(unavailable)?;
-    let logged: i64 = sqlx::query_scalar("SELECT coalesce(max(rowid) - min(rowid) + 1, 0) FROM tide_digest_log")
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(unavailable)?;
+    let logged: i64 = sqlx::query_scalar(
+        "SELECT coalesce((SELECT max(rowid) FROM tide_digest_log) - (SELECT min(rowid) FROM tide_digest_log) + 1, 0)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(unavailable)?;
     if logged > fold_over {
         let logged: Vec<(String, String, i64, i64)> =
             sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")

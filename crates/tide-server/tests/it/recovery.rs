@@ -241,6 +241,46 @@ async fn a_lower_server_limit_converges(db: Option<Db>, dir: &Path) {
     stop(server).await;
 }
 
+/// A client of another principal using someone's node id is refused with
+/// 403 and changes nothing; the owner goes on (PROTOCOL.md §7).
+async fn another_principals_node_id_is_forbidden(db: Option<Db>, dir: &Path) {
+    use tide_transport::Headers;
+    let Some(db) = db else { return };
+    let server = start_with_tokens(&db, "tok-alice=shared,tok-mallory=shared");
+    let as_token = |name: &str, token: &str, node: &str| {
+        Tide::builder()
+            .path(dir.join(format!("{name}.db")))
+            .endpoint(&server.endpoint)
+            .headers(Headers::Static(vec![("authorization".into(), format!("Bearer {token}"))]))
+            .node_id(node)
+            .long_poll(None)
+            .open()
+    };
+    let alice = as_token("alice", "tok-alice", "alice-phone").await.unwrap();
+    alice.collection::<Note>("notes").put("k", &note("alice's")).await.unwrap();
+    alice.sync_once().await.unwrap();
+    let mallory = as_token("mallory", "tok-mallory", "alice-phone").await.unwrap();
+    mallory.collection::<Note>("notes").put("k", &note("forged")).await.unwrap();
+    let err = mallory.sync_once().await.unwrap_err();
+    assert!(
+        matches!(&err, tide_client::Error::Transport(t) if t.code() == Some(tide_core::ErrorCode::Forbidden)),
+        "{err}"
+    );
+    let fresh = as_token("fresh", "tok-mallory", "mallory-laptop").await.unwrap();
+    fresh.sync_once().await.unwrap();
+    assert_eq!(docs(&fresh).await, vec![("k".to_owned(), note("alice's"))], "the forged write never landed");
+    assert!(alice.sync_once().await.unwrap().verified);
+    stop(server).await;
+}
+
+fn start_with_tokens(db: &Db, tokens: &str) -> Running {
+    let mut args: Vec<String> = vec!["--tokens".into(), tokens.into()];
+    args.extend(db.args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (child, endpoint) = crate::binary::spawn(&args);
+    Running { child, endpoint }
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod on_sqlite {
@@ -260,4 +300,9 @@ macro_rules! on_both {
     };
 }
 
-on_both!(a_restored_server_database_converges, a_copied_store_file_converges, a_lower_server_limit_converges);
+on_both!(
+    a_restored_server_database_converges,
+    a_copied_store_file_converges,
+    a_lower_server_limit_converges,
+    another_principals_node_id_is_forbidden,
+);

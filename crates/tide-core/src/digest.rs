@@ -119,11 +119,31 @@ pub fn group(bucket: u16) -> u8 {
     (bucket >> 8) as u8
 }
 
-/// The contribution of one live version to its bucket, group and root.
-pub fn version_hash(collection: &str, id: &str, stamp: &Stamp) -> Hash64 {
+/// The hash of one version: its key, its stamp and its payload (`doc` is
+/// the document's compact JSON text, `None` for a tombstone). A live
+/// version contributes it to its bucket, group and root. The payload is in
+/// it because two copies of one store can give one stamp two payloads: the
+/// digests then still differ, and the comparison of keys finds them.
+pub fn version_hash(collection: &str, id: &str, stamp: &Stamp, doc: Option<&str>) -> Hash64 {
     let h = fnv(key_state(collection, id), &[0xff]);
     let h = fnv(h, &stamp.lamport.to_le_bytes());
-    Hash64(mix(fnv(h, stamp.node_id.as_bytes())))
+    let h = fnv(fnv(h, stamp.node_id.as_bytes()), &[0xff]);
+    let h = match doc {
+        Some(text) => fnv(fnv(h, b"p"), text.as_bytes()),
+        None => fnv(h, b"d"),
+    };
+    Hash64(mix(h))
+}
+
+/// A payload's document as the compact JSON text its version hash covers
+/// (`None` for a delete): the text every tide store keeps.
+pub fn doc_text(payload: &crate::Payload) -> Option<String> {
+    payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"))
+}
+
+/// [`version_hash`] of a payload.
+pub fn payload_hash(collection: &str, id: &str, stamp: &Stamp, payload: &crate::Payload) -> Hash64 {
+    version_hash(collection, id, stamp, doc_text(payload).as_deref())
 }
 
 /// One level's entry that a write changes, and by how much.
@@ -137,15 +157,14 @@ pub struct Delta {
     pub hash: Hash64,
 }
 
-/// What replacing the live version `old` of a key by `new` (either `None`
-/// for absent or a tombstone) does to the three levels: nothing when both
-/// are the same.
-pub fn deltas(collection: &str, id: &str, old: Option<&Stamp>, new: Option<&Stamp>) -> Option<[Delta; 3]> {
+/// What replacing the live version hashed `old` of a key by `new` (either
+/// `None` for absent or a tombstone) does to the three levels: nothing when
+/// both are the same.
+pub fn deltas(collection: &str, id: &str, old: Option<Hash64>, new: Option<Hash64>) -> Option<[Delta; 3]> {
     if old == new {
         return None;
     }
-    let h = old.map(|s| version_hash(collection, id, s)).unwrap_or_default()
-        ^ new.map(|s| version_hash(collection, id, s)).unwrap_or_default();
+    let h = old.unwrap_or_default() ^ new.unwrap_or_default();
     let b = bucket(collection, id);
     Some([
         Delta { level: 0, index: 0, hash: h },
@@ -167,9 +186,9 @@ impl DigestTree {
         Self::default()
     }
 
-    /// Records that the live version of `(collection, id)` went from `old`
-    /// to `new` (`None` for absent or deleted).
-    pub fn replace(&mut self, collection: &str, id: &str, old: Option<&Stamp>, new: Option<&Stamp>) {
+    /// Records that the live version of `(collection, id)` went from the one
+    /// hashed `old` to `new` (`None` for absent or deleted).
+    pub fn replace(&mut self, collection: &str, id: &str, old: Option<Hash64>, new: Option<Hash64>) {
         for d in deltas(collection, id, old, new).into_iter().flatten() {
             let entry = self.entries.entry((collection.to_owned(), d.level, d.index)).or_default();
             *entry ^= d.hash;
@@ -241,15 +260,36 @@ pub fn differing(ours: &[(u16, Hash64)], theirs: &[(u16, Hash64)]) -> Vec<u16> {
     out
 }
 
+/// One side's version of a key when two replicas compare it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held<'a> {
+    /// Its stamp.
+    pub stamp: &'a Stamp,
+    /// Its [`version_hash`].
+    pub hash: Hash64,
+    /// Whether it is a document (not a tombstone).
+    pub live: bool,
+}
+
+impl<'a> Held<'a> {
+    /// A version given as `(stamp, hash, live)`.
+    pub fn of((stamp, hash, live): &'a (Stamp, Hash64, bool)) -> Self {
+        Self { stamp, hash: *hash, live: *live }
+    }
+}
+
 /// Which side's version of a key must travel when two replicas compare it:
 /// `(send_server_version, want_client_version)`. A version travels when the
 /// other side lacks the key and it is live, or when its stamp is greater.
-pub fn compare(server: Option<(&Stamp, bool)>, client: Option<(&Stamp, bool)>) -> (bool, bool) {
+/// One stamp with two payloads (copies of one store) is settled by the
+/// server's: it holds the one it accepted.
+pub fn compare(server: Option<Held<'_>>, client: Option<Held<'_>>) -> (bool, bool) {
     match (server, client) {
         (None, None) => (false, false),
-        (Some((_, live)), None) => (live, false),
-        (None, Some((_, live))) => (false, live),
-        (Some((s, _)), Some((c, _))) => (s > c, c > s),
+        (Some(s), None) => (s.live, false),
+        (None, Some(c)) => (false, c.live),
+        (Some(s), Some(c)) if s.stamp == c.stamp => (s.hash != c.hash, false),
+        (Some(s), Some(c)) => (s.stamp > c.stamp, c.stamp > s.stamp),
     }
 }
 
@@ -261,23 +301,26 @@ mod tests {
     fn hashes_are_fixed_across_builds() {
         // Pinned: every replica and every backend must compute the same values.
         assert_eq!(bucket("notes", "n1"), bucket("notes", "n1"));
-        let h = version_hash("notes", "n1", &Stamp::new(7, "A"));
+        let h = version_hash("notes", "n1", &Stamp::new(7, "A"), Some("{}"));
         assert_eq!(h.to_string().len(), 16);
-        assert_ne!(h, version_hash("notes", "n1", &Stamp::new(7, "B")));
-        assert_ne!(h, version_hash("notes", "n2", &Stamp::new(7, "A")));
-        assert_ne!(version_hash("a", "bc", &Stamp::new(1, "x")), version_hash("ab", "c", &Stamp::new(1, "x")));
+        assert_ne!(h, version_hash("notes", "n1", &Stamp::new(7, "B"), Some("{}")));
+        assert_ne!(h, version_hash("notes", "n2", &Stamp::new(7, "A"), Some("{}")));
+        assert_ne!(h, version_hash("notes", "n1", &Stamp::new(7, "A"), Some(r#"{"a":1}"#)), "the payload counts");
+        assert_ne!(h, version_hash("notes", "n1", &Stamp::new(7, "A"), None), "a tombstone differs");
+        let x = Stamp::new(1, "x");
+        assert_ne!(version_hash("a", "bc", &x, None), version_hash("ab", "c", &x, None));
     }
 
     #[test]
     fn a_tree_returns_to_empty_when_every_version_is_removed() {
         let mut t = DigestTree::new();
-        let (s1, s2) = (Stamp::new(1, "A"), Stamp::new(2, "B"));
-        t.replace("c", "k", None, Some(&s1));
-        t.replace("c", "j", None, Some(&s2));
-        t.replace("c", "k", Some(&s1), Some(&s2));
+        let h = |id: &str, l: u64| version_hash("c", id, &Stamp::new(l, "A"), Some("{}"));
+        t.replace("c", "k", None, Some(h("k", 1)));
+        t.replace("c", "j", None, Some(h("j", 2)));
+        t.replace("c", "k", Some(h("k", 1)), Some(h("k", 2)));
         assert_eq!(t.roots().len(), 1);
-        t.replace("c", "k", Some(&s2), None);
-        t.replace("c", "j", Some(&s2), None);
+        t.replace("c", "k", Some(h("k", 2)), None);
+        t.replace("c", "j", Some(h("j", 2)), None);
         assert_eq!(t, DigestTree::new());
     }
 

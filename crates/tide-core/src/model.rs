@@ -179,11 +179,18 @@ impl Model {
             }
             Some(Verify::Keys { collection, buckets, have }) => {
                 // Versions outside the compared buckets are ignored.
-                let held: BTreeMap<&str, (Stamp, bool)> = have
+                let held: BTreeMap<&str, (Stamp, digest::Hash64, bool)> = have
                     .iter()
                     .filter(|h| buckets.contains(&digest::bucket(collection, &h.0)))
-                    .map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.3)))
+                    .map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.4, h.3)))
                     .collect();
+                let row_held = |id: &str, r: &Row| {
+                    (
+                        r.stamp.clone(),
+                        digest::payload_hash(collection, id, &r.stamp, &r.payload),
+                        r.payload.doc().is_some(),
+                    )
+                };
                 for (key, row) in self.rows.range((collection.clone(), String::new())..) {
                     if &key.0 != collection {
                         break;
@@ -191,15 +198,16 @@ impl Model {
                     if !buckets.contains(&digest::bucket(collection, &key.1)) {
                         continue;
                     }
-                    let client = held.get(key.1.as_str()).map(|(s, live)| (s, *live));
-                    let live = matches!(row.payload, Payload::Put(_));
-                    if digest::compare(Some((&row.stamp, live)), client).0 {
+                    let server = row_held(&key.1, row);
+                    if digest::compare(Some(digest::Held::of(&server)), held.get(key.1.as_str()).map(digest::Held::of))
+                        .0
+                    {
                         fetched.push(Self::change(&key.0, &key.1, row));
                     }
                 }
-                for (id, (stamp, live)) in &held {
-                    let server = self.row(collection, id).map(|r| (&r.stamp, matches!(r.payload, Payload::Put(_))));
-                    if digest::compare(server, Some((stamp, *live))).1 {
+                for (id, client) in &held {
+                    let server = self.row(collection, id).map(|r| row_held(id, r));
+                    if digest::compare(server.as_ref().map(digest::Held::of), Some(digest::Held::of(client))).1 {
                         resp.wanted.push((*id).to_owned());
                     }
                 }
@@ -239,9 +247,11 @@ impl Model {
                 self.by_seq.remove(&old.seq);
             }
             self.by_seq.insert(self.seq, key.clone());
-            let old_live = stored.and_then(|r| matches!(r.payload, Payload::Put(_)).then_some(&r.stamp));
-            let new_live = matches!(op.payload, Payload::Put(_)).then_some(&op.stamp);
-            self.digest.replace(&key.0, &key.1, old_live, new_live);
+            let live_hash = |stamp: &Stamp, payload: &Payload| {
+                payload.doc().is_some().then(|| digest::payload_hash(&key.0, &key.1, stamp, payload))
+            };
+            let old_live = stored.and_then(|r| live_hash(&r.stamp, &r.payload));
+            self.digest.replace(&key.0, &key.1, old_live, live_hash(&op.stamp, &op.payload));
             let row = Row { stamp: op.stamp.clone(), payload: op.payload.clone(), seq: self.seq };
             self.rows.insert(key.clone(), row);
         }

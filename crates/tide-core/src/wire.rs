@@ -134,9 +134,9 @@ impl Lineage {
 pub struct DocKey(pub String, pub String);
 
 /// One version a client holds, as it reports it when comparing keys
-/// (§12): `[id, lamport, node_id, live]`.
+/// (§12): `[id, lamport, node_id, live, hash]`, `hash` its version hash.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HeldVersion(pub String, pub u64, pub String, pub bool);
+pub struct HeldVersion(pub String, pub u64, pub String, pub bool, pub Hash64);
 
 /// Which digests a client asks for (§12), one level at a time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

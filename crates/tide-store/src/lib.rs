@@ -742,7 +742,7 @@ impl Store {
     pub async fn held_versions(&self, collection: &str, buckets: &[u16]) -> Result<Vec<HeldVersion>> {
         let mut conn = self.inner.readers.get().await?;
         let text: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(id, lamport, node_id, deleted = 0)) FROM tide_docs \
+            "SELECT json_group_array(json_array(id, lamport, node_id, deleted = 0, vhash)) FROM tide_docs \
              WHERE collection = ?1 AND bucket IN (SELECT value FROM json_each(?2))",
         )
         .bind(collection)
@@ -750,8 +750,8 @@ impl Store {
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-        let rows: Vec<(String, u64, String, u8)> = parse_json(&text)?;
-        Ok(rows.into_iter().map(|(id, l, n, live)| HeldVersion(id, l, n, live == 1)).collect())
+        let rows: Vec<(String, u64, String, u8, i64)> = parse_json(&text)?;
+        Ok(rows.into_iter().map(|(id, l, n, live, h)| HeldVersion(id, l, n, live == 1, Hash64::from_i64(h))).collect())
     }
 
     /// The stored versions of `ids` in a collection as ops with their

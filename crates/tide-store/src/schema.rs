@@ -191,16 +191,23 @@ pub(crate) async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
 /// Gives every existing document its bucket and version hash, and the
 /// digests their live versions.
 async fn backfill_digests(conn: &mut SqliteConnection) -> Result<()> {
-    let rows: Vec<(String, String, i64, String, bool)> =
-        sqlx::query_as("SELECT collection, id, lamport, node_id, deleted FROM tide_docs")
+    let rows: Vec<(String, String, i64, String, bool, Option<String>)> =
+        sqlx::query_as("SELECT collection, id, lamport, node_id, deleted, doc FROM tide_docs")
             .fetch_all(&mut *conn)
             .await
             .map_err(db)?;
     let hashed: Vec<(&str, &str, u16, i64, bool)> = rows
         .iter()
-        .map(|(c, id, lamport, node, deleted)| {
+        .map(|(c, id, lamport, node, deleted, doc)| {
             let stamp = tide_core::Stamp::new(u64::try_from(*lamport).unwrap_or(0), node.clone());
-            (c.as_str(), id.as_str(), digest::bucket(c, id), digest::version_hash(c, id, &stamp).to_i64(), *deleted)
+            let doc = doc.as_deref().filter(|_| !deleted);
+            (
+                c.as_str(),
+                id.as_str(),
+                digest::bucket(c, id),
+                digest::version_hash(c, id, &stamp, doc).to_i64(),
+                *deleted,
+            )
         })
         .collect();
     let updates: Vec<(&str, &str, u16, i64)> = hashed.iter().map(|&(c, id, b, h, _)| (c, id, b, h)).collect();

@@ -295,7 +295,7 @@ impl State {
                     Payload::Put(doc) => ("put", Some(serde_json::to_string(doc).expect("documents serialize"))),
                     Payload::Delete => ("delete", None),
                 };
-                let (bucket, vhash) = digest_columns(&w.collection, &w.id, stamp);
+                let (bucket, vhash) = digest_columns(&w.collection, &w.id, stamp, doc.as_deref());
                 rows.push(Row(&w.collection, &w.id, kind, doc, stamp.lamport, bucket, vhash));
             }
         }
@@ -360,30 +360,22 @@ impl State {
         // The stored stamps of the page's keys, as one row.
         let keys: Vec<(&str, &str)> = changes.iter().map(|c| (c.collection.as_str(), c.id.as_str())).collect();
         let stored: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(j.key, d.lamport, d.node_id, iif(d.deleted, 0, d.vhash))) \
+            "SELECT json_group_array(json_array(j.key, d.lamport, d.node_id, iif(d.deleted, 0, d.vhash), d.vhash)) \
              FROM json_each(?1) AS j CROSS JOIN tide_docs AS d ON d.collection = j.value->>0 AND d.id = j.value->>1",
         )
         .bind(serde_json::to_string(&keys).expect("keys serialize"))
         .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
-        let stored: Vec<(usize, u64, String, i64)> =
+        let stored: Vec<(usize, u64, String, i64, i64)> =
             serde_json::from_str(&stored).map_err(|e| Error::Corrupt { detail: format!("stored stamps: {e}") })?;
         // The live hash each key contributes before the page.
-        let old_hash: HashMap<(&str, &str), i64> = stored.iter().map(|&(i, _, _, h)| (keys[i], h)).collect();
-        let mut current: HashMap<(&str, &str), Stamp> =
-            stored.into_iter().map(|(i, lamport, node, _)| (keys[i], Stamp::new(lamport, node))).collect();
+        let old_hash: HashMap<(&str, &str), i64> = stored.iter().map(|&(i, _, _, h, _)| (keys[i], h)).collect();
+        let current: HashMap<(&str, &str), (Stamp, i64)> =
+            stored.into_iter().map(|(i, lamport, node, _, h)| (keys[i], (Stamp::new(lamport, node), h))).collect();
 
         // The same rule as everywhere: tide_core decides, in page order.
-        let mut applied = Vec::new();
-        let mut last_winner: HashMap<(&str, &str), usize> = HashMap::new();
-        for (i, change) in changes.iter().enumerate() {
-            if tide_core::wins(&change.stamp, current.get(&keys[i])) {
-                current.insert(keys[i], change.stamp.clone());
-                last_winner.insert(keys[i], i);
-                applied.push(i);
-            }
-        }
+        let (applied, last_winner) = winners(&keys, &changes, current);
         if !last_winner.is_empty() {
             #[derive(Serialize)]
             struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8, u16, i64);
@@ -395,7 +387,7 @@ impl State {
                     let c = &changes[i];
                     let doc = c.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
                     let deleted = u8::from(doc.is_none());
-                    let (bucket, vhash) = digest_columns(&c.collection, &c.id, &c.stamp);
+                    let (bucket, vhash) = digest_columns(&c.collection, &c.id, &c.stamp, doc.as_deref());
                     Row(&c.collection, &c.id, doc, c.stamp.lamport, &c.stamp.node_id, deleted, bucket, vhash)
                 })
                 .collect();
@@ -410,7 +402,9 @@ impl State {
                  FROM jsonb_each(?1) WHERE true \
                  ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
                  node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash \
-                 WHERE (excluded.lamport, excluded.node_id) > (tide_docs.lamport, tide_docs.node_id)",
+                 WHERE (excluded.lamport, excluded.node_id) > (tide_docs.lamport, tide_docs.node_id) \
+                 OR ((excluded.lamport, excluded.node_id) = (tide_docs.lamport, tide_docs.node_id) \
+                     AND excluded.vhash <> tide_docs.vhash)",
             )
             .bind(serde_json::to_string(&rows).expect("rows serialize"))
             .execute(&mut *tx)
@@ -648,7 +642,12 @@ async fn restamp(
     old: &Stamp,
     new: &Stamp,
 ) -> Result<Option<Committed>> {
-    let (_, vhash) = digest_columns(collection, id, new);
+    let op_doc: Option<String> = sqlx::query_scalar("SELECT doc FROM tide_outbox WHERE seq = ?1")
+        .bind(seq)
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+    let (_, vhash) = digest_columns(collection, id, new, op_doc.as_deref());
     let (old_lamport, new_lamport) = (to_i64(old.lamport), to_i64(new.lamport));
     sqlx::query("UPDATE tide_outbox SET lamport = ?2, node_id = ?3, vhash = ?4 WHERE seq = ?1")
         .bind(seq)
@@ -727,6 +726,30 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).expect("bounded by LAMPORT_MAX")
 }
 
+/// Which changes of a page replace what is stored (`current`: stamp and
+/// version hash per key), in page order, and the last of them per key: the
+/// greater stamp wins (`tide_core::wins`); one stamp with two payloads
+/// (copies of one store) is settled by the server's, which these are.
+fn winners<'a>(
+    keys: &[(&'a str, &'a str)],
+    changes: &[Change],
+    mut current: HashMap<(&'a str, &'a str), (Stamp, i64)>,
+) -> (Vec<usize>, HashMap<(&'a str, &'a str), usize>) {
+    let mut applied = Vec::new();
+    let mut last_winner = HashMap::new();
+    for (i, change) in changes.iter().enumerate() {
+        let stored = current.get(&keys[i]);
+        let hash = tide_core::digest::payload_hash(keys[i].0, keys[i].1, &change.stamp, &change.payload).to_i64();
+        let collided = stored.is_some_and(|(s, h)| *s == change.stamp && *h != hash);
+        if collided || tide_core::wins(&change.stamp, stored.map(|(s, _)| s)) {
+            current.insert(keys[i], (change.stamp.clone(), hash));
+            last_winner.insert(keys[i], i);
+            applied.push(i);
+        }
+    }
+    (applied, last_winner)
+}
+
 /// Whether a write with `stamp` to the key was refused by the server.
 async fn was_refused(conn: &mut sqlx::SqliteConnection, collection: &str, id: &str, stamp: &Stamp) -> Result<bool> {
     sqlx::query_scalar(
@@ -757,7 +780,7 @@ async fn put_version(
             .map_err(db)?;
     let new = version
         .filter(|v| v.payload.doc().is_some())
-        .map_or(0, |v| tide_core::digest::version_hash(collection, id, &v.stamp).to_i64());
+        .map_or(0, |v| tide_core::digest::payload_hash(collection, id, &v.stamp, &v.payload).to_i64());
     let bucket = tide_core::digest::bucket(collection, id);
     add_to_digests(&mut *conn, [(collection, bucket, old.unwrap_or(0) ^ new)], DIGEST_LOG_ROWS_MAX).await?;
     let Some(v) = version else {
@@ -770,7 +793,7 @@ async fn put_version(
         return Ok(());
     };
     let doc = v.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
-    let (bucket, vhash) = digest_columns(collection, id, &v.stamp);
+    let (bucket, vhash) = digest_columns(collection, id, &v.stamp, doc.as_deref());
     sqlx::query(
         "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
@@ -878,8 +901,8 @@ async fn fold_digest_log(conn: &mut sqlx::SqliteConnection) -> Result<()> {
 }
 
 /// A document row's digest bucket and version hash (PROTOCOL.md §12).
-pub(crate) fn digest_columns(collection: &str, id: &str, stamp: &Stamp) -> (u16, i64) {
-    (tide_core::digest::bucket(collection, id), tide_core::digest::version_hash(collection, id, stamp).to_i64())
+pub(crate) fn digest_columns(collection: &str, id: &str, stamp: &Stamp, doc: Option<&str>) -> (u16, i64) {
+    (tide_core::digest::bucket(collection, id), tide_core::digest::version_hash(collection, id, stamp, doc).to_i64())
 }
 
 /// Answers a command that arrives after the store closed.

@@ -233,17 +233,18 @@ fn backup_or_restore(
     0
 }
 
-/// A client's watch stream, drained: for each key, stamps only rise except
-/// when a refused write is put back, and the last event is the version the
-/// store holds.
+/// A client's watch stream, drained: for each key, stamps never go back
+/// except when a refused write is put back, and the last event is the
+/// version the store holds.
 async fn check_watch(watch: &mut tide_client::Watch, cluster: &Cluster, c: usize) -> Result<(), String> {
     use tide_client::{Source, WatchEvent};
     let mut last: BTreeMap<(String, String), (Stamp, Option<tide_core::Doc>)> = BTreeMap::new();
     while let Ok(Some(event)) = tokio::time::timeout(std::time::Duration::from_millis(5), watch.next()).await {
         let WatchEvent::Change(e) = event else { return Err(format!("c{c}'s watcher lagged: {event:?}")) };
         let key = (e.collection.clone(), e.id.clone());
+        // The same stamp again is a collision settled by the server's payload.
         if let Some((prev, _)) = last.get(&key)
-            && e.stamp <= *prev
+            && e.stamp < *prev
             && e.source != Source::Reverted
         {
             return Err(format!("c{c}'s watcher saw {key:?} go from {prev:?} back to {:?}", e.stamp));
@@ -281,25 +282,30 @@ fn never_back(before: &Snapshot, now: &Snapshot) -> Result<(), String> {
 /// that is a put (a delete leaves nothing live).
 fn check_highest_writes(model: &tide_core::Model, oracle: &Oracle) -> Result<(), String> {
     // Live documents only: a tombstone the server lost is as good as none.
-    let live = |m: &BTreeMap<(String, String), (Stamp, Payload)>| -> BTreeMap<(String, String), (Stamp, Payload)> {
-        m.iter().filter(|(_, (_, p))| matches!(p, Payload::Put(_))).map(|(k, v)| (k.clone(), v.clone())).collect()
-    };
-    let server: BTreeMap<(String, String), (Stamp, Payload)> =
-        model.rows().map(|(k, r)| (k.clone(), (r.stamp.clone(), r.payload.clone()))).collect();
-    let (server, oracle) = (live(&server), live(oracle));
-    if server != oracle {
-        let key = oracle
-            .iter()
-            .find(|(k, v)| server.get(*k) != Some(*v))
-            .map(|(k, v)| format!("{k:?}: highest write {v:?}, server {:?}", server.get(k)))
-            .or_else(|| server.keys().find(|k| !oracle.contains_key(*k)).map(|k| format!("{k:?} only on the server")));
-        return Err(format!("the server is not the highest write of every key: {}", key.unwrap_or_default()));
+    let server: BTreeMap<&(String, String), (&Stamp, &Payload)> =
+        model.rows().filter(|(_, r)| r.payload.doc().is_some()).map(|(k, r)| (k, (&r.stamp, &r.payload))).collect();
+    for (key, (stamp, payloads)) in oracle {
+        let ok = match server.get(key) {
+            Some((s, p)) => *s == stamp && payloads.contains(p),
+            None => payloads.contains(&Payload::Delete),
+        };
+        if !ok {
+            return Err(format!(
+                "the server is not the highest write of {key:?}: highest {stamp:?} with {payloads:?}, server {:?}",
+                server.get(key)
+            ));
+        }
+    }
+    if let Some(key) = server.keys().find(|k| !oracle.contains_key(**k)) {
+        return Err(format!("the server holds {key:?}, which nobody wrote"));
     }
     Ok(())
 }
 
-/// The highest write made locally to each key.
-type Oracle = BTreeMap<(String, String), (Stamp, Payload)>;
+/// The highest stamp written locally to each key, and its payloads: one,
+/// or several when copies of one store gave that stamp several (the server
+/// keeps the first it accepts).
+type Oracle = BTreeMap<(String, String), (Stamp, Vec<Payload>)>;
 
 /// Every write made locally, which client made it, and the copies of store
 /// files made since, so that the stamps a re-key gave writes can be found
@@ -340,9 +346,11 @@ impl Writes {
         for (w, (key, stamp, payload, _)) in self.all.iter().enumerate() {
             for holder in self.holders(w) {
                 let now = cluster.client(holder).current_stamp(stamp).await.map_err(|e| e.to_string())?;
-                let entry = oracle.entry(key.clone()).or_insert_with(|| (now.clone(), payload.clone()));
+                let entry = oracle.entry(key.clone()).or_insert_with(|| (now.clone(), Vec::new()));
                 if now > entry.0 {
-                    *entry = (now, payload.clone());
+                    *entry = (now, vec![payload.clone()]);
+                } else if now == entry.0 && !entry.1.contains(payload) {
+                    entry.1.push(payload.clone());
                 }
             }
         }

@@ -215,7 +215,7 @@ fn an_unknown_op_status_decodes_as_not_acknowledged() {
 
 #[test]
 fn the_digest_extensions_round_trip() {
-    let text = r#"{"node_id":"a","cursor":"4","ops":[],"request_id":"r1","verify":{"level":"keys","collection":"c","buckets":[3],"have":[["i",2,"b",true]]},"fetch":[["c","j"]]}"#;
+    let text = r#"{"node_id":"a","cursor":"4","ops":[],"request_id":"r1","verify":{"level":"keys","collection":"c","buckets":[3],"have":[["i",2,"b",true,"00000000000000ff"]]},"fetch":[["c","j"]]}"#;
     let req = SyncRequest::from_json(text.as_bytes()).unwrap();
     assert_eq!(req.request_id.as_deref(), Some("r1"));
     assert_eq!(
@@ -223,7 +223,7 @@ fn the_digest_extensions_round_trip() {
         Some(tide_core::Verify::Keys {
             collection: "c".into(),
             buckets: vec![3],
-            have: vec![tide_core::HeldVersion("i".into(), 2, "b".into(), true)]
+            have: vec![tide_core::HeldVersion("i".into(), 2, "b".into(), true, tide_core::digest::Hash64(255))]
         })
     );
     assert_eq!(req.fetch, vec![tide_core::DocKey("c".into(), "j".into())]);

@@ -397,25 +397,26 @@ pub(crate) fn compare_keys(
     bytes_max: usize,
 ) {
     // Versions outside the compared buckets are ignored.
-    let held: HashMap<&str, (Stamp, bool)> = have
+    let held: HashMap<&str, (Stamp, Hash64, bool)> = have
         .iter()
         .filter(|h| buckets.contains(&digest::bucket(collection, &h.0)))
-        .map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.3)))
+        .map(|h| (h.0.as_str(), (Stamp::new(h.1, h.2.clone()), h.4, h.3)))
         .collect();
-    let mut by_id: HashMap<&str, (Stamp, bool)> = HashMap::with_capacity(stored.len());
+    let mut by_id: HashMap<&str, (Stamp, Hash64, bool)> = HashMap::with_capacity(stored.len());
     let mut send = Vec::new();
     for v in stored {
         let stamp = Stamp::new(v.lamport, v.node_id.clone());
-        let client = held.get(v.id.as_str()).map(|(s, live)| (s, *live));
-        if digest::compare(Some((&stamp, v.doc.is_some())), client).0 {
+        let hash = digest::version_hash(collection, &v.id, &stamp, v.doc.as_deref());
+        let server = (stamp, hash, v.doc.is_some());
+        if digest::compare(Some(digest::Held::of(&server)), held.get(v.id.as_str()).map(digest::Held::of)).0 {
             send.push(v);
         }
-        by_id.insert(v.id.as_str(), (stamp, v.doc.is_some()));
+        by_id.insert(v.id.as_str(), server);
     }
     push_fetched(reply, send, bytes_max);
     let mut wanted: Vec<String> = held
         .iter()
-        .filter(|(id, (stamp, live))| digest::compare(by_id.get(*id).map(|(s, l)| (s, *l)), Some((stamp, *live))).1)
+        .filter(|(id, client)| digest::compare(by_id.get(*id).map(digest::Held::of), Some(digest::Held::of(client))).1)
         .map(|(id, _)| (*id).to_owned())
         .collect();
     wanted.sort_unstable();
@@ -439,7 +440,7 @@ pub(crate) struct DigestDeltas<'a> {
 }
 
 pub(crate) fn digest_deltas<'a>(
-    changes: impl IntoIterator<Item = (&'a str, &'a str, &'a str, Option<&'a Stamp>, Option<&'a Stamp>)>,
+    changes: impl IntoIterator<Item = (&'a str, &'a str, &'a str, Option<Hash64>, Option<Hash64>)>,
 ) -> DigestDeltas<'a> {
     let mut roots: BTreeMap<(&str, &str), Hash64> = BTreeMap::new();
     let mut buckets: BTreeMap<(&str, &str, u16), Hash64> = BTreeMap::new();

@@ -182,28 +182,7 @@ impl PostgresBackend {
         let (seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
         let bound = self.bind_node(&mut tx, principal, &req.node_id).await?;
         check_lead(req, lamport_max, self.limits.lamport_lead_max)?;
-        if let Some(lineage) = &req.lineage {
-            // The node's chain of write exchanges (PROTOCOL.md §13).
-            let moved: Option<i32> = sqlx::query_scalar(
-                "UPDATE tide_nodes SET chain_last = $4, chain_height = $5, \
-                 chain_before = CASE WHEN chain_last IS NOT NULL AND $3 <> chain_last AND $3 = chain_before \
-                 THEN chain_before ELSE $3 END \
-                 WHERE namespace = $1 AND node_id = $2 AND (chain_last IS NULL OR $3 = chain_last \
-                 OR $3 = chain_before OR $6 >= chain_height) RETURNING 1",
-            )
-            .bind(ns.as_str())
-            .bind(&req.node_id)
-            .bind(lineage.prev.as_deref().unwrap_or(""))
-            .bind(&lineage.next)
-            .bind(i64::try_from(lineage.height).unwrap_or(i64::MAX))
-            .bind(i64::try_from(lineage.height.saturating_sub(1)).unwrap_or(i64::MAX))
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-            if moved.is_none() {
-                return Err(tide_core::Lineage::conflict(&req.node_id).into());
-            }
-        }
+        continue_chain(&mut tx, ns, req).await?;
 
         let keys: Vec<(&str, &str)> = req.ops.iter().map(|o| (o.collection.as_str(), o.id.as_str())).collect();
         let (collections, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
@@ -229,16 +208,18 @@ impl PostgresBackend {
             };
             current.insert(key, (Stamp::new(to_u64(lamport), node), payload));
         }
-        let before: HashMap<(&str, &str), Stamp> = current
+        let before: HashMap<(&str, &str), tide_core::digest::Hash64> = current
             .iter()
             .filter(|(_, (_, p))| matches!(p, Payload::Put(_)))
-            .map(|(k, (s, _))| (*k, s.clone()))
+            .map(|(k, (s, p))| (*k, tide_core::digest::payload_hash(k.0, k.1, s, p)))
             .collect();
         let (results, written, seq) = decide_all(req, &keys, current, seq);
         upsert(&mut tx, ns, req, &written).await?;
         let deltas = super::digest_deltas(written.iter().map(|(&(c, id), &(i, _))| {
             let op = &req.ops[i];
-            (ns.as_str(), c, id, before.get(&(c, id)), op.payload.doc().is_some().then_some(&op.stamp))
+            let new =
+                op.payload.doc().is_some().then(|| tide_core::digest::payload_hash(c, id, &op.stamp, &op.payload));
+            (ns.as_str(), c, id, before.get(&(c, id)).copied(), new)
         }));
         let fold_over = self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed);
         add_digests(&mut tx, &deltas, fold_over).await?;
@@ -486,6 +467,37 @@ async fn level(
     Ok(super::combine(u8::try_from(level).unwrap_or(2), widen(folded), widen(logged), wire_groups))
 }
 
+/// Moves the request's node along its chain of write exchanges (PROTOCOL.md
+/// §13), refusing a link that does not continue it.
+async fn continue_chain(
+    tx: &mut Transaction<'_, Postgres>,
+    ns: &Namespace,
+    req: &SyncRequest,
+) -> Result<(), BackendError> {
+    let Some(lineage) = &req.lineage else { return Ok(()) };
+    // The node's chain of write exchanges (PROTOCOL.md §13).
+    let moved: Option<i32> = sqlx::query_scalar(
+        "UPDATE tide_nodes SET chain_last = $4, chain_height = $5, \
+             chain_before = CASE WHEN chain_last IS NOT NULL AND $3 <> chain_last AND $3 = chain_before \
+             THEN chain_before ELSE $3 END \
+             WHERE namespace = $1 AND node_id = $2 AND (chain_last IS NULL OR $3 = chain_last \
+             OR $3 = chain_before OR $6 >= chain_height) RETURNING 1",
+    )
+    .bind(ns.as_str())
+    .bind(&req.node_id)
+    .bind(lineage.prev.as_deref().unwrap_or(""))
+    .bind(&lineage.next)
+    .bind(i64::try_from(lineage.height).unwrap_or(i64::MAX))
+    .bind(i64::try_from(lineage.height.saturating_sub(1)).unwrap_or(i64::MAX))
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    if moved.is_none() {
+        return Err(tide_core::Lineage::conflict(&req.node_id).into());
+    }
+    Ok(())
+}
+
 /// XORs `rows` of `(namespace, level, collection, ix, hash)` into the digest table.
 async fn upsert_digest(
     tx: &mut Transaction<'_, Postgres>,
@@ -558,8 +570,8 @@ async fn add_digests(
 /// Fills the digest table and each row's bucket from the stored rows (the
 /// version-2 migration of a database written by an earlier build).
 async fn backfill_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError> {
-    let rows: Vec<(String, String, String, i64, String, bool)> =
-        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted FROM tide_rows")
+    let rows: Vec<BackfillRow> =
+        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted, doc FROM tide_rows")
             .fetch_all(&mut **tx)
             .await
             .map_err(unavailable)?;
@@ -580,12 +592,10 @@ async fn backfill_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), Back
     .await
     .map_err(unavailable)?;
     let stamps: Vec<Stamp> = rows.iter().map(|r| Stamp::new(to_u64(r.3), r.4.clone())).collect();
-    let deltas = super::digest_deltas(
-        rows.iter()
-            .zip(&stamps)
-            .filter(|(r, _)| !r.5)
-            .map(|(r, s)| (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(s))),
-    );
+    let deltas = super::digest_deltas(rows.iter().zip(&stamps).filter(|(r, _)| !r.5).map(|(r, s)| {
+        let hash = tide_core::digest::version_hash(&r.1, &r.2, s, r.6.as_deref());
+        (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(hash))
+    }));
     add_digests(tx, &deltas, super::DIGEST_LOG_ROWS_MAX).await
 }
 
@@ -670,3 +680,6 @@ impl Backend for PostgresBackend {
         Ok(())
     }
 }
+
+/// A stored row as the version-2 migration reads it.
+type BackfillRow = (String, String, String, i64, String, bool, Option<String>);

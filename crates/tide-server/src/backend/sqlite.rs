@@ -262,10 +262,10 @@ impl SqliteBackend {
             })
             .collect();
         let mut current = stored_versions(&mut tx, &keys).await?;
-        let before: HashMap<GroupKey<'_>, Stamp> = current
+        let before: HashMap<GroupKey<'_>, tide_core::digest::Hash64> = current
             .iter()
             .filter(|(_, (_, p))| matches!(p, Payload::Put(_)))
-            .map(|(k, (s, _))| (*k, s.clone()))
+            .map(|(k, (s, p))| (*k, tide_core::digest::payload_hash(k.1, k.2, s, p)))
             .collect();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut written: HashMap<GroupKey<'_>, (&tide_core::Op, u64)> = HashMap::new();
@@ -302,8 +302,9 @@ impl SqliteBackend {
 
         store_rows(&mut tx, &written).await?;
         let deltas = super::digest_deltas(written.iter().map(|(&(ns, c, id), (op, _))| {
-            let new = op.payload.doc().is_some().then_some(&op.stamp);
-            (ns, c, id, before.get(&(ns, c, id)), new)
+            let new =
+                op.payload.doc().is_some().then(|| tide_core::digest::payload_hash(c, id, &op.stamp, &op.payload));
+            (ns, c, id, before.get(&(ns, c, id)).copied(), new)
         }));
         add_digests(&mut tx, &deltas, self.digest_log_rows_max.load(Ordering::Relaxed)).await?;
         let updated: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
@@ -568,8 +569,8 @@ async fn versions(
 /// Fills the digest table and each row's bucket from the stored rows (the
 /// version-2 migration of a database written by an earlier build).
 async fn backfill_digests(conn: &mut SqliteConnection) -> Result<(), BackendError> {
-    let rows: Vec<(String, String, String, i64, String, bool)> =
-        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted FROM tide_rows")
+    let rows: Vec<BackfillRow> =
+        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted, doc FROM tide_rows")
             .fetch_all(&mut *conn)
             .await
             .map_err(unavailable)?;
@@ -587,12 +588,10 @@ async fn backfill_digests(conn: &mut SqliteConnection) -> Result<(), BackendErro
     .execute(&mut *conn)
     .await
     .map_err(unavailable)?;
-    let deltas = super::digest_deltas(
-        rows.iter()
-            .zip(&stamps)
-            .filter(|(r, _)| !r.5)
-            .map(|(r, s)| (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(s))),
-    );
+    let deltas = super::digest_deltas(rows.iter().zip(&stamps).filter(|(r, _)| !r.5).map(|(r, s)| {
+        let hash = tide_core::digest::version_hash(&r.1, &r.2, s, r.6.as_deref());
+        (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(hash))
+    }));
     add_digests(conn, &deltas, super::DIGEST_LOG_ROWS_MAX).await
 }
 
@@ -785,3 +784,6 @@ impl Backend for SqliteBackend {
 
 /// Folded digest rows and logged bucket deltas, as read together.
 type DigestEntries = (Vec<(i64, i64)>, Vec<(i64, i64)>);
+
+/// A stored row as the version-2 migration reads it.
+type BackfillRow = (String, String, String, i64, String, bool, Option<String>);

@@ -248,7 +248,8 @@ async fn digests_survive_folding_the_bucket_log(storage: Storage) {
     for start in (0..n).step_by(1_000) {
         let ops: Vec<Op> = (start..n.min(start + 1_000)).map(|i| put("w", &format!("k{i}"), 1, 1)).collect();
         for op in &ops {
-            model.replace(&op.collection, &op.id, None, Some(&op.stamp));
+            let hash = tide_core::digest::payload_hash(&op.collection, &op.id, &op.stamp, &op.payload);
+            model.replace(&op.collection, &op.id, None, Some(hash));
         }
         let mut r = req("w", None, ops);
         r.limit = Some(1);

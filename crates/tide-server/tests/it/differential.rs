@@ -64,7 +64,8 @@ fn extensions(rng: &mut SplitMix64, req: &mut SyncRequest) {
             for k in 0..4 {
                 if rng.below(2) == 0 {
                     let node = ["a", "B"][rng.below(2) as usize];
-                    have.push(HeldVersion(format!("k{k}"), rng.below(9), node.into(), rng.below(3) > 0));
+                    let hash = digest::Hash64(rng.below(3));
+                    have.push(HeldVersion(format!("k{k}"), rng.below(9), node.into(), rng.below(3) > 0, hash));
                 }
             }
             let buckets = buckets.into_iter().filter(|_| rng.below(3) > 0).collect();

@@ -209,8 +209,11 @@ impl TideBuilder {
     }
 }
 
-/// Runs background syncs until dropped (or until the Tide closes).
+/// Runs background syncs until dropped (or until the Tide closes): keep it
+/// for as long as the app should sync. Dropping it at once (`let _ =`, or
+/// not binding it) stops the background sync right away.
 #[derive(Debug)]
+#[must_use = "background sync stops when the handle is dropped; keep it"]
 pub struct SyncHandle {
     stop: watch::Sender<bool>,
 }
@@ -503,8 +506,9 @@ impl Tide {
     /// # Errors
     /// A store failure.
     pub async fn discard_rejected(&self, seq: u64) -> Result<()> {
-        self.inner.store.discard_rejected(vec![seq]).await?;
-        self.inner.status.send_modify(|s| s.rejected = s.rejected.saturating_sub(1));
+        let removed = self.inner.store.discard_rejected(vec![seq]).await?;
+        // Only a rejection that existed lowers the count.
+        self.inner.status.send_modify(|s| s.rejected = s.rejected.saturating_sub(removed));
         Ok(())
     }
 

@@ -154,7 +154,11 @@ async fn rejected_ops_can_be_listed_retried_and_discarded() {
     a.sync_once().await.unwrap();
     let again = a.rejected().await.unwrap();
     assert_eq!((again.len(), &again[0].op.stamp), (1, &stamp));
-    // Discarding forgets the rejection.
+    // Discarding a seq that is no rejection changes nothing; discarding
+    // the rejection forgets it.
+    let before = a.status().rejected;
+    a.discard_rejected(again[0].seq + 1_000).await.unwrap();
+    assert_eq!(a.status().rejected, before);
     a.discard_rejected(again[0].seq).await.unwrap();
     assert!(a.rejected().await.unwrap().is_empty());
     assert_eq!(a.status().rejected, 0);

@@ -513,15 +513,18 @@ impl Tide {
     }
 
     /// Writes a rejected op again with a fresh stamp (which beats what the
-    /// server holds) and forgets the rejection.
+    /// server holds) and forgets the rejection, in one transaction.
     ///
     /// # Errors
     /// A store failure; nothing changes if the seq is not a rejected op.
     pub async fn retry_rejected(&self, seq: u64) -> Result<Option<Stamp>> {
-        let Some(r) = self.rejected().await?.into_iter().find(|r| r.seq == seq) else { return Ok(None) };
-        let write = Write { collection: r.op.collection, id: r.op.id, payload: r.op.payload };
-        let stamp = self.inner.write(vec![write]).await?.remove(0);
-        self.discard_rejected(seq).await?;
+        // One transaction: a crash cannot leave the op both retried and rejected.
+        let Some(stamp) = self.inner.store.retry_rejected(seq).await? else { return Ok(None) };
+        self.inner.status.send_modify(|s| {
+            s.rejected = s.rejected.saturating_sub(1);
+            s.pending += 1;
+        });
+        self.inner.wake.notify_one();
         Ok(Some(stamp))
     }
 

@@ -642,6 +642,13 @@ impl Store {
         self.call(|reply| Command::Discard { seqs, reply }).await
     }
 
+    /// Writes the rejected op `seq` again with a fresh stamp (which beats
+    /// what the server holds) and forgets the rejection, in one transaction;
+    /// `None` if `seq` is not a rejected op.
+    pub async fn retry_rejected(&self, seq: u64) -> Result<Option<Stamp>> {
+        self.call(|reply| Command::Retry { seq, reply }).await
+    }
+
     /// The cursor saved with the last applied page, if any.
     pub async fn cursor(&self) -> Result<Option<Cursor>> {
         let mut conn = self.inner.readers.get().await?;

@@ -46,6 +46,7 @@ pub(crate) enum Command {
     Lineage { token: String, reply: Reply<()> },
     Settle { acked: Vec<u64>, rejected: Vec<Rejection>, reply: Reply<()> },
     Discard { seqs: Vec<u64>, reply: Reply<u64> },
+    Retry { seq: u64, reply: Reply<Option<Stamp>> },
     MaxPages { pages: u64, reply: Reply<u64> },
     Settings { reply: Reply<ConnectionSettings> },
     Close { reply: Reply<()> },
@@ -244,6 +245,9 @@ impl State {
             }
             Command::Discard { seqs, reply } => {
                 let _ = reply.send(self.discard(&seqs).await);
+            }
+            Command::Retry { seq, reply } => {
+                let _ = reply.send(self.retry(seq).await);
             }
             Command::MaxPages { pages, reply } => {
                 let _ = reply.send(self.max_pages(pages).await);
@@ -612,6 +616,52 @@ impl State {
         tx.commit().await.map_err(db)
     }
 
+    /// Writes a rejected op again with a fresh stamp and forgets the
+    /// rejection, in one transaction.
+    async fn retry(&mut self, seq: u64) -> Result<Option<Stamp>> {
+        let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let row: Option<(String, String, String, Option<String>)> =
+            sqlx::query_as("SELECT collection, id, kind, doc FROM tide_rejected WHERE seq = ?1")
+                .bind(to_i64(seq))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        let Some((collection, id, kind, doc)) = row else { return Ok(None) };
+        let mut clock = self.clock;
+        let stamp = Stamp::new(clock.tick()?, self.node_id.clone());
+        let doc = doc.filter(|_| kind != "delete");
+        let (bucket, vhash) = digest_columns(&collection, &id, &stamp, doc.as_deref());
+        sqlx::query(
+            "INSERT INTO tide_outbox (collection, id, kind, doc, lamport, node_id, bucket, vhash) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(&collection)
+        .bind(&id)
+        .bind(if doc.is_some() { "put" } else { "delete" })
+        .bind(&doc)
+        .bind(to_i64(stamp.lamport))
+        .bind(&self.node_id)
+        .bind(bucket)
+        .bind(vhash)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("DELETE FROM tide_rejected WHERE seq = ?1")
+            .bind(to_i64(seq))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.clock = clock;
+        let parsed = doc
+            .map(|d| serde_json::from_str(&d).map_err(|e| Error::Corrupt { detail: format!("document: {e}") }))
+            .transpose()?;
+        let committed = Committed { collection, id, doc: parsed, stamp: stamp.clone(), origin: Origin::Local };
+        self.tell(|| vec![committed]);
+        Ok(Some(stamp))
+    }
+
     async fn discard(&mut self, seqs: &[u64]) -> Result<u64> {
         let done = sqlx::query("DELETE FROM tide_rejected WHERE seq IN (SELECT value FROM json_each(?1))")
             .bind(serde_json::to_string(seqs).expect("seqs serialize"))
@@ -921,6 +971,9 @@ fn refuse(cmd: Command) {
         | Command::Lineage { reply, .. }
         | Command::Settle { reply, .. }
         | Command::Close { reply } => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        Command::Retry { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Discard { reply, .. } | Command::MaxPages { reply, .. } => {

@@ -379,7 +379,15 @@ impl State {
             stored.into_iter().map(|(i, lamport, node, _, h)| (keys[i], (Stamp::new(lamport, node), h))).collect();
 
         // The same rule as everywhere: tide_core decides, in page order.
-        let (applied, last_winner) = winners(&keys, &changes, current);
+        let (mut applied, mut last_winner, collided) = winners(&keys, &changes, current.clone(), &[]);
+        if !collided.is_empty() {
+            // A collided version that is our own pending write stays: the
+            // write will be stamped anew when the server refuses it.
+            let pending = pending_among(&mut tx, &collided).await?;
+            if !pending.is_empty() {
+                (applied, last_winner, _) = winners(&keys, &changes, current, &pending);
+            }
+        }
         if !last_winner.is_empty() {
             #[derive(Serialize)]
             struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8, u16, i64);
@@ -692,7 +700,7 @@ async fn restamp(
     old: &Stamp,
     new: &Stamp,
 ) -> Result<Option<Committed>> {
-    let op_doc: Option<String> = sqlx::query_scalar("SELECT doc FROM tide_outbox WHERE seq = ?1")
+    let (op_doc, op_hash): (Option<String>, i64) = sqlx::query_as("SELECT doc, vhash FROM tide_outbox WHERE seq = ?1")
         .bind(seq)
         .fetch_one(&mut *conn)
         .await
@@ -728,13 +736,16 @@ async fn restamp(
     .execute(&mut *conn)
     .await
     .map_err(db)?;
+    // The document only where it is this op's version (same stamp and payload).
     let stored: Option<(Option<String>, bool, i64)> = sqlx::query_as(
-        "SELECT doc, deleted, vhash FROM tide_docs WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
+        "SELECT doc, deleted, vhash FROM tide_docs \
+         WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4 AND vhash = ?5",
     )
     .bind(collection)
     .bind(id)
     .bind(old_lamport)
     .bind(&old.node_id)
+    .bind(op_hash)
     .fetch_optional(&mut *conn)
     .await
     .map_err(db)?;
@@ -745,7 +756,7 @@ async fn restamp(
     }
     sqlx::query(
         "UPDATE tide_docs SET lamport = ?5, node_id = ?6, vhash = ?7 \
-         WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4",
+         WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4 AND vhash = ?8",
     )
     .bind(collection)
     .bind(id)
@@ -754,6 +765,7 @@ async fn restamp(
     .bind(new_lamport)
     .bind(&new.node_id)
     .bind(vhash)
+    .bind(op_hash)
     .execute(&mut *conn)
     .await
     .map_err(db)?;
@@ -776,28 +788,54 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).expect("bounded by LAMPORT_MAX")
 }
 
+/// Which changes of a page apply (in page order), the last per key, and the
+/// stored stamps a collision replaced.
+type Winners<'a> = (Vec<usize>, HashMap<(&'a str, &'a str), usize>, Vec<Stamp>);
+
 /// Which changes of a page replace what is stored (`current`: stamp and
-/// version hash per key), in page order, and the last of them per key: the
-/// greater stamp wins (`tide_core::wins`); one stamp with two payloads
-/// (copies of one store) is settled by the server's, which these are.
+/// version hash per key): the greater stamp wins (`tide_core::wins`); one
+/// stamp with two payloads (copies of one store) is settled by the
+/// server's, which these are, unless the stored one is our own write still
+/// in the outbox (`pending`), which will be stamped anew.
 fn winners<'a>(
     keys: &[(&'a str, &'a str)],
     changes: &[Change],
     mut current: HashMap<(&'a str, &'a str), (Stamp, i64)>,
-) -> (Vec<usize>, HashMap<(&'a str, &'a str), usize>) {
+    pending: &[Stamp],
+) -> Winners<'a> {
     let mut applied = Vec::new();
     let mut last_winner = HashMap::new();
+    let mut replaced = Vec::new();
     for (i, change) in changes.iter().enumerate() {
         let stored = current.get(&keys[i]);
         let hash = tide_core::digest::payload_hash(keys[i].0, keys[i].1, &change.stamp, &change.payload).to_i64();
-        let collided = stored.is_some_and(|(s, h)| *s == change.stamp && *h != hash);
+        let collided = stored.is_some_and(|(s, h)| *s == change.stamp && *h != hash && !pending.contains(s));
         if collided || tide_core::wins(&change.stamp, stored.map(|(s, _)| s)) {
+            if collided {
+                replaced.push(change.stamp.clone());
+            }
             current.insert(keys[i], (change.stamp.clone(), hash));
             last_winner.insert(keys[i], i);
             applied.push(i);
         }
     }
-    (applied, last_winner)
+    (applied, last_winner, replaced)
+}
+
+/// Which of `stamps` are ops still in the outbox.
+async fn pending_among(conn: &mut sqlx::SqliteConnection, stamps: &[Stamp]) -> Result<Vec<Stamp>> {
+    let wanted: Vec<(u64, &str)> = stamps.iter().map(|s| (s.lamport, s.node_id.as_str())).collect();
+    let found: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(o.lamport, o.node_id)) FROM json_each(?1) AS j \
+         CROSS JOIN tide_outbox AS o ON o.lamport = j.value->>0 AND o.node_id = j.value->>1",
+    )
+    .bind(serde_json::to_string(&wanted).expect("stamps serialize"))
+    .fetch_one(conn)
+    .await
+    .map_err(db)?;
+    let found: Vec<(u64, String)> =
+        serde_json::from_str(&found).map_err(|e| Error::Corrupt { detail: format!("pending stamps: {e}") })?;
+    Ok(found.into_iter().map(|(l, n)| Stamp::new(l, n)).collect())
 }
 
 /// Whether a write with `stamp` to the key was refused by the server.

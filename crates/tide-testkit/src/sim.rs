@@ -238,22 +238,26 @@ fn backup_or_restore(
 /// version the store holds.
 async fn check_watch(watch: &mut tide_client::Watch, cluster: &Cluster, c: usize) -> Result<(), String> {
     use tide_client::{Source, WatchEvent};
-    let mut last: BTreeMap<(String, String), (Stamp, Option<tide_core::Doc>)> = BTreeMap::new();
+    // Per key: the last event's stamp and document, and whether it removed a
+    // refused write (it then carries the refused stamp, and anything may follow).
+    let mut last: BTreeMap<(String, String), (Stamp, Option<tide_core::Doc>, bool)> = BTreeMap::new();
     while let Ok(Some(event)) = tokio::time::timeout(std::time::Duration::from_millis(5), watch.next()).await {
         let WatchEvent::Change(e) = event else { return Err(format!("c{c}'s watcher lagged: {event:?}")) };
         let key = (e.collection.clone(), e.id.clone());
         // The same stamp again is a collision settled by the server's payload.
-        if let Some((prev, _)) = last.get(&key)
+        if let Some((prev, _, false)) = last.get(&key)
             && e.stamp < *prev
             && e.source != Source::Reverted
         {
-            return Err(format!("c{c}'s watcher saw {key:?} go from {prev:?} back to {:?}", e.stamp));
+            return Err(format!("c{c}'s watcher saw {key:?} go from {prev:?} back to {:?} ({:?})", e.stamp, e.source));
         }
-        last.insert(key, (e.stamp, e.doc));
+        let removed = e.source == Source::Reverted && e.doc.is_none();
+        last.insert(key, (e.stamp, e.doc, removed));
     }
-    for ((collection, id), (stamp, doc)) in last {
+    for ((collection, id), (stamp, doc, removed)) in last {
         let stored = cluster.client(c).version(&collection, &id).await.map_err(|e| e.to_string())?;
         let matches = match &stored {
+            Some(v) if removed => v.payload.doc().is_none(),
             Some(v) => v.stamp == stamp && v.payload.doc() == doc.as_ref(),
             None => doc.is_none(),
         };

@@ -22,6 +22,7 @@ async fn random_clients_converge_under_faults_and_restarts() {
     };
     let config = SimConfig::default();
     let mut total = SimReport::default();
+    let mut failed = Vec::new();
     for &seed in &seeds {
         match simulate(seed, &config).await {
             Ok(r) => {
@@ -35,14 +36,25 @@ async fn random_clients_converge_under_faults_and_restarts() {
                 total.copies += r.copies;
                 total.rekeyed += r.rekeyed;
             }
-            Err(e) => panic!(
-                "seed {seed} failed: {e}\nreplay: TIDE_SIM_SEED={seed} cargo test -p tide-testkit --test it simulation"
-            ),
+            // Every seed runs, so a soak reports all that fail, not the first.
+            Err(e) => {
+                eprintln!("seed {seed} failed: {e}");
+                failed.push(seed);
+            }
         }
     }
-    assert!(total.faulted > 0 && total.restarts > 0, "the runs met faults and restarts: {total:?}");
     assert!(
-        total.restores > 0 && total.rejected > 0 && total.copies > 0,
+        failed.is_empty(),
+        "{} of {} seeds failed: {failed:?}\nreplay one: TIDE_SIM_SEED={} cargo test -p tide-testkit --test it simulation",
+        failed.len(),
+        seeds.len(),
+        failed[0]
+    );
+    // Over many seeds every kind of fault happens; one replayed seed may miss some.
+    let many = seeds.len() >= 10;
+    assert!(!many || (total.faulted > 0 && total.restarts > 0), "the runs met faults and restarts: {total:?}");
+    assert!(
+        !many || (total.restores > 0 && total.rejected > 0 && total.copies > 0),
         "the runs met server restores, rejections and copied stores: {total:?}"
     );
     println!(

@@ -483,8 +483,7 @@ impl State {
         let mut restamped = Vec::new();
         for (seq, collection, id, lamport, old_node) in &pending {
             let old = Stamp::new(u64::try_from(*lamport).unwrap_or(0), old_node.clone());
-            let new = Stamp::new(clock.tick()?, node_id.clone());
-            restamped.extend(restamp(&mut tx, *seq, collection, id, &old, &new).await?);
+            restamped.extend(restamp(&mut tx, *seq, (collection, id), &old, (&mut clock, &node_id)).await?);
         }
         sqlx::query(
             "INSERT OR IGNORE INTO tide_meta (key, value) SELECT 'node_id_origin', value FROM tide_meta \
@@ -695,18 +694,38 @@ impl State {
 async fn restamp(
     conn: &mut sqlx::SqliteConnection,
     seq: i64,
-    collection: &str,
-    id: &str,
+    (collection, id): (&str, &str),
     old: &Stamp,
-    new: &Stamp,
+    (clock, node_id): (&mut LamportClock, &str),
 ) -> Result<Option<Committed>> {
     let (op_doc, op_hash): (Option<String>, i64) = sqlx::query_as("SELECT doc, vhash FROM tide_outbox WHERE seq = ?1")
         .bind(seq)
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-    let (_, vhash) = digest_columns(collection, id, new, op_doc.as_deref());
-    let (old_lamport, new_lamport) = (to_i64(old.lamport), to_i64(new.lamport));
+    let old_lamport = to_i64(old.lamport);
+    // The document, where it is still this op's version (same stamp and payload).
+    let stored: Option<(Option<String>, bool, i64)> = sqlx::query_as(
+        "SELECT doc, deleted, vhash FROM tide_docs \
+         WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4 AND vhash = ?5",
+    )
+    .bind(collection)
+    .bind(id)
+    .bind(old_lamport)
+    .bind(&old.node_id)
+    .bind(op_hash)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db)?;
+    let Some((doc, deleted, old_hash)) = stored else {
+        // A newer version of the document overtook this op: it could only
+        // lose, and under the old node id it can no longer be sent.
+        sqlx::query("DELETE FROM tide_outbox WHERE seq = ?1").bind(seq).execute(&mut *conn).await.map_err(db)?;
+        return Ok(None);
+    };
+    let new = Stamp::new(clock.tick()?, node_id);
+    let (_, vhash) = digest_columns(collection, id, &new, op_doc.as_deref());
+    let new_lamport = to_i64(new.lamport);
     sqlx::query("UPDATE tide_outbox SET lamport = ?2, node_id = ?3, vhash = ?4 WHERE seq = ?1")
         .bind(seq)
         .bind(new_lamport)
@@ -736,20 +755,7 @@ async fn restamp(
     .execute(&mut *conn)
     .await
     .map_err(db)?;
-    // The document only where it is this op's version (same stamp and payload).
-    let stored: Option<(Option<String>, bool, i64)> = sqlx::query_as(
-        "SELECT doc, deleted, vhash FROM tide_docs \
-         WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4 AND vhash = ?5",
-    )
-    .bind(collection)
-    .bind(id)
-    .bind(old_lamport)
-    .bind(&old.node_id)
-    .bind(op_hash)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db)?;
-    let Some((doc, deleted, old_hash)) = stored else { return Ok(None) };
+
     if !deleted {
         let delta = [(collection, tide_core::digest::bucket(collection, id), old_hash ^ vhash)];
         add_to_digests(&mut *conn, delta, DIGEST_LOG_ROWS_MAX).await?;

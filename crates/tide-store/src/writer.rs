@@ -541,16 +541,22 @@ impl State {
             if theirs.as_ref().is_some_and(|v| &v.stamp == refused) {
                 continue;
             }
-            // The version the refused write replaced comes back if the server
-            // lost it (a restore) and it was not refused itself.
+            // The last version the server took before the refused write: the
+            // one it replaced, or, while that was refused too, the one that
+            // one replaced. It comes back if the server lost it (a restore).
+            let mut last_taken = before.clone();
+            for _ in 0..REVERT_CHAIN_MAX {
+                let Some(b) = &last_taken else { break };
+                match refused_before(&mut tx, collection, id, &b.stamp).await? {
+                    Some(earlier) => last_taken = earlier,
+                    None => break,
+                }
+            }
             let mut back = theirs;
-            if let Some(b) = before
+            if let Some(b) = last_taken
                 && back.as_ref().is_none_or(|v| b.stamp > v.stamp)
             {
-                let refused_too = was_refused(&mut tx, collection, id, &b.stamp).await?;
-                if !refused_too {
-                    back = Some(b.clone());
-                }
+                back = Some(b);
             }
             put_version(&mut tx, collection, id, back.as_ref()).await?;
             reverted.push(Reverted {
@@ -844,18 +850,43 @@ async fn pending_among(conn: &mut sqlx::SqliteConnection, stamps: &[Stamp]) -> R
     Ok(found.into_iter().map(|(l, n)| Stamp::new(l, n)).collect())
 }
 
-/// Whether a write with `stamp` to the key was refused by the server.
-async fn was_refused(conn: &mut sqlx::SqliteConnection, collection: &str, id: &str, stamp: &Stamp) -> Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM tide_rejected WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4)",
+/// A rejected op's before-image columns: doc, lamport, node id, deleted.
+type BeforeImage = (Option<String>, Option<i64>, Option<String>, Option<bool>);
+
+/// Most refused writes to one key a put-back looks through for the last
+/// version the server took.
+const REVERT_CHAIN_MAX: usize = 64;
+
+/// If the write with `stamp` to the key was refused by the server, the
+/// version it replaced (its before-image, `None` for none); `None` if it
+/// was not refused.
+async fn refused_before(
+    conn: &mut sqlx::SqliteConnection,
+    collection: &str,
+    id: &str,
+    stamp: &Stamp,
+) -> Result<Option<Option<crate::Version>>> {
+    let row: Option<BeforeImage> = sqlx::query_as(
+        "SELECT prev_doc, prev_lamport, prev_node_id, prev_deleted FROM tide_rejected \
+         WHERE collection = ?1 AND id = ?2 AND lamport = ?3 AND node_id = ?4 LIMIT 1",
     )
     .bind(collection)
     .bind(id)
-    .bind(i64::try_from(stamp.lamport).expect("bounded by LAMPORT_MAX"))
+    .bind(to_i64(stamp.lamport))
     .bind(&stamp.node_id)
-    .fetch_one(conn)
+    .fetch_optional(conn)
     .await
-    .map_err(db)
+    .map_err(db)?;
+    let Some((doc, lamport, node_id, deleted)) = row else { return Ok(None) };
+    let (Some(lamport), Some(node_id)) = (lamport, node_id) else { return Ok(Some(None)) };
+    let payload = match (deleted, doc) {
+        (Some(false), Some(d)) => {
+            Payload::Put(serde_json::from_str(&d).map_err(|e| Error::Corrupt { detail: format!("before-image: {e}") })?)
+        }
+        _ => Payload::Delete,
+    };
+    let stamp = Stamp::new(u64::try_from(lamport).unwrap_or(0), node_id);
+    Ok(Some(Some(crate::Version { stamp, payload })))
 }
 
 /// Stores `version` under the key whatever is there (`None` removes the key).

@@ -350,3 +350,27 @@ async fn a_copied_store_re_keys_itself_and_everyone_converges() {
     let b = open("restored").await.unwrap();
     assert_eq!(docs(&b, "notes").await, expected);
 }
+
+/// Several refused writes in a row: the document goes back past all of them
+/// to the last version the server took (found by the soak, seed 1688).
+#[tokio::test]
+async fn a_chain_of_refused_writes_goes_back_to_the_last_version_taken() {
+    let server = FakeServer::with_limits(Limits { doc_bytes_max: 64, ..Limits::default() });
+    let a = client(&server, "a").await;
+    let na = a.collection::<Note>("notes");
+    na.put("k", &note("v1")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let backup = server.model();
+    na.put("k", &note("v2")).await.unwrap();
+    a.sync_once().await.unwrap();
+    server.restore(backup);
+
+    na.put("k", &note(&"x".repeat(200))).await.unwrap();
+    na.put("k", &note(&"y".repeat(200))).await.unwrap();
+    let report = a.sync_once().await.unwrap();
+    assert_eq!(report.rejected, 2, "{report:?}");
+    assert_eq!(na.get("k").await.unwrap(), Some(note("v2")), "past both refused writes, to v2");
+    a.sync_once().await.unwrap();
+    let row = server.model().row("notes", "k").cloned().unwrap();
+    assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "v2 was repaired back to the server");
+}

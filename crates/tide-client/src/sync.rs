@@ -391,6 +391,7 @@ impl Inner {
                     .map(|o| Refused {
                         key: DocKey(o.collection.clone(), o.id.clone()),
                         stamp: o.stamp.clone(),
+                        hash: Some(tide_core::digest::payload_hash(&o.collection, &o.id, &o.stamp, &o.payload)),
                         before: None,
                     })
                     .collect();

@@ -781,11 +781,11 @@ impl Store {
     /// The rejected ops whose documents have not been put back to the
     /// server's version yet, oldest first (at most 1,000).
     pub async fn unreverted(&self) -> Result<Vec<Refused>> {
-        type Row = (String, String, u64, String, Option<String>, Option<u64>, Option<String>, Option<u8>);
+        type Row = (String, String, u64, String, Option<String>, Option<u64>, Option<String>, Option<u8>, i64);
         let mut conn = self.inner.readers.get().await?;
         let text: String = sqlx::query_scalar(
             "SELECT json_group_array(json_array(collection, id, lamport, node_id, \
-             prev_doc, prev_lamport, prev_node_id, prev_deleted)) FROM \
+             prev_doc, prev_lamport, prev_node_id, prev_deleted, vhash)) FROM \
              (SELECT * FROM tide_rejected WHERE reverted = 0 ORDER BY seq LIMIT 1000)",
         )
         .fetch_one(&mut *conn)
@@ -793,7 +793,7 @@ impl Store {
         .map_err(db)?;
         let rows: Vec<Row> = parse_json(&text)?;
         rows.into_iter()
-            .map(|(c, id, l, n, prev_doc, prev_lamport, prev_node, prev_deleted)| {
+            .map(|(c, id, l, n, prev_doc, prev_lamport, prev_node, prev_deleted, hash)| {
                 let before = match (prev_lamport, prev_node) {
                     (Some(lamport), Some(node)) => {
                         let payload = match (prev_deleted, prev_doc) {
@@ -804,7 +804,8 @@ impl Store {
                     }
                     _ => None,
                 };
-                Ok(Refused { key: DocKey(c, id), stamp: Stamp::new(l, n), before })
+                let hash = (hash != 0).then(|| Hash64::from_i64(hash));
+                Ok(Refused { key: DocKey(c, id), stamp: Stamp::new(l, n), hash, before })
             })
             .collect()
     }
@@ -882,6 +883,9 @@ pub struct Refused {
     pub key: DocKey,
     /// The refused write's stamp.
     pub stamp: Stamp,
+    /// The refused write's version hash, when known: only that version is
+    /// put back (a collision can give its stamp another payload).
+    pub hash: Option<Hash64>,
     /// The version it replaced locally, if any.
     pub before: Option<Version>,
 }

@@ -83,6 +83,7 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
     ALTER TABLE tide_outbox ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tide_outbox ADD COLUMN vhash INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE tide_rejected ADD COLUMN reverted INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tide_rejected ADD COLUMN vhash INTEGER NOT NULL DEFAULT 0;
     -- The version each op replaced (its before-image; lamport NULL for none),
     -- so a refused write can go back to the last version the server took.
     ALTER TABLE tide_outbox ADD COLUMN prev_doc TEXT;

@@ -520,9 +520,9 @@ impl State {
         let mut conn = conn::lock(&self.conn).await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
         let mut reverted = Vec::new();
-        for Refused { key: DocKey(collection, id), stamp: refused, before } in &targets {
-            let stored: Option<(i64, String, bool)> =
-                sqlx::query_as("SELECT lamport, node_id, deleted FROM tide_docs WHERE collection = ?1 AND id = ?2")
+        for Refused { key: DocKey(collection, id), stamp: refused, hash, before } in &targets {
+            let stored: Option<(i64, String, i64)> =
+                sqlx::query_as("SELECT lamport, node_id, vhash FROM tide_docs WHERE collection = ?1 AND id = ?2")
                     .bind(collection)
                     .bind(id)
                     .fetch_optional(&mut *tx)
@@ -530,8 +530,13 @@ impl State {
                     .map_err(db)?;
             // Only the refused version goes back: a later local write, or a
             // newer version from elsewhere, stays.
-            let Some((lamport, node_id, _)) = &stored else { continue };
-            if u64::try_from(*lamport).ok() != Some(refused.lamport) || node_id != &refused.node_id {
+            // (the same stamp and payload: a collision may have given the
+            // document the server's payload under this stamp)
+            let Some((lamport, node_id, stored_hash)) = &stored else { continue };
+            if u64::try_from(*lamport).ok() != Some(refused.lamport)
+                || node_id != &refused.node_id
+                || hash.is_some_and(|h| h.to_i64() != *stored_hash)
+            {
                 continue;
             }
             let theirs = server
@@ -610,9 +615,9 @@ impl State {
                 rejected.iter().map(|r| (r.seq, r.code.as_str(), r.message.as_str())).collect();
             sqlx::query(
                 "INSERT OR REPLACE INTO tide_rejected (seq, collection, id, kind, doc, lamport, node_id, code, message, \
-                 prev_doc, prev_lamport, prev_node_id, prev_deleted) \
+                 prev_doc, prev_lamport, prev_node_id, prev_deleted, vhash) \
                  SELECT o.seq, o.collection, o.id, o.kind, o.doc, o.lamport, o.node_id, r.value->>1, r.value->>2, \
-                 o.prev_doc, o.prev_lamport, o.prev_node_id, o.prev_deleted \
+                 o.prev_doc, o.prev_lamport, o.prev_node_id, o.prev_deleted, o.vhash \
                  FROM json_each(?1) AS r CROSS JOIN tide_outbox AS o ON o.seq = r.value->>0",
             )
             .bind(serde_json::to_string(&rows).expect("rows serialize"))

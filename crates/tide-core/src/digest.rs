@@ -300,9 +300,11 @@ mod tests {
     #[test]
     fn hashes_are_fixed_across_builds() {
         // Pinned: every replica and every backend must compute the same values.
-        assert_eq!(bucket("notes", "n1"), bucket("notes", "n1"));
+        // These were computed independently from PROTOCOL.md §12's text.
+        assert_eq!(bucket("notes", "n1"), 60_077);
         let h = version_hash("notes", "n1", &Stamp::new(7, "A"), Some("{}"));
-        assert_eq!(h.to_string().len(), 16);
+        assert_eq!(h.to_string(), "cc6a2a4cd89488ab");
+        assert_eq!(version_hash("notes", "n1", &Stamp::new(7, "A"), None).to_string(), "8d5e27f56312f84f");
         assert_ne!(h, version_hash("notes", "n1", &Stamp::new(7, "B"), Some("{}")));
         assert_ne!(h, version_hash("notes", "n2", &Stamp::new(7, "A"), Some("{}")));
         assert_ne!(h, version_hash("notes", "n1", &Stamp::new(7, "A"), Some(r#"{"a":1}"#)), "the payload counts");

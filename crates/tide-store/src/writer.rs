@@ -745,28 +745,21 @@ async fn restamp(
         .execute(&mut *conn)
         .await
         .map_err(db)?;
-    // A write re-stamped before keeps pointing at its latest stamp.
-    sqlx::query(
+    // A write re-stamped before keeps pointing at its latest stamp, and
+    // this one is remembered under its old stamp.
+    for sql in [
         "UPDATE tide_restamped SET new_lamport = ?3, new_node_id = ?4 WHERE new_lamport = ?1 AND new_node_id = ?2",
-    )
-    .bind(old_lamport)
-    .bind(&old.node_id)
-    .bind(new_lamport)
-    .bind(&new.node_id)
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-    sqlx::query(
         "INSERT OR REPLACE INTO tide_restamped (lamport, node_id, new_lamport, new_node_id) VALUES (?1, ?2, ?3, ?4)",
-    )
-    .bind(old_lamport)
-    .bind(&old.node_id)
-    .bind(new_lamport)
-    .bind(&new.node_id)
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
-
+    ] {
+        sqlx::query(sql)
+            .bind(old_lamport)
+            .bind(&old.node_id)
+            .bind(new_lamport)
+            .bind(&new.node_id)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
     if !deleted {
         let delta = [(collection, tide_core::digest::bucket(collection, id), old_hash ^ vhash)];
         add_to_digests(&mut *conn, delta, DIGEST_LOG_ROWS_MAX).await?;

@@ -262,21 +262,17 @@ impl Model {
     /// The changes after `cursor` in seq order, at most `limit` of them and
     /// at most [`Limits::response_bytes_max`] bytes (a first change larger
     /// than that is sent alone). Changes written by `skip_node` are passed
-    /// over but still advance the cursor.
+    /// over. A page with more to come ends at its last change; a page that
+    /// ends the log moves the cursor past everything, own changes included.
     pub fn page(&self, cursor: Cursor, skip_node: Option<&str>, limit: usize) -> Page {
-        let mut changes = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
         let mut bytes = 0;
         let mut last = cursor.seq();
-        let mut rest = self.by_seq.range(cursor.seq() + 1..).peekable();
-        while let Some(&(&seq, key)) = rest.peek() {
+        for (&seq, key) in self.by_seq.range(cursor.seq() + 1..) {
             let row = &self.rows[key];
             if skip_node == Some(row.stamp.node_id.as_str()) {
                 last = seq;
-                rest.next();
                 continue;
-            }
-            if changes.len() == limit {
-                break;
             }
             let change = Change {
                 collection: key.0.clone(),
@@ -286,14 +282,14 @@ impl Model {
                 seq,
             };
             let size = json_len(&change) + 1;
-            if !changes.is_empty() && bytes + size > self.limits.response_bytes_max {
-                break;
+            if changes.len() == limit || (!changes.is_empty() && bytes + size > self.limits.response_bytes_max) {
+                let end = changes.last().map_or(cursor.seq(), |c| c.seq);
+                return Page { changes, cursor: Cursor(end), has_more: true };
             }
             bytes += size;
             changes.push(change);
             last = seq;
-            rest.next();
         }
-        Page { changes, cursor: Cursor(last), has_more: rest.peek().is_some() }
+        Page { changes, cursor: Cursor(last), has_more: false }
     }
 }

@@ -3,13 +3,13 @@
 pub mod postgres;
 pub mod sqlite;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use tide_core::digest::{self, Hash64};
 use tide_core::{
-    Cursor, Decision, ErrorCode, HeldVersion, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse,
-    Violation, decide,
+    Cursor, Decision, ErrorCode, HeldVersion, OpResult, PROTOCOL_VERSION, Stamp, SyncRequest, SyncResponse, Violation,
 };
 
 use crate::auth::Principal;
@@ -28,6 +28,17 @@ pub enum BackendError {
     /// Anything else; a bug or a damaged database.
     #[error("storage failure: {0}")]
     Internal(String),
+}
+
+impl BackendError {
+    /// The same error again, for each caller of a failed write group.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Self::Refused(v) => Self::Refused(v.clone()),
+            Self::Unavailable(m) => Self::Unavailable(m.clone()),
+            Self::Internal(m) => Self::Internal(m.clone()),
+        }
+    }
 }
 
 /// Told the namespace of every commit another process made; returns
@@ -76,6 +87,19 @@ pub struct VerifyReply {
 }
 
 impl Reply {
+    pub(crate) fn new(results: Vec<OpResult>, page: Page, request_id: Option<String>, verify: VerifyReply) -> Self {
+        Self {
+            results,
+            cursor: page.cursor,
+            changes_json: page.json,
+            change_count: page.count,
+            has_more: page.has_more,
+            reset: page.reset,
+            request_id,
+            verify,
+        }
+    }
+
     /// The response body, byte for byte what `serde_json` writes for the
     /// equivalent [`SyncResponse`].
     pub fn body(&self) -> Vec<u8> {
@@ -161,120 +185,202 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// One row of a page window, as a backend reads it.
-pub(crate) struct PageRow {
-    pub(crate) seq: u64,
-    pub(crate) own: bool,
-    pub(crate) json: String,
+/// How a backend reads a page (PROTOCOL.md §5): the changes after `from`,
+/// skipping `skip_node`'s own when it is set, at most `limit` of them and at
+/// most `bytes_max` bytes of them.
+#[derive(Debug, Clone)]
+pub(crate) struct PageQuery<'a> {
+    pub(crate) from: u64,
+    pub(crate) skip_node: Option<&'a str>,
+    pub(crate) limit: usize,
+    pub(crate) bytes_max: usize,
+    pub(crate) reset: bool,
 }
 
-/// Builds a page the way `tide_core::Model::page` does, from windows of
-/// rows in seq order that the backend reads one after another.
-pub(crate) struct PageBuilder {
-    limit: usize,
-    bytes_max: usize,
-    json: String,
-    count: usize,
-    bytes: usize,
-    last: u64,
-    has_more: Option<bool>,
-}
-
-impl PageBuilder {
-    pub(crate) fn new(from: Cursor, limit: usize, bytes_max: usize) -> Self {
-        Self { limit, bytes_max, json: String::new(), count: 0, bytes: 0, last: from.seq(), has_more: None }
+impl<'a> PageQuery<'a> {
+    /// The page a request asks for: after its cursor, skipping its own
+    /// changes unless it starts from the beginning.
+    pub(crate) fn new(req: &'a SyncRequest, limits: &tide_core::Limits) -> Self {
+        let from = req.cursor.unwrap_or_default();
+        let skip_node = (from > Cursor::START).then_some(req.node_id.as_str());
+        let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, limits.changes_per_response_max);
+        Self { from: from.seq(), skip_node, limit, bytes_max: limits.response_bytes_max, reset: false }
     }
 
-    /// How many rows to read next.
-    pub(crate) fn window(&self) -> usize {
-        self.limit.saturating_add(1).min(PAGE_WINDOW_ROWS_MAX)
-    }
-
-    /// The seq to read after.
-    pub(crate) fn after(&self) -> u64 {
-        self.last
-    }
-
-    /// Takes the next window; returns whether the page is complete.
-    pub(crate) fn feed(&mut self, rows: Vec<PageRow>) -> bool {
-        let full = rows.len() == self.window();
-        for row in rows {
-            if row.own {
-                self.last = row.seq;
-                continue;
-            }
-            let size = row.json.len() + 1;
-            if self.count == self.limit || (self.count > 0 && self.bytes + size > self.bytes_max) {
-                self.has_more = Some(true);
-                return true;
-            }
-            if self.count > 0 {
-                self.json.push(',');
-            }
-            self.json.push_str(&row.json);
-            self.count += 1;
-            self.bytes += size;
-            self.last = row.seq;
-        }
-        if full {
+    /// Whether the cursor is ahead of the namespace, whose highest seq is
+    /// `namespace_seq`; the page then starts over from the beginning (`reset`).
+    pub(crate) fn ahead_of(&mut self, namespace_seq: u64) -> bool {
+        if self.from <= namespace_seq {
             return false;
         }
-        self.has_more = Some(false);
+        *self = Self { from: 0, skip_node: None, reset: true, ..self.clone() };
         true
     }
 
-    /// The page: changes, their count, the cursor and `has_more`.
-    pub(crate) fn finish(self) -> (String, usize, Cursor, bool) {
-        (self.json, self.count, Cursor(self.last), self.has_more.unwrap_or(true))
-    }
-}
-
-/// The most rows one page query reads; a page of many own (skipped) rows
-/// takes several queries.
-pub const PAGE_WINDOW_ROWS_MAX: usize = 1_001;
-
-/// Per key written by a request: the index of its last applied op and that op's seq.
-pub(crate) type Written<'a> = HashMap<(&'a str, &'a str), (usize, u64)>;
-
-/// The ops of a request in order, by the one LWW rule, against what is
-/// stored: their results, the last applied op and seq per key, and the new
-/// namespace seq.
-pub(crate) fn decide_all<'a>(
-    req: &'a SyncRequest,
-    keys: &[(&'a str, &'a str)],
-    mut current: HashMap<(&'a str, &'a str), (Stamp, Payload)>,
-    mut seq: u64,
-) -> (Vec<OpResult>, Written<'a>, u64) {
-    let mut results = Vec::with_capacity(req.ops.len());
-    let mut written = HashMap::new();
-    for (i, op) in req.ops.iter().enumerate() {
-        let stored = current.get(&keys[i]).map(|(s, p)| (s, p));
-        let decision = decide(stored, &op.stamp, &op.payload);
-        if decision == Decision::Apply {
-            seq += 1;
-            current.insert(keys[i], (op.stamp.clone(), op.payload.clone()));
-            written.insert(keys[i], (i, seq));
+    /// Given the rendered sizes of the first `limit + 1` changes of the
+    /// page, how many fit the byte budget (at least one).
+    pub(crate) fn fitting(&self, sizes: &[u64]) -> usize {
+        let mut bytes = 0u64;
+        for (n, size) in sizes.iter().take(self.limit).enumerate() {
+            bytes += size + 1;
+            if n > 0 && bytes > self.bytes_max as u64 {
+                return n;
+            }
         }
-        results.push(tide_core::model::op_result(decision, op, current.get(&keys[i]).map(|(s, _)| s), seq));
+        sizes.len().min(self.limit)
     }
-    (results, written, seq)
+
+    /// The page from what was read: the changes (joined by commas) and
+    /// their count, the seq of the last, whether more wait, and the
+    /// namespace's highest seq (where a page that ends the log leaves the
+    /// cursor, past the caller's own changes too).
+    pub(crate) fn finish(&self, read: PageRead, namespace_seq: u64) -> Page {
+        let end = namespace_seq.max(self.from).max(read.last);
+        let cursor = if read.has_more { Cursor(read.last) } else { Cursor(end) };
+        Page { json: read.json, count: read.count, cursor, has_more: read.has_more, reset: self.reset }
+    }
 }
+
+/// The changes of a page as a backend's statement returns them.
+#[derive(Debug, Default)]
+pub(crate) struct PageRead {
+    pub(crate) json: String,
+    pub(crate) count: usize,
+    pub(crate) last: u64,
+    pub(crate) has_more: bool,
+}
+
+/// A page ready for the reply.
+#[derive(Debug)]
+pub(crate) struct Page {
+    pub(crate) json: String,
+    pub(crate) count: usize,
+    pub(crate) cursor: Cursor,
+    pub(crate) has_more: bool,
+    pub(crate) reset: bool,
+}
+
+impl Page {
+    /// Whether the exchange saw everything: nothing to send, nothing
+    /// more, and the cursor was the namespace's own (digests compare only then).
+    pub(crate) fn settled(&self) -> bool {
+        self.count == 0 && !self.has_more && !self.reset
+    }
+}
+
+/// What is stored for a key, as deciding a write needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct Current<'a> {
+    pub(crate) stamp: Stamp,
+    /// The version hash of a live version; `None` for a tombstone.
+    pub(crate) hash: Option<Hash64>,
+    /// The document text, when read (a stored version's is read only for
+    /// a write that carries its stamp).
+    pub(crate) doc: Option<Cow<'a, str>>,
+}
+
+/// One op of a group as the backends decide it: its document rendered
+/// once as the compact text every tide replica stores and hashes.
+pub(crate) struct Incoming<'a> {
+    pub(crate) op: &'a tide_core::Op,
+    pub(crate) doc: Option<String>,
+    pub(crate) hash: Option<Hash64>,
+}
+
+impl<'a> Incoming<'a> {
+    pub(crate) fn new(op: &'a tide_core::Op) -> Self {
+        let doc = digest::doc_text(&op.payload);
+        let hash = doc.as_deref().map(|d| digest::version_hash(&op.collection, &op.id, &op.stamp, Some(d)));
+        Self { op, doc, hash }
+    }
+
+    /// The version this op writes, to decide later ops of the group against.
+    pub(crate) fn current(&self) -> Current<'_> {
+        Current { stamp: self.op.stamp.clone(), hash: self.hash, doc: self.doc.as_deref().map(Cow::Borrowed) }
+    }
+
+    /// The version hash stored with this op's version: of its document, or
+    /// of the tombstone.
+    pub(crate) fn stored_hash(&self) -> i64 {
+        let op = self.op;
+        self.hash.unwrap_or_else(|| digest::version_hash(&op.collection, &op.id, &op.stamp, None)).to_i64()
+    }
+
+    /// The stored rendering of this op's version, up to `"seq":`.
+    pub(crate) fn prefix(&self) -> String {
+        let op = self.op;
+        render_prefix(&op.collection, &op.id, self.doc.as_deref(), op.stamp.lamport, &op.stamp.node_id)
+    }
+}
+
+/// [`tide_core::decide`] against a stored version known by its stamp,
+/// hash and (for an equal stamp) document text.
+pub(crate) fn decide_current(current: Option<&Current<'_>>, incoming: &Incoming<'_>) -> Decision {
+    let Some(stored) = current else { return Decision::Apply };
+    match incoming.op.stamp.cmp(&stored.stamp) {
+        std::cmp::Ordering::Greater => Decision::Apply,
+        std::cmp::Ordering::Less => Decision::Superseded,
+        std::cmp::Ordering::Equal => {
+            let same = match (&stored.doc, &incoming.doc, stored.hash) {
+                (_, None, None) => true,
+                (Some(stored), Some(doc), Some(_)) => stored.as_ref() == doc.as_str(),
+                // A stored document not read: its hash tells.
+                (None, Some(_), Some(hash)) => incoming.hash == Some(hash),
+                _ => false,
+            };
+            if same { Decision::Duplicate } else { Decision::Collision }
+        }
+    }
+}
+
+/// Decides a request's ops in order against `current` (updated as ops
+/// apply), numbering applied ops from `seq`: the results; per written key
+/// the group-wide index (`first` + position) of its last applied op and
+/// that op's seq go to `written`.
+pub(crate) fn decide_request<'a>(
+    namespace: &'a str,
+    incoming: &'a [Incoming<'a>],
+    current: &mut HashMap<GroupKey<'a>, Current<'a>>,
+    written: &mut HashMap<GroupKey<'a>, (usize, u64)>,
+    first: usize,
+    seq: &mut u64,
+) -> Vec<OpResult> {
+    let mut results = Vec::with_capacity(incoming.len());
+    for (i, inc) in incoming.iter().enumerate() {
+        let key = (namespace, inc.op.collection.as_str(), inc.op.id.as_str());
+        let decision = decide_current(current.get(&key), inc);
+        if decision == Decision::Apply {
+            *seq += 1;
+            current.insert(key, inc.current());
+            written.insert(key, (first + i, *seq));
+        }
+        let winner = current.get(&key).map(|c| &c.stamp);
+        results.push(tide_core::model::op_result(decision, inc.op, winner, *seq));
+    }
+    results
+}
+
+/// A key of a write group: namespace, collection, id.
+pub(crate) type GroupKey<'a> = (&'a str, &'a str, &'a str);
+
+/// Most requests one write transaction takes (group commit): requests that
+/// arrive while a group commits wait for the next one.
+pub const WRITE_GROUP_REQUESTS_MAX: usize = 64;
 
 /// The server database schema this build reads and writes, as stored under
 /// `schema_version` in `tide_server_meta` by both backends. Version 2 adds
-/// the digest table, each row's bucket, and the node ids' principals.
-pub(crate) const SCHEMA_VERSION: &str = "2";
+/// the digest table, each row's bucket, and the node ids' principals;
+/// version 3 stores each version pre-rendered with its hash and size.
+pub(crate) const SCHEMA_VERSION: &str = "3";
 
 /// The statement that reads the stored schema version, the same on both backends.
 pub(crate) const SELECT_SCHEMA_VERSION: &str = "SELECT value FROM tide_server_meta WHERE key = 'schema_version'";
 
-/// Whether a database at schema `found` needs the version-2 migration;
+/// The schema version a database is at (1 to [`SCHEMA_VERSION`]);
 /// refuses one whose schema this build does not know.
-pub(crate) fn check_schema_version(found: &str) -> Result<bool, BackendError> {
-    if found == SCHEMA_VERSION {
-        Ok(false)
-    } else if found == "1" {
-        Ok(true)
+pub(crate) fn check_schema_version(found: &str) -> Result<u8, BackendError> {
+    if let Some(v) = ["1", "2", "3"].iter().position(|v| *v == found) {
+        Ok(u8::try_from(v + 1).expect("three versions"))
     } else {
         Err(BackendError::Internal(format!(
             "server database schema v{found} is not supported by this build (v{SCHEMA_VERSION})"
@@ -300,39 +406,49 @@ pub(crate) fn check_lead(req: &SyncRequest, lamport_max: u64, lead_max: u64) -> 
     }
 }
 
-/// Renders a stored version exactly as `serde_json` renders a `tide_core::Change`.
-pub(crate) fn render_change(
-    collection: &str,
-    id: &str,
-    doc: Option<&str>,
-    lamport: u64,
-    node_id: &str,
-    seq: u64,
-) -> String {
-    let quote = |s: &str| serde_json::to_string(s).expect("strings serialize");
-    let kind = if doc.is_some() { "put" } else { "delete" };
-    format!(
-        r#"{{"collection":{},"id":{},"kind":"{kind}","doc":{},"lamport":{lamport},"node_id":{},"seq":{seq}}}"#,
-        quote(collection),
-        quote(id),
-        doc.unwrap_or("null"),
-        quote(node_id)
-    )
+/// Renders a version as `serde_json` renders a `tide_core::Change`, up to
+/// and including `"seq":`: the stored form, completed at read time by the
+/// seq and `}` (so a version's seq can change without re-rendering it).
+pub(crate) fn render_prefix(collection: &str, id: &str, doc: Option<&str>, lamport: u64, node_id: &str) -> String {
+    let mut out = String::with_capacity(64 + collection.len() + id.len() + doc.map_or(4, str::len) + node_id.len());
+    out.push_str(r#"{"collection":"#);
+    push_quoted(&mut out, collection);
+    out.push_str(r#","id":"#);
+    push_quoted(&mut out, id);
+    out.push_str(if doc.is_some() { r#","kind":"put","doc":"# } else { r#","kind":"delete","doc":"# });
+    out.push_str(doc.unwrap_or("null"));
+    out.push_str(r#","lamport":"#);
+    out.push_str(itoa::Buffer::new().format(lamport));
+    out.push_str(r#","node_id":"#);
+    push_quoted(&mut out, node_id);
+    out.push_str(r#","seq":"#);
+    out
 }
 
-/// Where a page starts and whether it skips the caller's own changes, from
-/// the request's cursor and the namespace's highest seq (`reset` when the
-/// cursor is ahead of it); and a builder for it.
-pub(crate) fn page_start(
-    req: &SyncRequest,
-    namespace_seq: u64,
-    limits: &tide_core::Limits,
-) -> (PageBuilder, bool, bool) {
-    let requested = req.cursor.unwrap_or_default();
-    let reset = requested.seq() > namespace_seq;
-    let (from, skip_own) = if reset { (Cursor::START, false) } else { (requested, requested > Cursor::START) };
-    let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, limits.changes_per_response_max);
-    (PageBuilder::new(from, limit, limits.response_bytes_max), skip_own, reset)
+/// The length of a stored rendering once its seq and `}` are added.
+pub(crate) fn rendered_len(prefix: &str, seq: u64) -> u64 {
+    (prefix.len() + itoa::Buffer::new().format(seq).len() + 1) as u64
+}
+
+fn push_quoted(out: &mut String, s: &str) {
+    // SAFETY of the unwrap: serde_json writes valid UTF-8 for a str.
+    let mut bytes = std::mem::take(out).into_bytes();
+    serde_json::to_writer(&mut bytes, s).expect("strings serialize");
+    *out = String::from_utf8(bytes).expect("serde_json writes UTF-8");
+}
+
+/// The document text inside a stored rendering (rare: only when a write
+/// comes with the stored version's own stamp and must be compared).
+pub(crate) fn prefix_doc(prefix: &str) -> Result<Option<String>, BackendError> {
+    #[derive(serde::Deserialize)]
+    struct Stored<'a> {
+        #[serde(borrow)]
+        doc: Option<&'a serde_json::value::RawValue>,
+    }
+    let text = format!("{prefix}0}}");
+    let stored: Stored<'_> =
+        serde_json::from_str(&text).map_err(|e| BackendError::Internal(format!("stored change: {e}")))?;
+    Ok(stored.doc.map(|d| d.get().to_owned()).filter(|d| d != "null"))
 }
 
 /// Serializing a field value into a body without naming its type.
@@ -350,17 +466,20 @@ mod erased {
 
 /// One stored version as the digest and fetch answers read it.
 pub(crate) struct StoredVersion {
-    pub(crate) collection: String,
     pub(crate) id: String,
-    pub(crate) doc: Option<String>,
     pub(crate) lamport: u64,
     pub(crate) node_id: String,
+    /// The version hash (of the tombstone for a delete).
+    pub(crate) hash: Hash64,
+    pub(crate) live: bool,
+    /// The stored rendering, up to `"seq":`.
+    pub(crate) prefix: String,
     pub(crate) seq: u64,
 }
 
 impl StoredVersion {
     fn render(&self) -> String {
-        render_change(&self.collection, &self.id, self.doc.as_deref(), self.lamport, &self.node_id, self.seq)
+        format!("{}{}}}", self.prefix, self.seq)
     }
 }
 
@@ -406,8 +525,7 @@ pub(crate) fn compare_keys(
     let mut send = Vec::new();
     for v in stored {
         let stamp = Stamp::new(v.lamport, v.node_id.clone());
-        let hash = digest::version_hash(collection, &v.id, &stamp, v.doc.as_deref());
-        let server = (stamp, hash, v.doc.is_some());
+        let server = (stamp, v.hash, v.live);
         if digest::compare(Some(digest::Held::of(&server)), held.get(v.id.as_str()).map(digest::Held::of)).0 {
             send.push(v);
         }

@@ -19,14 +19,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 use tide_core::digest::Hash64;
-use tide_core::{Cursor, Limits, OpResult, Payload, Stamp, SyncRequest, Verify};
+use tide_core::{Limits, OpResult, Stamp, SyncRequest, Verify};
 
-use super::Bindings;
 use super::{
-    Backend, BackendError, CommitCallback, PageRow, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, Written,
-    check_lead, check_schema_version, decide_all, page_start, render_change,
+    Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Page, PageQuery, PageRead, Reply,
+    SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, check_lead, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
@@ -63,6 +62,13 @@ const SCHEMA: &[&str] = &[
     "CREATE UNIQUE INDEX IF NOT EXISTS tide_rows_by_seq ON tide_rows (namespace, seq)",
 ];
 
+/// Version 2 to 3: each version stored rendered (the wire JSON up to
+/// `"seq":`), with its length once completed and its version hash, in
+/// place of the document; filled by [`backfill`].
+const MIGRATE_V3: &[&str] =
+    &["ALTER TABLE tide_rows ADD COLUMN vhash BIGINT NOT NULL DEFAULT 0, ADD COLUMN size BIGINT NOT NULL DEFAULT 0, \
+     ADD COLUMN wire TEXT NOT NULL DEFAULT ''"];
+
 /// Version 1 to 2: each row's digest bucket, the digest table (filled from
 /// the rows), and the principal each node id is bound to.
 const MIGRATE_V2: &[&str] = &[
@@ -95,9 +101,6 @@ const MIGRATE_V2: &[&str] = &[
 const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
      SELECT * FROM UNNEST($1::text[], $2::smallint[], $3::text[], $4::int[], $5::bigint[]) \
      ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = tide_digest.hash # excluded.hash";
-
-/// A stored version as a page reads it: seq, collection, id, doc, lamport, node id, deleted.
-type StoredRow = (i64, String, String, Option<String>, i64, String, bool);
 
 /// The PostgreSQL backend.
 pub struct PostgresBackend {
@@ -151,11 +154,17 @@ impl PostgresBackend {
         }
         let version: String =
             sqlx::query_scalar(SELECT_SCHEMA_VERSION).fetch_one(&mut *tx).await.map_err(unavailable)?;
-        if check_schema_version(&version)? {
+        let version = check_schema_version(&version)?;
+        if version < 2 {
             for statement in MIGRATE_V2 {
                 sqlx::query(*statement).execute(&mut *tx).await.map_err(unavailable)?;
             }
-            backfill_digests(&mut tx).await?;
+        }
+        if version < 3 {
+            for statement in MIGRATE_V3 {
+                sqlx::query(*statement).execute(&mut *tx).await.map_err(unavailable)?;
+            }
+            backfill(&mut tx).await?;
         }
         tx.commit().await.map_err(unavailable)?;
         let digest_log_rows_max = std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX);
@@ -163,87 +172,67 @@ impl PostgresBackend {
     }
 
     async fn apply(&self, principal: &Principal, req: &SyncRequest) -> Result<Vec<OpResult>, BackendError> {
-        let ns = &principal.namespace;
+        let ns = principal.namespace.as_str();
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        sqlx::query(
-            "INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING",
+        // The namespace lock, taken by the upsert and held to commit: it
+        // makes seq order commit order.
+        let (seq, lamport_max): (i64, i64) = sqlx::query_as(
+            "INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) \
+             ON CONFLICT (namespace) DO UPDATE SET seq = tide_namespaces.seq RETURNING seq, lamport_max",
         )
-        .bind(ns.as_str())
-        .execute(&mut *tx)
+        .bind(ns)
+        .fetch_one(&mut *tx)
         .await
         .map_err(unavailable)?;
-        // The namespace lock: held to commit, it makes seq order commit order.
-        let (seq, lamport_max): (i64, i64) =
-            sqlx::query_as("SELECT seq, lamport_max FROM tide_namespaces WHERE namespace = $1 FOR UPDATE")
-                .bind(ns.as_str())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        let (seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
+        let (mut seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
         let bound = self.bind_node(&mut tx, principal, &req.node_id).await?;
         check_lead(req, lamport_max, self.limits.lamport_lead_max)?;
-        continue_chain(&mut tx, ns, req).await?;
+        continue_chain(&mut tx, &principal.namespace, req).await?;
 
-        let keys: Vec<(&str, &str)> = req.ops.iter().map(|o| (o.collection.as_str(), o.id.as_str())).collect();
-        let (collections, ids): (Vec<&str>, Vec<&str>) = keys.iter().copied().unzip();
-        let rows: Vec<(String, String, i64, String, bool, Option<String>)> = sqlx::query_as(
-            "SELECT r.collection, r.id, r.lamport, r.node_id, r.deleted, r.doc FROM tide_rows r \
-             JOIN UNNEST($2::text[], $3::text[]) AS k(collection, id) ON r.collection = k.collection AND r.id = k.id \
-             WHERE r.namespace = $1",
-        )
-        .bind(ns.as_str())
-        .bind(&collections)
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let mut current: HashMap<(&str, &str), (Stamp, Payload)> = HashMap::new();
-        for (collection, id, lamport, node, deleted, doc) in rows {
-            let Some(&key) = keys.iter().find(|k| k.0 == collection && k.1 == id) else { continue };
-            let payload = match (deleted, doc) {
-                (false, Some(doc)) => Payload::Put(
-                    serde_json::from_str(&doc).map_err(|e| BackendError::Internal(format!("stored document: {e}")))?,
-                ),
-                _ => Payload::Delete,
+        let incoming: Vec<Incoming<'_>> = req.ops.iter().map(Incoming::new).collect();
+        let stored = stored_versions(&mut tx, ns, req).await?;
+        let mut current: HashMap<GroupKey<'_>, Current<'_>> = HashMap::with_capacity(stored.len());
+        for (collection, id, lamport, node, deleted, hash, wire) in &stored {
+            let Some(op) = req.ops.iter().find(|o| o.collection == *collection && o.id == *id) else { continue };
+            let doc = match wire {
+                Some(wire) if !deleted => super::prefix_doc(wire)?.map(Into::into),
+                _ => None,
             };
-            current.insert(key, (Stamp::new(to_u64(lamport), node), payload));
+            let entry = current.entry((ns, op.collection.as_str(), op.id.as_str())).or_insert_with(|| Current {
+                stamp: Stamp::new(to_u64(*lamport), node.clone()),
+                hash: (!deleted).then(|| Hash64::from_i64(*hash)),
+                doc: None,
+            });
+            if doc.is_some() {
+                entry.doc = doc;
+            }
         }
-        let before: HashMap<(&str, &str), tide_core::digest::Hash64> = current
-            .iter()
-            .filter(|(_, (_, p))| matches!(p, Payload::Put(_)))
-            .map(|(k, (s, p))| (*k, tide_core::digest::payload_hash(k.0, k.1, s, p)))
-            .collect();
-        let (results, written, seq) = decide_all(req, &keys, current, seq);
-        upsert(&mut tx, ns, req, &written).await?;
-        let deltas = super::digest_deltas(written.iter().map(|(&(c, id), &(i, _))| {
-            let op = &req.ops[i];
-            let new =
-                op.payload.doc().is_some().then(|| tide_core::digest::payload_hash(c, id, &op.stamp, &op.payload));
-            (ns.as_str(), c, id, before.get(&(c, id)).copied(), new)
-        }));
+        let before: HashMap<GroupKey<'_>, Hash64> = current.iter().filter_map(|(k, c)| Some((*k, c.hash?))).collect();
+        let mut written = HashMap::new();
+        let results = decide_request(ns, &incoming, &mut current, &mut written, 0, &mut seq);
+        upsert(&mut tx, ns, &written, &incoming).await?;
+        let deltas = super::digest_deltas(
+            written.iter().map(|(&(n, c, id), &(i, _))| (n, c, id, before.get(&(n, c, id)).copied(), incoming[i].hash)),
+        );
         let fold_over = self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed);
         add_digests(&mut tx, &deltas, fold_over).await?;
         let op_max = req.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0);
+        // Delivered to every listening server when the transaction commits.
+        let applied = results.iter().any(|r| matches!(r, OpResult::Applied { .. }));
         sqlx::query(
-            "UPDATE tide_namespaces SET seq = $2, lamport_max = GREATEST(lamport_max, $3) WHERE namespace = $1",
+            "UPDATE tide_namespaces SET seq = $2, lamport_max = GREATEST(lamport_max, $3) WHERE namespace = $1 \
+             RETURNING CASE WHEN $4 THEN pg_notify($5, $1) END",
         )
-        .bind(ns.as_str())
+        .bind(ns)
         .bind(to_i64(seq))
         .bind(to_i64(op_max))
+        .bind(applied)
+        .bind(COMMITS_CHANNEL)
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
-        if results.iter().any(|r| matches!(r, OpResult::Applied { .. })) {
-            // Delivered to every listening server when the transaction commits.
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(COMMITS_CHANNEL)
-                .bind(ns.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(unavailable)?;
-        }
         tx.commit().await.map_err(unavailable)?;
-        self.bindings.remember(bound.map(|owner| (ns.as_str().to_owned(), req.node_id.clone(), owner)));
+        self.bindings.remember(bound.map(|owner| (ns.to_owned(), req.node_id.clone(), owner)));
         Ok(results)
     }
 
@@ -289,64 +278,64 @@ impl PostgresBackend {
 
     /// The page after the request's cursor and the answers to its digest
     /// and fetch extensions, read in one snapshot when there are any.
-    async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<Read, BackendError> {
+    async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<(Page, VerifyReply), BackendError> {
         let ns = &principal.namespace;
-        // One snapshot for the page and the digests, begun in one round trip.
-        let snapshot = req.verify.is_some() || !req.fetch.is_empty();
-        let begin = if snapshot { "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY" } else { "BEGIN READ ONLY" };
-        let mut conn = self.pool.begin_with(begin).await.map_err(unavailable)?;
         if self.bindings.get(ns.as_str(), &req.node_id).is_none() {
             let owner: Option<String> =
                 sqlx::query_scalar("SELECT principal FROM tide_nodes WHERE namespace = $1 AND node_id = $2")
                     .bind(ns.as_str())
                     .bind(&req.node_id)
-                    .fetch_optional(&mut *conn)
+                    .fetch_optional(&self.pool)
                     .await
                     .map_err(unavailable)?;
             self.bindings.remember(owner.map(|o| (ns.as_str().to_owned(), req.node_id.clone(), o)));
         }
         self.bindings.check(principal, &req.node_id)?;
-        let ns_seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = $1")
-            .bind(ns.as_str())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        let (mut page, skip_own, reset) = page_start(req, to_u64(ns_seq.unwrap_or(0)), &self.limits);
-        loop {
-            let rows: Vec<StoredRow> = sqlx::query_as(
-                "SELECT seq, collection, id, doc, lamport, node_id, deleted FROM tide_rows \
-                 WHERE namespace = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-            )
-            .bind(ns.as_str())
-            .bind(to_i64(page.after()))
-            .bind(i64::try_from(page.window()).expect("a window is small"))
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-            let rows = rows
-                .into_iter()
-                .map(|(seq, collection, id, doc, lamport, node_id, deleted)| {
-                    let seq = to_u64(seq);
-                    let own = skip_own && node_id == req.node_id;
-                    let doc = if deleted { None } else { doc };
-                    // Own rows are only skipped: no need to render them.
-                    let json = if own {
-                        String::new()
-                    } else {
-                        render_change(&collection, &id, doc.as_deref(), to_u64(lamport), &node_id, seq)
-                    };
-                    PageRow { seq, own, json }
-                })
-                .collect();
-            if page.feed(rows) {
-                break;
-            }
+        if req.verify.is_none() && req.fetch.is_empty() {
+            // One statement: a snapshot of its own.
+            let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+            return Ok((self.page(&mut conn, ns, req).await?, VerifyReply::default()));
         }
-        let (json, count, cursor, has_more) = page.finish();
-        let settled = count == 0 && !has_more && !reset;
-        let verify = if snapshot { self.verify(&mut conn, ns, req, settled).await? } else { VerifyReply::default() };
-        conn.commit().await.map_err(unavailable)?;
-        Ok((json, count, cursor, has_more, reset, verify))
+        let mut tx =
+            self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.map_err(unavailable)?;
+        let page = self.page(&mut tx, ns, req).await?;
+        let verify = self.verify(&mut tx, ns, req, page.settled()).await?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok((page, verify))
+    }
+
+    /// The page a request asks for: one statement, unless the cursor is
+    /// ahead of the namespace or the changes run past the byte budget.
+    async fn page(&self, conn: &mut PgConnection, ns: &Namespace, req: &SyncRequest) -> Result<Page, BackendError> {
+        let mut query = PageQuery::new(req, &self.limits);
+        loop {
+            let (ns_seq, total, n, text, last): PageRow = sqlx::query_as(PAGE)
+                .bind(ns.as_str())
+                .bind(to_i64(query.from))
+                .bind(query.skip_node.unwrap_or(""))
+                .bind(query.skip_node.is_some())
+                .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX))
+                .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            let ns_seq = to_u64(ns_seq.unwrap_or(0));
+            if query.ahead_of(ns_seq) {
+                continue;
+            }
+            let read = if to_u64(total) <= query.bytes_max as u64 {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                PageRead {
+                    json: text.unwrap_or_default(),
+                    count: n.min(query.limit),
+                    last: to_u64(last.unwrap_or(0)),
+                    has_more: n > query.limit,
+                }
+            } else {
+                over_budget(conn, ns, &query).await?
+            };
+            return Ok(query.finish(read, ns_seq));
+        }
     }
 
     async fn verify(
@@ -362,7 +351,7 @@ impl PostgresBackend {
             let collections: Vec<&str> = req.fetch.iter().map(|k| k.0.as_str()).collect();
             let ids: Vec<&str> = req.fetch.iter().map(|k| k.1.as_str()).collect();
             let rows: Vec<VersionRow> = sqlx::query_as(
-                "SELECT r.collection, r.id, r.doc, r.lamport, r.node_id, r.seq, r.deleted FROM tide_rows r \
+                "SELECT r.id, r.lamport, r.node_id, r.deleted, r.vhash, r.wire, r.seq FROM tide_rows r \
                  JOIN UNNEST($2::text[], $3::text[]) AS k(collection, id) ON r.collection = k.collection AND r.id = k.id \
                  WHERE r.namespace = $1 ORDER BY r.collection, r.id",
             )
@@ -396,7 +385,7 @@ impl PostgresBackend {
             Some(Verify::Keys { collection, buckets: wire_buckets, have }) => {
                 let buckets: Vec<i32> = wire_buckets.iter().map(|b| i32::from(*b)).collect();
                 let rows: Vec<VersionRow> = sqlx::query_as(
-                    "SELECT collection, id, doc, lamport, node_id, seq, deleted FROM tide_rows \
+                    "SELECT id, lamport, node_id, deleted, vhash, wire, seq FROM tide_rows \
                      WHERE namespace = $1 AND collection = $2 AND bucket = ANY($3)",
                 )
                 .bind(ns.as_str())
@@ -415,20 +404,116 @@ impl PostgresBackend {
     }
 }
 
-/// A page (changes, count, cursor, `has_more`, `reset`) and the digest answers.
-type Read = (String, usize, Cursor, bool, bool, VerifyReply);
+/// The page statement: the namespace's seq, the byte total and count of the
+/// first `$6 + 1` changes (read from `size`, not from the renderings), and,
+/// only if that total fits the budget `$5`, the first `$6` renderings
+/// joined and the seq of the last.
+const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::bigint AS total, count(*) AS n \
+       FROM (SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) \
+       ORDER BY seq LIMIT $6 + 1) s) \
+     SELECT (SELECT seq FROM tide_namespaces WHERE namespace = $1), g.total, g.n, p.text, p.last \
+     FROM g, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, max(seq) AS last \
+       FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) \
+       ORDER BY seq LIMIT $6) w WHERE (SELECT total FROM g) <= $5) p";
+
+/// What the page statement returns: the namespace's seq, the byte total and
+/// count of the first changes, their renderings (if they fit) and the last seq.
+type PageRow = (Option<i64>, i64, i64, Option<String>, Option<i64>);
+
+/// A page whose first changes run past the byte budget: their sizes, then
+/// as many renderings as fit (at least one), in one snapshot.
+async fn over_budget(conn: &mut PgConnection, ns: &Namespace, query: &PageQuery<'_>) -> Result<PageRead, BackendError> {
+    if conn.is_in_transaction() {
+        return over_budget_in(conn, ns, query).await;
+    }
+    let mut tx = conn.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.map_err(unavailable)?;
+    let read = over_budget_in(&mut tx, ns, query).await?;
+    tx.commit().await.map_err(unavailable)?;
+    Ok(read)
+}
+
+async fn over_budget_in(
+    tx: &mut PgConnection,
+    ns: &Namespace,
+    query: &PageQuery<'_>,
+) -> Result<PageRead, BackendError> {
+    let sizes: Vec<i64> = sqlx::query_scalar(
+        "SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $5",
+    )
+    .bind(ns.as_str())
+    .bind(to_i64(query.from))
+    .bind(query.skip_node.unwrap_or(""))
+    .bind(query.skip_node.is_some())
+    .bind(i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX))
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    let sizes: Vec<u64> = sizes.into_iter().map(to_u64).collect();
+    let count = query.fitting(&sizes);
+    let (text, last): (Option<String>, Option<i64>) = sqlx::query_as(
+        "SELECT string_agg(wire || seq || '}', ',' ORDER BY seq), max(seq) FROM (SELECT seq, wire FROM tide_rows \
+         WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $5) w",
+    )
+    .bind(ns.as_str())
+    .bind(to_i64(query.from))
+    .bind(query.skip_node.unwrap_or(""))
+    .bind(query.skip_node.is_some())
+    .bind(i64::try_from(count).unwrap_or(i64::MAX))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(PageRead {
+        json: text.unwrap_or_default(),
+        count,
+        last: to_u64(last.unwrap_or(0)),
+        has_more: count < sizes.len(),
+    })
+}
+
+/// A stored version as a write reads it: collection, id, lamport, node id,
+/// deleted, hash, and its rendering when the write carries its stamp.
+type StoredRow = (String, String, i64, String, bool, i64, Option<String>);
+
+/// What is stored for the keys a request writes, in one statement; the
+/// rendering of a stored version is read only for an op with its stamp.
+async fn stored_versions(
+    tx: &mut Transaction<'_, Postgres>,
+    ns: &str,
+    req: &SyncRequest,
+) -> Result<Vec<StoredRow>, BackendError> {
+    let collections: Vec<&str> = req.ops.iter().map(|o| o.collection.as_str()).collect();
+    let ids: Vec<&str> = req.ops.iter().map(|o| o.id.as_str()).collect();
+    let lamports: Vec<i64> = req.ops.iter().map(|o| i64::try_from(o.stamp.lamport).unwrap_or(i64::MAX)).collect();
+    let nodes: Vec<&str> = req.ops.iter().map(|o| o.stamp.node_id.as_str()).collect();
+    sqlx::query_as(
+        "SELECT r.collection, r.id, r.lamport, r.node_id, r.deleted, r.vhash, \
+           CASE WHEN r.lamport = k.lamport AND r.node_id = k.node_id THEN r.wire END \
+         FROM tide_rows r JOIN UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[]) \
+           AS k(collection, id, lamport, node_id) ON r.collection = k.collection AND r.id = k.id \
+         WHERE r.namespace = $1",
+    )
+    .bind(ns)
+    .bind(&collections)
+    .bind(&ids)
+    .bind(&lamports)
+    .bind(&nodes)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(unavailable)
+}
 
 /// A stored version as the digest answers read it.
-type VersionRow = (String, String, Option<String>, i64, String, i64, bool);
+type VersionRow = (String, i64, String, bool, i64, String, i64);
 
 fn to_versions(rows: Vec<VersionRow>) -> Vec<StoredVersion> {
     rows.into_iter()
-        .map(|(collection, id, doc, lamport, node_id, seq, deleted)| StoredVersion {
-            collection,
+        .map(|(id, lamport, node_id, deleted, hash, prefix, seq)| StoredVersion {
             id,
-            doc: if deleted { None } else { doc },
             lamport: to_u64(lamport),
             node_id,
+            hash: Hash64::from_i64(hash),
+            live: !deleted,
+            prefix,
             seq: to_u64(seq),
         })
         .collect()
@@ -567,76 +652,95 @@ async fn add_digests(
     Ok(())
 }
 
-/// Fills the digest table and each row's bucket from the stored rows (the
-/// version-2 migration of a database written by an earlier build).
-async fn backfill_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError> {
+/// Renders every stored version of a version-1 or -2 database, with its
+/// hash, size and bucket, drops the document column, and recomputes the
+/// digests (the version-3 migration).
+async fn backfill(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError> {
     let rows: Vec<BackfillRow> =
-        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted, doc FROM tide_rows")
+        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted, doc, seq FROM tide_rows")
             .fetch_all(&mut **tx)
             .await
             .map_err(unavailable)?;
-    let namespaces: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
-    let collections: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
-    let ids: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
-    let buckets: Vec<i32> = rows.iter().map(|r| i32::from(tide_core::digest::bucket(&r.1, &r.2))).collect();
-    sqlx::query(
-        "UPDATE tide_rows SET bucket = k.bucket FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[]) \
-         AS k(namespace, collection, id, bucket) \
-         WHERE tide_rows.namespace = k.namespace AND tide_rows.collection = k.collection AND tide_rows.id = k.id",
-    )
-    .bind(&namespaces)
-    .bind(&collections)
-    .bind(&ids)
-    .bind(&buckets)
-    .execute(&mut **tx)
-    .await
-    .map_err(unavailable)?;
-    let stamps: Vec<Stamp> = rows.iter().map(|r| Stamp::new(to_u64(r.3), r.4.clone())).collect();
-    let deltas = super::digest_deltas(rows.iter().zip(&stamps).filter(|(r, _)| !r.5).map(|(r, s)| {
-        let hash = tide_core::digest::version_hash(&r.1, &r.2, s, r.6.as_deref());
-        (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(hash))
-    }));
-    add_digests(tx, &deltas, super::DIGEST_LOG_ROWS_MAX).await
+    let mut hashes = Vec::with_capacity(rows.len());
+    let mut rendered = Vec::with_capacity(rows.len());
+    for (ns, collection, id, lamport, node_id, deleted, doc, seq) in &rows {
+        let doc = if *deleted { None } else { doc.as_deref() };
+        let stamp = Stamp::new(to_u64(*lamport), node_id.clone());
+        let hash = doc.map(|d| tide_core::digest::version_hash(collection, id, &stamp, Some(d)));
+        let stored_hash = tide_core::digest::version_hash(collection, id, &stamp, doc).to_i64();
+        let prefix = super::render_prefix(collection, id, doc, stamp.lamport, node_id);
+        let size = i64::try_from(super::rendered_len(&prefix, to_u64(*seq))).unwrap_or(i64::MAX);
+        hashes.push((ns.as_str(), collection.as_str(), id.as_str(), None, hash));
+        let bucket = i32::from(tide_core::digest::bucket(collection, id));
+        rendered.push((ns.as_str(), collection.as_str(), id.as_str(), bucket, stored_hash, size, prefix));
+    }
+    for chunk in rendered.chunks(10_000) {
+        sqlx::query(
+            "UPDATE tide_rows SET bucket = k.bucket, vhash = k.vhash, size = k.size, wire = k.wire \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::text[]) \
+             AS k(namespace, collection, id, bucket, vhash, size, wire) \
+             WHERE tide_rows.namespace = k.namespace AND tide_rows.collection = k.collection AND tide_rows.id = k.id",
+        )
+        .bind(chunk.iter().map(|r| r.0).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.1).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.2).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.3).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.4).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.5).collect::<Vec<_>>())
+        .bind(chunk.iter().map(|r| r.6.as_str()).collect::<Vec<_>>())
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    }
+    for statement in [
+        "ALTER TABLE tide_rows DROP COLUMN doc",
+        "DELETE FROM tide_digest",
+        "DELETE FROM tide_digest_log",
+        "UPDATE tide_server_meta SET value = '3' WHERE key = 'schema_version'",
+    ] {
+        sqlx::query(statement).execute(&mut **tx).await.map_err(unavailable)?;
+    }
+    add_digests(tx, &super::digest_deltas(hashes), super::DIGEST_LOG_ROWS_MAX).await
 }
 
 /// Stores the last applied op of each key written by a request.
 async fn upsert(
     tx: &mut Transaction<'_, Postgres>,
-    ns: &Namespace,
-    req: &SyncRequest,
-    written: &Written<'_>,
+    ns: &str,
+    written: &HashMap<GroupKey<'_>, (usize, u64)>,
+    incoming: &[Incoming<'_>],
 ) -> Result<(), BackendError> {
     if written.is_empty() {
         return Ok(());
     }
     let mut order: Vec<(usize, u64)> = written.values().copied().collect();
     order.sort_by_key(|&(_, seq)| seq);
-    let ops: Vec<_> = order.iter().map(|&(i, _)| &req.ops[i]).collect();
-    let collections: Vec<&str> = ops.iter().map(|o| o.collection.as_str()).collect();
-    let ids: Vec<&str> = ops.iter().map(|o| o.id.as_str()).collect();
-    let docs: Vec<Option<String>> =
-        ops.iter().map(|o| o.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"))).collect();
-    let lamports: Vec<i64> = ops.iter().map(|o| to_i64(o.stamp.lamport)).collect();
-    let nodes: Vec<&str> = ops.iter().map(|o| o.stamp.node_id.as_str()).collect();
-    let deleted: Vec<bool> = docs.iter().map(Option::is_none).collect();
-    let seqs: Vec<i64> = order.iter().map(|&(_, seq)| to_i64(seq)).collect();
-    let buckets: Vec<i32> = ops.iter().map(|o| i32::from(tide_core::digest::bucket(&o.collection, &o.id))).collect();
+    let ops: Vec<&Incoming<'_>> = order.iter().map(|&(i, _)| &incoming[i]).collect();
+    let prefixes: Vec<String> = ops.iter().map(|i| i.prefix()).collect();
+    let sizes: Vec<i64> = prefixes
+        .iter()
+        .zip(&order)
+        .map(|(p, &(_, seq))| i64::try_from(super::rendered_len(p, seq)).unwrap_or(i64::MAX))
+        .collect();
     sqlx::query(
-        "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq, bucket) \
-         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[], $7::bool[], \
-         $8::bigint[], $9::int[]) \
-         ON CONFLICT (namespace, collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
-         node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq, bucket = excluded.bucket",
+        "INSERT INTO tide_rows (namespace, collection, id, lamport, node_id, deleted, seq, bucket, vhash, size, wire) \
+         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[], $6::bool[], $7::bigint[], \
+         $8::int[], $9::bigint[], $10::bigint[], $11::text[]) \
+         ON CONFLICT (namespace, collection, id) DO UPDATE SET lamport = excluded.lamport, \
+         node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq, vhash = excluded.vhash, \
+         size = excluded.size, wire = excluded.wire",
     )
-    .bind(ns.as_str())
-    .bind(&collections)
-    .bind(&ids)
-    .bind(&docs)
-    .bind(&lamports)
-    .bind(&nodes)
-    .bind(&deleted)
-    .bind(&seqs)
-    .bind(&buckets)
+    .bind(ns)
+    .bind(ops.iter().map(|i| i.op.collection.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i.op.id.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| to_i64(i.op.stamp.lamport)).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i.op.stamp.node_id.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i.doc.is_none()).collect::<Vec<_>>())
+    .bind(order.iter().map(|&(_, seq)| to_i64(seq)).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i32::from(tide_core::digest::bucket(&i.op.collection, &i.op.id))).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i.stored_hash()).collect::<Vec<_>>())
+    .bind(&sizes)
+    .bind(&prefixes)
     .execute(&mut **tx)
     .await
     .map_err(unavailable)?;
@@ -647,9 +751,8 @@ async fn upsert(
 impl Backend for PostgresBackend {
     async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
         let results = if request.ops.is_empty() { Vec::new() } else { self.apply(principal, &request).await? };
-        let (changes_json, change_count, cursor, has_more, reset, verify) = self.read(principal, &request).await?;
-        let request_id = request.request_id.clone();
-        Ok(Reply { results, cursor, changes_json, change_count, has_more, reset, request_id, verify })
+        let (page, verify) = self.read(principal, &request).await?;
+        Ok(Reply::new(results, page, request.request_id.clone(), verify))
     }
 
     async fn ready(&self) -> Result<(), BackendError> {
@@ -681,5 +784,5 @@ impl Backend for PostgresBackend {
     }
 }
 
-/// A stored row as the version-2 migration reads it.
-type BackfillRow = (String, String, String, i64, String, bool, Option<String>);
+/// A stored row as the version-3 migration reads it.
+type BackfillRow = (String, String, String, i64, String, bool, Option<String>, i64);

@@ -1,62 +1,70 @@
-//! The SQLite backend (the default): sqlx, WAL, one writer connection and
-//! a few readers.
+//! The SQLite backend (the default): sqlx, WAL, one writer task and a pool
+//! of readers.
 //!
 //! Seqs are per namespace, like `tide_core::Model`'s: a namespace row holds
 //! its counter and the highest counter seen, and every stored version has
 //! the seq it was written under. SQLite has one writer, so seq order is
 //! commit order and a page read after a commit never skips a change.
+//!
+//! **Layout.** `tide_changes` is clustered by `(namespace, seq)`, so a page
+//! is one contiguous range, and holds each version rendered once, when it
+//! is written, as the wire JSON up to `"seq":` (`wire`), with its length
+//! once completed (`size`) and its version hash (`vhash`). A page is one
+//! statement that concatenates stored renderings; no document is parsed
+//! or rendered on the read path.
+//!
+//! **Writes** go to one writer task, which takes every request waiting
+//! when it starts a transaction (at most [`WRITE_GROUP_REQUESTS_MAX`]) and
+//! commits them together; a request that arrives meanwhile goes into the
+//! next group, and each caller is answered when its own group commits.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection, SqliteConnection};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, SqliteConnection};
 use tide_core::digest::Hash64;
-use tide_core::model::op_result;
-use tide_core::{Cursor, Decision, Limits, OpResult, Payload, Stamp, SyncRequest, Verify, decide};
-use tokio::sync::{Mutex, Semaphore, oneshot};
+use tide_core::{Chain, Limits, OpResult, Stamp, SyncRequest, Verify};
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
-use super::Bindings;
 use super::{
-    Backend, BackendError, PageRow, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, check_lead,
-    check_schema_version, page_start,
+    Backend, BackendError, Bindings, Current, GroupKey, Incoming, Page, PageQuery, PageRead, Reply,
+    SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX, check_lead, check_schema_version,
+    decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
 /// Reader connections of the SQLite backend.
 pub const SQLITE_READERS: usize = 4;
 
+/// The tables of a new database (schema version 3).
 const SCHEMA: &str = r"
-CREATE TABLE IF NOT EXISTS tide_server_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-INSERT OR IGNORE INTO tide_server_meta (key, value) VALUES ('schema_version', '1');
-CREATE TABLE IF NOT EXISTS tide_namespaces (
+CREATE TABLE tide_namespaces (
     namespace   TEXT PRIMARY KEY,
     seq         INTEGER NOT NULL,
     lamport_max INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS tide_rows (
+CREATE TABLE tide_changes (
     namespace  TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
     collection TEXT NOT NULL,
     id         TEXT NOT NULL,
-    doc        TEXT,
     lamport    INTEGER NOT NULL,
     node_id    TEXT NOT NULL,
     deleted    INTEGER NOT NULL,
-    seq        INTEGER NOT NULL,
-    PRIMARY KEY (namespace, collection, id)
-);
-CREATE UNIQUE INDEX IF NOT EXISTS tide_rows_by_seq ON tide_rows (namespace, seq);
-";
-
-/// Version 1 to 2: each row's digest bucket, the digest table (filled from
-/// the rows by [`SqliteBackend::open`]), and the principal each node id is bound to.
-const MIGRATE_V2: &str = r"
-ALTER TABLE tide_rows ADD COLUMN bucket INTEGER NOT NULL DEFAULT 0;
-CREATE TABLE tide_digest (
+    bucket     INTEGER NOT NULL,
+    vhash      INTEGER NOT NULL,
+    size       INTEGER NOT NULL,
+    wire       TEXT NOT NULL,
+    PRIMARY KEY (namespace, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX tide_changes_by_key ON tide_changes (namespace, collection, id);
+CREATE TABLE IF NOT EXISTS tide_digest (
     namespace  TEXT NOT NULL,
     level      INTEGER NOT NULL,
     collection TEXT NOT NULL,
@@ -64,13 +72,13 @@ CREATE TABLE tide_digest (
     hash       INTEGER NOT NULL,
     PRIMARY KEY (namespace, level, collection, ix)
 ) WITHOUT ROWID;
-CREATE TABLE tide_digest_log (
+CREATE TABLE IF NOT EXISTS tide_digest_log (
     namespace  TEXT NOT NULL,
     collection TEXT NOT NULL,
     bucket     INTEGER NOT NULL,
     delta      INTEGER NOT NULL
 );
-CREATE TABLE tide_nodes (
+CREATE TABLE IF NOT EXISTS tide_nodes (
     namespace    TEXT NOT NULL,
     node_id      TEXT NOT NULL,
     principal    TEXT NOT NULL,
@@ -79,7 +87,6 @@ CREATE TABLE tide_nodes (
     chain_height INTEGER,
     PRIMARY KEY (namespace, node_id)
 ) WITHOUT ROWID;
-UPDATE tide_server_meta SET value = '2' WHERE key = 'schema_version';
 ";
 
 /// XORs rows of `(namespace, level, collection, ix, hash)` into the digest
@@ -88,6 +95,7 @@ const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, level, collecti
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1) WHERE true \
      ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET \
      hash = (hash | excluded.hash) & ~(hash & excluded.hash)";
+
 /// Durability of the server's commits.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Durability {
@@ -99,24 +107,59 @@ pub enum Durability {
     Normal,
 }
 
+/// The rows a page reads: a namespace's changes after a seq, without the
+/// caller's own when asked (`?4`).
+const PAGE_ROWS: &str =
+    "FROM tide_changes WHERE namespace = ?1 AND seq > ?2 AND (?4 = 0 OR node_id <> ?3) ORDER BY seq";
+
+/// The page statement for a page of `limit` changes (`None`: the limit is
+/// bound as `?6`). It returns the namespace's seq, the byte total and count
+/// of the first `limit + 1` changes (read from `size`, not from the
+/// renderings), and, only if that total fits the budget `?5`, the first
+/// `limit` renderings joined and the seq of the last. The limit is a literal
+/// where it can be: a bound `LIMIT` makes SQLite re-plan the statement on
+/// every run.
+fn page_statement(limit: Option<usize>) -> Arc<str> {
+    let (n, n1) =
+        limit.map_or_else(|| ("?6".to_owned(), "?6 + 1".to_owned()), |l| (l.to_string(), (l + 1).to_string()));
+    format!(
+        "WITH g(total, n) AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0), count(*) \
+           FROM (SELECT size {PAGE_ROWS} LIMIT {n1})) \
+         SELECT (SELECT seq FROM tide_namespaces WHERE namespace = ?1), g.total, g.n, p.text, p.last \
+         FROM g, (SELECT group_concat(wire || seq || '}}', ',') AS text, max(seq) AS last \
+           FROM (SELECT seq, wire {PAGE_ROWS} LIMIT {n}) WHERE (SELECT total FROM g) <= ?5) AS p"
+    )
+    .into()
+}
+
 /// The SQLite backend.
 pub struct SqliteBackend {
-    writer: Mutex<SqliteConnection>,
+    writes: mpsc::UnboundedSender<Pending>,
     readers: Vec<Mutex<SqliteConnection>>,
     free: Semaphore,
     limits: Limits,
-    /// Requests waiting to be applied together (group commit).
-    queue: std::sync::Mutex<Vec<Pending>>,
-    draining: AtomicBool,
-    bindings: Bindings,
-    digest_log_rows_max: std::sync::atomic::AtomicI64,
+    bindings: Arc<Bindings>,
+    digest_log_rows_max: Arc<AtomicI64>,
+    /// The page statement with the default limit written in, and with it bound.
+    page_default: Arc<str>,
+    page_bound: Arc<str>,
 }
 
-/// A request waiting for the next group transaction.
+/// A request waiting for the next write group.
 struct Pending {
     principal: Principal,
     request: Arc<SyncRequest>,
     reply: oneshot::Sender<Result<Vec<OpResult>, BackendError>>,
+}
+
+/// The writer task's state: the one connection that writes.
+struct Writer {
+    conn: SqliteConnection,
+    limits: Limits,
+    bindings: Arc<Bindings>,
+    digest_log_rows_max: Arc<AtomicI64>,
+    /// Rows in `tide_digest_log` (only this task writes it).
+    logged: i64,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -137,7 +180,8 @@ fn unavailable(e: sqlx::Error) -> BackendError {
 }
 
 impl SqliteBackend {
-    /// Opens (or creates) the server database at `path`.
+    /// Opens (or creates) the server database at `path`, migrating one
+    /// written by an earlier build.
     pub async fn open(path: &Path, durability: Durability, limits: Limits) -> Result<Arc<Self>, BackendError> {
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -148,223 +192,38 @@ impl SqliteBackend {
                 Durability::Full => SqliteSynchronous::Full,
                 Durability::Normal => SqliteSynchronous::Normal,
             });
-        let mut writer = options.clone().journal_mode(SqliteJournalMode::Wal).connect().await.map_err(unavailable)?;
-        let mut tx = writer.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
-        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(unavailable)?;
-        let version: String =
-            sqlx::query_scalar(SELECT_SCHEMA_VERSION).fetch_one(&mut *tx).await.map_err(unavailable)?;
-        if check_schema_version(&version)? {
-            sqlx::raw_sql(MIGRATE_V2).execute(&mut *tx).await.map_err(unavailable)?;
-            backfill_digests(&mut tx).await?;
-        }
-        tx.commit().await.map_err(unavailable)?;
+        let mut conn = options.clone().journal_mode(SqliteJournalMode::Wal).connect().await.map_err(unavailable)?;
+        migrate(&mut conn).await?;
+        let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM tide_digest_log")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(unavailable)?;
         let mut readers = Vec::with_capacity(SQLITE_READERS);
         for _ in 0..SQLITE_READERS {
             let conn = options.clone().pragma("query_only", "ON").connect().await.map_err(unavailable)?;
             readers.push(Mutex::new(conn));
         }
+        let bindings = Arc::new(Bindings::default());
+        let digest_log_rows_max = Arc::new(AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
+        let writer = Writer {
+            conn,
+            limits: limits.clone(),
+            bindings: Arc::clone(&bindings),
+            digest_log_rows_max: Arc::clone(&digest_log_rows_max),
+            logged,
+        };
+        let (submit, queue) = mpsc::unbounded_channel();
+        tokio::spawn(writer.run(queue));
         Ok(Arc::new(Self {
-            writer: Mutex::new(writer),
+            writes: submit,
             readers,
             free: Semaphore::new(SQLITE_READERS),
+            page_default: page_statement(Some(limits.changes_per_response_max)),
+            page_bound: page_statement(None),
             limits,
-            queue: std::sync::Mutex::new(Vec::new()),
-            draining: AtomicBool::new(false),
-            bindings: Bindings::default(),
-            digest_log_rows_max: std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX),
+            bindings,
+            digest_log_rows_max,
         }))
-    }
-
-    /// Applies a request's ops, together with whatever other requests
-    /// arrive meanwhile: one transaction and one sync for the whole group.
-    /// The first caller to find no group running drains the queue (it runs
-    /// in the handler's own task, which a hang-up does not cancel).
-    async fn apply(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Vec<OpResult>, BackendError> {
-        let (reply, answer) = oneshot::channel();
-        self.lock_queue().push(Pending { principal: principal.clone(), request, reply });
-        if !self.draining.swap(true, Ordering::AcqRel) {
-            loop {
-                let batch = std::mem::take(&mut *self.lock_queue());
-                if batch.is_empty() {
-                    self.draining.store(false, Ordering::Release);
-                    // A request queued between the take and the store is ours to run.
-                    if self.lock_queue().is_empty() || self.draining.swap(true, Ordering::AcqRel) {
-                        break;
-                    }
-                    continue;
-                }
-                let mut conn = self.writer.lock().await;
-                self.apply_group(&mut conn, batch).await;
-            }
-        }
-        answer.await.map_err(|_| BackendError::Internal("the group transaction was abandoned".into()))?
-    }
-
-    async fn apply_group(&self, conn: &mut SqliteConnection, batch: Vec<Pending>) {
-        match self.run_group(conn, &batch).await {
-            Ok(outcomes) => {
-                for (p, outcome) in batch.into_iter().zip(outcomes) {
-                    let _ = p.reply.send(outcome);
-                }
-            }
-            Err(e) => {
-                let message = e.to_string();
-                let shared = |_: &Pending| match &e {
-                    BackendError::Unavailable(_) => BackendError::Unavailable(message.clone()),
-                    _ => BackendError::Internal(message.clone()),
-                };
-                for p in batch {
-                    let err = shared(&p);
-                    let _ = p.reply.send(Err(err));
-                }
-            }
-        }
-    }
-
-    /// One transaction for a group: every request decided in order by the
-    /// one LWW rule against what is stored and what earlier requests of the
-    /// group wrote. A request refused by the counter lead is answered alone;
-    /// the others go on.
-    async fn run_group(
-        &self,
-        conn: &mut SqliteConnection,
-        batch: &[Pending],
-    ) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
-        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
-        let mut names: Vec<&str> = batch.iter().map(|p| p.principal.namespace.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        let names_json = serde_json::to_string(&names).expect("names serialize");
-        sqlx::query(
-            "INSERT OR IGNORE INTO tide_namespaces (namespace, seq, lamport_max) SELECT value, 0, 0 FROM json_each(?1)",
-        )
-        .bind(&names_json)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let counters: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(namespace, seq, lamport_max)) FROM tide_namespaces \
-             WHERE namespace IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(&names_json)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let counters: Vec<(String, u64, u64)> =
-            serde_json::from_str(&counters).map_err(|e| BackendError::Internal(format!("namespaces: {e}")))?;
-        let mut counters: HashMap<String, (u64, u64)> = counters.into_iter().map(|(n, s, l)| (n, (s, l))).collect();
-
-        let bound = self.bind_nodes(&mut tx, batch).await?;
-        let keys: Vec<(&str, &str, &str)> = batch
-            .iter()
-            .flat_map(|p| {
-                p.request.ops.iter().map(|o| (p.principal.namespace.as_str(), o.collection.as_str(), o.id.as_str()))
-            })
-            .collect();
-        let mut current = stored_versions(&mut tx, &keys).await?;
-        let before: HashMap<GroupKey<'_>, tide_core::digest::Hash64> = current
-            .iter()
-            .filter(|(_, (_, p))| matches!(p, Payload::Put(_)))
-            .map(|(k, (s, p))| (*k, tide_core::digest::payload_hash(k.1, k.2, s, p)))
-            .collect();
-        let mut outcomes = Vec::with_capacity(batch.len());
-        let mut written: HashMap<GroupKey<'_>, (&tide_core::Op, u64)> = HashMap::new();
-        for p in batch {
-            let ns = p.principal.namespace.as_str();
-            let (seq, lamport_max) = counters.get_mut(ns).expect("every namespace of the group was read");
-            let owner = bound.get(&(ns, p.request.node_id.as_str())).map(String::as_str);
-            if owner.is_some_and(|o| o != p.principal.id) {
-                outcomes.push(Err(super::foreign_node(&p.request.node_id)));
-                continue;
-            }
-            if let Err(e) = check_lead(&p.request, *lamport_max, self.limits.lamport_lead_max) {
-                outcomes.push(Err(e));
-                continue;
-            }
-            if let Err(e) = continue_chain(&mut tx, ns, &p.request).await? {
-                outcomes.push(Err(e));
-                continue;
-            }
-            let mut results = Vec::with_capacity(p.request.ops.len());
-            for op in &p.request.ops {
-                let key = (ns, op.collection.as_str(), op.id.as_str());
-                let decision = decide(current.get(&key).map(|(s, p)| (s, p)), &op.stamp, &op.payload);
-                if decision == Decision::Apply {
-                    *seq += 1;
-                    current.insert(key, (op.stamp.clone(), op.payload.clone()));
-                    written.insert(key, (op, *seq));
-                }
-                results.push(op_result(decision, op, current.get(&key).map(|(s, _)| s), *seq));
-            }
-            *lamport_max = (*lamport_max).max(p.request.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0));
-            outcomes.push(Ok(results));
-        }
-
-        store_rows(&mut tx, &written).await?;
-        let deltas = super::digest_deltas(written.iter().map(|(&(ns, c, id), (op, _))| {
-            let new =
-                op.payload.doc().is_some().then(|| tide_core::digest::payload_hash(c, id, &op.stamp, &op.payload));
-            (ns, c, id, before.get(&(ns, c, id)).copied(), new)
-        }));
-        add_digests(&mut tx, &deltas, self.digest_log_rows_max.load(Ordering::Relaxed)).await?;
-        let updated: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
-        sqlx::query(
-            "UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
-             FROM json_each(?1) AS j WHERE tide_namespaces.namespace = j.value->>0",
-        )
-        .bind(serde_json::to_string(&updated).expect("counters serialize"))
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
-        self.bindings.remember(bound.into_iter().map(|((n, node), p)| (n.to_owned(), node.to_owned(), p)));
-        Ok(outcomes)
-    }
-
-    /// Binds each request's node id to its principal where it is not bound
-    /// yet, and returns the binding of every node id of the group.
-    async fn bind_nodes<'a>(
-        &self,
-        conn: &mut SqliteConnection,
-        batch: &'a [Pending],
-    ) -> Result<HashMap<(&'a str, &'a str), String>, BackendError> {
-        let mut bound = HashMap::new();
-        let mut unknown = Vec::new();
-        for p in batch {
-            let key = (p.principal.namespace.as_str(), p.request.node_id.as_str());
-            match self.bindings.get(key.0, key.1) {
-                Some(owner) => {
-                    bound.insert(key, owner);
-                }
-                None => unknown.push((key.0, key.1, p.principal.id.as_str())),
-            }
-        }
-        if unknown.is_empty() {
-            return Ok(bound);
-        }
-        let unknown_json = serde_json::to_string(&unknown).expect("bindings serialize");
-        sqlx::query(
-            "INSERT INTO tide_nodes (namespace, node_id, principal) \
-             SELECT value->>0, value->>1, value->>2 FROM json_each(?1) WHERE true ON CONFLICT DO NOTHING",
-        )
-        .bind(&unknown_json)
-        .execute(&mut *conn)
-        .await
-        .map_err(unavailable)?;
-        let owners: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(j.key, n.principal)) FROM json_each(?1) AS j \
-             CROSS JOIN tide_nodes AS n ON n.namespace = j.value->>0 AND n.node_id = j.value->>1",
-        )
-        .bind(&unknown_json)
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(unavailable)?;
-        let owners: Vec<(usize, String)> =
-            serde_json::from_str(&owners).map_err(|e| BackendError::Internal(format!("node bindings: {e}")))?;
-        for (i, owner) in owners {
-            bound.insert((unknown[i].0, unknown[i].1), owner);
-        }
-        Ok(bound)
     }
 
     /// Folds logged bucket deltas once more than `rows` wait (default
@@ -373,13 +232,18 @@ impl SqliteBackend {
         self.digest_log_rows_max.store(i64::try_from(rows).unwrap_or(i64::MAX), Ordering::Relaxed);
     }
 
-    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Vec<Pending>> {
-        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// Applies a request's ops in the next write group.
+    async fn apply(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Vec<OpResult>, BackendError> {
+        let (reply, answer) = oneshot::channel();
+        self.writes
+            .send(Pending { principal: principal.clone(), request, reply })
+            .map_err(|_| BackendError::Internal("the writer has stopped".into()))?;
+        answer.await.map_err(|_| BackendError::Internal("the write group was abandoned".into()))?
     }
 
     /// The page after the request's cursor and the answers to its digest
     /// and fetch extensions, read in one snapshot.
-    async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<Read, BackendError> {
+    async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<(Page, VerifyReply), BackendError> {
         let ns = &principal.namespace;
         let _permit = self.free.acquire().await.map_err(|e| BackendError::Internal(e.to_string()))?;
         let reader = self.readers.iter().find_map(|r| r.try_lock().ok());
@@ -387,35 +251,62 @@ impl SqliteBackend {
             Some(conn) => conn,
             None => self.readers[0].lock().await,
         };
-        let mut tx = conn.begin().await.map_err(unavailable)?;
         if self.bindings.get(ns.as_str(), &req.node_id).is_none() {
             let owner: Option<String> =
                 sqlx::query_scalar("SELECT principal FROM tide_nodes WHERE namespace = ?1 AND node_id = ?2")
                     .bind(ns.as_str())
                     .bind(&req.node_id)
-                    .fetch_optional(&mut *tx)
+                    .fetch_optional(&mut *conn)
                     .await
                     .map_err(unavailable)?;
             self.bindings.remember(owner.map(|o| (ns.as_str().to_owned(), req.node_id.clone(), o)));
         }
         self.bindings.check(principal, &req.node_id)?;
-        let ns_seq: Option<i64> = sqlx::query_scalar("SELECT seq FROM tide_namespaces WHERE namespace = ?1")
-            .bind(ns.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(unavailable)?;
-        let (mut page, skip_own, reset) = page_start(req, to_u64(ns_seq.unwrap_or(0)), &self.limits);
-        loop {
-            let rows = window(&mut tx, ns, &req.node_id, skip_own, page.after(), page.window()).await?;
-            if page.feed(rows) {
-                break;
-            }
+        if req.verify.is_none() && req.fetch.is_empty() {
+            // One statement: a snapshot of its own.
+            return Ok((self.page(&mut conn, ns, req).await?, VerifyReply::default()));
         }
-        let (json, count, cursor, has_more) = page.finish();
-        let settled = count == 0 && !has_more && !reset;
-        let verify = self.verify(&mut tx, ns, req, settled).await?;
+        let mut tx = conn.begin().await.map_err(unavailable)?;
+        let page = self.page(&mut tx, ns, req).await?;
+        let verify = self.verify(&mut tx, ns, req, page.settled()).await?;
         tx.commit().await.map_err(unavailable)?;
-        Ok((json, count, cursor, has_more, reset, verify))
+        Ok((page, verify))
+    }
+
+    /// The page a request asks for: one statement, unless the cursor is
+    /// ahead of the namespace or the changes run past the byte budget.
+    async fn page(&self, conn: &mut SqliteConnection, ns: &Namespace, req: &SyncRequest) -> Result<Page, BackendError> {
+        let mut query = PageQuery::new(req, &self.limits);
+        loop {
+            let default = query.limit == self.limits.changes_per_response_max;
+            let sql = if default { &self.page_default } else { &self.page_bound };
+            let mut statement = sqlx::query_as(AssertSqlSafe(Arc::clone(sql)))
+                .bind(ns.as_str())
+                .bind(to_i64(query.from))
+                .bind(query.skip_node.unwrap_or(""))
+                .bind(query.skip_node.is_some())
+                .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX));
+            if !default {
+                statement = statement.bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
+            }
+            let (ns_seq, total, n, text, last): PageRow = statement.fetch_one(&mut *conn).await.map_err(unavailable)?;
+            let ns_seq = to_u64(ns_seq.unwrap_or(0));
+            if query.ahead_of(ns_seq) {
+                continue;
+            }
+            let read = if to_u64(total) <= query.bytes_max as u64 {
+                let n = usize::try_from(n).unwrap_or(usize::MAX);
+                PageRead {
+                    json: text.unwrap_or_default(),
+                    count: n.min(query.limit),
+                    last: to_u64(last.unwrap_or(0)),
+                    has_more: n > query.limit,
+                }
+            } else {
+                over_budget(conn, ns, &query).await?
+            };
+            return Ok(query.finish(read, ns_seq));
+        }
     }
 
     async fn verify(
@@ -431,9 +322,9 @@ impl SqliteBackend {
             let keys: Vec<(&str, &str)> = req.fetch.iter().map(|k| (k.0.as_str(), k.1.as_str())).collect();
             let rows = versions(
                 conn,
-                "SELECT r.collection, r.id, r.doc, r.lamport, r.node_id, r.seq FROM json_each(?2) AS j \
-                 CROSS JOIN tide_rows AS r ON r.namespace = ?1 AND r.collection = j.value->>0 AND r.id = j.value->>1 \
-                 ORDER BY r.collection, r.id",
+                "SELECT r.id, r.lamport, r.node_id, r.deleted, r.vhash, r.wire, r.seq FROM json_each(?2) AS j \
+                 CROSS JOIN tide_changes AS r ON r.namespace = ?1 AND r.collection = j.value->>0 \
+                 AND r.id = j.value->>1 ORDER BY r.collection, r.id",
                 ns,
                 serde_json::to_string(&keys).expect("keys serialize"),
                 "",
@@ -463,18 +354,15 @@ impl SqliteBackend {
                 reply.buckets = Some(level(conn, ns, collection, 2, Some(groups)).await?);
             }
             Some(Verify::Keys { collection, buckets, have }) => {
-                let rows = versions(
+                let mut rows = versions(
                     conn,
-                    "SELECT collection, id, doc, lamport, node_id, seq FROM tide_rows \
+                    "SELECT id, lamport, node_id, deleted, vhash, wire, seq FROM tide_changes \
                      WHERE namespace = ?1 AND collection = ?3 AND bucket IN (SELECT value FROM json_each(?2))",
                     ns,
                     serde_json::to_string(buckets).expect("buckets serialize"),
                     collection,
                 )
                 .await?;
-                // Sorted here: an ORDER BY would make SQLite walk the whole
-                // collection in id order instead of using the bucket index.
-                let mut rows = rows;
                 rows.sort_unstable_by(|a, b| a.id.as_bytes().cmp(b.id.as_bytes()));
                 super::compare_keys(&mut reply, &rows, (collection, buckets, have), bytes_max);
             }
@@ -483,35 +371,255 @@ impl SqliteBackend {
     }
 }
 
-/// Moves the request's node along its chain of write exchanges (PROTOCOL.md
-/// §13); the inner error refuses a link that does not continue it.
-async fn continue_chain(
+/// A page whose first changes run past the byte budget: their sizes, then
+/// as many renderings as fit (at least one), in one snapshot.
+async fn over_budget(
     conn: &mut SqliteConnection,
-    ns: &str,
-    req: &SyncRequest,
-) -> Result<Result<(), BackendError>, BackendError> {
-    let Some(lineage) = &req.lineage else { return Ok(Ok(())) };
-    let moved: Option<i64> = sqlx::query_scalar(
-        "UPDATE tide_nodes SET chain_last = ?4, chain_height = ?5, \
-                 chain_before = CASE WHEN chain_last IS NOT NULL AND ?3 <> chain_last AND ?3 = chain_before \
-                 THEN chain_before ELSE ?3 END \
-                 WHERE namespace = ?1 AND node_id = ?2 AND (chain_last IS NULL OR ?3 = chain_last \
-                 OR ?3 = chain_before OR ?6 >= chain_height) RETURNING 1",
+    ns: &Namespace,
+    query: &PageQuery<'_>,
+) -> Result<PageRead, BackendError> {
+    let mut tx = conn.begin().await.map_err(unavailable)?;
+    let sizes: Option<String> = sqlx::query_scalar(
+        "SELECT group_concat(size) FROM (SELECT size FROM tide_changes \
+         WHERE namespace = ?1 AND seq > ?2 AND (?4 = 0 OR node_id <> ?3) ORDER BY seq LIMIT ?5)",
     )
-    .bind(ns)
-    .bind(&req.node_id)
-    .bind(lineage.prev.as_deref().unwrap_or(""))
-    .bind(&lineage.next)
-    .bind(i64::try_from(lineage.height).unwrap_or(i64::MAX))
-    .bind(i64::try_from(lineage.height.saturating_sub(1)).unwrap_or(i64::MAX))
-    .fetch_optional(conn)
+    .bind(ns.as_str())
+    .bind(to_i64(query.from))
+    .bind(query.skip_node.unwrap_or(""))
+    .bind(query.skip_node.is_some())
+    .bind(i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX))
+    .fetch_one(&mut *tx)
     .await
     .map_err(unavailable)?;
-    Ok(if moved.is_some() { Ok(()) } else { Err(tide_core::Lineage::conflict(&req.node_id).into()) })
+    let sizes: Vec<u64> = sizes.unwrap_or_default().split(',').filter_map(|s| s.parse().ok()).collect();
+    let count = query.fitting(&sizes);
+    let (text, last): (Option<String>, Option<i64>) = sqlx::query_as(
+        "SELECT group_concat(wire || seq || '}', ','), max(seq) FROM (SELECT seq, wire FROM tide_changes \
+         WHERE namespace = ?1 AND seq > ?2 AND (?4 = 0 OR node_id <> ?3) ORDER BY seq LIMIT ?5)",
+    )
+    .bind(ns.as_str())
+    .bind(to_i64(query.from))
+    .bind(query.skip_node.unwrap_or(""))
+    .bind(query.skip_node.is_some())
+    .bind(i64::try_from(count).unwrap_or(i64::MAX))
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(unavailable)?;
+    tx.commit().await.map_err(unavailable)?;
+    Ok(PageRead {
+        json: text.unwrap_or_default(),
+        count,
+        last: to_u64(last.unwrap_or(0)),
+        has_more: count < sizes.len(),
+    })
 }
 
-/// A page (changes, count, cursor, `has_more`, `reset`) and the digest answers.
-type Read = (String, usize, Cursor, bool, bool, VerifyReply);
+/// What the page statement returns: the namespace's seq, the byte total and
+/// count of the first changes, their renderings (if they fit) and the last seq.
+type PageRow = (Option<i64>, i64, i64, Option<String>, Option<i64>);
+
+impl Writer {
+    /// Takes every request waiting, up to [`WRITE_GROUP_REQUESTS_MAX`], and
+    /// applies them in one transaction, until the backend is dropped. A
+    /// group that fails or panics answers its own callers with the error;
+    /// the next group goes on.
+    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Pending>) {
+        let mut batch = Vec::with_capacity(WRITE_GROUP_REQUESTS_MAX);
+        while queue.recv_many(&mut batch, WRITE_GROUP_REQUESTS_MAX).await > 0 {
+            let outcome = std::panic::AssertUnwindSafe(self.run_group(&batch)).catch_unwind().await;
+            let outcome = outcome.unwrap_or_else(|_| Err(BackendError::Internal("the write group panicked".into())));
+            match outcome {
+                Ok(outcomes) => {
+                    for (p, outcome) in batch.drain(..).zip(outcomes) {
+                        let _ = p.reply.send(outcome);
+                    }
+                }
+                Err(e) => {
+                    for p in batch.drain(..) {
+                        let _ = p.reply.send(Err(e.duplicate()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction for a group: every request decided in order by the
+    /// one LWW rule against what is stored and what earlier requests of the
+    /// group wrote. A request refused (another principal's node id, a
+    /// counter too far ahead, a broken chain) is answered alone; the others
+    /// go on.
+    async fn run_group(&mut self, batch: &[Pending]) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
+        #[cfg(test)]
+        assert!(!batch.iter().any(|p| p.request.node_id == tests::PANIC_NODE), "a write group fails (test)");
+        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+        let mut names: Vec<&str> = batch.iter().map(|p| p.principal.namespace.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let counters: Vec<(String, i64, i64)> = sqlx::query_as(
+            "INSERT INTO tide_namespaces (namespace, seq, lamport_max) SELECT value, 0, 0 FROM json_each(?1) WHERE true \
+             ON CONFLICT (namespace) DO UPDATE SET seq = seq RETURNING namespace, seq, lamport_max",
+        )
+        .bind(serde_json::to_string(&names).expect("names serialize"))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let mut counters: HashMap<String, (u64, u64)> =
+            counters.into_iter().map(|(n, s, l)| (n, (to_u64(s), to_u64(l)))).collect();
+        let mut nodes = read_nodes(&self.bindings, &mut tx, batch).await?;
+
+        let incoming: Vec<Vec<Incoming<'_>>> =
+            batch.iter().map(|p| p.request.ops.iter().map(Incoming::new).collect()).collect();
+        let (mut current, stored_docs) = stored_versions(&mut tx, batch).await?;
+        let mut current: HashMap<GroupKey<'_>, Current<'_>> = current
+            .drain()
+            .map(|(k, (stamp, hash, doc))| {
+                (k, Current { stamp, hash, doc: doc.map(|i| stored_docs[i].as_str().into()) })
+            })
+            .collect();
+        let before: HashMap<GroupKey<'_>, Hash64> = current.iter().filter_map(|(k, c)| Some((*k, c.hash?))).collect();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut written = HashMap::new();
+        let mut firsts = Vec::with_capacity(batch.len());
+        let mut first = 0;
+        for (p, incoming) in batch.iter().zip(&incoming) {
+            firsts.push(first);
+            let ns = p.principal.namespace.as_str();
+            let (seq, lamport_max) = counters.get_mut(ns).expect("every namespace of the group was read");
+            let node = nodes.get_mut(&(ns, p.request.node_id.as_str())).expect("every node of the group was read");
+            let outcome = admit(p, node, *lamport_max, self.limits.lamport_lead_max).map(|()| {
+                *lamport_max = (*lamport_max).max(p.request.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0));
+                decide_request(ns, incoming, &mut current, &mut written, first, seq)
+            });
+            outcomes.push(outcome);
+            first += incoming.len();
+        }
+        let flat: Vec<&Incoming<'_>> = incoming.iter().flatten().collect();
+        store_rows(&mut tx, &written, &flat).await?;
+        let deltas = super::digest_deltas(
+            written.iter().map(|(&(ns, c, id), &(i, _))| (ns, c, id, before.get(&(ns, c, id)).copied(), flat[i].hash)),
+        );
+        self.logged += add_digests(&mut tx, &deltas).await?;
+        if self.logged > self.digest_log_rows_max.load(Ordering::Relaxed) {
+            fold_digests(&mut tx).await?;
+            self.logged = 0;
+        }
+        store_chains(&mut tx, &nodes).await?;
+        let updated: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
+        sqlx::query(
+            "UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
+             FROM json_each(?1) AS j WHERE tide_namespaces.namespace = j.value->>0",
+        )
+        .bind(serde_json::to_string(&updated).expect("counters serialize"))
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        self.bindings.remember(nodes.into_iter().map(|((n, node), s)| (n.to_owned(), node.to_owned(), s.principal)));
+        Ok(outcomes)
+    }
+}
+
+/// Binds each request's node id to its principal where it is not bound
+/// yet, and reads the binding of every node id of the group, with its
+/// chain when a request carries a link of it.
+async fn read_nodes<'a>(
+    bindings: &Bindings,
+    conn: &mut SqliteConnection,
+    batch: &'a [Pending],
+) -> Result<HashMap<(&'a str, &'a str), Node>, BackendError> {
+    let mut nodes = HashMap::new();
+    let mut unread = Vec::new();
+    for p in batch {
+        let key = (p.principal.namespace.as_str(), p.request.node_id.as_str());
+        match bindings.get(key.0, key.1) {
+            Some(principal) if p.request.lineage.is_none() => {
+                nodes.insert(key, Node { principal, chain: None, moved: false });
+            }
+            _ => unread.push((key.0, key.1, p.principal.id.as_str())),
+        }
+    }
+    if unread.is_empty() {
+        return Ok(nodes);
+    }
+    let unread_json = serde_json::to_string(&unread).expect("bindings serialize");
+    if unread.iter().any(|u| bindings.get(u.0, u.1).is_none()) {
+        sqlx::query(
+            "INSERT INTO tide_nodes (namespace, node_id, principal) \
+             SELECT value->>0, value->>1, value->>2 FROM json_each(?1) WHERE true ON CONFLICT DO NOTHING",
+        )
+        .bind(&unread_json)
+        .execute(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+    }
+    let read: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(j.key, n.principal, n.chain_last, n.chain_before, n.chain_height)) \
+         FROM json_each(?1) AS j CROSS JOIN tide_nodes AS n ON n.namespace = j.value->>0 AND n.node_id = j.value->>1",
+    )
+    .bind(&unread_json)
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(unavailable)?;
+    let read: Vec<NodeRow> =
+        serde_json::from_str(&read).map_err(|e| BackendError::Internal(format!("node bindings: {e}")))?;
+    for (i, principal, last, before, height) in read {
+        let chain = last.map(|last| Chain { last, before: before.unwrap_or_default(), height: height.unwrap_or(0) });
+        nodes.insert((unread[i].0, unread[i].1), Node { principal, chain, moved: false });
+    }
+    Ok(nodes)
+}
+
+/// A node id of a write group: its principal and, when a request carries
+/// a link, its chain (PROTOCOL.md §13), moved on by accepted links.
+struct Node {
+    principal: String,
+    chain: Option<Chain>,
+    moved: bool,
+}
+
+/// A node binding as read: its place in the list asked for, principal, chain.
+type NodeRow = (usize, String, Option<String>, Option<String>, Option<u64>);
+
+/// Whether a request of a group may write: its node id is its principal's,
+/// its counters are within the lead, and its link continues the chain
+/// (which it then moves on).
+fn admit(p: &Pending, node: &mut Node, lamport_max: u64, lead_max: u64) -> Result<(), BackendError> {
+    if node.principal != p.principal.id {
+        return Err(super::foreign_node(&p.request.node_id));
+    }
+    check_lead(&p.request, lamport_max, lead_max)?;
+    if let Some(lineage) = &p.request.lineage {
+        if !lineage.continues(node.chain.as_ref()) {
+            return Err(tide_core::Lineage::conflict(&p.request.node_id).into());
+        }
+        node.chain = Some(lineage.advance(node.chain.as_ref()));
+        node.moved = true;
+    }
+    Ok(())
+}
+
+/// Stores the chains a group moved on, in one statement.
+async fn store_chains(conn: &mut SqliteConnection, nodes: &HashMap<(&str, &str), Node>) -> Result<(), BackendError> {
+    let moved: Vec<(&str, &str, &str, &str, u64)> = nodes
+        .iter()
+        .filter(|(_, n)| n.moved)
+        .filter_map(|(&(ns, node), n)| {
+            n.chain.as_ref().map(|c| (ns, node, c.last.as_str(), c.before.as_str(), c.height))
+        })
+        .collect();
+    if moved.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE tide_nodes SET chain_last = j.value->>2, chain_before = j.value->>3, chain_height = j.value->>4 \
+         FROM json_each(?1) AS j WHERE tide_nodes.namespace = j.value->>0 AND tide_nodes.node_id = j.value->>1",
+    )
+    .bind(serde_json::to_string(&moved).expect("chains serialize"))
+    .execute(conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
 
 /// The non-zero entries of one digest level of a collection, in order
 /// (buckets only within `groups`).
@@ -543,7 +651,8 @@ async fn level(
     Ok(super::combine(level, folded, logged, groups))
 }
 
-/// Stored versions selected by `sql` (binding the namespace, a JSON list and a collection).
+/// Stored versions selected by `sql` (binding the namespace, a JSON list and
+/// a collection; selecting id, lamport, node id, deleted, hash, rendering, seq).
 async fn versions(
     conn: &mut SqliteConnection,
     sql: &'static str,
@@ -551,58 +660,122 @@ async fn versions(
     list: String,
     collection: &str,
 ) -> Result<Vec<StoredVersion>, BackendError> {
-    let rows: Vec<(String, String, Option<String>, i64, String, i64)> =
+    let rows: Vec<(String, i64, String, bool, i64, String, i64)> =
         sqlx::query_as(sql).bind(ns.as_str()).bind(list).bind(collection).fetch_all(conn).await.map_err(unavailable)?;
     Ok(rows
         .into_iter()
-        .map(|(collection, id, doc, lamport, node_id, seq)| StoredVersion {
-            collection,
+        .map(|(id, lamport, node_id, deleted, hash, prefix, seq)| StoredVersion {
             id,
-            doc,
             lamport: to_u64(lamport),
             node_id,
+            hash: Hash64::from_i64(hash),
+            live: !deleted,
+            prefix,
             seq: to_u64(seq),
         })
         .collect())
 }
 
-/// Fills the digest table and each row's bucket from the stored rows (the
-/// version-2 migration of a database written by an earlier build).
-async fn backfill_digests(conn: &mut SqliteConnection) -> Result<(), BackendError> {
+/// Brings a database to the current schema: creates a new one, or moves
+/// one written by an earlier build (its versions re-rendered, their digests
+/// recomputed), in one transaction.
+async fn migrate(conn: &mut SqliteConnection) -> Result<(), BackendError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS tide_server_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    let found: Option<String> =
+        sqlx::query_scalar(SELECT_SCHEMA_VERSION).fetch_optional(&mut *tx).await.map_err(unavailable)?;
+    let version = match found {
+        None => None,
+        Some(v) => Some(check_schema_version(&v)?),
+    };
+    if version != Some(3) {
+        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(unavailable)?;
+    }
+    if version.is_some_and(|v| v < 3) {
+        backfill(&mut tx).await?;
+    }
+    sqlx::query("INSERT OR REPLACE INTO tide_server_meta (key, value) VALUES ('schema_version', ?1)")
+        .bind(super::SCHEMA_VERSION)
+        .execute(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+    tx.commit().await.map_err(unavailable)
+}
+
+/// Moves the versions of a version-1 or -2 database to `tide_changes`,
+/// rendered, and recomputes the digests from them.
+async fn backfill(conn: &mut SqliteConnection) -> Result<(), BackendError> {
     let rows: Vec<BackfillRow> =
-        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted, doc FROM tide_rows")
+        sqlx::query_as("SELECT namespace, collection, id, lamport, node_id, deleted, doc, seq FROM tide_rows")
             .fetch_all(&mut *conn)
             .await
             .map_err(unavailable)?;
-    let stamps: Vec<Stamp> = rows.iter().map(|r| Stamp::new(to_u64(r.3), r.4.clone())).collect();
-    let buckets: Vec<(&str, &str, &str, u16)> = rows
-        .iter()
-        .map(|r| (r.0.as_str(), r.1.as_str(), r.2.as_str(), tide_core::digest::bucket(&r.1, &r.2)))
-        .collect();
-    sqlx::query(
-        "UPDATE tide_rows SET bucket = j.value->>3 FROM json_each(?1) AS j \
-         WHERE tide_rows.namespace = j.value->>0 AND tide_rows.collection = j.value->>1 \
-         AND tide_rows.id = j.value->>2",
-    )
-    .bind(serde_json::to_string(&buckets).expect("buckets serialize"))
-    .execute(&mut *conn)
-    .await
-    .map_err(unavailable)?;
-    let deltas = super::digest_deltas(rows.iter().zip(&stamps).filter(|(r, _)| !r.5).map(|(r, s)| {
-        let hash = tide_core::digest::version_hash(&r.1, &r.2, s, r.6.as_deref());
-        (r.0.as_str(), r.1.as_str(), r.2.as_str(), None, Some(hash))
-    }));
-    add_digests(conn, &deltas, super::DIGEST_LOG_ROWS_MAX).await
+    let mut changes = Vec::with_capacity(rows.len());
+    let mut hashes = Vec::with_capacity(rows.len());
+    for (ns, collection, id, lamport, node_id, deleted, doc, seq) in &rows {
+        let doc = if *deleted { None } else { doc.as_deref() };
+        let stamp = Stamp::new(to_u64(*lamport), node_id.clone());
+        let hash = doc.map(|d| tide_core::digest::version_hash(collection, id, &stamp, Some(d)));
+        let stored_hash = tide_core::digest::version_hash(collection, id, &stamp, doc);
+        let prefix = super::render_prefix(collection, id, doc, stamp.lamport, node_id);
+        let size = super::rendered_len(&prefix, to_u64(*seq));
+        hashes.push((ns.as_str(), collection.as_str(), id.as_str(), None, hash));
+        changes.push(Row(
+            ns,
+            *seq,
+            collection,
+            id,
+            *lamport,
+            node_id,
+            u8::from(doc.is_none()),
+            tide_core::digest::bucket(collection, id),
+            stored_hash.to_i64(),
+            size,
+            prefix,
+        ));
+    }
+    for chunk in changes.chunks(10_000) {
+        insert_changes(conn, chunk).await?;
+    }
+    sqlx::raw_sql("DROP TABLE tide_rows; DELETE FROM tide_digest; DELETE FROM tide_digest_log;")
+        .execute(&mut *conn)
+        .await
+        .map_err(unavailable)?;
+    let deltas = super::digest_deltas(hashes);
+    add_digests(conn, &deltas).await?;
+    fold_digests(conn).await
 }
 
-/// Applies a write group's digest deltas: the roots at once, the buckets to
-/// the log, which is folded into the group and bucket rows once it holds
-/// [`super::DIGEST_LOG_ROWS_MAX`] rows.
-async fn add_digests(
-    conn: &mut SqliteConnection,
-    deltas: &super::DigestDeltas<'_>,
-    fold_over: i64,
-) -> Result<(), BackendError> {
+/// A stored row as the migration reads it.
+type BackfillRow = (String, String, String, i64, String, bool, Option<String>, i64);
+
+/// One row of `tide_changes`, in column order.
+#[derive(Serialize)]
+struct Row<'a>(&'a str, i64, &'a str, &'a str, i64, &'a str, u8, u16, i64, u64, String);
+
+/// Inserts or replaces rows of `tide_changes` (by key), in one statement.
+async fn insert_changes(conn: &mut SqliteConnection, rows: &[Row<'_>]) -> Result<(), BackendError> {
+    sqlx::query(
+        "INSERT INTO tide_changes (namespace, seq, collection, id, lamport, node_id, deleted, bucket, vhash, size, wire) \
+         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, \
+         value->>9, value->>10 FROM json_each(?1) WHERE true \
+         ON CONFLICT (namespace, collection, id) DO UPDATE SET seq = excluded.seq, lamport = excluded.lamport, \
+         node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash, size = excluded.size, \
+         wire = excluded.wire",
+    )
+    .bind(serde_json::to_string(rows).expect("rows serialize"))
+    .execute(conn)
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Adds a write group's digest deltas: the roots at once, the buckets to
+/// the log; returns how many rows the log grew by.
+async fn add_digests(conn: &mut SqliteConnection, deltas: &super::DigestDeltas<'_>) -> Result<i64, BackendError> {
     if !deltas.roots.is_empty() {
         let roots: Vec<(&str, u8, &str, u8, i64)> = deltas.roots.iter().map(|&(n, c, h)| (n, 0, c, 0, h)).collect();
         sqlx::query(UPSERT_DIGEST)
@@ -612,7 +785,7 @@ async fn add_digests(
             .map_err(unavailable)?;
     }
     if deltas.buckets.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     sqlx::query(
         "INSERT INTO tide_digest_log (namespace, collection, bucket, delta) \
@@ -622,136 +795,114 @@ async fn add_digests(
     .execute(&mut *conn)
     .await
     .map_err(unavailable)?;
-    let logged: i64 = sqlx::query_scalar(
-        "SELECT coalesce((SELECT max(rowid) FROM tide_digest_log) - (SELECT min(rowid) FROM tide_digest_log) + 1, 0)",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(unavailable)?;
-    if logged > fold_over {
-        let logged: Vec<(String, String, i64, i64)> =
-            sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(unavailable)?;
-        sqlx::query(UPSERT_DIGEST)
-            .bind(serde_json::to_string(&super::fold_logged(&logged)).expect("deltas serialize"))
-            .execute(conn)
+    Ok(i64::try_from(deltas.buckets.len()).unwrap_or(i64::MAX))
+}
+
+/// Folds the logged bucket deltas into the group and bucket rows.
+async fn fold_digests(conn: &mut SqliteConnection) -> Result<(), BackendError> {
+    let logged: Vec<(String, String, i64, i64)> =
+        sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
+            .fetch_all(&mut *conn)
             .await
             .map_err(unavailable)?;
-    }
+    sqlx::query(UPSERT_DIGEST)
+        .bind(serde_json::to_string(&super::fold_logged(&logged)).expect("deltas serialize"))
+        .execute(conn)
+        .await
+        .map_err(unavailable)?;
     Ok(())
 }
 
-/// Up to `n` rows after seq `after`, each rendered exactly as `serde_json`
-/// renders a `tide_core::Change` (except the caller's own, which are only
-/// skipped and so not rendered), joined by control characters that JSON
-/// text never holds raw.
-async fn window(
-    conn: &mut SqliteConnection,
-    ns: &Namespace,
-    node_id: &str,
-    skip_own: bool,
-    after: u64,
-    n: usize,
-) -> Result<Vec<PageRow>, BackendError> {
-    let text: Option<String> = sqlx::query_scalar(
-        "SELECT group_concat(seq || char(31) || (?3 AND node_id = ?4) || char(31) || \
-           CASE WHEN ?3 AND node_id = ?4 THEN '' ELSE \
-           '{\"collection\":' || json_quote(collection) || ',\"id\":' || json_quote(id) || \
-           ',\"kind\":' || CASE deleted WHEN 1 THEN '\"delete\"' ELSE '\"put\"' END || \
-           ',\"doc\":' || coalesce(doc, 'null') || ',\"lamport\":' || lamport || \
-           ',\"node_id\":' || json_quote(node_id) || ',\"seq\":' || seq || '}' END, char(30)) \
-         FROM (SELECT * FROM tide_rows WHERE namespace = ?1 AND seq > ?2 ORDER BY seq LIMIT ?5)",
-    )
-    .bind(ns.as_str())
-    .bind(to_i64(after))
-    .bind(skip_own)
-    .bind(node_id)
-    .bind(to_i64(n as u64))
-    .fetch_one(conn)
-    .await
-    .map_err(unavailable)?;
-    let Some(text) = text else {
-        return Ok(Vec::new());
-    };
-    text.split('\u{1e}')
-        .map(|row| {
-            let mut parts = row.splitn(3, '\u{1f}');
-            let (Some(seq), Some(own), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
-                return Err(BackendError::Internal(format!("unreadable page row {row:?}")));
-            };
-            let seq = seq.parse().map_err(|_| BackendError::Internal(format!("unreadable seq {seq:?}")))?;
-            Ok(PageRow { seq, own: own == "1", json: json.to_owned() })
-        })
-        .collect()
-}
+/// A stored version as a write group reads it: stamp, hash, and the index
+/// of its document text when a write carries its stamp.
+type StoredAt = (Stamp, Option<Hash64>, Option<usize>);
 
-/// A key of a group: namespace, collection, id.
-type GroupKey<'a> = (&'a str, &'a str, &'a str);
-
-/// What is stored for `keys`, read in one statement.
+/// What is stored for every key a group writes, in one statement; the
+/// document of a stored version is read only for an op with its stamp.
 async fn stored_versions<'a>(
     conn: &mut SqliteConnection,
-    keys: &[GroupKey<'a>],
-) -> Result<HashMap<GroupKey<'a>, (Stamp, Payload)>, BackendError> {
+    batch: &'a [Pending],
+) -> Result<(HashMap<GroupKey<'a>, StoredAt>, Vec<String>), BackendError> {
+    let keys: Vec<(GroupKey<'a>, u64, &str)> = batch
+        .iter()
+        .flat_map(|p| {
+            let ns = p.principal.namespace.as_str();
+            p.request
+                .ops
+                .iter()
+                .map(move |o| ((ns, o.collection.as_str(), o.id.as_str()), o.stamp.lamport, o.stamp.node_id.as_str()))
+        })
+        .collect();
     let stored: String = sqlx::query_scalar(
-        "SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.doc)) \
-         FROM json_each(?1) AS j CROSS JOIN tide_rows AS r \
+        "SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.vhash, \
+           CASE WHEN r.lamport = j.value->>3 AND r.node_id = j.value->>4 THEN r.wire END)) \
+         FROM json_each(?1) AS j CROSS JOIN tide_changes AS r \
          ON r.namespace = j.value->>0 AND r.collection = j.value->>1 AND r.id = j.value->>2",
     )
-    .bind(serde_json::to_string(keys).expect("keys serialize"))
+    .bind(
+        serde_json::to_string(&keys.iter().map(|((n, c, i), l, node)| (n, c, i, l, node)).collect::<Vec<_>>())
+            .expect("keys serialize"),
+    )
     .fetch_one(&mut *conn)
     .await
     .map_err(unavailable)?;
-    let stored: Vec<(usize, u64, String, u8, Option<String>)> =
+    let stored: Vec<(usize, u64, String, u8, i64, Option<String>)> =
         serde_json::from_str(&stored).map_err(|e| BackendError::Internal(format!("stored rows: {e}")))?;
-    let mut current = HashMap::new();
-    for (i, lamport, node, deleted, doc) in stored {
-        let payload = match (deleted, doc) {
-            (0, Some(doc)) => Payload::Put(
-                serde_json::from_str(&doc).map_err(|e| BackendError::Internal(format!("stored document: {e}")))?,
-            ),
-            _ => Payload::Delete,
+    let mut current = HashMap::with_capacity(stored.len());
+    let mut docs = Vec::new();
+    for (i, lamport, node, deleted, hash, wire) in stored {
+        let doc = match wire {
+            Some(wire) if deleted == 0 => super::prefix_doc(&wire)?.map(|d| {
+                docs.push(d);
+                docs.len() - 1
+            }),
+            _ => None,
         };
-        current.insert(keys[i], (Stamp::new(lamport, node), payload));
+        let entry = current.entry(keys[i].0).or_insert((
+            Stamp::new(lamport, node),
+            (deleted == 0).then(|| Hash64::from_i64(hash)),
+            None,
+        ));
+        entry.2 = entry.2.or(doc);
     }
-    Ok(current)
+    Ok((current, docs))
 }
 
 /// Stores the last applied op of every key a group wrote, in one statement.
 async fn store_rows(
     conn: &mut SqliteConnection,
-    written: &HashMap<GroupKey<'_>, (&tide_core::Op, u64)>,
+    written: &HashMap<GroupKey<'_>, (usize, u64)>,
+    incoming: &[&Incoming<'_>],
 ) -> Result<(), BackendError> {
-    #[derive(Serialize)]
-    struct Row<'a>(&'a str, &'a str, &'a str, Option<String>, u64, &'a str, u8, u64, u16);
-
     if written.is_empty() {
         return Ok(());
     }
-    let mut rows: Vec<Row> = written
+    let mut rows: Vec<Row<'_>> = written
         .iter()
-        .map(|(&(ns, collection, id), &(op, seq))| {
-            let doc = op.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
-            let deleted = u8::from(doc.is_none());
+        .map(|(&(ns, collection, id), &(i, seq))| {
+            let inc = incoming[i];
+            let prefix = inc.prefix();
+            let size = super::rendered_len(&prefix, seq);
+            let stamp = &inc.op.stamp;
             let bucket = tide_core::digest::bucket(collection, id);
-            Row(ns, collection, id, doc, op.stamp.lamport, &op.stamp.node_id, deleted, seq, bucket)
+            let hash = inc.stored_hash();
+            Row(
+                ns,
+                to_i64(seq),
+                collection,
+                id,
+                to_i64(stamp.lamport),
+                &stamp.node_id,
+                u8::from(inc.doc.is_none()),
+                bucket,
+                hash,
+                size,
+                prefix,
+            )
         })
         .collect();
-    rows.sort_by(|a, b| (a.0, a.7).cmp(&(b.0, b.7)));
-    sqlx::query(
-        "INSERT INTO tide_rows (namespace, collection, id, doc, lamport, node_id, deleted, seq, bucket) \
-         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8 \
-         FROM jsonb_each(?1) WHERE true \
-         ON CONFLICT (namespace, collection, id) DO UPDATE SET doc = excluded.doc, \
-         lamport = excluded.lamport, node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq",
-    )
-    .bind(serde_json::to_string(&rows).expect("rows serialize"))
-    .execute(conn)
-    .await
-    .map_err(unavailable)?;
-    Ok(())
+    rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    insert_changes(conn, &rows).await
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -767,9 +918,8 @@ impl Backend for SqliteBackend {
     async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
         let results =
             if request.ops.is_empty() { Vec::new() } else { self.apply(principal, Arc::clone(&request)).await? };
-        let (changes_json, change_count, cursor, has_more, reset, verify) = self.read(principal, &request).await?;
-        let request_id = request.request_id.clone();
-        Ok(Reply { results, cursor, changes_json, change_count, has_more, reset, request_id, verify })
+        let (page, verify) = self.read(principal, &request).await?;
+        Ok(Reply::new(results, page, request.request_id.clone(), verify))
     }
 
     async fn ready(&self) -> Result<(), BackendError> {
@@ -785,5 +935,72 @@ impl Backend for SqliteBackend {
 /// Folded digest rows and logged bucket deltas, as read together.
 type DigestEntries = (Vec<(i64, i64)>, Vec<(i64, i64)>);
 
-/// A stored row as the version-2 migration reads it.
-type BackfillRow = (String, String, String, i64, String, bool, Option<String>);
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tide_core::{Limits, Op, OpResult, Payload, Stamp, SyncRequest};
+
+    use super::{Durability, SqliteBackend};
+    use crate::auth::{Namespace, Principal};
+    use crate::backend::{Backend, BackendError};
+
+    /// A node id whose write group panics, to prove a failed group cannot
+    /// wedge the writer.
+    pub(super) const PANIC_NODE: &str = "panic-in-the-writer";
+
+    fn principal(id: &str) -> Principal {
+        Principal { namespace: Namespace::new("ns"), id: id.to_owned() }
+    }
+
+    fn write(node: &str, id: &str, lamport: u64) -> Arc<SyncRequest> {
+        let doc = serde_json::json!({ "n": lamport }).as_object().unwrap().clone();
+        let op = Op {
+            collection: "c".into(),
+            id: id.into(),
+            stamp: Stamp::new(lamport, node.to_owned()),
+            payload: Payload::Put(doc),
+            op_id: None,
+        };
+        let mut req = SyncRequest::new(node, None);
+        req.ops.push(op);
+        Arc::new(req)
+    }
+
+    async fn backend() -> (tempfile::TempDir, Arc<SqliteBackend>) {
+        let dir = tempfile::tempdir().unwrap();
+        let backend =
+            SqliteBackend::open(&dir.path().join("s.db"), Durability::Normal, Limits::default()).await.unwrap();
+        (dir, backend)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_write_group_answers_its_callers_and_the_next_group_commits() {
+        let (_dir, backend) = backend().await;
+        let err = backend.exchange(&principal(PANIC_NODE), write(PANIC_NODE, "x", 1)).await.unwrap_err();
+        assert!(matches!(&err, BackendError::Internal(m) if m.contains("panicked")), "{err}");
+
+        let reply = backend.exchange(&principal("a"), write("a", "y", 1)).await.unwrap();
+        assert_eq!(reply.results, vec![OpResult::Applied { seq: 1 }]);
+    }
+
+    #[tokio::test]
+    async fn a_caller_that_gives_up_does_not_hold_up_the_writer() {
+        let (_dir, backend) = backend().await;
+        // Callers dropped while their group is queued or committing.
+        for i in 0..20 {
+            let b = Arc::clone(&backend);
+            let task = tokio::spawn(async move { b.exchange(&principal("a"), write("a", &format!("k{i}"), 1)).await });
+            if i % 2 == 0 {
+                tokio::task::yield_now().await;
+            }
+            task.abort();
+        }
+        let reply = backend.exchange(&principal("b"), write("b", "last", 1)).await.unwrap();
+        let OpResult::Applied { seq } = reply.results[0] else { panic!("{:?}", reply.results) };
+        // Every write before was either committed whole or not at all: the
+        // seqs are exactly the committed writes, one each.
+        assert!((1..=21).contains(&seq), "{seq}");
+        assert_eq!(reply.to_response().cursor.seq(), seq);
+    }
+}

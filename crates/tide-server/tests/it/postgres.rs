@@ -81,10 +81,15 @@ async fn v8_a_late_commit_is_not_skipped_by_a_pull() {
     sqlx::query("BEGIN").execute(&mut held).await.unwrap();
     sqlx::query("SELECT seq FROM tide_namespaces WHERE namespace = 'pg' FOR UPDATE").execute(&mut held).await.unwrap();
     sqlx::query("UPDATE tide_namespaces SET seq = seq + 1 WHERE namespace = 'pg'").execute(&mut held).await.unwrap();
-    sqlx::query("INSERT INTO tide_rows VALUES ('pg', 'c', 'late', '{\"v\":2}', 2, 'slow', false, 2)")
-        .execute(&mut held)
-        .await
-        .unwrap();
+    let wire = r#"{"collection":"c","id":"late","kind":"put","doc":{"v":2},"lamport":2,"node_id":"slow","seq":"#;
+    sqlx::query(
+        "INSERT INTO tide_rows (namespace, collection, id, lamport, node_id, deleted, seq, bucket, vhash, size, wire) \
+         VALUES ('pg', 'c', 'late', 2, 'slow', false, 2, 0, 0, length($1) + 2, $1)",
+    )
+    .bind(wire)
+    .execute(&mut held)
+    .await
+    .unwrap();
 
     // Writer B commits meanwhile: it must wait for A, not take seq 3 and commit first.
     let mut b_write = tokio::spawn(async move { b.exchange(&req("b", None, vec![put("b", "other", 5, 3)])).await });

@@ -615,18 +615,33 @@ pub(crate) fn combine(
 pub const NODE_BINDINGS_CACHED_MAX: usize = 100_000;
 
 /// Which principal each node id of a namespace is bound to, as far as this
-/// process has read or written it.
+/// process has read or written it (`None`: known to be unbound, which only
+/// a backend that alone binds node ids may remember).
 #[derive(Default)]
-pub(crate) struct Bindings(std::sync::Mutex<HashMap<(String, String), String>>);
+pub(crate) struct Bindings(std::sync::Mutex<HashMap<(String, String), Option<String>>>);
 
 impl Bindings {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Option<String>>> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The principal `node_id` is bound to in `namespace`, if known here.
     pub(crate) fn get(&self, namespace: &str, node_id: &str) -> Option<String> {
-        self.lock().get(&(namespace.to_owned(), node_id.to_owned())).cloned()
+        self.lock().get(&(namespace.to_owned(), node_id.to_owned())).cloned().flatten()
+    }
+
+    /// Whether this process knows if `node_id` is bound.
+    pub(crate) fn known(&self, namespace: &str, node_id: &str) -> bool {
+        self.lock().contains_key(&(namespace.to_owned(), node_id.to_owned()))
+    }
+
+    /// Remembers that `node_id` is not bound yet (until a write binds it).
+    pub(crate) fn remember_unbound(&self, namespace: &str, node_id: &str) {
+        let mut map = self.lock();
+        if map.len() >= NODE_BINDINGS_CACHED_MAX {
+            map.clear();
+        }
+        map.entry((namespace.to_owned(), node_id.to_owned())).or_insert(None);
     }
 
     /// Remembers bindings read from or written to the database.
@@ -636,7 +651,7 @@ impl Bindings {
             if map.len() >= NODE_BINDINGS_CACHED_MAX {
                 map.clear();
             }
-            map.insert((namespace, node_id), principal);
+            map.insert((namespace, node_id), Some(principal));
         }
     }
 

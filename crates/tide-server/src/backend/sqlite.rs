@@ -44,12 +44,12 @@ pub const SQLITE_READERS: usize = 4;
 
 /// The tables of a new database (schema version 3).
 const SCHEMA: &str = r"
-CREATE TABLE tide_namespaces (
+CREATE TABLE IF NOT EXISTS tide_namespaces (
     namespace   TEXT PRIMARY KEY,
     seq         INTEGER NOT NULL,
     lamport_max INTEGER NOT NULL
 );
-CREATE TABLE tide_changes (
+CREATE TABLE IF NOT EXISTS tide_changes (
     namespace  TEXT NOT NULL,
     seq        INTEGER NOT NULL,
     collection TEXT NOT NULL,
@@ -63,7 +63,7 @@ CREATE TABLE tide_changes (
     wire       TEXT NOT NULL,
     PRIMARY KEY (namespace, seq)
 ) WITHOUT ROWID;
-CREATE UNIQUE INDEX tide_changes_by_key ON tide_changes (namespace, collection, id);
+CREATE UNIQUE INDEX IF NOT EXISTS tide_changes_by_key ON tide_changes (namespace, collection, id);
 CREATE TABLE IF NOT EXISTS tide_digest (
     namespace  TEXT NOT NULL,
     level      INTEGER NOT NULL,
@@ -251,7 +251,7 @@ impl SqliteBackend {
             Some(conn) => conn,
             None => self.readers[0].lock().await,
         };
-        if self.bindings.get(ns.as_str(), &req.node_id).is_none() {
+        if !self.bindings.known(ns.as_str(), &req.node_id) {
             let owner: Option<String> =
                 sqlx::query_scalar("SELECT principal FROM tide_nodes WHERE namespace = ?1 AND node_id = ?2")
                     .bind(ns.as_str())
@@ -259,7 +259,12 @@ impl SqliteBackend {
                     .fetch_optional(&mut *conn)
                     .await
                     .map_err(unavailable)?;
-            self.bindings.remember(owner.map(|o| (ns.as_str().to_owned(), req.node_id.clone(), o)));
+            // Only this process binds node ids in this database, so an
+            // unbound one stays so until its writer binds it.
+            match owner {
+                Some(owner) => self.bindings.remember([(ns.as_str().to_owned(), req.node_id.clone(), owner)]),
+                None => self.bindings.remember_unbound(ns.as_str(), &req.node_id),
+            }
         }
         self.bindings.check(principal, &req.node_id)?;
         if req.verify.is_none() && req.fetch.is_empty() {

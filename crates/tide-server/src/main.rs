@@ -190,7 +190,25 @@ async fn shutdown_signal() {
     }
 }
 
+/// Starts the process again with [`tide_server::GLIBC_TUNABLES`] unless
+/// `GLIBC_TUNABLES` is set already (glibc reads it only at start). If that
+/// fails the server runs on with glibc's defaults.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("GLIBC_TUNABLES").is_none() {
+        use std::os::unix::process::CommandExt as _;
+        if let Ok(exe) = std::env::current_exe() {
+            let error = std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .env("GLIBC_TUNABLES", tide_server::GLIBC_TUNABLES)
+                .exec();
+            eprintln!("tide-server: running with glibc's allocator defaults ({error})");
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))

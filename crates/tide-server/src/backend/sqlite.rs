@@ -426,8 +426,8 @@ type PageRow = (Option<i64>, i64, i64, Option<String>, Option<i64>);
 impl Writer {
     /// Takes every request waiting, up to [`WRITE_GROUP_REQUESTS_MAX`], and
     /// applies them in one transaction, until the backend is dropped. A
-    /// group that fails or panics answers its own callers with the error;
-    /// the next group goes on.
+    /// group that fails or panics answers its own callers with the error
+    /// (its transaction rolled back); the next group goes on.
     async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Pending>) {
         let mut batch = Vec::with_capacity(WRITE_GROUP_REQUESTS_MAX);
         while queue.recv_many(&mut batch, WRITE_GROUP_REQUESTS_MAX).await > 0 {
@@ -440,6 +440,9 @@ impl Writer {
                     }
                 }
                 Err(e) => {
+                    // The group's transaction is the connection's own (not
+                    // sqlx's): end it here, whatever state it was left in.
+                    let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
                     for p in batch.drain(..) {
                         let _ = p.reply.send(Err(e.duplicate()));
                     }
@@ -448,46 +451,37 @@ impl Writer {
         }
     }
 
-    /// One transaction for a group: every request decided in order by the
-    /// one LWW rule against what is stored and what earlier requests of the
-    /// group wrote. A request refused (another principal's node id, a
-    /// counter too far ahead, a broken chain) is answered alone; the others
-    /// go on.
+    /// One transaction for a group, in two calls to SQLite: one reads what
+    /// the group needs (its namespaces' counters, its nodes, the stored
+    /// versions of its keys), one writes it all and commits. Every request
+    /// is decided in order by the one LWW rule against what is stored and
+    /// what earlier requests of the group wrote. A request refused (another
+    /// principal's node id, a counter too far ahead, a broken chain) is
+    /// answered alone; the others go on.
     async fn run_group(&mut self, batch: &[Pending]) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
         #[cfg(test)]
         assert!(!batch.iter().any(|p| p.request.node_id == tests::PANIC_NODE), "a write group fails (test)");
-        let mut tx = self.conn.begin_with("BEGIN IMMEDIATE").await.map_err(unavailable)?;
-        let mut names: Vec<&str> = batch.iter().map(|p| p.principal.namespace.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        let counters: Vec<(String, i64, i64)> = sqlx::query_as(
-            "INSERT INTO tide_namespaces (namespace, seq, lamport_max) SELECT value, 0, 0 FROM json_each(?1) WHERE true \
-             ON CONFLICT (namespace) DO UPDATE SET seq = seq RETURNING namespace, seq, lamport_max",
-        )
-        .bind(serde_json::to_string(&names).expect("names serialize"))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let mut counters: HashMap<String, (u64, u64)> =
-            counters.into_iter().map(|(n, s, l)| (n, (to_u64(s), to_u64(l)))).collect();
-        let mut nodes = read_nodes(&self.bindings, &mut tx, batch).await?;
-
         let incoming: Vec<Vec<Incoming<'_>>> =
             batch.iter().map(|p| p.request.ops.iter().map(Incoming::new).collect()).collect();
-        let (mut current, stored_docs) = stored_versions(&mut tx, batch).await?;
-        let mut current: HashMap<GroupKey<'_>, Current<'_>> = current
-            .drain()
-            .map(|(k, (stamp, hash, doc))| {
-                (k, Current { stamp, hash, doc: doc.map(|i| stored_docs[i].as_str().into()) })
-            })
+        let read = GroupRead::new(&self.bindings, batch);
+        let rows: Vec<String> = sqlx::query_scalar(READ_GROUP)
+            .bind(read.names_json())
+            .bind(read.bind_json())
+            .bind(read.nodes_json())
+            .bind(read.keys_json())
+            .fetch_all(&mut self.conn)
+            .await
+            .map_err(unavailable)?;
+        let (mut counters, mut nodes, stored) = read.parse(&rows)?;
+        let mut current: HashMap<GroupKey<'_>, Current<'_>> = stored
+            .iter()
+            .map(|(k, s)| (*k, Current { stamp: s.stamp.clone(), hash: s.hash, doc: s.doc.as_deref().map(Into::into) }))
             .collect();
         let before: HashMap<GroupKey<'_>, Hash64> = current.iter().filter_map(|(k, c)| Some((*k, c.hash?))).collect();
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut written = HashMap::new();
-        let mut firsts = Vec::with_capacity(batch.len());
         let mut first = 0;
         for (p, incoming) in batch.iter().zip(&incoming) {
-            firsts.push(first);
             let ns = p.principal.namespace.as_str();
             let (seq, lamport_max) = counters.get_mut(ns).expect("every namespace of the group was read");
             let node = nodes.get_mut(&(ns, p.request.node_id.as_str())).expect("every node of the group was read");
@@ -499,80 +493,200 @@ impl Writer {
             first += incoming.len();
         }
         let flat: Vec<&Incoming<'_>> = incoming.iter().flatten().collect();
-        store_rows(&mut tx, &written, &flat).await?;
         let deltas = super::digest_deltas(
             written.iter().map(|(&(ns, c, id), &(i, _))| (ns, c, id, before.get(&(ns, c, id)).copied(), flat[i].hash)),
         );
-        self.logged += add_digests(&mut tx, &deltas).await?;
-        if self.logged > self.digest_log_rows_max.load(Ordering::Relaxed) {
-            fold_digests(&mut tx).await?;
+        let logged = self.logged + i64::try_from(deltas.buckets.len()).unwrap_or(i64::MAX);
+        let fold = logged > self.digest_log_rows_max.load(Ordering::Relaxed);
+        let roots: Vec<(&str, u8, &str, u8, i64)> = deltas.roots.iter().map(|&(n, c, h)| (n, 0, c, 0, h)).collect();
+        let moved: Vec<(&str, &str, &str, &str, u64)> = nodes
+            .iter()
+            .filter(|(_, n)| n.moved)
+            .filter_map(|(&(ns, node), n)| {
+                n.chain.as_ref().map(|c| (ns, node, c.last.as_str(), c.before.as_str(), c.height))
+            })
+            .collect();
+        let counters: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
+        sqlx::query(if fold { WRITE_GROUP } else { WRITE_GROUP_AND_COMMIT })
+            .bind(serde_json::to_string(&rows_written(&written, &flat)).expect("rows serialize"))
+            .bind(serde_json::to_string(&roots).expect("roots serialize"))
+            .bind(serde_json::to_string(&deltas.buckets).expect("deltas serialize"))
+            .bind(serde_json::to_string(&moved).expect("chains serialize"))
+            .bind(serde_json::to_string(&counters).expect("counters serialize"))
+            .execute(&mut self.conn)
+            .await
+            .map_err(unavailable)?;
+        self.logged = logged;
+        if fold {
+            fold_digests(&mut self.conn).await?;
+            sqlx::raw_sql("COMMIT").execute(&mut self.conn).await.map_err(unavailable)?;
             self.logged = 0;
         }
-        store_chains(&mut tx, &nodes).await?;
-        let updated: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
-        sqlx::query(
-            "UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
-             FROM json_each(?1) AS j WHERE tide_namespaces.namespace = j.value->>0",
-        )
-        .bind(serde_json::to_string(&updated).expect("counters serialize"))
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
         self.bindings.remember(nodes.into_iter().map(|((n, node), s)| (n.to_owned(), node.to_owned(), s.principal)));
         Ok(outcomes)
     }
 }
 
-/// Binds each request's node id to its principal where it is not bound
-/// yet, and reads the binding of every node id of the group, with its
-/// chain when a request carries a link of it.
-async fn read_nodes<'a>(
-    bindings: &Bindings,
-    conn: &mut SqliteConnection,
-    batch: &'a [Pending],
-) -> Result<HashMap<(&'a str, &'a str), Node>, BackendError> {
-    let mut nodes = HashMap::new();
-    let mut unread = Vec::new();
-    for p in batch {
-        let key = (p.principal.namespace.as_str(), p.request.node_id.as_str());
-        match bindings.get(key.0, key.1) {
-            Some(principal) if p.request.lineage.is_none() => {
-                nodes.insert(key, Node { principal, chain: None, moved: false });
-            }
-            _ => unread.push((key.0, key.1, p.principal.id.as_str())),
-        }
-    }
-    if unread.is_empty() {
-        return Ok(nodes);
-    }
-    let unread_json = serde_json::to_string(&unread).expect("bindings serialize");
-    if unread.iter().any(|u| bindings.get(u.0, u.1).is_none()) {
-        sqlx::query(
-            "INSERT INTO tide_nodes (namespace, node_id, principal) \
-             SELECT value->>0, value->>1, value->>2 FROM json_each(?1) WHERE true ON CONFLICT DO NOTHING",
-        )
-        .bind(&unread_json)
-        .execute(&mut *conn)
-        .await
-        .map_err(unavailable)?;
-    }
-    let read: String = sqlx::query_scalar(
-        "SELECT json_group_array(json_array(j.key, n.principal, n.chain_last, n.chain_before, n.chain_height)) \
-         FROM json_each(?1) AS j CROSS JOIN tide_nodes AS n ON n.namespace = j.value->>0 AND n.node_id = j.value->>1",
-    )
-    .bind(&unread_json)
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(unavailable)?;
-    let read: Vec<NodeRow> =
-        serde_json::from_str(&read).map_err(|e| BackendError::Internal(format!("node bindings: {e}")))?;
-    for (i, principal, last, before, height) in read {
-        let chain = last.map(|last| Chain { last, before: before.unwrap_or_default(), height: height.unwrap_or(0) });
-        nodes.insert((unread[i].0, unread[i].1), Node { principal, chain, moved: false });
-    }
-    Ok(nodes)
+/// Both calls of a write group bind one unnumbered `?` per statement, in
+/// order: sqlx binds the arguments of a text of several statements in
+/// sequence (a numbered `?N` that a statement does not follow from its
+/// predecessors is left unbound).
+///
+/// A write group's first call: it begins the transaction, takes (and
+/// locks) its namespaces' counters, binds new node ids, and reads its
+/// nodes and the stored versions of its keys, each as one JSON text. The
+/// document of a stored version is read only for an op with its stamp.
+const READ_GROUP: &str = "BEGIN IMMEDIATE; \
+     INSERT INTO tide_namespaces (namespace, seq, lamport_max) SELECT value, 0, 0 FROM json_each(?) WHERE true \
+     ON CONFLICT (namespace) DO UPDATE SET seq = seq RETURNING json_array(namespace, seq, lamport_max); \
+     INSERT INTO tide_nodes (namespace, node_id, principal) \
+     SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true ON CONFLICT DO NOTHING; \
+     SELECT json_group_array(json_array(j.key, n.principal, n.chain_last, n.chain_before, n.chain_height)) \
+     FROM json_each(?) AS j CROSS JOIN tide_nodes AS n ON n.namespace = j.value->>0 AND n.node_id = j.value->>1; \
+     SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.vhash, \
+       CASE WHEN r.lamport = j.value->>3 AND r.node_id = j.value->>4 THEN r.wire END)) \
+     FROM json_each(?) AS j CROSS JOIN tide_changes AS r \
+     ON r.namespace = j.value->>0 AND r.collection = j.value->>1 AND r.id = j.value->>2";
+
+/// The text of [`WRITE_GROUP`] (a macro, so `concat!` can extend it).
+macro_rules! write_group {
+    () => {
+        "INSERT INTO tide_changes \
+       (namespace, seq, collection, id, lamport, node_id, deleted, bucket, vhash, size, wire) \
+     SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, \
+       value->>9, value->>10 FROM json_each(?) WHERE true \
+     ON CONFLICT (namespace, collection, id) DO UPDATE SET seq = excluded.seq, lamport = excluded.lamport, \
+       node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash, size = excluded.size, \
+       wire = excluded.wire; \
+     INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
+     SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?) WHERE true \
+     ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash); \
+     INSERT INTO tide_digest_log (namespace, collection, bucket, delta) \
+     SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?); \
+     UPDATE tide_nodes SET chain_last = j.value->>2, chain_before = j.value->>3, chain_height = j.value->>4 \
+     FROM json_each(?) AS j WHERE tide_nodes.namespace = j.value->>0 AND tide_nodes.node_id = j.value->>1; \
+     UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
+     FROM json_each(?) AS j WHERE tide_namespaces.namespace = j.value->>0"
+    };
 }
+
+/// A write group's second call: the versions written, the roots' deltas,
+/// the bucket deltas logged, the chains moved on and the counters, each
+/// from one JSON text; then the commit (unless the digest log is folded first).
+const WRITE_GROUP: &str = write_group!();
+
+/// [`WRITE_GROUP`], then the commit.
+const WRITE_GROUP_AND_COMMIT: &str = concat!(write_group!(), "; COMMIT");
+
+/// What a write group asks of the database in its first call.
+struct GroupRead<'a> {
+    names: Vec<&'a str>,
+    /// Node ids to read, with the principal that binds them if unbound.
+    nodes: Vec<(&'a str, &'a str, &'a str)>,
+    /// How many of `nodes` this process does not know to be bound.
+    unbound: Vec<(&'a str, &'a str, &'a str)>,
+    /// Nodes whose binding is known and whose chain no request moves.
+    known: HashMap<(&'a str, &'a str), Node>,
+    keys: Vec<(GroupKey<'a>, u64, &'a str)>,
+}
+
+impl<'a> GroupRead<'a> {
+    fn new(bindings: &Bindings, batch: &'a [Pending]) -> Self {
+        let mut names: Vec<&str> = batch.iter().map(|p| p.principal.namespace.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        let (mut nodes, mut unbound, mut known) = (Vec::new(), Vec::new(), HashMap::new());
+        for p in batch {
+            let key = (p.principal.namespace.as_str(), p.request.node_id.as_str());
+            let bound = bindings.get(key.0, key.1);
+            if bound.is_none() {
+                unbound.push((key.0, key.1, p.principal.id.as_str()));
+            }
+            match bound {
+                Some(principal) if p.request.lineage.is_none() => {
+                    known.insert(key, Node { principal, chain: None, moved: false });
+                }
+                _ => nodes.push((key.0, key.1, p.principal.id.as_str())),
+            }
+        }
+        let keys = batch
+            .iter()
+            .flat_map(|p| {
+                let ns = p.principal.namespace.as_str();
+                p.request.ops.iter().map(move |o| {
+                    ((ns, o.collection.as_str(), o.id.as_str()), o.stamp.lamport, o.stamp.node_id.as_str())
+                })
+            })
+            .collect();
+        Self { names, nodes, unbound, known, keys }
+    }
+
+    fn names_json(&self) -> String {
+        serde_json::to_string(&self.names).expect("names serialize")
+    }
+
+    fn bind_json(&self) -> String {
+        serde_json::to_string(&self.unbound).expect("bindings serialize")
+    }
+
+    fn nodes_json(&self) -> String {
+        serde_json::to_string(&self.nodes).expect("nodes serialize")
+    }
+
+    fn keys_json(&self) -> String {
+        let keys: Vec<_> = self.keys.iter().map(|((n, c, i), l, node)| (n, c, i, l, node)).collect();
+        serde_json::to_string(&keys).expect("keys serialize")
+    }
+
+    /// The counters per namespace, the nodes, and the stored versions, from
+    /// the rows of [`READ_GROUP`] (one per namespace, then two).
+    fn parse(self, rows: &[String]) -> Result<GroupState<'a>, BackendError> {
+        let bad = |what: &str, e: serde_json::Error| BackendError::Internal(format!("write group {what}: {e}"));
+        let [counters @ .., nodes, stored] = rows else {
+            return Err(BackendError::Internal(format!("write group read {} rows", rows.len())));
+        };
+        let mut by_name = HashMap::with_capacity(counters.len());
+        for row in counters {
+            let (name, seq, lamport_max): (String, u64, u64) =
+                serde_json::from_str(row).map_err(|e| bad("counters", e))?;
+            by_name.insert(name, (seq, lamport_max));
+        }
+        let mut known = self.known;
+        let read: Vec<NodeRow> = serde_json::from_str(nodes).map_err(|e| bad("nodes", e))?;
+        for (i, principal, last, before, height) in read {
+            let chain =
+                last.map(|last| Chain { last, before: before.unwrap_or_default(), height: height.unwrap_or(0) });
+            known.insert((self.nodes[i].0, self.nodes[i].1), Node { principal, chain, moved: false });
+        }
+        let read: Vec<(usize, u64, String, u8, i64, Option<String>)> =
+            serde_json::from_str(stored).map_err(|e| bad("stored versions", e))?;
+        let mut versions: HashMap<GroupKey<'a>, Stored> = HashMap::with_capacity(read.len());
+        for (i, lamport, node, deleted, hash, wire) in read {
+            let doc = match wire {
+                Some(wire) if deleted == 0 => super::prefix_doc(&wire)?,
+                _ => None,
+            };
+            let entry = versions.entry(self.keys[i].0).or_insert_with(|| Stored {
+                stamp: Stamp::new(lamport, node),
+                hash: (deleted == 0).then(|| Hash64::from_i64(hash)),
+                doc: None,
+            });
+            entry.doc = entry.doc.take().or(doc);
+        }
+        Ok((by_name, known, versions))
+    }
+}
+
+/// A stored version as a write group reads it: its stamp, its hash if
+/// live, and its document if a write carries its stamp.
+struct Stored {
+    stamp: Stamp,
+    hash: Option<Hash64>,
+    doc: Option<String>,
+}
+
+/// What a write group read: counters per namespace, nodes, stored versions.
+type GroupState<'a> = (HashMap<String, (u64, u64)>, HashMap<(&'a str, &'a str), Node>, HashMap<GroupKey<'a>, Stored>);
 
 /// A node id of a write group: its principal and, when a request carries
 /// a link, its chain (PROTOCOL.md §13), moved on by accepted links.
@@ -600,29 +714,6 @@ fn admit(p: &Pending, node: &mut Node, lamport_max: u64, lead_max: u64) -> Resul
         node.chain = Some(lineage.advance(node.chain.as_ref()));
         node.moved = true;
     }
-    Ok(())
-}
-
-/// Stores the chains a group moved on, in one statement.
-async fn store_chains(conn: &mut SqliteConnection, nodes: &HashMap<(&str, &str), Node>) -> Result<(), BackendError> {
-    let moved: Vec<(&str, &str, &str, &str, u64)> = nodes
-        .iter()
-        .filter(|(_, n)| n.moved)
-        .filter_map(|(&(ns, node), n)| {
-            n.chain.as_ref().map(|c| (ns, node, c.last.as_str(), c.before.as_str(), c.height))
-        })
-        .collect();
-    if moved.is_empty() {
-        return Ok(());
-    }
-    sqlx::query(
-        "UPDATE tide_nodes SET chain_last = j.value->>2, chain_before = j.value->>3, chain_height = j.value->>4 \
-         FROM json_each(?1) AS j WHERE tide_nodes.namespace = j.value->>0 AND tide_nodes.node_id = j.value->>1",
-    )
-    .bind(serde_json::to_string(&moved).expect("chains serialize"))
-    .execute(conn)
-    .await
-    .map_err(unavailable)?;
     Ok(())
 }
 
@@ -818,70 +909,8 @@ async fn fold_digests(conn: &mut SqliteConnection) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// A stored version as a write group reads it: stamp, hash, and the index
-/// of its document text when a write carries its stamp.
-type StoredAt = (Stamp, Option<Hash64>, Option<usize>);
-
-/// What is stored for every key a group writes, in one statement; the
-/// document of a stored version is read only for an op with its stamp.
-async fn stored_versions<'a>(
-    conn: &mut SqliteConnection,
-    batch: &'a [Pending],
-) -> Result<(HashMap<GroupKey<'a>, StoredAt>, Vec<String>), BackendError> {
-    let keys: Vec<(GroupKey<'a>, u64, &str)> = batch
-        .iter()
-        .flat_map(|p| {
-            let ns = p.principal.namespace.as_str();
-            p.request
-                .ops
-                .iter()
-                .map(move |o| ((ns, o.collection.as_str(), o.id.as_str()), o.stamp.lamport, o.stamp.node_id.as_str()))
-        })
-        .collect();
-    let stored: String = sqlx::query_scalar(
-        "SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.vhash, \
-           CASE WHEN r.lamport = j.value->>3 AND r.node_id = j.value->>4 THEN r.wire END)) \
-         FROM json_each(?1) AS j CROSS JOIN tide_changes AS r \
-         ON r.namespace = j.value->>0 AND r.collection = j.value->>1 AND r.id = j.value->>2",
-    )
-    .bind(
-        serde_json::to_string(&keys.iter().map(|((n, c, i), l, node)| (n, c, i, l, node)).collect::<Vec<_>>())
-            .expect("keys serialize"),
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(unavailable)?;
-    let stored: Vec<(usize, u64, String, u8, i64, Option<String>)> =
-        serde_json::from_str(&stored).map_err(|e| BackendError::Internal(format!("stored rows: {e}")))?;
-    let mut current = HashMap::with_capacity(stored.len());
-    let mut docs = Vec::new();
-    for (i, lamport, node, deleted, hash, wire) in stored {
-        let doc = match wire {
-            Some(wire) if deleted == 0 => super::prefix_doc(&wire)?.map(|d| {
-                docs.push(d);
-                docs.len() - 1
-            }),
-            _ => None,
-        };
-        let entry = current.entry(keys[i].0).or_insert((
-            Stamp::new(lamport, node),
-            (deleted == 0).then(|| Hash64::from_i64(hash)),
-            None,
-        ));
-        entry.2 = entry.2.or(doc);
-    }
-    Ok((current, docs))
-}
-
-/// Stores the last applied op of every key a group wrote, in one statement.
-async fn store_rows(
-    conn: &mut SqliteConnection,
-    written: &HashMap<GroupKey<'_>, (usize, u64)>,
-    incoming: &[&Incoming<'_>],
-) -> Result<(), BackendError> {
-    if written.is_empty() {
-        return Ok(());
-    }
+/// The rows of `tide_changes` a group writes: the last applied op of each key.
+fn rows_written<'a>(written: &'a HashMap<GroupKey<'_>, (usize, u64)>, incoming: &[&'a Incoming<'_>]) -> Vec<Row<'a>> {
     let mut rows: Vec<Row<'_>> = written
         .iter()
         .map(|(&(ns, collection, id), &(i, seq))| {
@@ -890,7 +919,7 @@ async fn store_rows(
             let size = super::rendered_len(&prefix, seq);
             let stamp = &inc.op.stamp;
             let bucket = tide_core::digest::bucket(collection, id);
-            let hash = inc.stored_hash();
+            let deleted = u8::from(inc.doc.is_none());
             Row(
                 ns,
                 to_i64(seq),
@@ -898,16 +927,16 @@ async fn store_rows(
                 id,
                 to_i64(stamp.lamport),
                 &stamp.node_id,
-                u8::from(inc.doc.is_none()),
+                deleted,
                 bucket,
-                hash,
+                inc.stored_hash(),
                 size,
                 prefix,
             )
         })
         .collect();
     rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    insert_changes(conn, &rows).await
+    rows
 }
 
 fn to_u64(v: i64) -> u64 {

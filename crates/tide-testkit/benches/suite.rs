@@ -428,7 +428,7 @@ async fn load(endpoint: &str, token: &str, clients: usize, secs: u64) -> Load {
             let (endpoint, latencies, token) = (endpoint.to_owned(), Arc::clone(&latencies), token.to_owned());
             let pulled = Arc::clone(&pulled);
             tokio::spawn(async move {
-                let t = HttpTransport::builder(&endpoint).headers(auth(&token)).build().unwrap();
+                let mut conn = LeanClient::connect(&endpoint, &token).await;
                 let node = format!("client{c:03}");
                 let d = json!({"title": "a note", "body": "x".repeat(60)}).as_object().cloned().unwrap();
                 let (mut lamport, mut cursor, mut errors) = (0u64, None, 0usize);
@@ -447,14 +447,13 @@ async fn load(endpoint: &str, token: &str, clients: usize, secs: u64) -> Load {
                         })
                         .collect();
                     let s = Instant::now();
-                    match t.exchange(&req).await {
-                        Ok(r) => {
-                            lamport = lamport.max(r.changes.iter().map(|c| c.stamp.lamport).max().unwrap_or(0));
-                            cursor = Some(r.cursor);
-                            latencies.lock().unwrap().push(s.elapsed());
-                            pulled.fetch_add(r.changes.len(), std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Err(_) => errors += 1,
+                    if let Some((next, changes)) = conn.exchange(&req).await {
+                        cursor = Some(next);
+                        latencies.lock().unwrap().push(s.elapsed());
+                        pulled.fetch_add(changes, std::sync::atomic::Ordering::Relaxed);
+                    } else {
+                        errors += 1;
+                        conn = LeanClient::connect(&endpoint, &token).await;
                     }
                 }
                 errors
@@ -472,6 +471,58 @@ async fn load(endpoint: &str, token: &str, clients: usize, secs: u64) -> Load {
     (lat.len() as f64 * 10.0 / elapsed, lat, errors, per_exchange)
 }
 
+/// A load client as lean as `wrk`: one keep-alive connection, the request
+/// body serialized, the response read as bytes and only its cursor (and a
+/// count of its changes) taken out, so the load costs the shared cores as
+/// little as possible and the servers are compared, not the clients.
+struct LeanClient {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    uri: http::Uri,
+    token: String,
+}
+
+impl LeanClient {
+    async fn connect(endpoint: &str, token: &str) -> Self {
+        let uri: http::Uri = endpoint.parse().unwrap();
+        let authority = uri.authority().unwrap().as_str().to_owned();
+        loop {
+            if let Ok(stream) = tokio::net::TcpStream::connect(&authority).await {
+                stream.set_nodelay(true).unwrap();
+                let io = hyper_util::rt::TokioIo::new(stream);
+                if let Ok((sender, conn)) = hyper::client::conn::http1::handshake(io).await {
+                    tokio::spawn(conn);
+                    return Self { sender, uri, token: token.to_owned() };
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The cursor and the number of changes of one exchange, or `None` if it failed.
+    async fn exchange(&mut self, req: &SyncRequest) -> Option<(tide_core::Cursor, usize)> {
+        use http_body_util::BodyExt;
+        let body = serde_json::to_vec(req).unwrap();
+        let request = http::Request::post(self.uri.path())
+            .header("content-type", "application/json")
+            .header("host", self.uri.authority()?.as_str())
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .ok()?;
+        self.sender.ready().await.ok()?;
+        let response = self.sender.send_request(request).await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let bytes = response.into_body().collect().await.ok()?.to_bytes();
+        let text = std::str::from_utf8(&bytes).ok()?;
+        // Both servers start the body with the cursor: {"cursor": "N", ...
+        let rest = &text[text.find(r#""cursor""#)? + 8..];
+        let rest = &rest[rest.find('"')? + 1..];
+        let cursor = rest[..rest.find('"')?].parse().ok()?;
+        Some((tide_core::Cursor(cursor), text.matches(r#""collection""#).count()))
+    }
+}
+
 async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
     let secs = env_or("TIDE_BENCH_SECS", 5) as u64;
     let empty = empty_http_round_trips(secs).await;
@@ -483,7 +534,10 @@ async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
         None,
         "(the raw limit)",
     );
-    for clients in [1, 16, 64, 256] {
+    // TIDE_BENCH_CLIENTS=16 (for example) runs one load size.
+    let sizes: Vec<usize> = std::env::var("TIDE_BENCH_CLIENTS")
+        .map_or_else(|_| vec![1, 16, 64, 256], |s| s.split(',').filter_map(|n| n.parse().ok()).collect());
+    for clients in sizes {
         // The server in a process of its own, so its peak memory is its own.
         let mut child = Command::new(std::env::current_exe().unwrap())
             .env("TIDE_BENCH_CHILD", "server")

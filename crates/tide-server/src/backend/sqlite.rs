@@ -537,15 +537,15 @@ impl Writer {
 /// nodes and the stored versions of its keys, each as one JSON text. The
 /// document of a stored version is read only for an op with its stamp.
 const READ_GROUP: &str = "BEGIN IMMEDIATE; \
-     INSERT INTO tide_namespaces (namespace, seq, lamport_max) SELECT value, 0, 0 FROM json_each(?) WHERE true \
+     INSERT INTO tide_namespaces (namespace, seq, lamport_max) SELECT value, 0, 0 FROM jsonb_each(?) WHERE true \
      ON CONFLICT (namespace) DO UPDATE SET seq = seq RETURNING json_array(namespace, seq, lamport_max); \
      INSERT INTO tide_nodes (namespace, node_id, principal) \
-     SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true ON CONFLICT DO NOTHING; \
+     SELECT value->>0, value->>1, value->>2 FROM jsonb_each(?) WHERE true ON CONFLICT DO NOTHING; \
      SELECT json_group_array(json_array(j.key, n.principal, n.chain_last, n.chain_before, n.chain_height)) \
-     FROM json_each(?) AS j CROSS JOIN tide_nodes AS n ON n.namespace = j.value->>0 AND n.node_id = j.value->>1; \
+     FROM jsonb_each(?) AS j CROSS JOIN tide_nodes AS n ON n.namespace = j.value->>0 AND n.node_id = j.value->>1; \
      SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.vhash, \
        CASE WHEN r.lamport = j.value->>3 AND r.node_id = j.value->>4 THEN r.wire END)) \
-     FROM json_each(?) AS j CROSS JOIN tide_changes AS r \
+     FROM jsonb_each(?) AS j CROSS JOIN tide_changes AS r \
      ON r.namespace = j.value->>0 AND r.collection = j.value->>1 AND r.id = j.value->>2";
 
 /// The text of [`WRITE_GROUP`] (a macro, so `concat!` can extend it).
@@ -554,19 +554,19 @@ macro_rules! write_group {
         "INSERT INTO tide_changes \
        (namespace, seq, collection, id, lamport, node_id, deleted, bucket, vhash, size, wire) \
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, \
-       value->>9, value->>10 FROM json_each(?) WHERE true \
+       value->>9, value->>10 FROM jsonb_each(?) WHERE true \
      ON CONFLICT (namespace, collection, id) DO UPDATE SET seq = excluded.seq, lamport = excluded.lamport, \
        node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash, size = excluded.size, \
        wire = excluded.wire; \
      INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
-     SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?) WHERE true \
+     SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM jsonb_each(?) WHERE true \
      ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash); \
      INSERT INTO tide_digest_log (namespace, collection, bucket, delta) \
-     SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?); \
+     SELECT value->>0, value->>1, value->>2, value->>3 FROM jsonb_each(?); \
      UPDATE tide_nodes SET chain_last = j.value->>2, chain_before = j.value->>3, chain_height = j.value->>4 \
-     FROM json_each(?) AS j WHERE tide_nodes.namespace = j.value->>0 AND tide_nodes.node_id = j.value->>1; \
+     FROM jsonb_each(?) AS j WHERE tide_nodes.namespace = j.value->>0 AND tide_nodes.node_id = j.value->>1; \
      UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
-     FROM json_each(?) AS j WHERE tide_namespaces.namespace = j.value->>0"
+     FROM jsonb_each(?) AS j WHERE tide_namespaces.namespace = j.value->>0"
     };
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP side: routing, the `/sync` handler's checks in order, and the
 //! accept loop with its bounds and graceful shutdown.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Read as _;
@@ -20,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use crate::auth::{AuthError, Authenticator};
+use crate::auth::{AuthError, Authenticator, Principal};
 use crate::backend::{Backend, BackendError, Reply};
 use crate::hub::{HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, Hub};
 use crate::metrics::Metrics;
@@ -87,7 +88,84 @@ struct App {
     hub: Arc<Hub>,
     /// Set when shutdown begins: held long-polls answer at once.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Pages being read for long-polls woken by the same commit.
+    wakes: SharedReads,
 }
+
+/// Long-polls woken by one commit at the same cursor want the same page:
+/// it is read once and shared (PROTOCOL.md's own-change rule permitting),
+/// so a write to a namespace with a thousand held polls costs one read,
+/// not a thousand.
+#[derive(Default)]
+struct SharedReads(std::sync::Mutex<HashMap<WakeKey, Arc<tokio::sync::OnceCell<Option<Reply>>>>>);
+
+/// Which page a woken poll wants: namespace, cursor, limit, whether it asks
+/// for the roots, and the commit that woke it (so a page read before that
+/// commit is never shared with it).
+type WakeKey = (String, u64, Option<u32>, bool, u64);
+
+impl SharedReads {
+    /// The page for `request` after the commit `version`, read once by the
+    /// first poll to ask and shared; `None` when this poll must read its
+    /// own (it asked for more than a page, or the page holds its own writes).
+    async fn page(
+        &self,
+        backend: &Arc<dyn Backend>,
+        principal: &Principal,
+        request: &SyncRequest,
+        version: u64,
+    ) -> Option<Reply> {
+        let roots = match &request.verify {
+            None => false,
+            Some(tide_core::Verify::Roots) => true,
+            Some(_) => return None,
+        };
+        if !request.fetch.is_empty() || request.repair || request.cursor.is_none_or(|c| c == tide_core::Cursor::START) {
+            return None;
+        }
+        let cursor = request.cursor.unwrap_or_default();
+        let key = (principal.namespace.as_str().to_owned(), cursor.seq(), request.limit, roots, version);
+        let cell = Arc::clone(self.lock().entry(key.clone()).or_default());
+        // Whoever is done first (or gives up) takes the entry out; a poll
+        // arriving later reads anew.
+        let _forget = Forget(self, key, Arc::clone(&cell));
+        let shared = cell
+            .get_or_init(|| async {
+                // No node's changes are skipped: each poll checks its own below.
+                let mut pull = SyncRequest::new(SHARED_READER, Some(cursor));
+                pull.limit = request.limit;
+                pull.verify = request.verify.clone();
+                backend.exchange(principal, Arc::new(pull)).await.ok()
+            })
+            .await
+            .clone()?;
+        let own = format!(r#""node_id":{}"#, serde_json::to_string(&request.node_id).expect("strings serialize"));
+        if shared.changes_json.contains(&own) {
+            return None;
+        }
+        Some(Reply { request_id: request.request_id.clone(), ..shared })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WakeKey, Arc<tokio::sync::OnceCell<Option<Reply>>>>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Takes a shared read out of the map when its poll is done with it.
+struct Forget<'a>(&'a SharedReads, WakeKey, Arc<tokio::sync::OnceCell<Option<Reply>>>);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        let mut map = self.0.lock();
+        if map.get(&self.1).is_some_and(|cell| Arc::ptr_eq(cell, &self.2)) {
+            map.remove(&self.1);
+        }
+    }
+}
+
+/// The node id of a shared read: empty, which no client's is, so no
+/// change is skipped as its own.
+const SHARED_READER: &str = "";
 
 /// The sync server: a service to embed in any hyper (or axum) app with
 /// [`Server::handle`], or to run on a listener with [`Server::serve`].
@@ -153,7 +231,8 @@ impl Server {
     pub fn new(backend: Arc<dyn Backend>, auth: Arc<dyn Authenticator>, config: ServerConfig) -> Self {
         let hub = Arc::new(Hub::new(config.held_requests_max, config.held_per_namespace_max));
         let stopping = tokio::sync::watch::channel(false).0;
-        let app = Arc::new(App { backend, auth, config, metrics: Metrics::default(), hub, stopping });
+        let wakes = SharedReads::default();
+        let app = Arc::new(App { backend, auth, config, metrics: Metrics::default(), hub, stopping, wakes });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&app.hub);
             let on_commit: crate::backend::CommitCallback = Arc::new(move |namespace: &str| {
@@ -308,7 +387,11 @@ impl Server {
                 _ = stopping.wait_for(|s| *s) => false,
             };
             if woken {
-                result = self.run_exchange(&principal, &request, &span).await;
+                let version = *hold.commits.borrow_and_update();
+                result = match app.wakes.page(&app.backend, &principal, &request, version).await {
+                    Some(reply) => Ok(reply),
+                    None => self.run_exchange(&principal, &request, &span).await,
+                };
             }
         }
         drop(held);

@@ -21,6 +21,9 @@ struct Entry {
 pub(crate) struct Hub {
     namespaces: Mutex<HashMap<String, Entry>>,
     held: AtomicUsize,
+    /// Commits notified, over all namespaces: a wake-up's version, unique
+    /// for the server's life (a namespace's channel may be made anew).
+    commits: std::sync::atomic::AtomicU64,
     total_max: usize,
     per_namespace_max: usize,
 }
@@ -48,7 +51,13 @@ impl Drop for Held {
 
 impl Hub {
     pub(crate) fn new(total_max: usize, per_namespace_max: usize) -> Self {
-        Self { namespaces: Mutex::new(HashMap::new()), held: AtomicUsize::new(0), total_max, per_namespace_max }
+        Self {
+            namespaces: Mutex::new(HashMap::new()),
+            held: AtomicUsize::new(0),
+            commits: std::sync::atomic::AtomicU64::new(0),
+            total_max,
+            per_namespace_max,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
@@ -74,14 +83,16 @@ impl Hub {
     /// A change committed in `namespace`: wakes its held requests.
     pub(crate) fn notify(&self, namespace: &str) {
         if let Some(entry) = self.lock().get(namespace) {
-            entry.version.send_modify(|v| *v += 1);
+            let version = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
+            entry.version.send_modify(|v| *v = version);
         }
     }
 
     /// Wakes every held request (after a lost notification channel).
     pub(crate) fn notify_all(&self) {
         for entry in self.lock().values() {
-            entry.version.send_modify(|v| *v += 1);
+            let version = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
+            entry.version.send_modify(|v| *v = version);
         }
     }
 

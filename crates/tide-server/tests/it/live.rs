@@ -175,3 +175,72 @@ async fn a_commit_on_one_postgres_server_process_wakes_a_poll_on_another() {
         let _ = child.wait();
     }
 }
+
+/// A backend that counts the exchanges it is asked for.
+struct Counting(Arc<dyn tide_server::Backend>, Arc<std::sync::atomic::AtomicUsize>);
+
+#[async_trait::async_trait]
+impl tide_server::Backend for Counting {
+    async fn exchange(
+        &self,
+        principal: &tide_server::Principal,
+        request: Arc<SyncRequest>,
+    ) -> Result<tide_server::Reply, tide_server::BackendError> {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.exchange(principal, request).await
+    }
+
+    async fn ready(&self) -> Result<(), tide_server::BackendError> {
+        self.0.ready().await
+    }
+}
+
+/// Polls woken by one commit at the same cursor share one read of the
+/// page; a poll whose own write is on it reads its own (no echo).
+#[tokio::test]
+async fn polls_woken_by_one_commit_share_one_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = tide_server::SqliteBackend::open(
+        &dir.path().join("s.db"),
+        tide_server::Durability::Normal,
+        tide_core::Limits::default(),
+    )
+    .await
+    .unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = Arc::new(Counting(sqlite, Arc::clone(&count)));
+    let server = tide_server::Server::new(backend, Arc::new(NoAuth::new("default")), ServerConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { server.serve(listener, std::future::pending::<()>()).await });
+    let endpoint = format!("http://{addr}/sync");
+
+    let writer = HttpTransport::new(&endpoint).unwrap();
+    let start = writer.exchange(&push("w", "first", 1)).await.unwrap().cursor;
+    let polls = 40;
+    let mut waiting = Vec::new();
+    for i in 0..=polls {
+        // The last poll is the writer's own.
+        let node = if i == polls { "w".to_owned() } else { format!("p{i}") };
+        let t = HttpTransport::new(&endpoint).unwrap();
+        waiting.push(tokio::spawn(async move { t.exchange(&poll(&node, Some(start), Duration::from_secs(20))).await }));
+    }
+    until_held(addr, polls + 1).await;
+    let before = count.load(std::sync::atomic::Ordering::SeqCst);
+    let mut write = push("w", "second", 2);
+    write.cursor = Some(start);
+    writer.exchange(&write).await.unwrap();
+    for (i, w) in waiting.into_iter().enumerate() {
+        let r = w.await.unwrap().unwrap();
+        let ids: Vec<&str> = r.changes.iter().map(|c| c.id.as_str()).collect();
+        if i == polls {
+            assert!(ids.is_empty(), "the writer's own poll does not get its write back: {ids:?}");
+        } else {
+            assert_eq!(ids, ["second"], "poll {i}");
+        }
+    }
+    let reads = count.load(std::sync::atomic::Ordering::SeqCst) - before - 1;
+    // One shared read, and the writer's poll's own (a poll woken before the
+    // shared read began may read it anew; never one per poll).
+    assert!(reads <= 4, "{reads} reads for {} woken polls", polls + 1);
+}

@@ -92,22 +92,34 @@ struct App {
     wakes: SharedReads,
 }
 
-/// Long-polls woken by one commit at the same cursor want the same page:
-/// it is read once and shared (PROTOCOL.md's own-change rule permitting),
-/// so a write to a namespace with a thousand held polls costs one read,
-/// not a thousand.
+/// Long-polls woken by one commit at the same cursor want the same page,
+/// and so do the polls that follow them: it is read once and shared
+/// (PROTOCOL.md's own-change rule permitting), so a write to a namespace
+/// with a thousand held polls costs a read or two, not two thousand. A
+/// page is only shared among polls that took their place (or woke) after
+/// the same commit (counted over all namespaces, and before any later
+/// one), so none gets a page older than its hold: a commit it could miss
+/// is notified after its hold, and wakes it.
 #[derive(Default)]
-struct SharedReads(std::sync::Mutex<HashMap<WakeKey, Arc<tokio::sync::OnceCell<Option<Reply>>>>>);
+struct SharedReads(std::sync::Mutex<HashMap<PageKey, (u64, SharedPage)>>);
 
-/// Which page a woken poll wants: namespace, cursor, limit, whether it asks
-/// for the roots, and the commit that woke it (so a page read before that
-/// commit is never shared with it).
-type WakeKey = (String, u64, Option<u32>, bool, u64);
+/// Which page a poll wants: namespace, cursor, limit, and whether it asks
+/// for the roots.
+type PageKey = (String, u64, Option<u32>, bool);
+
+/// A page read once for every poll that wants it.
+type SharedPage = Arc<tokio::sync::OnceCell<Option<Reply>>>;
+
+/// Most pages kept for sharing; past this many they are all forgotten
+/// (the next polls read anew).
+const SHARED_PAGES_MAX: usize = 4_096;
 
 impl SharedReads {
-    /// The page for `request` after the commit `version`, read once by the
-    /// first poll to ask and shared; `None` when this poll must read its
-    /// own (it asked for more than a page, or the page holds its own writes).
+    /// The page for `request`, for a poll that holds its place since the
+    /// commit counted `version` (or was woken by it): read once by the
+    /// first poll to ask after that commit and shared with every later one
+    /// until the next; `None` when this poll must read its own (it asked
+    /// for more than a page, or the page holds its own writes).
     async fn page(
         &self,
         backend: &Arc<dyn Backend>,
@@ -124,11 +136,23 @@ impl SharedReads {
             return None;
         }
         let cursor = request.cursor.unwrap_or_default();
-        let key = (principal.namespace.as_str().to_owned(), cursor.seq(), request.limit, roots, version);
-        let cell = Arc::clone(self.lock().entry(key.clone()).or_default());
-        // Whoever is done first (or gives up) takes the entry out; a poll
-        // arriving later reads anew.
-        let _forget = Forget(self, key, Arc::clone(&cell));
+        let key = (principal.namespace.as_str().to_owned(), cursor.seq(), request.limit, roots);
+        let cell = {
+            let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if map.len() >= SHARED_PAGES_MAX {
+                map.clear();
+            }
+            match map.get(&key) {
+                Some((read_after, cell)) if *read_after == version => Arc::clone(cell),
+                // Read after a later commit than this poll has seen: it reads its own.
+                Some((read_after, _)) if *read_after > version => return None,
+                _ => {
+                    let cell = SharedPage::default();
+                    map.insert(key, (version, Arc::clone(&cell)));
+                    cell
+                }
+            }
+        };
         let shared = cell
             .get_or_init(|| async {
                 // No node's changes are skipped: each poll checks its own below.
@@ -144,22 +168,6 @@ impl SharedReads {
             return None;
         }
         Some(Reply { request_id: request.request_id.clone(), ..shared })
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WakeKey, Arc<tokio::sync::OnceCell<Option<Reply>>>>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Takes a shared read out of the map when its poll is done with it.
-struct Forget<'a>(&'a SharedReads, WakeKey, Arc<tokio::sync::OnceCell<Option<Reply>>>);
-
-impl Drop for Forget<'_> {
-    fn drop(&mut self) {
-        let mut map = self.0.lock();
-        if map.get(&self.1).is_some_and(|cell| Arc::ptr_eq(cell, &self.2)) {
-            map.remove(&self.1);
-        }
     }
 }
 
@@ -374,7 +382,17 @@ impl Server {
         // Taken before the first read, so a commit in between is not missed.
         let mut held = wait.and_then(|_| app.hub.hold(principal.namespace.as_str()));
         let request = Arc::new(request);
-        let mut result = self.run_exchange(&principal, &request, &span).await;
+        // A poll's first read is shared too: polls that took their place
+        // after the same commit, at the same cursor, want the same page.
+        let version = held.as_ref().map(|place| *place.commits.borrow());
+        let shared = match version {
+            Some(version) => app.wakes.page(&app.backend, &principal, &request, version).await,
+            None => None,
+        };
+        let mut result = match shared {
+            Some(reply) => Ok(reply),
+            None => self.run_exchange(&principal, &request, &span).await,
+        };
         if let (Some(wait), Some(hold), Ok(reply)) = (wait, held.as_mut(), &result)
             && reply.change_count == 0
             && !reply.has_more

@@ -21,8 +21,8 @@ struct Entry {
 pub(crate) struct Hub {
     namespaces: Mutex<HashMap<String, Entry>>,
     held: AtomicUsize,
-    /// Commits notified, over all namespaces: a wake-up's version, unique
-    /// for the server's life (a namespace's channel may be made anew).
+    /// Commits notified, over all namespaces: a held request's version (a
+    /// namespace's channel starts at it), never repeated while the server runs.
     commits: std::sync::atomic::AtomicU64,
     total_max: usize,
     per_namespace_max: usize,
@@ -71,7 +71,9 @@ impl Hub {
         if self.held.load(Ordering::Relaxed) >= self.total_max {
             return None;
         }
-        let entry = map.entry(namespace.to_owned()).or_insert_with(|| Entry { version: watch::channel(0).0, held: 0 });
+        let latest = self.commits.load(Ordering::Acquire);
+        let entry =
+            map.entry(namespace.to_owned()).or_insert_with(|| Entry { version: watch::channel(latest).0, held: 0 });
         if entry.held >= self.per_namespace_max {
             return None;
         }
@@ -82,16 +84,20 @@ impl Hub {
 
     /// A change committed in `namespace`: wakes its held requests.
     pub(crate) fn notify(&self, namespace: &str) {
-        if let Some(entry) = self.lock().get(namespace) {
-            let version = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
+        // Counted even with nothing held: a poll's version then tells
+        // whether any commit was notified after a page shared with it was read.
+        let map = self.lock();
+        let version = self.commits.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(entry) = map.get(namespace) {
             entry.version.send_modify(|v| *v = version);
         }
     }
 
     /// Wakes every held request (after a lost notification channel).
     pub(crate) fn notify_all(&self) {
-        for entry in self.lock().values() {
-            let version = self.commits.fetch_add(1, Ordering::Relaxed) + 1;
+        let map = self.lock();
+        let version = self.commits.fetch_add(1, Ordering::AcqRel) + 1;
+        for entry in map.values() {
             entry.version.send_modify(|v| *v = version);
         }
     }

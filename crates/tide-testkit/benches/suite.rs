@@ -539,16 +539,7 @@ async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
         .map_or_else(|_| vec![1, 16, 64, 256], |s| s.split(',').filter_map(|n| n.parse().ok()).collect());
     for clients in sizes {
         // The server in a process of its own, so its peak memory is its own.
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .env("TIDE_BENCH_CHILD", "server")
-            .env("GLIBC_TUNABLES", tide_server::GLIBC_TUNABLES)
-            .arg(dir.join(format!("load{clients}")))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        let endpoint = line.trim().to_owned();
+        let (mut child, endpoint) = server_child(dir, &format!("load{clients}"));
         let (ops, lat, errors, per_exchange) = load(&endpoint, "bench", clients, secs).await;
         let server_rss = peak_rss_mib_of(child.id());
         let _ = child.kill();
@@ -573,6 +564,21 @@ async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
             },
         );
     }
+}
+
+/// A server in a process of its own (its CPU and memory its own): the
+/// child and its endpoint.
+fn server_child(dir: &std::path::Path, name: &str) -> (std::process::Child, String) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("TIDE_BENCH_CHILD", "server")
+        .env("GLIBC_TUNABLES", tide_server::GLIBC_TUNABLES)
+        .arg(dir.join(name))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    (child, line.trim().to_owned())
 }
 
 /// The original reference server under the same load (uvicorn on loopback).
@@ -615,23 +621,26 @@ async fn empty_http_round_trips(secs: u64) -> f64 {
 
 async fn live(t: &mut Table, dir: &std::path::Path) {
     let (idle, writes) = (env_or("TIDE_BENCH_IDLE", 1_000), 200);
-    let config = ServerConfig { connections_max: idle + 64, ..ServerConfig::default() };
-    let endpoint = server(dir, "live", config).await;
+    // The server in a process of its own, the idle clients as lean as wrk:
+    // what is measured is the server's wake-up of a thousand polls.
+    let (mut child, endpoint) = server_child(dir, "live");
     // TIDE_BENCH_SHARED=1 puts the idle clients in the writer's namespace,
     // so every write wakes them all.
     let shared = std::env::var("TIDE_BENCH_SHARED").is_ok_and(|v| v == "1");
     for i in 0..idle {
         let endpoint = endpoint.clone();
         tokio::spawn(async move {
-            let t =
-                HttpTransport::builder(&endpoint).headers(auth(if shared { "live" } else { "idle" })).build().unwrap();
+            let token = if shared { "live" } else { "idle" };
+            let mut t = LeanClient::connect(&endpoint, token).await;
             let mut cursor = None;
             loop {
                 let mut req = SyncRequest::new(format!("idle{i}"), cursor);
                 req.wait = Some(Duration::from_secs(25));
-                match t.exchange(&req).await {
-                    Ok(r) => cursor = Some(r.cursor),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                if let Some((next, _)) = t.exchange(&req).await {
+                    cursor = Some(next);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    t = LeanClient::connect(&endpoint, token).await;
                 }
             }
         });
@@ -659,6 +668,8 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
         lat.push(start.elapsed());
     }
     lat.sort();
+    let _ = child.kill();
+    let _ = child.wait();
     t.row(
         &format!("write-to-remote-watch, {idle} idle clients{}", if shared { " (same namespace)" } else { "" }),
         format!("p50 {:.1} ms, p99 {:.1} ms", pct(&lat, 500), pct(&lat, 990)),
@@ -725,7 +736,9 @@ async fn main() {
         let base = std::path::PathBuf::from(args.iter().skip(1).rfind(|a| !a.starts_with("--")).expect("a db path"));
         let dir = base.parent().expect("a dir").to_owned();
         let name = base.file_name().expect("a name").to_string_lossy().into_owned();
-        let config = ServerConfig { connections_max: 1_024, ..ServerConfig::default() };
+        // Room for every client of the live run in one namespace: past the
+        // per-namespace cap a poll is answered at once and its client backs off.
+        let config = ServerConfig { connections_max: 4_096, held_per_namespace_max: 4_096, ..ServerConfig::default() };
         let endpoint = server(&dir, &name, config).await;
         println!("{endpoint}");
         std::future::pending::<()>().await;

@@ -244,3 +244,25 @@ async fn polls_woken_by_one_commit_share_one_read() {
     // shared read began may read it anew; never one per poll).
     assert!(reads <= 4, "{reads} reads for {} woken polls", polls + 1);
 }
+
+/// A page shared among polls is never given to a poll that took its place
+/// after a later commit, even one made while no poll was held.
+#[tokio::test]
+async fn a_shared_page_is_not_reused_after_a_commit_made_while_none_was_held() {
+    let running = support::start_on(Storage::Sqlite).await;
+    let t = HttpTransport::new(&running.endpoint()).unwrap();
+    let start = t.exchange(&push("w", "first", 1)).await.unwrap().cursor;
+    // A poll at `start` reads (and may share) an empty page, then expires.
+    let expired = t.exchange(&poll("a", Some(start), Duration::from_millis(200))).await.unwrap();
+    assert!(expired.changes.is_empty());
+    assert_eq!(held(running.addr).await, 0);
+    // A commit with nothing held.
+    let mut write = push("w", "second", 2);
+    write.cursor = Some(start);
+    t.exchange(&write).await.unwrap();
+    // A poll at the same cursor gets it at once, not the empty page.
+    let begun = Instant::now();
+    let r = t.exchange(&poll("b", Some(start), Duration::from_secs(20))).await.unwrap();
+    assert_eq!(r.changes.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["second"]);
+    assert!(begun.elapsed() < Duration::from_secs(10));
+}

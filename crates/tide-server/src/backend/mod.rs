@@ -360,6 +360,42 @@ pub(crate) fn decide_request<'a>(
     results
 }
 
+/// A request waiting for the next write group.
+pub(crate) struct Pending {
+    pub(crate) principal: Principal,
+    pub(crate) request: Arc<SyncRequest>,
+    pub(crate) reply: tokio::sync::oneshot::Sender<Result<Vec<OpResult>, BackendError>>,
+}
+
+/// A node id of a write group: its principal and, when a request carries
+/// a link, its chain (PROTOCOL.md §13), moved on by accepted links.
+pub(crate) struct Node {
+    pub(crate) principal: String,
+    pub(crate) chain: Option<tide_core::Chain>,
+    pub(crate) moved: bool,
+}
+
+/// A node binding as read: its place in the list asked for, principal, chain.
+pub(crate) type NodeRow = (usize, String, Option<String>, Option<String>, Option<u64>);
+
+/// Whether a request of a group may write: its node id is its principal's,
+/// its counters are within the lead, and its link continues the chain
+/// (which it then moves on).
+pub(crate) fn admit(p: &Pending, node: &mut Node, lamport_max: u64, lead_max: u64) -> Result<(), BackendError> {
+    if node.principal != p.principal.id {
+        return Err(foreign_node(&p.request.node_id));
+    }
+    check_lead(&p.request, lamport_max, lead_max)?;
+    if let Some(lineage) = &p.request.lineage {
+        if !lineage.continues(node.chain.as_ref()) {
+            return Err(tide_core::Lineage::conflict(&p.request.node_id).into());
+        }
+        node.chain = Some(lineage.advance(node.chain.as_ref()));
+        node.moved = true;
+    }
+    Ok(())
+}
+
 /// A key of a write group: namespace, collection, id.
 pub(crate) type GroupKey<'a> = (&'a str, &'a str, &'a str);
 

@@ -23,9 +23,13 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 use tide_core::digest::Hash64;
 use tide_core::{Limits, OpResult, Stamp, SyncRequest, Verify};
 
+use futures_util::FutureExt as _;
+use tokio::sync::{mpsc, oneshot};
+
 use super::{
-    Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Page, PageQuery, PageRead, Reply,
-    SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, check_lead, check_schema_version, decide_request,
+    Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, Page, PageQuery, PageRead,
+    Pending, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX, admit,
+    check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
@@ -106,8 +110,9 @@ const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, level, collecti
 pub struct PostgresBackend {
     pool: PgPool,
     limits: Limits,
-    bindings: Bindings,
-    digest_log_rows_max: std::sync::atomic::AtomicI64,
+    bindings: Arc<Bindings>,
+    digest_log_rows_max: Arc<std::sync::atomic::AtomicI64>,
+    writers: Arc<Writers>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -167,113 +172,49 @@ impl PostgresBackend {
             backfill(&mut tx).await?;
         }
         tx.commit().await.map_err(unavailable)?;
-        let digest_log_rows_max = std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX);
-        Ok(Arc::new(Self { pool, limits, bindings: Bindings::default(), digest_log_rows_max }))
+        let digest_log_rows_max = Arc::new(std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
+        let (bindings, writers) = (Arc::default(), Arc::default());
+        Ok(Arc::new(Self { pool, limits, bindings, digest_log_rows_max, writers }))
     }
 
-    async fn apply(&self, principal: &Principal, req: &SyncRequest) -> Result<Vec<OpResult>, BackendError> {
-        let ns = principal.namespace.as_str();
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        // The namespace lock, taken by the upsert and held to commit: it
-        // makes seq order commit order.
-        let (seq, lamport_max): (i64, i64) = sqlx::query_as(
-            "INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) \
-             ON CONFLICT (namespace) DO UPDATE SET seq = tide_namespaces.seq RETURNING seq, lamport_max",
-        )
-        .bind(ns)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        let (mut seq, lamport_max) = (to_u64(seq), to_u64(lamport_max));
-        let bound = self.bind_node(&mut tx, principal, &req.node_id).await?;
-        check_lead(req, lamport_max, self.limits.lamport_lead_max)?;
-        continue_chain(&mut tx, &principal.namespace, req).await?;
-
-        let incoming: Vec<Incoming<'_>> = req.ops.iter().map(Incoming::new).collect();
-        let stored = stored_versions(&mut tx, ns, req).await?;
-        let mut current: HashMap<GroupKey<'_>, Current<'_>> = HashMap::with_capacity(stored.len());
-        for (collection, id, lamport, node, deleted, hash, wire) in &stored {
-            let Some(op) = req.ops.iter().find(|o| o.collection == *collection && o.id == *id) else { continue };
-            let doc = match wire {
-                Some(wire) if !deleted => super::prefix_doc(wire)?.map(Into::into),
-                _ => None,
+    /// Applies a request's ops in its namespace's next write group.
+    async fn apply(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Vec<OpResult>, BackendError> {
+        let (reply, answer) = oneshot::channel();
+        let mut pending = Pending { principal: principal.clone(), request, reply };
+        loop {
+            let queue = {
+                let mut writers = self.writers.lock();
+                let ns = principal.namespace.as_str();
+                writers
+                    .entry(ns.to_owned())
+                    .or_insert_with(|| {
+                        let (queue, work) = mpsc::unbounded_channel();
+                        let writer = NamespaceWriter {
+                            pool: self.pool.clone(),
+                            namespace: ns.to_owned(),
+                            limits: self.limits.clone(),
+                            bindings: Arc::clone(&self.bindings),
+                            digest_log_rows_max: Arc::clone(&self.digest_log_rows_max),
+                        };
+                        tokio::spawn(writer.run(work, Arc::downgrade(&self.writers)));
+                        queue
+                    })
+                    .clone()
             };
-            let entry = current.entry((ns, op.collection.as_str(), op.id.as_str())).or_insert_with(|| Current {
-                stamp: Stamp::new(to_u64(*lamport), node.clone()),
-                hash: (!deleted).then(|| Hash64::from_i64(*hash)),
-                doc: None,
-            });
-            if doc.is_some() {
-                entry.doc = doc;
+            // A writer that just went idle refuses: queue to a new one.
+            match queue.send(pending) {
+                Ok(()) => break,
+                // (It left the map before it stopped taking requests.)
+                Err(mpsc::error::SendError(back)) => pending = back,
             }
         }
-        let before: HashMap<GroupKey<'_>, Hash64> = current.iter().filter_map(|(k, c)| Some((*k, c.hash?))).collect();
-        let mut written = HashMap::new();
-        let results = decide_request(ns, &incoming, &mut current, &mut written, 0, &mut seq);
-        upsert(&mut tx, ns, &written, &incoming).await?;
-        let deltas = super::digest_deltas(
-            written.iter().map(|(&(n, c, id), &(i, _))| (n, c, id, before.get(&(n, c, id)).copied(), incoming[i].hash)),
-        );
-        let fold_over = self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed);
-        add_digests(&mut tx, &deltas, fold_over).await?;
-        let op_max = req.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0);
-        // Delivered to every listening server when the transaction commits.
-        let applied = results.iter().any(|r| matches!(r, OpResult::Applied { .. }));
-        sqlx::query(
-            "UPDATE tide_namespaces SET seq = $2, lamport_max = GREATEST(lamport_max, $3) WHERE namespace = $1 \
-             RETURNING CASE WHEN $4 THEN pg_notify($5, $1) END",
-        )
-        .bind(ns)
-        .bind(to_i64(seq))
-        .bind(to_i64(op_max))
-        .bind(applied)
-        .bind(COMMITS_CHANNEL)
-        .execute(&mut *tx)
-        .await
-        .map_err(unavailable)?;
-        tx.commit().await.map_err(unavailable)?;
-        self.bindings.remember(bound.map(|owner| (ns.to_owned(), req.node_id.clone(), owner)));
-        Ok(results)
+        answer.await.map_err(|_| BackendError::Internal("the write group was abandoned".into()))?
     }
 
     /// Folds logged bucket deltas once more than `rows` wait (default
     /// [`super::DIGEST_LOG_ROWS_MAX`]).
     pub fn set_digest_log_rows_max(&self, rows: usize) {
         self.digest_log_rows_max.store(i64::try_from(rows).unwrap_or(i64::MAX), std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Binds `node_id` to `principal` unless it is bound already (then it
-    /// must be to the same); returns a binding read from the database.
-    async fn bind_node(
-        &self,
-        tx: &mut Transaction<'_, Postgres>,
-        principal: &Principal,
-        node_id: &str,
-    ) -> Result<Option<String>, BackendError> {
-        let ns = principal.namespace.as_str();
-        if self.bindings.get(ns, node_id).is_some() {
-            return self.bindings.check(principal, node_id).map(|()| None);
-        }
-        sqlx::query(
-            "INSERT INTO tide_nodes (namespace, node_id, principal) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-        )
-        .bind(ns)
-        .bind(node_id)
-        .bind(&principal.id)
-        .execute(&mut **tx)
-        .await
-        .map_err(unavailable)?;
-        let owner: String =
-            sqlx::query_scalar("SELECT principal FROM tide_nodes WHERE namespace = $1 AND node_id = $2")
-                .bind(ns)
-                .bind(node_id)
-                .fetch_one(&mut **tx)
-                .await
-                .map_err(unavailable)?;
-        if owner != principal.id {
-            return Err(super::foreign_node(node_id));
-        }
-        Ok(Some(owner))
     }
 
     /// The page after the request's cursor and the answers to its digest
@@ -470,36 +411,298 @@ async fn over_budget_in(
     })
 }
 
-/// A stored version as a write reads it: collection, id, lamport, node id,
-/// deleted, hash, and its rendering when the write carries its stamp.
-type StoredRow = (String, String, i64, String, bool, i64, Option<String>);
+/// The write groups of one namespace in this process: requests that
+/// arrive while a group commits go into the next. Namespaces write in
+/// parallel, each on a connection of the pool; across processes the
+/// namespace row's lock orders them.
+struct NamespaceWriter {
+    pool: PgPool,
+    namespace: String,
+    limits: Limits,
+    bindings: Arc<Bindings>,
+    digest_log_rows_max: Arc<std::sync::atomic::AtomicI64>,
+}
 
-/// What is stored for the keys a request writes, in one statement; the
-/// rendering of a stored version is read only for an op with its stamp.
-async fn stored_versions(
+/// How long a namespace's writer task waits for work before it ends.
+const WRITER_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl NamespaceWriter {
+    /// Applies groups until the queue is idle for [`WRITER_IDLE`], then
+    /// leaves the map (after which no request can be queued to it) and
+    /// applies what was queued meanwhile; or until the backend is dropped
+    /// (the queue closes, and the pool goes with the task).
+    async fn run(self, mut queue: mpsc::UnboundedReceiver<Pending>, writers: std::sync::Weak<Writers>) {
+        let mut batch = Vec::with_capacity(WRITE_GROUP_REQUESTS_MAX);
+        loop {
+            let received =
+                tokio::time::timeout(WRITER_IDLE, queue.recv_many(&mut batch, WRITE_GROUP_REQUESTS_MAX)).await;
+            match received {
+                Ok(0) => return,
+                Ok(_) => self.apply(&mut batch).await,
+                Err(_) => {
+                    if let Some(writers) = writers.upgrade() {
+                        writers.lock().remove(&self.namespace);
+                    }
+                    queue.close();
+                    while queue.recv_many(&mut batch, WRITE_GROUP_REQUESTS_MAX).await > 0 {
+                        self.apply(&mut batch).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, batch: &mut Vec<Pending>) {
+        let outcome = std::panic::AssertUnwindSafe(self.run_group(batch)).catch_unwind().await;
+        match outcome.unwrap_or_else(|_| Err(BackendError::Internal("the write group panicked".into()))) {
+            Ok(outcomes) => {
+                for (p, outcome) in batch.drain(..).zip(outcomes) {
+                    let _ = p.reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                for p in batch.drain(..) {
+                    let _ = p.reply.send(Err(e.duplicate()));
+                }
+            }
+        }
+    }
+
+    /// One transaction for a group of the namespace's requests, in five
+    /// round trips: begin; lock the namespace and take its counters; bind
+    /// and read the group's nodes and the stored versions of its keys; write
+    /// everything (versions, digests, chains, counters, the notification);
+    /// commit.
+    async fn run_group(&self, batch: &[Pending]) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
+        let ns = self.namespace.as_str();
+        let mut tx = self.pool.begin().await.map_err(unavailable)?;
+        // The namespace lock, taken by the upsert and held to commit: it
+        // makes seq order commit order. What follows reads after it.
+        let (seq, lamport_max): (i64, i64) = sqlx::query_as(
+            "INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) \
+             ON CONFLICT (namespace) DO UPDATE SET seq = tide_namespaces.seq RETURNING seq, lamport_max",
+        )
+        .bind(ns)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(unavailable)?;
+        let (mut seq, mut lamport_max) = (to_u64(seq), to_u64(lamport_max));
+
+        let incoming: Vec<Vec<Incoming<'_>>> =
+            batch.iter().map(|p| p.request.ops.iter().map(Incoming::new).collect()).collect();
+        let (mut nodes, stored) = read_group(&mut tx, ns, batch).await?;
+        let mut current: HashMap<GroupKey<'_>, Current<'_>> = HashMap::with_capacity(stored.len());
+        for (key, (stamp, hash, doc)) in &stored {
+            current.insert(*key, Current { stamp: stamp.clone(), hash: *hash, doc: doc.as_deref().map(Into::into) });
+        }
+        let before: HashMap<GroupKey<'_>, Hash64> = current.iter().filter_map(|(k, c)| Some((*k, c.hash?))).collect();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut written = HashMap::new();
+        let mut first = 0;
+        for (p, incoming) in batch.iter().zip(&incoming) {
+            let Some(node) = nodes.get_mut(p.request.node_id.as_str()) else {
+                // Bound by another process in the same instant: retry.
+                outcomes.push(Err(BackendError::Unavailable("a node id was bound concurrently; retry".into())));
+                first += incoming.len();
+                continue;
+            };
+            let outcome = admit(p, node, lamport_max, self.limits.lamport_lead_max).map(|()| {
+                lamport_max = lamport_max.max(p.request.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0));
+                decide_request(ns, incoming, &mut current, &mut written, first, &mut seq)
+            });
+            outcomes.push(outcome);
+            first += incoming.len();
+        }
+        let flat: Vec<&Incoming<'_>> = incoming.iter().flatten().collect();
+        let deltas = super::digest_deltas(
+            written.iter().map(|(&(n, c, id), &(i, _))| (n, c, id, before.get(&(n, c, id)).copied(), flat[i].hash)),
+        );
+        let applied = !written.is_empty();
+        let logged = write_group(&mut tx, ns, (&written, &flat), &deltas, &nodes, (seq, lamport_max, applied)).await?;
+        if logged > self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed) {
+            fold_digests(&mut tx).await?;
+        }
+        tx.commit().await.map_err(unavailable)?;
+        self.bindings.remember(nodes.into_iter().map(|(node, n)| (ns.to_owned(), node.to_owned(), n.principal)));
+        Ok(outcomes)
+    }
+}
+
+/// A stored version as a write group reads it: stamp, hash if live,
+/// document if a write carries its stamp.
+type Stored = (Stamp, Option<Hash64>, Option<String>);
+
+/// Binds the group's new node ids and reads its nodes (with their chains)
+/// and the stored versions of its keys, in one statement.
+async fn read_group<'a>(
     tx: &mut Transaction<'_, Postgres>,
     ns: &str,
-    req: &SyncRequest,
-) -> Result<Vec<StoredRow>, BackendError> {
-    let collections: Vec<&str> = req.ops.iter().map(|o| o.collection.as_str()).collect();
-    let ids: Vec<&str> = req.ops.iter().map(|o| o.id.as_str()).collect();
-    let lamports: Vec<i64> = req.ops.iter().map(|o| i64::try_from(o.stamp.lamport).unwrap_or(i64::MAX)).collect();
-    let nodes: Vec<&str> = req.ops.iter().map(|o| o.stamp.node_id.as_str()).collect();
-    sqlx::query_as(
-        "SELECT r.collection, r.id, r.lamport, r.node_id, r.deleted, r.vhash, \
-           CASE WHEN r.lamport = k.lamport AND r.node_id = k.node_id THEN r.wire END \
-         FROM tide_rows r JOIN UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[]) \
-           AS k(collection, id, lamport, node_id) ON r.collection = k.collection AND r.id = k.id \
-         WHERE r.namespace = $1",
+    batch: &'a [Pending],
+) -> Result<(HashMap<&'a str, Node>, HashMap<GroupKey<'a>, Stored>), BackendError> {
+    let mut node_ids: Vec<&str> = Vec::new();
+    let mut principals: Vec<&str> = Vec::new();
+    for p in batch {
+        if !node_ids.contains(&p.request.node_id.as_str()) {
+            node_ids.push(&p.request.node_id);
+            principals.push(&p.principal.id);
+        }
+    }
+    let keys: Vec<GroupKey<'a>> = batch
+        .iter()
+        .flat_map(|p| p.request.ops.iter().map(move |o| (ns_of(p), o.collection.as_str(), o.id.as_str())))
+        .collect();
+    let ops: Vec<&tide_core::Op> = batch.iter().flat_map(|p| &p.request.ops).collect();
+    let (nodes_json, stored_json): (String, String) = sqlx::query_as(
+        "WITH bound AS (INSERT INTO tide_nodes (namespace, node_id, principal) \
+           SELECT $1, n, p FROM UNNEST($2::text[], $3::text[]) AS u(n, p) ON CONFLICT DO NOTHING \
+           RETURNING node_id, principal, chain_last, chain_before, chain_height), \
+         known AS (SELECT node_id, principal, chain_last, chain_before, chain_height FROM tide_nodes \
+           WHERE namespace = $1 AND node_id = ANY($2)) \
+         SELECT \
+           (SELECT coalesce(json_agg(json_build_array(node_id, principal, chain_last, chain_before, chain_height)), '[]') \
+            FROM (SELECT * FROM bound UNION ALL SELECT * FROM known) b)::text, \
+           (SELECT coalesce(json_agg(json_build_array(k.i - 1, r.lamport, r.node_id, r.deleted, r.vhash, \
+              CASE WHEN r.lamport = k.lamport AND r.node_id = k.node_id THEN r.wire END)), '[]') \
+            FROM UNNEST($4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY AS k(collection, id, lamport, node_id, i) \
+            JOIN tide_rows r ON r.namespace = $1 AND r.collection = k.collection AND r.id = k.id)::text",
     )
     .bind(ns)
-    .bind(&collections)
-    .bind(&ids)
-    .bind(&lamports)
-    .bind(&nodes)
-    .fetch_all(&mut **tx)
+    .bind(&node_ids)
+    .bind(&principals)
+    .bind(ops.iter().map(|o| o.collection.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|o| o.id.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|o| to_i64(o.stamp.lamport)).collect::<Vec<_>>())
+    .bind(ops.iter().map(|o| o.stamp.node_id.as_str()).collect::<Vec<_>>())
+    .fetch_one(&mut **tx)
     .await
-    .map_err(unavailable)
+    .map_err(unavailable)?;
+    let bad = |what: &str, e: serde_json::Error| BackendError::Internal(format!("write group {what}: {e}"));
+    let read: Vec<BoundNode> = serde_json::from_str(&nodes_json).map_err(|e| bad("nodes", e))?;
+    let mut nodes = HashMap::with_capacity(read.len());
+    for (node_id, principal, last, before, height) in read {
+        let Some(&node) = node_ids.iter().find(|n| **n == node_id) else { continue };
+        let chain =
+            last.map(|last| tide_core::Chain { last, before: before.unwrap_or_default(), height: height.unwrap_or(0) });
+        nodes.insert(node, Node { principal, chain, moved: false });
+    }
+    let read: Vec<(usize, u64, String, bool, i64, Option<String>)> =
+        serde_json::from_str(&stored_json).map_err(|e| bad("stored versions", e))?;
+    let mut stored: HashMap<GroupKey<'a>, Stored> = HashMap::with_capacity(read.len());
+    for (i, lamport, node, deleted, hash, wire) in read {
+        let doc = match wire {
+            Some(wire) if !deleted => super::prefix_doc(&wire)?,
+            _ => None,
+        };
+        let entry = stored
+            .entry(keys[i])
+            .or_insert_with(|| (Stamp::new(lamport, node), (!deleted).then(|| Hash64::from_i64(hash)), None));
+        entry.2 = entry.2.take().or(doc);
+    }
+    Ok((nodes, stored))
+}
+
+/// A node as a write group reads it: id, principal, chain (last, before, height).
+type BoundNode = (String, String, Option<String>, Option<String>, Option<u64>);
+
+fn ns_of(p: &Pending) -> &str {
+    p.principal.namespace.as_str()
+}
+
+/// Writes a group in one statement: the versions, the roots' deltas, the
+/// bucket deltas logged, the chains moved on, the counters, and (when
+/// anything was applied) the notification other servers listen for.
+/// Returns how many rows the digest log holds.
+async fn write_group(
+    tx: &mut Transaction<'_, Postgres>,
+    ns: &str,
+    (written, incoming): (&HashMap<GroupKey<'_>, (usize, u64)>, &[&Incoming<'_>]),
+    deltas: &super::DigestDeltas<'_>,
+    nodes: &HashMap<&str, Node>,
+    (seq, lamport_max, applied): (u64, u64, bool),
+) -> Result<i64, BackendError> {
+    let mut order: Vec<(usize, u64)> = written.values().copied().collect();
+    order.sort_by_key(|&(_, seq)| seq);
+    let ops: Vec<&Incoming<'_>> = order.iter().map(|&(i, _)| incoming[i]).collect();
+    let prefixes: Vec<String> = ops.iter().map(|i| i.prefix()).collect();
+    let sizes: Vec<i64> = prefixes
+        .iter()
+        .zip(&order)
+        .map(|(p, &(_, seq))| i64::try_from(super::rendered_len(p, seq)).unwrap_or(i64::MAX))
+        .collect();
+    let moved: Vec<(&str, &tide_core::Chain)> =
+        nodes.iter().filter(|(_, n)| n.moved).filter_map(|(node, n)| Some((*node, n.chain.as_ref()?))).collect();
+    let logged: Option<i64> = sqlx::query_scalar(
+        "WITH r AS (INSERT INTO tide_rows (namespace, collection, id, lamport, node_id, deleted, seq, bucket, vhash, size, wire) \
+           SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[], $6::bool[], $7::bigint[], \
+           $8::int[], $9::bigint[], $10::bigint[], $11::text[]) \
+           ON CONFLICT (namespace, collection, id) DO UPDATE SET lamport = excluded.lamport, \
+           node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq, vhash = excluded.vhash, \
+           size = excluded.size, wire = excluded.wire), \
+         d AS (INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
+           SELECT $1, 0, c, 0, h FROM UNNEST($12::text[], $13::bigint[]) AS u(c, h) \
+           ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = tide_digest.hash # excluded.hash), \
+         l AS (INSERT INTO tide_digest_log (namespace, collection, bucket, delta) \
+           SELECT $1, * FROM UNNEST($14::text[], $15::int[], $16::bigint[]) RETURNING id), \
+         c AS (UPDATE tide_nodes SET chain_last = u.last, chain_before = u.before, chain_height = u.height \
+           FROM UNNEST($17::text[], $18::text[], $19::text[], $20::bigint[]) AS u(node, last, before, height) \
+           WHERE tide_nodes.namespace = $1 AND tide_nodes.node_id = u.node), \
+         n AS (UPDATE tide_namespaces SET seq = $21, lamport_max = $22 WHERE namespace = $1) \
+         SELECT (SELECT max(id) FROM l) - (SELECT min(id) FROM tide_digest_log) + 1 \
+         FROM (SELECT CASE WHEN $23 THEN pg_notify($24, $1) END) AS notified",
+    )
+    .bind(ns)
+    .bind(ops.iter().map(|i| i.op.collection.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i.op.id.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| to_i64(i.op.stamp.lamport)).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i.op.stamp.node_id.as_str()).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i.doc.is_none()).collect::<Vec<_>>())
+    .bind(order.iter().map(|&(_, seq)| to_i64(seq)).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i32::from(tide_core::digest::bucket(&i.op.collection, &i.op.id))).collect::<Vec<_>>())
+    .bind(ops.iter().map(|i| i.stored_hash()).collect::<Vec<_>>())
+    .bind(&sizes)
+    .bind(&prefixes)
+    .bind(deltas.roots.iter().map(|r| r.1).collect::<Vec<_>>())
+    .bind(deltas.roots.iter().map(|r| r.2).collect::<Vec<_>>())
+    .bind(deltas.buckets.iter().map(|b| b.1).collect::<Vec<_>>())
+    .bind(deltas.buckets.iter().map(|b| i32::from(b.2)).collect::<Vec<_>>())
+    .bind(deltas.buckets.iter().map(|b| b.3).collect::<Vec<_>>())
+    .bind(moved.iter().map(|m| m.0).collect::<Vec<_>>())
+    .bind(moved.iter().map(|m| m.1.last.as_str()).collect::<Vec<_>>())
+    .bind(moved.iter().map(|m| m.1.before.as_str()).collect::<Vec<_>>())
+    .bind(moved.iter().map(|m| i64::try_from(m.1.height).unwrap_or(i64::MAX)).collect::<Vec<_>>())
+    .bind(to_i64(seq))
+    .bind(to_i64(lamport_max))
+    .bind(applied)
+    .bind(COMMITS_CHANNEL)
+    .fetch_one(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    Ok(logged.unwrap_or(0))
+}
+
+/// Folds the logged bucket deltas into the group and bucket rows (each
+/// row exactly once, even with several servers: a fold takes the rows it
+/// deletes).
+async fn fold_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError> {
+    let taken: Vec<(String, String, i32, i64)> =
+        sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(unavailable)?;
+    let taken: Vec<(String, String, i64, i64)> =
+        taken.into_iter().map(|(n, c, b, d)| (n, c, i64::from(b), d)).collect();
+    upsert_digest(tx, &super::fold_logged(&taken)).await
+}
+
+/// The writers of the namespaces this process is writing to.
+#[derive(Default)]
+struct Writers(std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Pending>>>);
+
+impl Writers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Pending>>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A stored version as the digest answers read it.
@@ -550,37 +753,6 @@ async fn level(
             .map_err(unavailable)?;
     let widen = |v: Vec<(i32, i64)>| v.into_iter().map(|(i, h)| (i64::from(i), h)).collect();
     Ok(super::combine(u8::try_from(level).unwrap_or(2), widen(folded), widen(logged), wire_groups))
-}
-
-/// Moves the request's node along its chain of write exchanges (PROTOCOL.md
-/// §13), refusing a link that does not continue it.
-async fn continue_chain(
-    tx: &mut Transaction<'_, Postgres>,
-    ns: &Namespace,
-    req: &SyncRequest,
-) -> Result<(), BackendError> {
-    let Some(lineage) = &req.lineage else { return Ok(()) };
-    // The node's chain of write exchanges (PROTOCOL.md §13).
-    let moved: Option<i32> = sqlx::query_scalar(
-        "UPDATE tide_nodes SET chain_last = $4, chain_height = $5, \
-             chain_before = CASE WHEN chain_last IS NOT NULL AND $3 <> chain_last AND $3 = chain_before \
-             THEN chain_before ELSE $3 END \
-             WHERE namespace = $1 AND node_id = $2 AND (chain_last IS NULL OR $3 = chain_last \
-             OR $3 = chain_before OR $6 >= chain_height) RETURNING 1",
-    )
-    .bind(ns.as_str())
-    .bind(&req.node_id)
-    .bind(lineage.prev.as_deref().unwrap_or(""))
-    .bind(&lineage.next)
-    .bind(i64::try_from(lineage.height).unwrap_or(i64::MAX))
-    .bind(i64::try_from(lineage.height.saturating_sub(1)).unwrap_or(i64::MAX))
-    .fetch_optional(&mut **tx)
-    .await
-    .map_err(unavailable)?;
-    if moved.is_none() {
-        return Err(tide_core::Lineage::conflict(&req.node_id).into());
-    }
-    Ok(())
 }
 
 /// XORs `rows` of `(namespace, level, collection, ix, hash)` into the digest table.
@@ -703,54 +875,11 @@ async fn backfill(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError
     add_digests(tx, &super::digest_deltas(hashes), super::DIGEST_LOG_ROWS_MAX).await
 }
 
-/// Stores the last applied op of each key written by a request.
-async fn upsert(
-    tx: &mut Transaction<'_, Postgres>,
-    ns: &str,
-    written: &HashMap<GroupKey<'_>, (usize, u64)>,
-    incoming: &[Incoming<'_>],
-) -> Result<(), BackendError> {
-    if written.is_empty() {
-        return Ok(());
-    }
-    let mut order: Vec<(usize, u64)> = written.values().copied().collect();
-    order.sort_by_key(|&(_, seq)| seq);
-    let ops: Vec<&Incoming<'_>> = order.iter().map(|&(i, _)| &incoming[i]).collect();
-    let prefixes: Vec<String> = ops.iter().map(|i| i.prefix()).collect();
-    let sizes: Vec<i64> = prefixes
-        .iter()
-        .zip(&order)
-        .map(|(p, &(_, seq))| i64::try_from(super::rendered_len(p, seq)).unwrap_or(i64::MAX))
-        .collect();
-    sqlx::query(
-        "INSERT INTO tide_rows (namespace, collection, id, lamport, node_id, deleted, seq, bucket, vhash, size, wire) \
-         SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[], $6::bool[], $7::bigint[], \
-         $8::int[], $9::bigint[], $10::bigint[], $11::text[]) \
-         ON CONFLICT (namespace, collection, id) DO UPDATE SET lamport = excluded.lamport, \
-         node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq, vhash = excluded.vhash, \
-         size = excluded.size, wire = excluded.wire",
-    )
-    .bind(ns)
-    .bind(ops.iter().map(|i| i.op.collection.as_str()).collect::<Vec<_>>())
-    .bind(ops.iter().map(|i| i.op.id.as_str()).collect::<Vec<_>>())
-    .bind(ops.iter().map(|i| to_i64(i.op.stamp.lamport)).collect::<Vec<_>>())
-    .bind(ops.iter().map(|i| i.op.stamp.node_id.as_str()).collect::<Vec<_>>())
-    .bind(ops.iter().map(|i| i.doc.is_none()).collect::<Vec<_>>())
-    .bind(order.iter().map(|&(_, seq)| to_i64(seq)).collect::<Vec<_>>())
-    .bind(ops.iter().map(|i| i32::from(tide_core::digest::bucket(&i.op.collection, &i.op.id))).collect::<Vec<_>>())
-    .bind(ops.iter().map(|i| i.stored_hash()).collect::<Vec<_>>())
-    .bind(&sizes)
-    .bind(&prefixes)
-    .execute(&mut **tx)
-    .await
-    .map_err(unavailable)?;
-    Ok(())
-}
-
 #[async_trait::async_trait]
 impl Backend for PostgresBackend {
     async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
-        let results = if request.ops.is_empty() { Vec::new() } else { self.apply(principal, &request).await? };
+        let results =
+            if request.ops.is_empty() { Vec::new() } else { self.apply(principal, Arc::clone(&request)).await? };
         let (page, verify) = self.read(principal, &request).await?;
         Ok(Reply::new(results, page, request.request_id.clone(), verify))
     }

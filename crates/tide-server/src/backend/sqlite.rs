@@ -33,8 +33,8 @@ use tide_core::{Chain, Limits, OpResult, Stamp, SyncRequest, Verify};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
-    Backend, BackendError, Bindings, Current, GroupKey, Incoming, Page, PageQuery, PageRead, Reply,
-    SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX, check_lead, check_schema_version,
+    Backend, BackendError, Bindings, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery, PageRead, Pending,
+    Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX, admit, check_schema_version,
     decide_request,
 };
 use crate::auth::{Namespace, Principal};
@@ -143,13 +143,6 @@ pub struct SqliteBackend {
     /// The page statement with the default limit written in, and with it bound.
     page_default: Arc<str>,
     page_bound: Arc<str>,
-}
-
-/// A request waiting for the next write group.
-struct Pending {
-    principal: Principal,
-    request: Arc<SyncRequest>,
-    reply: oneshot::Sender<Result<Vec<OpResult>, BackendError>>,
 }
 
 /// The writer task's state: the one connection that writes.
@@ -687,35 +680,6 @@ struct Stored {
 
 /// What a write group read: counters per namespace, nodes, stored versions.
 type GroupState<'a> = (HashMap<String, (u64, u64)>, HashMap<(&'a str, &'a str), Node>, HashMap<GroupKey<'a>, Stored>);
-
-/// A node id of a write group: its principal and, when a request carries
-/// a link, its chain (PROTOCOL.md §13), moved on by accepted links.
-struct Node {
-    principal: String,
-    chain: Option<Chain>,
-    moved: bool,
-}
-
-/// A node binding as read: its place in the list asked for, principal, chain.
-type NodeRow = (usize, String, Option<String>, Option<String>, Option<u64>);
-
-/// Whether a request of a group may write: its node id is its principal's,
-/// its counters are within the lead, and its link continues the chain
-/// (which it then moves on).
-fn admit(p: &Pending, node: &mut Node, lamport_max: u64, lead_max: u64) -> Result<(), BackendError> {
-    if node.principal != p.principal.id {
-        return Err(super::foreign_node(&p.request.node_id));
-    }
-    check_lead(&p.request, lamport_max, lead_max)?;
-    if let Some(lineage) = &p.request.lineage {
-        if !lineage.continues(node.chain.as_ref()) {
-            return Err(tide_core::Lineage::conflict(&p.request.node_id).into());
-        }
-        node.chain = Some(lineage.advance(node.chain.as_ref()));
-        node.moved = true;
-    }
-    Ok(())
-}
 
 /// The non-zero entries of one digest level of a collection, in order
 /// (buckets only within `groups`).

@@ -94,17 +94,28 @@ impl Table {
 
 /// A tide-server in this process on SQLite in `dir`, for `namespace` tokens.
 async fn server(dir: &std::path::Path, name: &str, config: ServerConfig) -> String {
-    let backend =
-        SqliteBackend::open(&dir.join(format!("{name}.db")), tide_server::Durability::Full, config.limits.clone())
-            .await
-            .expect("the server database opens");
-    let tokens = StaticTokens::new([("live", "live"), ("idle", "idle"), ("bench", "bench")]);
+    let backend: Arc<dyn tide_server::Backend> = match std::env::var("TIDE_BENCH_CHILD_POSTGRES") {
+        Ok(url) => tide_server::PostgresBackend::open(&url, config.limits.clone()).await.expect("PostgreSQL opens"),
+        Err(_) => {
+            SqliteBackend::open(&dir.join(format!("{name}.db")), tide_server::Durability::Full, config.limits.clone())
+                .await
+                .expect("the server database opens")
+        }
+    };
+    let tokens = StaticTokens::new(
+        [("live", "live"), ("idle", "idle"), ("bench", "bench")]
+            .into_iter()
+            .chain(SPREAD_TOKENS.iter().map(|t| (*t, *t))),
+    );
     let server = Server::new(backend, Arc::new(tokens), config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
     tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
     endpoint
 }
+
+/// Tokens of the load spread over namespaces: each is its own namespace.
+const SPREAD_TOKENS: [&str; 8] = ["ns0", "ns1", "ns2", "ns3", "ns4", "ns5", "ns6", "ns7"];
 
 fn auth(token: &str) -> Headers {
     Headers::Static(vec![("authorization".into(), format!("Bearer {token}"))])
@@ -419,13 +430,20 @@ async fn initial_sync_and_idle(t: &mut Table, dir: &std::path::Path) {
 type Load = (f64, Vec<Duration>, usize, f64);
 
 async fn load(endpoint: &str, token: &str, clients: usize, secs: u64) -> Load {
+    load_spread(&[endpoint.to_owned()], &[token], clients, secs).await
+}
+
+/// [`load`] with client `c` on `endpoints[c % n]` with `tokens[c % m]`
+/// (other server processes, other namespaces).
+async fn load_spread(endpoints: &[String], tokens: &[&str], clients: usize, secs: u64) -> Load {
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let start = Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
-            let (endpoint, latencies, token) = (endpoint.to_owned(), Arc::clone(&latencies), token.to_owned());
+            let endpoint = endpoints[c % endpoints.len()].clone();
+            let (latencies, token) = (Arc::clone(&latencies), tokens[c % tokens.len()].to_owned());
             let pulled = Arc::clone(&pulled);
             tokio::spawn(async move {
                 let mut conn = LeanClient::connect(&endpoint, &token).await;
@@ -564,12 +582,79 @@ async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
             },
         );
     }
+    if let Ok(url) = std::env::var("TIDE_BENCH_POSTGRES_URL") {
+        postgres_throughput(t, dir, &url, secs).await;
+    }
+}
+
+/// PostgreSQL: 16 clients on one server process, beside the original (on
+/// its SQLite); then the same clients over 8 namespaces and 2 processes.
+async fn postgres_throughput(t: &mut Table, dir: &std::path::Path, url: &str, secs: u64) {
+    let clients = 16;
+    let schema = format!("tide_bench_{}", std::process::id());
+    {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("TIDE_BENCH_POSTGRES_URL connects");
+        let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
+    }
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let url = format!("{url}{separator}options[search_path]={schema}");
+    let (mut one, endpoint) = server_child_on(dir, "pg1", Some(&url));
+    let (ops, lat, errors, per_exchange) = load(&endpoint, "bench", clients, secs).await;
+    let _ = one.kill();
+    let _ = one.wait();
+    let original = original_load(dir, clients, secs).await;
+    t.row(
+        &format!("PostgreSQL, {clients} clients, one process"),
+        format!(
+            "{:.0} ex/s ({per_exchange:.0} pulled) p50 {:.1} p99 {:.1} ms{}",
+            ops / 10.0,
+            pct(&lat, 500),
+            pct(&lat, 990),
+            if errors > 0 { format!(" ({errors} errors)") } else { String::new() }
+        ),
+        None,
+        original.as_ref().map(|(o, l)| format!("{:.0} ex/s p99 {:.0} ms (SQLite)", o / 10.0, pct(l, 990))),
+        original.as_ref().map(|(o, _)| ops / o),
+        ">= 3x the original",
+    );
+    let (mut a, first) = server_child_on(dir, "pg2a", Some(&url));
+    let (mut b, second) = server_child_on(dir, "pg2b", Some(&url));
+    let (spread, lat, errors, _) = load_spread(&[first, second], &SPREAD_TOKENS, clients, secs).await;
+    for child in [&mut a, &mut b] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    t.row(
+        &format!("PostgreSQL, {clients} clients, 8 namespaces, 2 processes"),
+        format!(
+            "{:.0} ex/s p50 {:.1} p99 {:.1} ms{}",
+            spread / 10.0,
+            pct(&lat, 500),
+            pct(&lat, 990),
+            if errors > 0 { format!(" ({errors} errors)") } else { String::new() }
+        ),
+        Some(format!("one process: {:.0} ex/s", ops / 10.0)),
+        None,
+        Some(spread / ops),
+        "(ratio to one process)",
+    );
 }
 
 /// A server in a process of its own (its CPU and memory its own): the
 /// child and its endpoint.
 fn server_child(dir: &std::path::Path, name: &str) -> (std::process::Child, String) {
-    let mut child = Command::new(std::env::current_exe().unwrap())
+    server_child_on(dir, name, None)
+}
+
+/// [`server_child`], on PostgreSQL at `postgres` if given.
+fn server_child_on(dir: &std::path::Path, name: &str, postgres: Option<&str>) -> (std::process::Child, String) {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    if let Some(url) = postgres {
+        command.env("TIDE_BENCH_CHILD_POSTGRES", url);
+    }
+    let mut child = command
         .env("TIDE_BENCH_CHILD", "server")
         .env("GLIBC_TUNABLES", tide_server::GLIBC_TUNABLES)
         .arg(dir.join(name))

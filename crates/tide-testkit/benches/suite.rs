@@ -589,17 +589,17 @@ async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
 
 /// PostgreSQL: 16 clients on one server process, beside the original (on
 /// its SQLite); then the same clients over 8 namespaces and 2 processes.
-async fn postgres_throughput(t: &mut Table, dir: &std::path::Path, url: &str, secs: u64) {
+async fn postgres_throughput(t: &mut Table, dir: &std::path::Path, base: &str, secs: u64) {
     let clients = 16;
     let schema = format!("tide_bench_{}", std::process::id());
     {
         use sqlx::Connection as _;
-        let mut conn = sqlx::PgConnection::connect(url).await.expect("TIDE_BENCH_POSTGRES_URL connects");
+        let mut conn = sqlx::PgConnection::connect(base).await.expect("TIDE_BENCH_POSTGRES_URL connects");
         let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}");
         sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
     }
-    let separator = if url.contains('?') { '&' } else { '?' };
-    let url = format!("{url}{separator}options[search_path]={schema}");
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}options[search_path]={schema}");
     let (mut one, endpoint) = server_child_on(dir, "pg1", Some(&url));
     let (ops, lat, errors, per_exchange) = load(&endpoint, "bench", clients, secs).await;
     let _ = one.kill();
@@ -625,6 +625,12 @@ async fn postgres_throughput(t: &mut Table, dir: &std::path::Path, url: &str, se
     for child in [&mut a, &mut b] {
         let _ = child.kill();
         let _ = child.wait();
+    }
+    {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(base).await.expect("TIDE_BENCH_POSTGRES_URL connects");
+        let sql = format!("DROP SCHEMA IF EXISTS {schema} CASCADE");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await.unwrap();
     }
     t.row(
         &format!("PostgreSQL, {clients} clients, 8 namespaces, 2 processes"),

@@ -230,6 +230,23 @@ impl<'a> PageQuery<'a> {
         sizes.len().min(self.limit)
     }
 
+    /// The page from the page statement's answer (the byte total and count
+    /// of the first `limit + 1` changes, the first `limit` joined, the seq
+    /// of the last), or `None` when they run past the byte budget and the
+    /// page must be cut by size.
+    pub(crate) fn fitted(&self, total: i64, n: i64, text: Option<String>, last: Option<i64>) -> Option<PageRead> {
+        if u64::try_from(total).unwrap_or(u64::MAX) > self.bytes_max as u64 {
+            return None;
+        }
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        Some(PageRead {
+            json: text.unwrap_or_default(),
+            count: n.min(self.limit),
+            last: last.and_then(|l| u64::try_from(l).ok()).unwrap_or(0),
+            has_more: n > self.limit,
+        })
+    }
+
     /// The page from what was read: the changes (joined by commas) and
     /// their count, the seq of the last, whether more wait, and the
     /// namespace's highest seq (where a page that ends the log leaves the

@@ -264,16 +264,9 @@ impl PostgresBackend {
             if query.ahead_of(ns_seq) {
                 continue;
             }
-            let read = if to_u64(total) <= query.bytes_max as u64 {
-                let n = usize::try_from(n).unwrap_or(usize::MAX);
-                PageRead {
-                    json: text.unwrap_or_default(),
-                    count: n.min(query.limit),
-                    last: to_u64(last.unwrap_or(0)),
-                    has_more: n > query.limit,
-                }
-            } else {
-                over_budget(conn, ns, &query).await?
+            let read = match query.fitted(total, n, text, last) {
+                Some(read) => read,
+                None => over_budget(conn, ns, &query).await?,
             };
             return Ok(query.finish(read, ns_seq));
         }

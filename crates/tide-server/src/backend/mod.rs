@@ -634,16 +634,27 @@ pub(crate) fn digest_deltas<'a>(
     }
 }
 
-/// Logged bucket deltas, folded into group and bucket rows:
-/// `(namespace, level, collection, index, delta)`, combined, non-zero.
-pub(crate) fn fold_logged(logged: &[(String, String, i64, i64)]) -> Vec<(&str, i16, &str, i32, i64)> {
-    let mut sum: BTreeMap<(&str, i16, &str, i32), i64> = BTreeMap::new();
-    for (ns, collection, bucket, delta) in logged {
-        let bucket = i32::try_from(*bucket).unwrap_or(0);
-        *sum.entry((ns, 1, collection, bucket >> 8)).or_default() ^= delta;
-        *sum.entry((ns, 2, collection, bucket)).or_default() ^= delta;
+/// One collection's logged bucket deltas, folded into its group and bucket
+/// rows: `(level, index, delta)`, combined, non-zero. A fold takes up to
+/// [`DIGEST_LOG_ROWS_MAX`] rows, so it XORs into a table of every bucket
+/// rather than a map (no key comparisons).
+pub(crate) fn fold_collection(logged: impl IntoIterator<Item = (i64, i64)>) -> Vec<(i16, i32, i64)> {
+    let mut buckets = vec![0i64; digest::BUCKETS as usize];
+    for (bucket, delta) in logged {
+        if let Some(slot) = usize::try_from(bucket).ok().and_then(|b| buckets.get_mut(b)) {
+            *slot ^= delta;
+        }
     }
-    sum.into_iter().filter(|(_, h)| *h != 0).map(|((n, l, c, i), h)| (n, l, c, i, h)).collect()
+    let mut groups = vec![0i64; (digest::BUCKETS / digest::GROUP_BUCKETS) as usize];
+    let mut folded = Vec::new();
+    for ((slot, bucket), delta) in (0usize..).zip(0i32..).zip(&buckets) {
+        if *delta != 0 {
+            groups[slot >> 8] ^= delta;
+            folded.push((2, bucket, *delta));
+        }
+    }
+    folded.extend((0i32..).zip(&groups).filter(|(_, h)| **h != 0).map(|(g, h)| (1, g, *h)));
+    folded
 }
 
 /// One digest level of a collection from its folded rows and logged deltas.
@@ -721,4 +732,26 @@ impl Bindings {
 pub(crate) fn foreign_node(node_id: &str) -> BackendError {
     Violation::new(ErrorCode::Forbidden, format!("node id {node_id:?} belongs to another principal of this namespace"))
         .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    /// The fold of a collection's log is the XOR of its deltas per bucket
+    /// and per group, zeros left out.
+    #[test]
+    fn a_fold_combines_deltas_per_bucket_and_group() {
+        let logged = [(5, 0b1010), (5, 0b0110), (300, 7), (301, 1), (65_535, -1), (9, 3), (9, 3)];
+        let mut expected = BTreeMap::new();
+        for (bucket, delta) in logged {
+            *expected.entry((2, i32::try_from(bucket).unwrap())).or_insert(0i64) ^= delta;
+            *expected.entry((1, i32::try_from(bucket >> 8).unwrap())).or_insert(0i64) ^= delta;
+        }
+        expected.retain(|_, h| *h != 0);
+        let folded: BTreeMap<(i16, i32), i64> =
+            super::fold_collection(logged).into_iter().map(|(l, i, h)| ((l, i), h)).collect();
+        assert_eq!(folded, expected);
+        assert!(!folded.contains_key(&(2, 9)), "deltas that cancel leave no row");
+    }
 }

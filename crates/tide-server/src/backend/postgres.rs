@@ -678,14 +678,22 @@ async fn write_group(
 /// row exactly once, even with several servers: a fold takes the rows it
 /// deletes).
 async fn fold_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError> {
-    let taken: Vec<(String, String, i32, i64)> =
-        sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
-            .fetch_all(&mut **tx)
-            .await
-            .map_err(unavailable)?;
-    let taken: Vec<(String, String, i64, i64)> =
-        taken.into_iter().map(|(n, c, b, d)| (n, c, i64::from(b), d)).collect();
-    upsert_digest(tx, &super::fold_logged(&taken)).await
+    // A collection at a time (not a row per delta); each row taken once,
+    // even with several servers: a fold takes the rows it deletes.
+    let taken: Vec<(String, String, Vec<i32>, Vec<i64>)> = sqlx::query_as(
+        "WITH taken AS (DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta) \
+         SELECT namespace, collection, array_agg(bucket), array_agg(delta) FROM taken GROUP BY namespace, collection",
+    )
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(unavailable)?;
+    let mut rows: Vec<(&str, i16, &str, i32, i64)> = Vec::new();
+    for (ns, collection, buckets, deltas) in &taken {
+        let logged = buckets.iter().map(|b| i64::from(*b)).zip(deltas.iter().copied());
+        let folded = super::fold_collection(logged);
+        rows.extend(folded.into_iter().map(|(l, i, h)| (ns.as_str(), l, collection.as_str(), i, h)));
+    }
+    upsert_digest(tx, &rows).await
 }
 
 /// The writers of the namespaces this process is writing to.
@@ -804,15 +812,7 @@ async fn add_digests(
     .await
     .map_err(unavailable)?;
     if logged > fold_over {
-        let taken: Vec<(String, String, i32, i64)> =
-            sqlx::query_as("DELETE FROM tide_digest_log RETURNING namespace, collection, bucket, delta")
-                .fetch_all(&mut **tx)
-                .await
-                .map_err(unavailable)?;
-        let taken: Vec<(String, String, i64, i64)> =
-            taken.into_iter().map(|(n, c, b, d)| (n, c, i64::from(b), d)).collect();
-        let folded: Vec<(&str, i16, &str, i32, i64)> = super::fold_logged(&taken);
-        upsert_digest(tx, &folded).await?;
+        fold_digests(tx).await?;
     }
     Ok(())
 }

@@ -225,11 +225,28 @@ fn bearer(headers: &HeaderMap) -> Result<Option<&str>, AuthError> {
     }
 }
 
+/// Whether the client takes a gzipped response: `gzip` listed in
+/// `Accept-Encoding` without `q=0`, or `*` without `q=0` and gzip not
+/// refused by name (RFC 9110 §12.5.3).
 fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(ACCEPT_ENCODING)
-        .iter()
-        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|e| e.trim().starts_with("gzip"))))
+    let mut gzip = None;
+    let mut any = None;
+    for value in headers.get_all(ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()) {
+        for entry in value.split(',') {
+            let mut parts = entry.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                let q = p.strip_prefix("q=").or_else(|| p.strip_prefix("Q="));
+                q.is_some_and(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0))
+            });
+            if coding.eq_ignore_ascii_case("gzip") {
+                gzip = Some(!refused);
+            } else if coding == "*" {
+                any = Some(!refused);
+            }
+        }
+    }
+    gzip.or(any).unwrap_or(false)
 }
 
 impl Server {
@@ -565,4 +582,26 @@ fn gzip(body: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
     enc.write_all(body).expect("writing to memory cannot fail");
     enc.finish().expect("writing to memory cannot fail")
+}
+
+#[cfg(test)]
+mod tests {
+    use http::{HeaderMap, HeaderValue, header::ACCEPT_ENCODING};
+
+    fn accepts(value: &str) -> bool {
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT_ENCODING, HeaderValue::from_str(value).unwrap());
+        super::accepts_gzip(&headers)
+    }
+
+    #[test]
+    fn gzip_is_sent_only_to_clients_that_take_it() {
+        for yes in ["gzip", "deflate, gzip", "gzip;q=0.5", "GZIP", "*", "br, *;q=0.1"] {
+            assert!(accepts(yes), "{yes}");
+        }
+        for no in ["gzip;q=0", "gzip; q=0.0", "identity", "deflate, br", "*;q=0", "gzipped", "gzip;q=0, *"] {
+            assert!(!accepts(no), "{no}");
+        }
+        assert!(!super::accepts_gzip(&HeaderMap::new()));
+    }
 }

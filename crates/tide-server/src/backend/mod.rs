@@ -230,6 +230,12 @@ impl<'a> PageQuery<'a> {
         sizes.len().min(self.limit)
     }
 
+    /// Whether `limit` changes of at most `size_max` bytes each always fit
+    /// the byte budget (then a page needs no sizes summed).
+    pub(crate) fn fits_all(&self, size_max: u64) -> bool {
+        (size_max + 1).checked_mul(self.limit as u64).is_some_and(|total| total <= self.bytes_max as u64)
+    }
+
     /// The page from the page statement's answer (the byte total and count
     /// of the first `limit + 1` changes, the first `limit` joined, the seq
     /// of the last), or `None` when they run past the byte budget and the

@@ -47,7 +47,8 @@ const SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS tide_namespaces (
     namespace   TEXT PRIMARY KEY,
     seq         INTEGER NOT NULL,
-    lamport_max INTEGER NOT NULL
+    lamport_max INTEGER NOT NULL,
+    size_max    INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tide_changes (
     namespace  TEXT NOT NULL,
@@ -132,6 +133,29 @@ fn page_statement(limit: Option<usize>) -> Arc<str> {
     .into()
 }
 
+/// The page statement for a namespace whose changes are all small enough
+/// that `limit` of them fit the budget (its `size_max`, the largest
+/// rendering it ever stored, says so): no sizes are summed; it returns the
+/// namespace's seq and `size_max`, the first `limit` renderings joined (only
+/// if they are sure to fit), their count, the seq of the last, and whether a
+/// change follows. Without a row for the namespace, it returns none.
+fn small_page_statement(limit: Option<usize>) -> Arc<str> {
+    let n = limit.map_or_else(|| "?6".to_owned(), |l| l.to_string());
+    format!(
+        "SELECT ns.seq, ns.size_max, p.text, p.n, p.last, p.n = {n} AND EXISTS (SELECT 1 FROM tide_changes \
+           WHERE namespace = ?1 AND seq > p.last AND (?4 = 0 OR node_id <> ?3)) \
+         FROM tide_namespaces AS ns, (SELECT group_concat(wire || seq || '}}', ',') AS text, count(*) AS n, \
+           max(seq) AS last FROM (SELECT seq, wire {PAGE_ROWS} LIMIT {n}) \
+           WHERE (SELECT (size_max + 1) * {n} FROM tide_namespaces WHERE namespace = ?1) <= ?5) AS p \
+         WHERE ns.namespace = ?1"
+    )
+    .into()
+}
+
+/// What the small-page statement returns: the namespace's seq and largest
+/// rendering, the renderings, their count, the last seq, whether more follow.
+type SmallPageRow = (i64, i64, Option<String>, i64, Option<i64>, bool);
+
 /// The SQLite backend.
 pub struct SqliteBackend {
     writes: mpsc::UnboundedSender<Pending>,
@@ -143,6 +167,9 @@ pub struct SqliteBackend {
     /// The page statement with the default limit written in, and with it bound.
     page_default: Arc<str>,
     page_bound: Arc<str>,
+    /// The same for namespaces of small changes (no sizes summed).
+    small_default: Arc<str>,
+    small_bound: Arc<str>,
 }
 
 /// The writer task's state: the one connection that writes.
@@ -213,6 +240,8 @@ impl SqliteBackend {
             free: Semaphore::new(SQLITE_READERS),
             page_default: page_statement(Some(limits.changes_per_response_max)),
             page_bound: page_statement(None),
+            small_default: small_page_statement(Some(limits.changes_per_response_max)),
+            small_bound: small_page_statement(None),
             limits,
             bindings,
             digest_log_rows_max,
@@ -277,6 +306,38 @@ impl SqliteBackend {
         let mut query = PageQuery::new(req, &self.limits);
         loop {
             let default = query.limit == self.limits.changes_per_response_max;
+            // Most namespaces hold small changes: their pages need no sizes summed.
+            let sql = if default { &self.small_default } else { &self.small_bound };
+            let mut statement = sqlx::query_as(AssertSqlSafe(Arc::clone(sql)))
+                .bind(ns.as_str())
+                .bind(to_i64(query.from))
+                .bind(query.skip_node.unwrap_or(""))
+                .bind(query.skip_node.is_some())
+                .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX));
+            if !default {
+                statement = statement.bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
+            }
+            let small: Option<SmallPageRow> = statement.fetch_optional(&mut *conn).await.map_err(unavailable)?;
+            let Some((ns_seq, size_max, text, n, last, more)) = small else {
+                // No namespace yet: nothing to send, and any cursor is ahead.
+                if query.ahead_of(0) {
+                    continue;
+                }
+                return Ok(query.finish(PageRead::default(), 0));
+            };
+            let ns_seq = to_u64(ns_seq);
+            if query.ahead_of(ns_seq) {
+                continue;
+            }
+            if query.fits_all(to_u64(size_max)) {
+                let read = PageRead {
+                    json: text.unwrap_or_default(),
+                    count: usize::try_from(n).unwrap_or(0),
+                    last: to_u64(last.unwrap_or(0)),
+                    has_more: more,
+                };
+                return Ok(query.finish(read, ns_seq));
+            }
             let sql = if default { &self.page_default } else { &self.page_bound };
             let mut statement = sqlx::query_as(AssertSqlSafe(Arc::clone(sql)))
                 .bind(ns.as_str())
@@ -492,9 +553,18 @@ impl Writer {
                 n.chain.as_ref().map(|c| (ns, node, c.last.as_str(), c.before.as_str(), c.height))
             })
             .collect();
-        let counters: Vec<(&str, u64, u64)> = counters.iter().map(|(n, &(s, l))| (n.as_str(), s, l)).collect();
+        let rows = rows_written(&written, &flat);
+        let mut sizes: HashMap<&str, u64> = HashMap::new();
+        for row in &rows {
+            let size = sizes.entry(row.0).or_default();
+            *size = (*size).max(row.9);
+        }
+        let counters: Vec<(&str, u64, u64, u64)> = counters
+            .iter()
+            .map(|(n, &(s, l))| (n.as_str(), s, l, sizes.get(n.as_str()).copied().unwrap_or(0)))
+            .collect();
         sqlx::query(if fold { WRITE_GROUP } else { WRITE_GROUP_AND_COMMIT })
-            .bind(serde_json::to_string(&rows_written(&written, &flat)).expect("rows serialize"))
+            .bind(serde_json::to_string(&rows).expect("rows serialize"))
             .bind(serde_json::to_string(&roots).expect("roots serialize"))
             .bind(serde_json::to_string(&deltas.buckets).expect("deltas serialize"))
             .bind(serde_json::to_string(&moved).expect("chains serialize"))
@@ -551,7 +621,7 @@ macro_rules! write_group {
      SELECT value->>0, value->>1, value->>2, value->>3 FROM jsonb_each(?); \
      UPDATE tide_nodes SET chain_last = j.value->>2, chain_before = j.value->>3, chain_height = j.value->>4 \
      FROM jsonb_each(?) AS j WHERE tide_nodes.namespace = j.value->>0 AND tide_nodes.node_id = j.value->>1; \
-     UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2 \
+     UPDATE tide_namespaces SET seq = j.value->>1, lamport_max = j.value->>2, size_max = max(size_max, j.value->>3) \
      FROM jsonb_each(?) AS j WHERE tide_namespaces.namespace = j.value->>0"
     };
 }
@@ -793,10 +863,15 @@ async fn backfill(conn: &mut SqliteConnection) -> Result<(), BackendError> {
     for chunk in changes.chunks(10_000) {
         insert_changes(conn, chunk).await?;
     }
-    sqlx::raw_sql("DROP TABLE tide_rows; DELETE FROM tide_digest; DELETE FROM tide_digest_log;")
-        .execute(&mut *conn)
-        .await
-        .map_err(unavailable)?;
+    sqlx::raw_sql(
+        "ALTER TABLE tide_namespaces ADD COLUMN size_max INTEGER NOT NULL DEFAULT 0; \
+         UPDATE tide_namespaces SET size_max = coalesce((SELECT max(size) FROM tide_changes \
+           WHERE tide_changes.namespace = tide_namespaces.namespace), 0); \
+         DROP TABLE tide_rows; DELETE FROM tide_digest; DELETE FROM tide_digest_log;",
+    )
+    .execute(&mut *conn)
+    .await
+    .map_err(unavailable)?;
     let deltas = super::digest_deltas(hashes);
     add_digests(conn, &deltas).await?;
     fold_digests(conn).await

@@ -69,9 +69,12 @@ const SCHEMA: &[&str] = &[
 /// Version 2 to 3: each version stored rendered (the wire JSON up to
 /// `"seq":`), with its length once completed and its version hash, in
 /// place of the document; filled by [`backfill`].
-const MIGRATE_V3: &[&str] =
-    &["ALTER TABLE tide_rows ADD COLUMN vhash BIGINT NOT NULL DEFAULT 0, ADD COLUMN size BIGINT NOT NULL DEFAULT 0, \
-     ADD COLUMN wire TEXT NOT NULL DEFAULT ''"];
+const MIGRATE_V3: &[&str] = &[
+    "ALTER TABLE tide_rows ADD COLUMN vhash BIGINT NOT NULL DEFAULT 0, ADD COLUMN size BIGINT NOT NULL DEFAULT 0, \
+     ADD COLUMN wire TEXT NOT NULL DEFAULT ''",
+    // The largest rendering a namespace ever stored: pages of small changes sum no sizes.
+    "ALTER TABLE tide_namespaces ADD COLUMN size_max BIGINT NOT NULL DEFAULT 0",
+];
 
 /// Version 1 to 2: each row's digest bucket, the digest table (filled from
 /// the rows), and the principal each node id is bound to.
@@ -250,6 +253,37 @@ impl PostgresBackend {
     async fn page(&self, conn: &mut PgConnection, ns: &Namespace, req: &SyncRequest) -> Result<Page, BackendError> {
         let mut query = PageQuery::new(req, &self.limits);
         loop {
+            // Most namespaces hold small changes: their pages need no sizes summed.
+            let small: Option<SmallPageRow> = sqlx::query_as(SMALL_PAGE)
+                .bind(ns.as_str())
+                .bind(to_i64(query.from))
+                .bind(query.skip_node.unwrap_or(""))
+                .bind(query.skip_node.is_some())
+                .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX))
+                .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(unavailable)?;
+            let Some((ns_seq, size_max, text, n, last, more)) = small else {
+                // No namespace yet: nothing to send, and any cursor is ahead.
+                if query.ahead_of(0) {
+                    continue;
+                }
+                return Ok(query.finish(PageRead::default(), 0));
+            };
+            let ns_seq = to_u64(ns_seq);
+            if query.ahead_of(ns_seq) {
+                continue;
+            }
+            if query.fits_all(to_u64(size_max)) {
+                let read = PageRead {
+                    json: text.unwrap_or_default(),
+                    count: usize::try_from(n).unwrap_or(0),
+                    last: to_u64(last.unwrap_or(0)),
+                    has_more: more,
+                };
+                return Ok(query.finish(read, ns_seq));
+            }
             let (ns_seq, total, n, text, last): PageRow = sqlx::query_as(PAGE)
                 .bind(ns.as_str())
                 .bind(to_i64(query.from))
@@ -349,6 +383,23 @@ const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::b
      FROM g, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, max(seq) AS last \
        FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) \
        ORDER BY seq LIMIT $6) w WHERE (SELECT total FROM g) <= $5) p";
+
+/// The page statement for a namespace whose largest rendering ever stored
+/// (`size_max`) times the limit fits the budget: no sizes summed; the
+/// namespace's seq and `size_max`, the first `$6` renderings joined (only if
+/// they are sure to fit), their count, the last seq, and whether a change
+/// follows. No row without the namespace.
+const SMALL_PAGE: &str = "SELECT ns.seq, ns.size_max, p.text, p.n, p.last, p.n = $6 AND EXISTS (SELECT 1 FROM tide_rows \
+       WHERE namespace = $1 AND seq > p.last AND (NOT $4 OR node_id <> $3)) \
+     FROM tide_namespaces AS ns, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, count(*) AS n, \
+       max(seq) AS last FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 \
+       AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $6) w \
+       WHERE (SELECT (size_max + 1) * $6 FROM tide_namespaces WHERE namespace = $1) <= $5) AS p \
+     WHERE ns.namespace = $1";
+
+/// What the small-page statement returns: the namespace's seq and largest
+/// rendering, the renderings, their count, the last seq, whether more follow.
+type SmallPageRow = (i64, i64, Option<String>, i64, Option<i64>, bool);
 
 /// What the page statement returns: the namespace's seq, the byte total and
 /// count of the first changes, their renderings (if they fit) and the last seq.
@@ -640,7 +691,8 @@ async fn write_group(
          c AS (UPDATE tide_nodes SET chain_last = u.last, chain_before = u.before, chain_height = u.height \
            FROM UNNEST($17::text[], $18::text[], $19::text[], $20::bigint[]) AS u(node, last, before, height) \
            WHERE tide_nodes.namespace = $1 AND tide_nodes.node_id = u.node), \
-         n AS (UPDATE tide_namespaces SET seq = $21, lamport_max = $22 WHERE namespace = $1) \
+         n AS (UPDATE tide_namespaces SET seq = $21, lamport_max = $22, size_max = GREATEST(size_max, $25) \
+           WHERE namespace = $1) \
          SELECT (SELECT max(id) FROM l) - (SELECT min(id) FROM tide_digest_log) + 1 \
          FROM (SELECT CASE WHEN $23 THEN pg_notify($24, $1) END) AS notified",
     )
@@ -668,6 +720,7 @@ async fn write_group(
     .bind(to_i64(lamport_max))
     .bind(applied)
     .bind(COMMITS_CHANNEL)
+    .bind(sizes.iter().copied().max().unwrap_or(0))
     .fetch_one(&mut **tx)
     .await
     .map_err(unavailable)?;
@@ -859,6 +912,8 @@ async fn backfill(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError
     }
     for statement in [
         "ALTER TABLE tide_rows DROP COLUMN doc",
+        "UPDATE tide_namespaces SET size_max = coalesce((SELECT max(size) FROM tide_rows r \
+         WHERE r.namespace = tide_namespaces.namespace), 0)",
         "DELETE FROM tide_digest",
         "DELETE FROM tide_digest_log",
         "UPDATE tide_server_meta SET value = '3' WHERE key = 'schema_version'",

@@ -426,6 +426,11 @@ pub(crate) type GroupKey<'a> = (&'a str, &'a str, &'a str);
 /// arrive while a group commits wait for the next one.
 pub const WRITE_GROUP_REQUESTS_MAX: usize = 64;
 
+/// Most requests waiting for a writer (per namespace on PostgreSQL); past
+/// it a request waits to be queued. Each connection has at most one request
+/// in flight, so with the default connection cap this is rarely reached.
+pub const WRITE_QUEUE_REQUESTS_MAX: usize = 4_096;
+
 /// The server database schema this build reads and writes, as stored under
 /// `schema_version` in `tide_server_meta` by both backends. Version 2 adds
 /// the digest table, each row's bucket, and the node ids' principals;

@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, Page, PageQuery, PageRead,
-    Pending, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX, admit,
-    check_schema_version, decide_request,
+    Pending, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX,
+    WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
@@ -191,7 +191,7 @@ impl PostgresBackend {
                 writers
                     .entry(ns.to_owned())
                     .or_insert_with(|| {
-                        let (queue, work) = mpsc::unbounded_channel();
+                        let (queue, work) = mpsc::channel(WRITE_QUEUE_REQUESTS_MAX);
                         let writer = NamespaceWriter {
                             pool: self.pool.clone(),
                             namespace: ns.to_owned(),
@@ -205,7 +205,7 @@ impl PostgresBackend {
                     .clone()
             };
             // A writer that just went idle refuses: queue to a new one.
-            match queue.send(pending) {
+            match queue.send(pending).await {
                 Ok(()) => break,
                 // (It left the map before it stopped taking requests.)
                 Err(mpsc::error::SendError(back)) => pending = back,
@@ -475,7 +475,7 @@ impl NamespaceWriter {
     /// leaves the map (after which no request can be queued to it) and
     /// applies what was queued meanwhile; or until the backend is dropped
     /// (the queue closes, and the pool goes with the task).
-    async fn run(self, mut queue: mpsc::UnboundedReceiver<Pending>, writers: std::sync::Weak<Writers>) {
+    async fn run(self, mut queue: mpsc::Receiver<Pending>, writers: std::sync::Weak<Writers>) {
         let mut batch = Vec::with_capacity(WRITE_GROUP_REQUESTS_MAX);
         loop {
             let received =
@@ -751,10 +751,10 @@ async fn fold_digests(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendE
 
 /// The writers of the namespaces this process is writing to.
 #[derive(Default)]
-struct Writers(std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<Pending>>>);
+struct Writers(std::sync::Mutex<HashMap<String, mpsc::Sender<Pending>>>);
 
 impl Writers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Pending>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Pending>>> {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }

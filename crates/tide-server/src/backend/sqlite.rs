@@ -34,8 +34,8 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
     Backend, BackendError, Bindings, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery, PageRead, Pending,
-    Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX, admit, check_schema_version,
-    decide_request,
+    Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX,
+    admit, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
@@ -158,7 +158,7 @@ type SmallPageRow = (i64, i64, Option<String>, i64, Option<i64>, bool);
 
 /// The SQLite backend.
 pub struct SqliteBackend {
-    writes: mpsc::UnboundedSender<Pending>,
+    writes: mpsc::Sender<Pending>,
     readers: Vec<Mutex<SqliteConnection>>,
     free: Semaphore,
     limits: Limits,
@@ -232,7 +232,7 @@ impl SqliteBackend {
             digest_log_rows_max: Arc::clone(&digest_log_rows_max),
             logged,
         };
-        let (submit, queue) = mpsc::unbounded_channel();
+        let (submit, queue) = mpsc::channel(WRITE_QUEUE_REQUESTS_MAX);
         tokio::spawn(writer.run(queue));
         Ok(Arc::new(Self {
             writes: submit,
@@ -259,6 +259,7 @@ impl SqliteBackend {
         let (reply, answer) = oneshot::channel();
         self.writes
             .send(Pending { principal: principal.clone(), request, reply })
+            .await
             .map_err(|_| BackendError::Internal("the writer has stopped".into()))?;
         answer.await.map_err(|_| BackendError::Internal("the write group was abandoned".into()))?
     }
@@ -475,7 +476,7 @@ impl Writer {
     /// applies them in one transaction, until the backend is dropped. A
     /// group that fails or panics answers its own callers with the error
     /// (its transaction rolled back); the next group goes on.
-    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Pending>) {
+    async fn run(mut self, mut queue: mpsc::Receiver<Pending>) {
         let mut batch = Vec::with_capacity(WRITE_GROUP_REQUESTS_MAX);
         while queue.recv_many(&mut batch, WRITE_GROUP_REQUESTS_MAX).await > 0 {
             let outcome = std::panic::AssertUnwindSafe(self.run_group(&batch)).catch_unwind().await;

@@ -521,16 +521,10 @@ impl NamespaceWriter {
     async fn run_group(&self, batch: &[Pending]) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
         let ns = self.namespace.as_str();
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        // The namespace lock, taken by the upsert and held to commit: it
-        // makes seq order commit order. What follows reads after it.
-        let (seq, lamport_max): (i64, i64) = sqlx::query_as(
-            "INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) \
-             ON CONFLICT (namespace) DO UPDATE SET seq = tide_namespaces.seq RETURNING seq, lamport_max",
-        )
-        .bind(ns)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(unavailable)?;
+        // The namespace lock, held to commit: it makes seq order commit
+        // order. What follows reads after it. A row lock, not an update: an
+        // update per group would leave a dead version of the row each time.
+        let (seq, lamport_max) = lock_namespace(&mut tx, ns).await?;
         let (mut seq, mut lamport_max) = (to_u64(seq), to_u64(lamport_max));
 
         let incoming: Vec<Vec<Incoming<'_>>> =
@@ -571,6 +565,21 @@ impl NamespaceWriter {
         self.bindings.remember(nodes.into_iter().map(|(node, n)| (ns.to_owned(), node.to_owned(), n.principal)));
         Ok(outcomes)
     }
+}
+
+/// Locks the namespace's row (making it first if it is new) and reads its
+/// counters: one statement when the namespace exists.
+async fn lock_namespace(tx: &mut Transaction<'_, Postgres>, ns: &str) -> Result<(i64, i64), BackendError> {
+    const LOCK: &str = "SELECT seq, lamport_max FROM tide_namespaces WHERE namespace = $1 FOR UPDATE";
+    if let Some(counters) = sqlx::query_as(LOCK).bind(ns).fetch_optional(&mut **tx).await.map_err(unavailable)? {
+        return Ok(counters);
+    }
+    sqlx::query("INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING")
+        .bind(ns)
+        .execute(&mut **tx)
+        .await
+        .map_err(unavailable)?;
+    sqlx::query_as(LOCK).bind(ns).fetch_one(&mut **tx).await.map_err(unavailable)
 }
 
 /// A stored version as a write group reads it: stamp, hash if live,

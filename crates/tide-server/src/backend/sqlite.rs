@@ -637,13 +637,16 @@ const WRITE_GROUP_AND_COMMIT: &str = concat!(write_group!(), "; COMMIT");
 
 /// What a write group asks of the database in its first call.
 struct GroupRead<'a> {
+    /// The group's namespaces, each once.
     names: Vec<&'a str>,
-    /// Node ids to read, with the principal that binds them if unbound.
+    /// Node ids to read (namespace, node id, requesting principal): those
+    /// not known to be bound here, and those whose chain a request moves.
     nodes: Vec<(&'a str, &'a str, &'a str)>,
-    /// How many of `nodes` this process does not know to be bound.
+    /// Node ids not known to be bound here, to bind to their principal.
     unbound: Vec<(&'a str, &'a str, &'a str)>,
     /// Nodes whose binding is known and whose chain no request moves.
     known: HashMap<(&'a str, &'a str), Node>,
+    /// Every op's key and stamp, in group order.
     keys: Vec<(GroupKey<'a>, u64, &'a str)>,
 }
 

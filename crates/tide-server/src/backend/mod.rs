@@ -232,8 +232,35 @@ impl<'a> PageQuery<'a> {
 
     /// Whether `limit` changes of at most `size_max` bytes each always fit
     /// the byte budget (then a page needs no sizes summed).
-    pub(crate) fn fits_all(&self, size_max: u64) -> bool {
+    fn fits_all(&self, size_max: u64) -> bool {
         (size_max + 1).checked_mul(self.limit as u64).is_some_and(|total| total <= self.bytes_max as u64)
+    }
+
+    /// What the small-page statement's answer means for this page: ask
+    /// again (the cursor was ahead: the page starts over), the page itself,
+    /// or read it summing sizes (the namespace's changes may not fit).
+    pub(crate) fn small(&mut self, row: Option<SmallPageRow>) -> SmallPage {
+        let Some((namespace_seq, size_max, text, n, last, more)) = row else {
+            // No namespace yet: nothing to send, and any cursor is ahead.
+            if self.ahead_of(0) {
+                return SmallPage::Again;
+            }
+            return SmallPage::Done(self.finish(PageRead::default(), 0));
+        };
+        let namespace_seq = u64::try_from(namespace_seq).unwrap_or(0);
+        if self.ahead_of(namespace_seq) {
+            return SmallPage::Again;
+        }
+        if !self.fits_all(u64::try_from(size_max).unwrap_or(u64::MAX)) {
+            return SmallPage::SumSizes;
+        }
+        let read = PageRead {
+            json: text.unwrap_or_default(),
+            count: usize::try_from(n).unwrap_or(0),
+            last: last.and_then(|l| u64::try_from(l).ok()).unwrap_or(0),
+            has_more: more,
+        };
+        SmallPage::Done(self.finish(read, namespace_seq))
     }
 
     /// The page from the page statement's answer (the byte total and count
@@ -262,6 +289,21 @@ impl<'a> PageQuery<'a> {
         let cursor = if read.has_more { Cursor(read.last) } else { Cursor(end) };
         Page { json: read.json, count: read.count, cursor, has_more: read.has_more, reset: self.reset }
     }
+}
+
+/// What a backend's small-page statement returns: the namespace's seq and
+/// largest rendering, the renderings joined, their count, the last seq, and
+/// whether a change follows; no row when the namespace has none.
+pub(crate) type SmallPageRow = (i64, i64, Option<String>, i64, Option<i64>, bool);
+
+/// The next step of a page read after the small-page statement.
+pub(crate) enum SmallPage {
+    /// The cursor was ahead of the namespace: read again from the start.
+    Again,
+    /// The page.
+    Done(Page),
+    /// The namespace's changes may not fit: read with their sizes summed.
+    SumSizes,
 }
 
 /// The changes of a page as a backend's statement returns them.

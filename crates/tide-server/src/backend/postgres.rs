@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, Page, PageQuery, PageRead,
-    Pending, Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX,
-    WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
+    Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, VerifyReply,
+    WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
@@ -264,25 +264,10 @@ impl PostgresBackend {
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(unavailable)?;
-            let Some((ns_seq, size_max, text, n, last, more)) = small else {
-                // No namespace yet: nothing to send, and any cursor is ahead.
-                if query.ahead_of(0) {
-                    continue;
-                }
-                return Ok(query.finish(PageRead::default(), 0));
-            };
-            let ns_seq = to_u64(ns_seq);
-            if query.ahead_of(ns_seq) {
-                continue;
-            }
-            if query.fits_all(to_u64(size_max)) {
-                let read = PageRead {
-                    json: text.unwrap_or_default(),
-                    count: usize::try_from(n).unwrap_or(0),
-                    last: to_u64(last.unwrap_or(0)),
-                    has_more: more,
-                };
-                return Ok(query.finish(read, ns_seq));
+            match query.small(small) {
+                SmallPage::Again => continue,
+                SmallPage::Done(page) => return Ok(page),
+                SmallPage::SumSizes => {}
             }
             let (ns_seq, total, n, text, last): PageRow = sqlx::query_as(PAGE)
                 .bind(ns.as_str())
@@ -396,10 +381,6 @@ const SMALL_PAGE: &str = "SELECT ns.seq, ns.size_max, p.text, p.n, p.last, p.n =
        AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $6) w \
        WHERE (SELECT (size_max + 1) * $6 FROM tide_namespaces WHERE namespace = $1) <= $5) AS p \
      WHERE ns.namespace = $1";
-
-/// What the small-page statement returns: the namespace's seq and largest
-/// rendering, the renderings, their count, the last seq, whether more follow.
-type SmallPageRow = (i64, i64, Option<String>, i64, Option<i64>, bool);
 
 /// What the page statement returns: the namespace's seq, the byte total and
 /// count of the first changes, their renderings (if they fit) and the last seq.

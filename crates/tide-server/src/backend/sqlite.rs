@@ -34,8 +34,8 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
     Backend, BackendError, Bindings, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery, PageRead, Pending,
-    Reply, SELECT_SCHEMA_VERSION, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX,
-    admit, check_schema_version, decide_request,
+    Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX,
+    WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
@@ -151,10 +151,6 @@ fn small_page_statement(limit: Option<usize>) -> Arc<str> {
     )
     .into()
 }
-
-/// What the small-page statement returns: the namespace's seq and largest
-/// rendering, the renderings, their count, the last seq, whether more follow.
-type SmallPageRow = (i64, i64, Option<String>, i64, Option<i64>, bool);
 
 /// The SQLite backend.
 pub struct SqliteBackend {
@@ -319,25 +315,10 @@ impl SqliteBackend {
                 statement = statement.bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
             }
             let small: Option<SmallPageRow> = statement.fetch_optional(&mut *conn).await.map_err(unavailable)?;
-            let Some((ns_seq, size_max, text, n, last, more)) = small else {
-                // No namespace yet: nothing to send, and any cursor is ahead.
-                if query.ahead_of(0) {
-                    continue;
-                }
-                return Ok(query.finish(PageRead::default(), 0));
-            };
-            let ns_seq = to_u64(ns_seq);
-            if query.ahead_of(ns_seq) {
-                continue;
-            }
-            if query.fits_all(to_u64(size_max)) {
-                let read = PageRead {
-                    json: text.unwrap_or_default(),
-                    count: usize::try_from(n).unwrap_or(0),
-                    last: to_u64(last.unwrap_or(0)),
-                    has_more: more,
-                };
-                return Ok(query.finish(read, ns_seq));
+            match query.small(small) {
+                SmallPage::Again => continue,
+                SmallPage::Done(page) => return Ok(page),
+                SmallPage::SumSizes => {}
             }
             let sql = if default { &self.page_default } else { &self.page_bound };
             let mut statement = sqlx::query_as(AssertSqlSafe(Arc::clone(sql)))

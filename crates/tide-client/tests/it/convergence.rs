@@ -3,7 +3,7 @@
 //! request (PROTOCOL.md §12, §4).
 
 use serde_json::json;
-use tide_client::{Source, WatchEvent};
+use tide_client::{Source, Tide, WatchEvent};
 use tide_core::Limits;
 use tide_transport::FakeServer;
 
@@ -233,13 +233,10 @@ async fn a_write_made_after_a_rejection_is_never_reverted() {
     assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "and the server got v2 back by repair");
 }
 
-/// A refused write goes back to the last version the server took, even
-/// when the server has since lost it: that version is then repaired back
-/// (found by the seeded simulator, seed 130).
-#[tokio::test]
-async fn a_refused_write_goes_back_to_an_acknowledged_version_the_server_lost() {
-    let server = FakeServer::with_limits(Limits { doc_bytes_max: 64, ..Limits::default() });
-    let a = client(&server, "a").await;
+/// A client whose server took `v1` then `v2` of `notes/k` and was then
+/// restored to a backup that holds only `v1`.
+async fn server_lost_v2(server: &FakeServer) -> Tide {
+    let a = client(server, "a").await;
     let na = a.collection::<Note>("notes");
     na.put("k", &note("v1")).await.unwrap();
     a.sync_once().await.unwrap();
@@ -247,6 +244,17 @@ async fn a_refused_write_goes_back_to_an_acknowledged_version_the_server_lost() 
     na.put("k", &note("v2")).await.unwrap();
     a.sync_once().await.unwrap();
     server.restore(backup);
+    a
+}
+
+/// A refused write goes back to the last version the server took, even
+/// when the server has since lost it: that version is then repaired back
+/// (found by the seeded simulator, seed 130).
+#[tokio::test]
+async fn a_refused_write_goes_back_to_an_acknowledged_version_the_server_lost() {
+    let server = FakeServer::with_limits(Limits { doc_bytes_max: 64, ..Limits::default() });
+    let a = server_lost_v2(&server).await;
+    let na = a.collection::<Note>("notes");
 
     na.put("k", &note(&"x".repeat(200))).await.unwrap();
     let report = a.sync_once().await.unwrap();
@@ -356,14 +364,8 @@ async fn a_copied_store_re_keys_itself_and_everyone_converges() {
 #[tokio::test]
 async fn a_chain_of_refused_writes_goes_back_to_the_last_version_taken() {
     let server = FakeServer::with_limits(Limits { doc_bytes_max: 64, ..Limits::default() });
-    let a = client(&server, "a").await;
+    let a = server_lost_v2(&server).await;
     let na = a.collection::<Note>("notes");
-    na.put("k", &note("v1")).await.unwrap();
-    a.sync_once().await.unwrap();
-    let backup = server.model();
-    na.put("k", &note("v2")).await.unwrap();
-    a.sync_once().await.unwrap();
-    server.restore(backup);
 
     na.put("k", &note(&"x".repeat(200))).await.unwrap();
     na.put("k", &note(&"y".repeat(200))).await.unwrap();

@@ -536,11 +536,9 @@ pub(crate) fn rendered_len(prefix: &str, seq: u64) -> u64 {
     (prefix.len() + itoa::Buffer::new().format(seq).len() + 1) as u64
 }
 
+/// Appends `s` as a JSON string, escaped exactly as serde renders it.
 fn push_quoted(out: &mut String, s: &str) {
-    // SAFETY of the unwrap: serde_json writes valid UTF-8 for a str.
-    let mut bytes = std::mem::take(out).into_bytes();
-    serde_json::to_writer(&mut bytes, s).expect("strings serialize");
-    *out = String::from_utf8(bytes).expect("serde_json writes UTF-8");
+    out.push_str(&serde_json::to_string(s).expect("strings serialize"));
 }
 
 /// The document text inside a stored rendering (rare: only when a write

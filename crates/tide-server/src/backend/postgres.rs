@@ -254,11 +254,7 @@ impl PostgresBackend {
         let mut query = PageQuery::new(req, &self.limits);
         loop {
             // Most namespaces hold small changes: their pages need no sizes summed.
-            let small: Option<SmallPageRow> = sqlx::query_as(SMALL_PAGE)
-                .bind(ns.as_str())
-                .bind(to_i64(query.from))
-                .bind(query.skip_node.unwrap_or(""))
-                .bind(query.skip_node.is_some())
+            let small: Option<SmallPageRow> = bind_page(sqlx::query_as(SMALL_PAGE), ns, &query)
                 .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX))
                 .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
                 .fetch_optional(&mut *conn)
@@ -269,11 +265,7 @@ impl PostgresBackend {
                 SmallPage::Done(page) => return Ok(page),
                 SmallPage::SumSizes => {}
             }
-            let (ns_seq, total, n, text, last): PageRow = sqlx::query_as(PAGE)
-                .bind(ns.as_str())
-                .bind(to_i64(query.from))
-                .bind(query.skip_node.unwrap_or(""))
-                .bind(query.skip_node.is_some())
+            let (ns_seq, total, n, text, last): PageRow = bind_page(sqlx::query_as(PAGE), ns, &query)
                 .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX))
                 .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
                 .fetch_one(&mut *conn)
@@ -403,27 +395,27 @@ async fn over_budget_in(
     ns: &Namespace,
     query: &PageQuery<'_>,
 ) -> Result<PageRead, BackendError> {
-    let sizes: Vec<i64> = sqlx::query_scalar(
-        "SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $5",
+    let sizes: Vec<(i64,)> = bind_page(
+        sqlx::query_as(
+            "SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $5",
+        ),
+        ns,
+        query,
     )
-    .bind(ns.as_str())
-    .bind(to_i64(query.from))
-    .bind(query.skip_node.unwrap_or(""))
-    .bind(query.skip_node.is_some())
     .bind(i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX))
     .fetch_all(&mut *tx)
     .await
     .map_err(unavailable)?;
-    let sizes: Vec<u64> = sizes.into_iter().map(to_u64).collect();
+    let sizes: Vec<u64> = sizes.into_iter().map(|(size,)| to_u64(size)).collect();
     let count = query.fitting(&sizes);
-    let (text, last): (Option<String>, Option<i64>) = sqlx::query_as(
-        "SELECT string_agg(wire || seq || '}', ',' ORDER BY seq), max(seq) FROM (SELECT seq, wire FROM tide_rows \
+    let (text, last): (Option<String>, Option<i64>) = bind_page(
+        sqlx::query_as(
+            "SELECT string_agg(wire || seq || '}', ',' ORDER BY seq), max(seq) FROM (SELECT seq, wire FROM tide_rows \
          WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $5) w",
+        ),
+        ns,
+        query,
     )
-    .bind(ns.as_str())
-    .bind(to_i64(query.from))
-    .bind(query.skip_node.unwrap_or(""))
-    .bind(query.skip_node.is_some())
     .bind(i64::try_from(count).unwrap_or(i64::MAX))
     .fetch_one(&mut *tx)
     .await
@@ -561,6 +553,21 @@ async fn lock_namespace(tx: &mut Transaction<'_, Postgres>, ns: &str) -> Result<
         .await
         .map_err(unavailable)?;
     sqlx::query_as(LOCK).bind(ns).fetch_one(&mut **tx).await.map_err(unavailable)
+}
+
+/// Binds the arguments every page statement begins with: `$1` the
+/// namespace, `$2` the cursor, `$3` the node whose changes are skipped and
+/// `$4` whether they are.
+fn bind_page<'q, O>(
+    statement: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
+    ns: &'q Namespace,
+    query: &PageQuery<'q>,
+) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
+    statement
+        .bind(ns.as_str())
+        .bind(to_i64(query.from))
+        .bind(query.skip_node.unwrap_or(""))
+        .bind(query.skip_node.is_some())
 }
 
 /// A stored version as a write group reads it: stamp, hash if live,

@@ -305,11 +305,7 @@ impl SqliteBackend {
             let default = query.limit == self.limits.changes_per_response_max;
             // Most namespaces hold small changes: their pages need no sizes summed.
             let sql = if default { &self.small_default } else { &self.small_bound };
-            let mut statement = sqlx::query_as(AssertSqlSafe(Arc::clone(sql)))
-                .bind(ns.as_str())
-                .bind(to_i64(query.from))
-                .bind(query.skip_node.unwrap_or(""))
-                .bind(query.skip_node.is_some())
+            let mut statement = bind_page(sqlx::query_as(AssertSqlSafe(Arc::clone(sql))), ns, &query)
                 .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX));
             if !default {
                 statement = statement.bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
@@ -321,11 +317,7 @@ impl SqliteBackend {
                 SmallPage::SumSizes => {}
             }
             let sql = if default { &self.page_default } else { &self.page_bound };
-            let mut statement = sqlx::query_as(AssertSqlSafe(Arc::clone(sql)))
-                .bind(ns.as_str())
-                .bind(to_i64(query.from))
-                .bind(query.skip_node.unwrap_or(""))
-                .bind(query.skip_node.is_some())
+            let mut statement = bind_page(sqlx::query_as(AssertSqlSafe(Arc::clone(sql))), ns, &query)
                 .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX));
             if !default {
                 statement = statement.bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
@@ -413,28 +405,28 @@ async fn over_budget(
     query: &PageQuery<'_>,
 ) -> Result<PageRead, BackendError> {
     let mut tx = conn.begin().await.map_err(unavailable)?;
-    let sizes: Option<String> = sqlx::query_scalar(
-        "SELECT group_concat(size) FROM (SELECT size FROM tide_changes \
+    let (sizes,): (Option<String>,) = bind_page(
+        sqlx::query_as(
+            "SELECT group_concat(size) FROM (SELECT size FROM tide_changes \
          WHERE namespace = ?1 AND seq > ?2 AND (?4 = 0 OR node_id <> ?3) ORDER BY seq LIMIT ?5)",
+        ),
+        ns,
+        query,
     )
-    .bind(ns.as_str())
-    .bind(to_i64(query.from))
-    .bind(query.skip_node.unwrap_or(""))
-    .bind(query.skip_node.is_some())
     .bind(i64::try_from(query.limit.saturating_add(1)).unwrap_or(i64::MAX))
     .fetch_one(&mut *tx)
     .await
     .map_err(unavailable)?;
     let sizes: Vec<u64> = sizes.unwrap_or_default().split(',').filter_map(|s| s.parse().ok()).collect();
     let count = query.fitting(&sizes);
-    let (text, last): (Option<String>, Option<i64>) = sqlx::query_as(
-        "SELECT group_concat(wire || seq || '}', ','), max(seq) FROM (SELECT seq, wire FROM tide_changes \
+    let (text, last): (Option<String>, Option<i64>) = bind_page(
+        sqlx::query_as(
+            "SELECT group_concat(wire || seq || '}', ','), max(seq) FROM (SELECT seq, wire FROM tide_changes \
          WHERE namespace = ?1 AND seq > ?2 AND (?4 = 0 OR node_id <> ?3) ORDER BY seq LIMIT ?5)",
+        ),
+        ns,
+        query,
     )
-    .bind(ns.as_str())
-    .bind(to_i64(query.from))
-    .bind(query.skip_node.unwrap_or(""))
-    .bind(query.skip_node.is_some())
     .bind(i64::try_from(count).unwrap_or(i64::MAX))
     .fetch_one(&mut *tx)
     .await
@@ -939,6 +931,21 @@ async fn fold_digests(conn: &mut SqliteConnection) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// Binds the arguments every page statement begins with: `?1` the
+/// namespace, `?2` the cursor, `?3` the node whose changes are skipped and
+/// `?4` whether they are.
+fn bind_page<'q, O>(
+    statement: sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments>,
+    ns: &'q Namespace,
+    query: &PageQuery<'q>,
+) -> sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments> {
+    statement
+        .bind(ns.as_str())
+        .bind(to_i64(query.from))
+        .bind(query.skip_node.unwrap_or(""))
+        .bind(query.skip_node.is_some())
+}
+
 /// The rows of `tide_changes` a group writes: the last applied op of each key.
 fn rows_written<'a>(written: &'a HashMap<GroupKey<'_>, (usize, u64)>, incoming: &[&'a Incoming<'_>]) -> Vec<Row<'a>> {
     let mut rows: Vec<Row<'_>> = written
@@ -1060,7 +1067,12 @@ mod tests {
             }
             task.abort();
         }
-        let reply = backend.exchange(&principal("b"), write("b", "last", 1)).await.unwrap();
+        let b = principal("b");
+        let last = backend.exchange(&b, write("b", "last", 1));
+        let reply = tokio::time::timeout(std::time::Duration::from_secs(10), last)
+            .await
+            .expect("the writer is not held up")
+            .unwrap();
         let OpResult::Applied { seq } = reply.results[0] else { panic!("{:?}", reply.results) };
         // Every write before was either committed whole or not at all: the
         // seqs are exactly the committed writes, one each.

@@ -368,17 +368,7 @@ async fn databases_of_earlier_schemas_are_migrated_with_nothing_lost() {
         assert_eq!(page.cursor, Cursor(3));
 
         // The roots are the digests of the live versions, whatever was stored before.
-        let mut model = tide_core::Model::new(Limits::default());
-        for c in &page.changes {
-            let op = Op {
-                collection: c.collection.clone(),
-                id: c.id.clone(),
-                stamp: c.stamp.clone(),
-                payload: c.payload.clone(),
-                op_id: None,
-            };
-            model.exchange(&req(&c.stamp.node_id, None, vec![op])).unwrap();
-        }
+        let mut model = support::model_of(&page.changes);
         let mut ask = req("r", Some(3), vec![]);
         ask.verify = Some(tide_core::Verify::Roots);
         let roots = backend.exchange(&principal("bob"), Arc::new(ask.clone())).await.unwrap().to_response().roots;

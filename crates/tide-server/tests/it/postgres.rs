@@ -313,17 +313,7 @@ async fn a_schema_1_database_is_migrated_with_nothing_lost() {
     assert_eq!(serde_json::to_value(&page.changes).unwrap(), expected);
 
     // The roots are the digests of the live versions.
-    let mut model = tide_core::Model::new(tide_core::Limits::default());
-    for c in &page.changes {
-        let op = Op {
-            collection: c.collection.clone(),
-            id: c.id.clone(),
-            stamp: c.stamp.clone(),
-            payload: c.payload.clone(),
-            op_id: None,
-        };
-        model.exchange(&req(&c.stamp.node_id, None, vec![op])).unwrap();
-    }
+    let mut model = crate::support::model_of(&page.changes);
     let mut ask = req("r", Some(Cursor(3)), vec![]);
     ask.verify = Some(tide_core::Verify::Roots);
     let roots = backend.exchange(&principal, Arc::new(ask.clone())).await.unwrap().to_response().roots;

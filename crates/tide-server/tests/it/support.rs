@@ -89,6 +89,25 @@ pub(crate) async fn start_with_digest_log(
     Running { addr, stop: Some(stop), task: Some(task), _dir: dir }
 }
 
+/// The reference model holding exactly `changes`, each written by its own
+/// node: what a server holding them should answer.
+pub(crate) fn model_of(changes: &[tide_core::Change]) -> tide_core::Model {
+    let mut model = tide_core::Model::new(Limits::default());
+    for c in changes {
+        let op = tide_core::Op {
+            collection: c.collection.clone(),
+            id: c.id.clone(),
+            stamp: c.stamp.clone(),
+            payload: c.payload.clone(),
+            op_id: None,
+        };
+        let mut req = tide_core::SyncRequest::new(c.stamp.node_id.clone(), None);
+        req.ops.push(op);
+        model.exchange(&req).expect("a stored version is a valid write");
+    }
+    model
+}
+
 pub(crate) async fn start_on(storage: Storage) -> Running {
     start_on_with(storage, ServerConfig::default(), Arc::new(NoAuth::new("default"))).await
 }

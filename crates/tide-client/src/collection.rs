@@ -112,12 +112,8 @@ impl<T: Serialize> Collection<T> {
 }
 
 impl<T: DeserializeOwned> Collection<T> {
-    fn decode(&self, id: &str, doc: tide_core::Doc) -> Result<T> {
-        serde_json::from_value(serde_json::Value::Object(doc)).map_err(|source| Error::Decode {
-            collection: self.name.clone(),
-            id: id.into(),
-            source,
-        })
+    fn decode(&self, id: &str, doc: &tide_core::Doc) -> Result<T> {
+        doc.decode().map_err(|source| Error::Decode { collection: self.name.clone(), id: id.into(), source })
     }
 
     /// The document `id`, or `None` if absent or deleted.
@@ -126,7 +122,7 @@ impl<T: DeserializeOwned> Collection<T> {
     /// [`Error::Decode`] if it does not fit `T`; a store failure.
     pub async fn get(&self, id: &str) -> Result<Option<T>> {
         match store(&self.tide).get(&self.name, id).await? {
-            Some(doc) => Ok(Some(self.decode(id, doc)?)),
+            Some(doc) => Ok(Some(self.decode(id, &doc)?)),
             None => Ok(None),
         }
     }
@@ -138,6 +134,6 @@ impl<T: DeserializeOwned> Collection<T> {
     /// [`Error::Decode`] if one does not fit `T`; a store failure.
     pub async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, T)>> {
         let rows = store(&self.tide).list(&self.name, after, limit).await?;
-        rows.into_iter().map(|(id, doc)| Ok((id.clone(), self.decode(&id, doc)?))).collect()
+        rows.into_iter().map(|(id, doc)| Ok((id.clone(), self.decode(&id, &doc)?))).collect()
     }
 }

@@ -250,11 +250,11 @@ impl Batch {
 }
 
 pub(crate) fn to_doc<T: serde::Serialize + ?Sized>(collection: &str, id: &str, value: &T) -> Result<Doc> {
-    let encode = |message: String| Error::Encode { collection: collection.into(), id: id.into(), message };
-    match serde_json::to_value(value).map_err(|e| encode(e.to_string()))? {
-        serde_json::Value::Object(doc) => Ok(doc),
-        other => Err(encode(format!("a document must be a JSON object, not {other}"))),
-    }
+    Doc::from_value(value).map_err(|e| Error::Encode {
+        collection: collection.into(),
+        id: id.into(),
+        message: e.to_string(),
+    })
 }
 
 impl Tide {

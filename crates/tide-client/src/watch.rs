@@ -43,7 +43,7 @@ impl ChangeEvent {
     /// # Errors
     /// The serde error if the document does not fit `T`.
     pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, serde_json::Error> {
-        self.doc.as_ref().map(|d| serde_json::from_value(serde_json::Value::Object(d.clone()))).transpose()
+        self.doc.as_ref().map(tide_core::Doc::decode).transpose()
     }
 }
 

@@ -61,7 +61,7 @@ impl Replica {
 
 fn put(v: serde_json::Value) -> Payload {
     match v {
-        serde_json::Value::Object(doc) => Payload::Put(doc),
+        serde_json::Value::Object(doc) => Payload::Put(doc.into()),
         _ => Payload::Delete,
     }
 }

@@ -137,13 +137,13 @@ pub fn version_hash(collection: &str, id: &str, stamp: &Stamp, doc: Option<&str>
 
 /// A payload's document as the compact JSON text its version hash covers
 /// (`None` for a delete): the text every tide store keeps.
-pub fn doc_text(payload: &crate::Payload) -> Option<String> {
-    payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"))
+pub fn doc_text(payload: &crate::Payload) -> Option<&str> {
+    payload.doc().map(crate::Doc::as_str)
 }
 
 /// [`version_hash`] of a payload.
 pub fn payload_hash(collection: &str, id: &str, stamp: &Stamp, payload: &crate::Payload) -> Hash64 {
-    version_hash(collection, id, stamp, doc_text(payload).as_deref())
+    version_hash(collection, id, stamp, doc_text(payload))
 }
 
 /// One level's entry that a write changes, and by how much.

@@ -17,11 +17,11 @@
 //! hyper or sqlx (ARCHITECTURE.md; a test enforces it).
 //!
 //! ```
-//! use tide_core::{LamportClock, Limits, Model, Op, Payload, Stamp, SyncRequest, OpResult};
+//! use tide_core::{Doc, LamportClock, Limits, Model, Op, Payload, Stamp, SyncRequest, OpResult};
 //!
 //! let mut server = Model::new(Limits::default());
 //! let mut clock = LamportClock::new(0)?;
-//! let doc = serde_json::json!({"title": "Hello"}).as_object().cloned().unwrap();
+//! let doc = Doc::parse(r#"{"title":"Hello"}"#)?;
 //! let mut req = SyncRequest::new("node-a", None);
 //! req.ops.push(Op {
 //!     collection: "notes".into(),
@@ -38,6 +38,7 @@
 //! ```
 
 pub mod digest;
+mod doc;
 pub mod limits;
 mod lww;
 pub mod model;
@@ -45,6 +46,7 @@ mod seeded;
 mod stamp;
 pub mod wire;
 
+pub use doc::{DOC_DEPTH_MAX, DocError};
 pub use limits::Limits;
 pub use lww::{Decision, decide, wins};
 pub use model::Model;

@@ -195,7 +195,7 @@ impl Limits {
         let Payload::Put(doc) = payload else {
             return Ok(());
         };
-        let bytes = json_len(doc);
+        let bytes = doc.len();
         if bytes > self.doc_bytes_max {
             return Err(Violation::new(
                 ErrorCode::DocTooLarge,

@@ -42,15 +42,9 @@ pub fn decide(stored: Option<(&Stamp, &Payload)>, stamp: &Stamp, payload: &Paylo
         std::cmp::Ordering::Greater => unreachable!("a greater stamp wins"),
         std::cmp::Ordering::Less => Decision::Superseded,
         // The same version exactly: the same document text, keys in the same order.
-        std::cmp::Ordering::Equal if same_text(payload, stored_payload) => Decision::Duplicate,
+        std::cmp::Ordering::Equal if payload == stored_payload => Decision::Duplicate,
         std::cmp::Ordering::Equal => Decision::Collision,
     }
-}
-
-/// Whether two payloads are the same version's: both deletes, or documents
-/// with the same compact text (the text version hashes cover).
-fn same_text(a: &Payload, b: &Payload) -> bool {
-    a == b && crate::digest::doc_text(a) == crate::digest::doc_text(b)
 }
 
 /// Whether a write stamped `stamp` replaces the stored version stamped

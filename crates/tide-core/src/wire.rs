@@ -20,8 +20,7 @@ use crate::digest::Hash64;
 /// without a `protocol` field is version 0, the original 0.2.1 protocol.
 pub const PROTOCOL_VERSION: u32 = 1;
 
-/// A document: a JSON object. Key order is kept as the writer gave it.
-pub type Doc = serde_json::Map<String, serde_json::Value>;
+pub use crate::doc::Doc;
 
 // ---------------------------------------------------------------------------
 // §2 Request
@@ -193,9 +192,11 @@ impl SyncRequest {
     /// the right code.
     pub fn from_json(body: &[u8]) -> Result<Self, Violation> {
         serde_json::from_slice(body).map_err(|e| {
-            // A shape error may hide a syntax error later in the body; the
-            // caller deserves to hear that the body is not JSON at all.
-            match serde_json::from_slice::<de::IgnoredAny>(body) {
+            // A shape error may hide a syntax error later in the body, or
+            // nesting past the limit inside a document (which is kept as
+            // text, so only this full parse sees its depth); the caller
+            // deserves to hear that the body is not JSON at all.
+            match serde_json::from_slice::<serde_json::Value>(body) {
                 Err(syntax) => Violation::from_json_error(&syntax),
                 Ok(_) => Violation::from_json_error(&e),
             }
@@ -266,7 +267,7 @@ struct OpWire {
     id: String,
     kind: Kind,
     #[serde(default)]
-    doc: Option<serde_json::Value>,
+    doc: Option<Box<serde_json::value::RawValue>>,
     lamport: u64,
     node_id: String,
     #[serde(default)]
@@ -287,26 +288,17 @@ impl TryFrom<OpWire> for Op {
     }
 }
 
-fn payload_from_wire(kind: Kind, doc: Option<serde_json::Value>) -> Result<Payload, String> {
+fn payload_from_wire(kind: Kind, doc: Option<Box<serde_json::value::RawValue>>) -> Result<Payload, String> {
     match (kind, doc) {
-        (Kind::Put, Some(serde_json::Value::Object(doc))) => Ok(Payload::Put(doc)),
+        (Kind::Put, Some(doc)) if doc.get().starts_with('{') => {
+            Doc::from_raw(doc).map(Payload::Put).map_err(|e| e.to_string())
+        }
         (Kind::Put, None) => Err("a put must carry a JSON object `doc`, found null".into()),
         (Kind::Put, Some(other)) => {
-            Err(format!("a put must carry a JSON object `doc`, found {}", json_type_name(&other)))
+            Err(format!("a put must carry a JSON object `doc`, found {}", crate::doc::found(other.get())))
         }
         (Kind::Delete, None) => Ok(Payload::Delete),
         (Kind::Delete, Some(_)) => Err("a delete must carry `doc: null`".into()),
-    }
-}
-
-fn json_type_name(v: &serde_json::Value) -> &'static str {
-    match v {
-        serde_json::Value::Null => "null",
-        serde_json::Value::Bool(_) => "a boolean",
-        serde_json::Value::Number(_) => "a number",
-        serde_json::Value::String(_) => "a string",
-        serde_json::Value::Array(_) => "an array",
-        serde_json::Value::Object(_) => "an object",
     }
 }
 
@@ -439,7 +431,7 @@ struct ChangeWire {
     id: String,
     kind: Kind,
     #[serde(default)]
-    doc: Option<serde_json::Value>,
+    doc: Option<Box<serde_json::value::RawValue>>,
     lamport: u64,
     node_id: String,
     seq: u64,

@@ -50,7 +50,7 @@ async fn load(endpoints: &[String], clients: u64, secs: u64) -> Stats {
                 let node = format!("client-{c:03}");
                 let (mut lamport, mut cursor) = (0u64, None);
                 let doc = json!({"title": "a note of about a hundred bytes", "body": "x".repeat(60)});
-                let doc = doc.as_object().cloned().unwrap();
+                let doc = tide_core::Doc::from_value(&doc).unwrap();
                 while Instant::now() < deadline {
                     let mut req = SyncRequest::new(node.clone(), cursor);
                     req.ops = (0..10)

@@ -63,9 +63,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let transport = HttpTransport::new(&endpoint)?;
 
     println!("offline: both edit notes/n1; the phone also writes notes/n2");
-    a.put("notes", "n1", json!({"title": "from the phone"}).as_object().cloned().unwrap_or_default()).await?;
-    a.put("notes", "n2", json!({"title": "shopping list"}).as_object().cloned().unwrap_or_default()).await?;
-    b.put("notes", "n1", json!({"title": "from the laptop"}).as_object().cloned().unwrap_or_default()).await?;
+    a.put("notes", "n1", json!({"title": "from the phone"}).as_object().cloned().unwrap_or_default().into()).await?;
+    a.put("notes", "n2", json!({"title": "shopping list"}).as_object().cloned().unwrap_or_default().into()).await?;
+    b.put("notes", "n1", json!({"title": "from the laptop"}).as_object().cloned().unwrap_or_default().into()).await?;
 
     println!("the phone syncs, then the laptop, which also deletes notes/n2, then the phone again:");
     sync("phone", &a, &transport).await?;

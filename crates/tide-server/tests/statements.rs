@@ -61,7 +61,7 @@ fn write(node: &str, n: u64, cursor: u64, lineage: u64) -> Arc<SyncRequest> {
             collection: "notes".into(),
             id: format!("k{i}"),
             stamp: Stamp::new(n * 10 + i, node),
-            payload: Payload::Put(json!({"n": n, "i": i}).as_object().unwrap().clone()),
+            payload: Payload::Put(json!({"n": n, "i": i}).as_object().unwrap().clone().into()),
             op_id: None,
         })
         .collect();

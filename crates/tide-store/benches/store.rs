@@ -24,7 +24,7 @@ fn secs() -> Duration {
 
 fn doc200(i: u64) -> Doc {
     let v = json!({"title": format!("document number {i}"), "body": "x".repeat(150), "n": i});
-    v.as_object().cloned().unwrap()
+    v.as_object().cloned().unwrap().into()
 }
 
 fn id(i: u64) -> String {

@@ -18,9 +18,9 @@
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), tide_store::Error> {
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = tide_store::Store::open_in_memory().await?;
-//! let doc = serde_json::json!({"title": "Hello"}).as_object().cloned().unwrap();
+//! let doc = tide_core::Doc::parse(r#"{"title": "Hello"}"#)?;
 //! let stamp = store.put("notes", "n1", doc.clone()).await?;
 //! assert_eq!(store.get("notes", "n1").await?, Some(doc));
 //! assert_eq!(store.pending(10).await?[0].op.stamp, stamp);
@@ -454,7 +454,7 @@ impl Store {
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db)?;
-        doc.flatten().map(|d| parse_doc(&d)).transpose()
+        doc.flatten().map(parse_doc).transpose()
     }
 
     /// The stored version under `(collection, id)`, tombstone or not.
@@ -469,7 +469,7 @@ impl Store {
                 .map_err(db)?;
         row.map(|(doc, lamport, node, deleted)| {
             let payload = match (deleted, doc) {
-                (false, Some(doc)) => Payload::Put(parse_doc(&doc)?),
+                (false, Some(doc)) => Payload::Put(parse_doc(doc)?),
                 _ => Payload::Delete,
             };
             Ok(Version { stamp: Stamp::new(u64::try_from(lamport).unwrap_or(0), node), payload })
@@ -494,7 +494,7 @@ impl Store {
         .await
         .map_err(db)?;
         let rows: Vec<(String, String)> = parse_json(&rows)?;
-        rows.into_iter().map(|(id, doc)| Ok((id, parse_doc(&doc)?))).collect()
+        rows.into_iter().map(|(id, doc)| Ok((id, parse_doc(doc)?))).collect()
     }
 
     /// How many live documents a collection holds.
@@ -797,7 +797,7 @@ impl Store {
                 let before = match (prev_lamport, prev_node) {
                     (Some(lamport), Some(node)) => {
                         let payload = match (prev_deleted, prev_doc) {
-                            (Some(0), Some(doc)) => Payload::Put(parse_doc(&doc)?),
+                            (Some(0), Some(doc)) => Payload::Put(parse_doc(doc)?),
                             _ => Payload::Delete,
                         };
                         Some(Version { stamp: Stamp::new(lamport, node), payload })
@@ -916,7 +916,7 @@ impl OpRow {
         let OpRow(_, collection, id, kind, doc, lamport, node_id) = self;
         let payload = match (kind.as_str(), doc) {
             ("delete", _) => Payload::Delete,
-            (_, Some(doc)) => Payload::Put(parse_doc(&doc)?),
+            (_, Some(doc)) => Payload::Put(parse_doc(doc)?),
             (kind, None) => {
                 return Err(Error::Corrupt { detail: format!("outbox {kind} op without a document") });
             }
@@ -929,9 +929,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| Error::Corrupt { detail: format!("unreadable row: {e}") })
 }
 
-fn parse_doc(text: &str) -> Result<Doc> {
-    serde_json::from_str(text)
-        .map_err(|e| Error::Corrupt { detail: format!("stored document is not a JSON object: {e}") })
+fn parse_doc(text: String) -> Result<Doc> {
+    Doc::from_stored(text).map_err(|e| Error::Corrupt { detail: format!("stored document: {e}") })
 }
 
 /// Folded digest rows and logged bucket deltas, as read together.

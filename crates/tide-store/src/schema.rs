@@ -183,10 +183,37 @@ pub(crate) async fn migrate(conn: &mut SqliteConnection) -> Result<()> {
     for (to, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         sqlx::raw_sql(*sql).execute(&mut *tx).await.map_err(db)?;
         if to + 1 == 3 {
+            canonicalize_docs(&mut tx).await?;
             backfill_digests(&mut tx).await?;
         }
     }
     tx.commit().await.map_err(db)
+}
+
+/// Rewrites the documents of a store older than version 3 in their
+/// canonical text (`tide_core::Doc`), which tide reads, hashes and sends as
+/// it is: the original Python tide wrote its own spacing and escapes. Text
+/// that is not a JSON object is left for reads to report.
+async fn canonicalize_docs(conn: &mut SqliteConnection) -> Result<()> {
+    const TABLES: [(&str, &str); 2] = [
+        ("SELECT rowid, doc FROM tide_docs WHERE doc IS NOT NULL", "UPDATE tide_docs SET doc = ?2 WHERE rowid = ?1"),
+        (
+            "SELECT rowid, doc FROM tide_outbox WHERE doc IS NOT NULL",
+            "UPDATE tide_outbox SET doc = ?2 WHERE rowid = ?1",
+        ),
+    ];
+    for (select, update) in TABLES {
+        let rows: Vec<(i64, String)> = sqlx::query_as(select).fetch_all(&mut *conn).await.map_err(db)?;
+        for (rowid, text) in rows {
+            match tide_core::Doc::parse(&text) {
+                Ok(doc) if doc.as_str() != text => {
+                    sqlx::query(update).bind(rowid).bind(doc.as_str()).execute(&mut *conn).await.map_err(db)?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Gives every existing document its bucket and version hash, and the

@@ -269,7 +269,7 @@ impl State {
 
     async fn write_group(&mut self, group: Vec<(Vec<Write>, Reply<Vec<Stamp>>)>) {
         #[derive(Serialize)]
-        struct Row<'a>(&'a str, &'a str, &'static str, Option<String>, u64, u16, i64);
+        struct Row<'a>(&'a str, &'a str, &'static str, Option<&'a str>, u64, u16, i64);
 
         if self.closed {
             for (_, reply) in group {
@@ -296,10 +296,10 @@ impl State {
         for (writes, stamps, _) in &committing {
             for (w, stamp) in writes.iter().zip(stamps) {
                 let (kind, doc) = match &w.payload {
-                    Payload::Put(doc) => ("put", Some(serde_json::to_string(doc).expect("documents serialize"))),
+                    Payload::Put(doc) => ("put", Some(doc.as_str())),
                     Payload::Delete => ("delete", None),
                 };
-                let (bucket, vhash) = digest_columns(&w.collection, &w.id, stamp, doc.as_deref());
+                let (bucket, vhash) = digest_columns(&w.collection, &w.id, stamp, doc);
                 rows.push(Row(&w.collection, &w.id, kind, doc, stamp.lamport, bucket, vhash));
             }
         }
@@ -390,16 +390,16 @@ impl State {
         }
         if !last_winner.is_empty() {
             #[derive(Serialize)]
-            struct Row<'a>(&'a str, &'a str, Option<String>, u64, &'a str, u8, u16, i64);
+            struct Row<'a>(&'a str, &'a str, Option<&'a str>, u64, &'a str, u8, u16, i64);
             let mut winners: Vec<usize> = last_winner.into_values().collect();
             winners.sort_unstable();
             let rows: Vec<Row> = winners
                 .iter()
                 .map(|&i| {
                     let c = &changes[i];
-                    let doc = c.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
+                    let doc = c.payload.doc().map(tide_core::Doc::as_str);
                     let deleted = u8::from(doc.is_none());
-                    let (bucket, vhash) = digest_columns(&c.collection, &c.id, &c.stamp, doc.as_deref());
+                    let (bucket, vhash) = digest_columns(&c.collection, &c.id, &c.stamp, doc);
                     Row(&c.collection, &c.id, doc, c.stamp.lamport, &c.stamp.node_id, deleted, bucket, vhash)
                 })
                 .collect();
@@ -878,9 +878,9 @@ async fn refused_before(
     let Some((doc, lamport, node_id, deleted)) = row else { return Ok(None) };
     let (Some(lamport), Some(node_id)) = (lamport, node_id) else { return Ok(Some(None)) };
     let payload = match (deleted, doc) {
-        (Some(false), Some(d)) => {
-            Payload::Put(serde_json::from_str(&d).map_err(|e| Error::Corrupt { detail: format!("before-image: {e}") })?)
-        }
+        (Some(false), Some(d)) => Payload::Put(
+            tide_core::Doc::from_stored(d).map_err(|e| Error::Corrupt { detail: format!("before-image: {e}") })?,
+        ),
         _ => Payload::Delete,
     };
     let stamp = Stamp::new(u64::try_from(lamport).unwrap_or(0), node_id);

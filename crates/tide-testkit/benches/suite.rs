@@ -346,7 +346,7 @@ asyncio.run(main(int(sys.argv[1]), sys.argv[2]))
 
 async fn seed(endpoint: &str, n: usize) {
     let t = HttpTransport::builder(endpoint).headers(auth("bench")).build().unwrap();
-    let d = doc(0).as_object().cloned().unwrap();
+    let d = tide_core::Doc::from_value(&doc(0)).unwrap();
     for start in (0..n).step_by(1_000) {
         let mut req = SyncRequest::new("seed", None);
         req.ops = (start..n.min(start + 1_000))
@@ -448,7 +448,7 @@ async fn load_spread(endpoints: &[String], tokens: &[&str], clients: usize, secs
             tokio::spawn(async move {
                 let mut conn = LeanClient::connect(&endpoint, &token).await;
                 let node = format!("client{c:03}");
-                let d = json!({"title": "a note", "body": "x".repeat(60)}).as_object().cloned().unwrap();
+                let d = tide_core::Doc::from_value(&json!({"title": "a note", "body": "x".repeat(60)})).unwrap();
                 let (mut lamport, mut cursor, mut errors) = (0u64, None, 0usize);
                 while Instant::now() < deadline {
                     let mut req = SyncRequest::new(node.clone(), cursor);
@@ -785,7 +785,7 @@ async fn digest_check_and_repair(t: &mut Table, tide: &Tide, endpoint: &str, n: 
     let raw = HttpTransport::builder(endpoint).headers(auth("bench")).build().unwrap();
     let mut req = SyncRequest::new(tide.node_id(), None);
     req.limit = Some(1);
-    let d = json!({"title": "changed behind the replica's back"}).as_object().cloned().unwrap();
+    let d = tide_core::Doc::from_value(&json!({"title": "changed behind the replica's back"})).unwrap();
     req.ops = (0..1_000)
         .map(|i| Op {
             collection: "c".into(),

@@ -131,7 +131,7 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
                 if big {
                     doc["big"] = json!("x".repeat(config.doc_bytes_max.unwrap_or(0)));
                 }
-                let payload = Payload::Put(doc.as_object().cloned().unwrap_or_default());
+                let payload = Payload::Put(doc.as_object().cloned().unwrap_or_default().into());
                 let stamp =
                     write(&cluster, c, &collection, &id, &payload).await.map_err(|e| format!("step {step}: {e}"))?;
                 if big {
@@ -195,7 +195,7 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
 async fn write(cluster: &Cluster, c: usize, collection: &str, id: &str, payload: &Payload) -> Result<Stamp, String> {
     let docs = cluster.client(c).collection::<serde_json::Value>(collection);
     let written = match payload {
-        Payload::Put(doc) => docs.put(id, &serde_json::Value::Object(doc.clone())).await,
+        Payload::Put(doc) => docs.put(id, &serde_json::Value::Object(doc.to_map())).await,
         Payload::Delete => docs.delete(id).await,
     };
     written.map_err(|e| format!("a local write failed: {e}"))
@@ -272,7 +272,7 @@ async fn check_watch(watch: &mut tide_client::Watch, cluster: &Cluster, c: usize
 /// the server refused (too large) to the server's version.
 fn never_back(before: &Snapshot, now: &Snapshot) -> Result<(), String> {
     for (key, (stamp, payload)) in before {
-        let refused = payload.doc().is_some_and(|d| d.contains_key("big"));
+        let refused = payload.doc().is_some_and(|d| d.to_map().contains_key("big"));
         match now.get(key) {
             Some((s, _)) if s >= stamp => {}
             _ if refused => {}

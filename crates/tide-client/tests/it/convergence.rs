@@ -115,7 +115,7 @@ async fn a_rejected_write_goes_back_to_the_servers_version_and_stays_inspectable
     let rejected = a.rejected().await.unwrap();
     assert_eq!(rejected.len(), 3);
     assert!(rejected.iter().all(|r| r.code == tide_core::ErrorCode::DocTooLarge), "{rejected:?}");
-    assert_eq!(rejected[0].op.payload.doc().unwrap()["title"], json!("x".repeat(200)));
+    assert_eq!(rejected[0].op.payload.doc().unwrap().to_map()["title"], json!("x".repeat(200)));
 
     // Watchers see the writes and then their reversal, ending on the stored version.
     let mut last = std::collections::BTreeMap::new();
@@ -230,7 +230,7 @@ async fn a_write_made_after_a_rejection_is_never_reverted() {
     assert_eq!(na.get("k").await.unwrap(), Some(note("v2")), "v2 is not the refused write");
     assert!(a.sync_once().await.unwrap().verified);
     let row = server.model().row("notes", "k").cloned().unwrap();
-    assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "and the server got v2 back by repair");
+    assert_eq!(row.payload.doc().unwrap().to_map()["title"], json!("v2"), "and the server got v2 back by repair");
 }
 
 /// A client whose server took `v1` then `v2` of `notes/k` and was then
@@ -262,7 +262,7 @@ async fn a_refused_write_goes_back_to_an_acknowledged_version_the_server_lost() 
     assert_eq!(na.get("k").await.unwrap(), Some(note("v2")), "back to v2, not the server's older v1");
     a.sync_once().await.unwrap();
     let row = server.model().row("notes", "k").cloned().unwrap();
-    assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "v2 was repaired back to the server");
+    assert_eq!(row.payload.doc().unwrap().to_map()["title"], json!("v2"), "v2 was repaired back to the server");
 }
 
 /// Write checkpoints: wait until a write (or every write so far) is safe
@@ -374,5 +374,5 @@ async fn a_chain_of_refused_writes_goes_back_to_the_last_version_taken() {
     assert_eq!(na.get("k").await.unwrap(), Some(note("v2")), "past both refused writes, to v2");
     a.sync_once().await.unwrap();
     let row = server.model().row("notes", "k").cloned().unwrap();
-    assert_eq!(row.payload.doc().unwrap()["title"], json!("v2"), "v2 was repaired back to the server");
+    assert_eq!(row.payload.doc().unwrap().to_map()["title"], json!("v2"), "v2 was repaired back to the server");
 }

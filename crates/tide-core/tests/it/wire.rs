@@ -99,6 +99,21 @@ fn not_json_and_json_bombs_are_invalid_json() {
 }
 
 #[test]
+fn a_document_may_nest_as_deep_as_its_message_allows() {
+    let body = |depth: usize| {
+        let doc = format!("{}{{}}{}", r#"{"a":"#.repeat(depth - 1), "}".repeat(depth - 1));
+        format!(
+            r#"{{"node_id":"a","ops":[{{"collection":"c","id":"i","kind":"put","lamport":1,"node_id":"a","doc":{doc}}}]}}"#
+        )
+    };
+    let req = SyncRequest::from_json(body(tide_core::DOC_DEPTH_MAX).as_bytes()).unwrap();
+    let Payload::Put(doc) = &req.ops[0].payload else { panic!("a put") };
+    assert_eq!(doc.as_str(), format!("{}{{}}{}", r#"{"a":"#.repeat(123), "}".repeat(123)));
+    let err = SyncRequest::from_json(body(tide_core::DOC_DEPTH_MAX + 1).as_bytes()).unwrap_err();
+    assert_eq!(err.code, ErrorCode::InvalidJson, "{err}");
+}
+
+#[test]
 fn extensions_are_additive_and_named_as_documented() {
     let mut req = SyncRequest::new("a", Some(Cursor(3)));
     req.limit = Some(100);
@@ -199,7 +214,7 @@ proptest! {
 fn docs_keep_their_key_order() {
     let req = SyncRequest::from_json(br#"{"node_id":"a","ops":[{"collection":"c","id":"i","kind":"put","doc":{"z":1,"a":2,"m":3},"lamport":1,"node_id":"a"}]}"#).unwrap();
     let Payload::Put(d) = &req.ops[0].payload else { panic!() };
-    assert_eq!(d.keys().collect::<Vec<_>>(), ["z", "a", "m"]);
+    assert_eq!(d.as_str(), r#"{"z":1,"a":2,"m":3}"#);
     assert_eq!(d, &doc(json!({"z": 1, "a": 2, "m": 3})));
 }
 
@@ -231,4 +246,55 @@ fn the_digest_extensions_round_trip() {
     assert_eq!(again, req);
     let bad = SyncRequest::from_json(br#"{"node_id":"a","verify":{"level":"everything"}}"#).unwrap_err();
     assert_eq!(bad.code, ErrorCode::InvalidRequest);
+}
+
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        Just(json!(null)),
+        any::<bool>().prop_map(|b| json!(b)),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<u64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| json!(f)),
+        "\\PC{0,6}|[\\x00-\\x1f\"\\\\/é]{0,4}".prop_map(|s| json!(s)),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::Array),
+            prop::collection::vec(("[a-c]{0,2}", inner), 0..5)
+                .prop_map(|kv| json!(kv.into_iter().collect::<serde_json::Map<_, _>>())),
+        ]
+    })
+}
+
+proptest! {
+    /// However a document's JSON is written (spaced, escaped, as Python
+    /// writes it), it becomes the text serde_json writes for its map, and
+    /// that text is kept as it is.
+    #[test]
+    fn documents_become_their_canonical_text(fields in prop::collection::vec(("[a-c]{0,2}|\\PC{0,3}", json_value()), 0..5)) {
+        let map: serde_json::Map<String, serde_json::Value> = fields.iter().cloned().collect();
+        let canonical = serde_json::to_string(&map).unwrap();
+        // Duplicate keys, in the writer's order, as a non-Rust writer may send them.
+        let with_duplicates = format!("{{{}}}", fields.iter()
+            .map(|(k, v)| format!("{}: {}", json!(k), serde_json::to_string_pretty(v).unwrap()))
+            .collect::<Vec<_>>().join(" , "));
+        let mut escaped = String::new();
+        for c in canonical.chars() {
+            if c.is_ascii() {
+                escaped.push(c);
+            } else {
+                for u in c.encode_utf16(&mut [0; 2]) {
+                    std::fmt::Write::write_fmt(&mut escaped, format_args!("\\u{u:04X}")).unwrap();
+                }
+            }
+        }
+        for text in [&canonical, &serde_json::to_string_pretty(&map).unwrap(), &escaped] {
+            let doc = tide_core::Doc::parse(text).unwrap();
+            prop_assert_eq!(doc.as_str(), canonical.as_str(), "{}", text);
+        }
+        let parsed: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&with_duplicates).unwrap();
+        let doc = tide_core::Doc::parse(&with_duplicates).unwrap();
+        let expected = serde_json::to_string(&parsed).unwrap();
+        prop_assert_eq!(doc.as_str(), expected.as_str());
+    }
 }

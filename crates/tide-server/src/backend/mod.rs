@@ -344,24 +344,25 @@ pub(crate) struct Current<'a> {
     pub(crate) doc: Option<Cow<'a, str>>,
 }
 
-/// One op of a group as the backends decide it: its document rendered
-/// once as the compact text every tide replica stores and hashes.
+/// One op of a group as the backends decide it: its document's text (the
+/// canonical text every tide replica stores and hashes, kept as it arrived)
+/// and its version hash.
 pub(crate) struct Incoming<'a> {
     pub(crate) op: &'a tide_core::Op,
-    pub(crate) doc: Option<String>,
+    pub(crate) doc: Option<&'a str>,
     pub(crate) hash: Option<Hash64>,
 }
 
 impl<'a> Incoming<'a> {
     pub(crate) fn new(op: &'a tide_core::Op) -> Self {
         let doc = digest::doc_text(&op.payload);
-        let hash = doc.as_deref().map(|d| digest::version_hash(&op.collection, &op.id, &op.stamp, Some(d)));
+        let hash = doc.map(|d| digest::version_hash(&op.collection, &op.id, &op.stamp, Some(d)));
         Self { op, doc, hash }
     }
 
     /// The version this op writes, to decide later ops of the group against.
     pub(crate) fn current(&self) -> Current<'_> {
-        Current { stamp: self.op.stamp.clone(), hash: self.hash, doc: self.doc.as_deref().map(Cow::Borrowed) }
+        Current { stamp: self.op.stamp.clone(), hash: self.hash, doc: self.doc.map(Cow::Borrowed) }
     }
 
     /// The version hash stored with this op's version: of its document, or
@@ -374,7 +375,7 @@ impl<'a> Incoming<'a> {
     /// The stored rendering of this op's version, up to `"seq":`.
     pub(crate) fn prefix(&self) -> String {
         let op = self.op;
-        render_prefix(&op.collection, &op.id, self.doc.as_deref(), op.stamp.lamport, &op.stamp.node_id)
+        render_prefix(&op.collection, &op.id, self.doc, op.stamp.lamport, &op.stamp.node_id)
     }
 }
 
@@ -388,7 +389,7 @@ pub(crate) fn decide_current(current: Option<&Current<'_>>, incoming: &Incoming<
         std::cmp::Ordering::Equal => {
             let same = match (&stored.doc, &incoming.doc, stored.hash) {
                 (_, None, None) => true,
-                (Some(stored), Some(doc), Some(_)) => stored.as_ref() == doc.as_str(),
+                (Some(stored), Some(doc), Some(_)) => stored.as_ref() == *doc,
                 // A stored document not read: its hash tells.
                 (None, Some(_), Some(hash)) => incoming.hash == Some(hash),
                 _ => false,

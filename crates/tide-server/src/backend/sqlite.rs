@@ -1025,7 +1025,7 @@ mod tests {
     }
 
     fn write(node: &str, id: &str, lamport: u64) -> Arc<SyncRequest> {
-        let doc = serde_json::json!({ "n": lamport }).as_object().unwrap().clone();
+        let doc = serde_json::json!({ "n": lamport }).as_object().unwrap().clone().into();
         let op = Op {
             collection: "c".into(),
             id: id.into(),

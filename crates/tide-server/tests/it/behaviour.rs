@@ -15,7 +15,7 @@ use crate::support::{self, Storage, on_both_backends, raw};
 
 fn doc(v: serde_json::Value) -> tide_core::Doc {
     match v {
-        serde_json::Value::Object(map) => map,
+        serde_json::Value::Object(map) => map.into(),
         other => panic!("not an object: {other}"),
     }
 }

@@ -31,7 +31,7 @@ fn random_request(rng: &mut SplitMix64, cursors: &[u64]) -> SyncRequest {
         .map(|_| {
             let payload = match rng.below(4) {
                 0 => Payload::Delete,
-                _ => Payload::Put(json!({"v": rng.below(3), "s": "é\"\\"}).as_object().cloned().unwrap()),
+                _ => Payload::Put(json!({"v": rng.below(3), "s": "é\"\\"}).as_object().cloned().unwrap().into()),
             };
             let lamport = if rng.below(30) == 0 { 2_000_000_000 } else { 1 + rng.below(8) };
             let author = if rng.below(40) == 0 { "intruder" } else { node };

@@ -24,7 +24,7 @@ fn push(node: &str, id: &str, lamport: u64) -> SyncRequest {
         collection: "c".into(),
         id: id.into(),
         stamp: Stamp::new(lamport, node),
-        payload: Payload::Put(json!({"v": lamport}).as_object().cloned().unwrap()),
+        payload: Payload::Put(json!({"v": lamport}).as_object().cloned().unwrap().into()),
         op_id: None,
     }];
     r

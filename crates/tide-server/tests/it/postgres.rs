@@ -50,7 +50,7 @@ fn put(node: &str, id: &str, lamport: u64, v: u64) -> Op {
         collection: "c".into(),
         id: id.into(),
         stamp: Stamp::new(lamport, node),
-        payload: Payload::Put(json!({"v": v}).as_object().cloned().unwrap()),
+        payload: Payload::Put(json!({"v": v}).as_object().cloned().unwrap().into()),
         op_id: None,
     }
 }

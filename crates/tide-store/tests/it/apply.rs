@@ -103,7 +103,7 @@ async fn digests_kept_while_writing_equal_digests_from_scratch() {
             if rng.below(4) == 0 {
                 store.delete(&c, &id).await.unwrap();
             } else {
-                let doc = serde_json::json!({"v": rng.below(100)}).as_object().cloned().unwrap();
+                let doc = serde_json::json!({"v": rng.below(100)}).as_object().cloned().unwrap().into();
                 store.put(&c, &id, doc).await.unwrap();
             }
         }
@@ -113,7 +113,7 @@ async fn digests_kept_while_writing_equal_digests_from_scratch() {
                 let payload = if rng.below(4) == 0 {
                     Payload::Delete
                 } else {
-                    Payload::Put(serde_json::json!({"r": round}).as_object().cloned().unwrap())
+                    Payload::Put(serde_json::json!({"r": round}).as_object().cloned().unwrap().into())
                 };
                 Change {
                     collection: format!("c{}", rng.below(2)),
@@ -136,7 +136,7 @@ async fn digests_kept_while_writing_equal_digests_from_scratch() {
             collection: "c1".into(),
             id: format!("bulk{i}"),
             stamp: Stamp::new(1 + i % 7, "bulk"),
-            payload: Payload::Put(serde_json::json!({"i": i}).as_object().cloned().unwrap()),
+            payload: Payload::Put(serde_json::json!({"i": i}).as_object().cloned().unwrap().into()),
             seq: seq + 1 + i,
         })
         .collect();

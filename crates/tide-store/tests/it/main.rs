@@ -12,7 +12,7 @@ use tide_store::{OpenOptions, Store};
 
 pub(crate) fn doc(v: serde_json::Value) -> Doc {
     match v {
-        serde_json::Value::Object(map) => map,
+        serde_json::Value::Object(map) => map.into(),
         other => panic!("not an object: {other}"),
     }
 }

@@ -8,7 +8,7 @@ mod server;
 
 pub(crate) fn doc(v: serde_json::Value) -> tide_core::Doc {
     match v {
-        serde_json::Value::Object(map) => map,
+        serde_json::Value::Object(map) => map.into(),
         other => panic!("not an object: {other}"),
     }
 }

@@ -1,12 +1,16 @@
-//! How many SQL statements an exchange costs on SQLite, counted from
-//! sqlx's own log of every statement it runs, so the number cannot creep
-//! back up unnoticed. (A binary of its own: the count is process-wide.)
+//! How many SQL statements an exchange costs on SQLite and on PostgreSQL,
+//! counted from sqlx's own log of every statement it runs, so the number
+//! cannot creep back up unnoticed. (A binary of its own, and one test: the
+//! count is process-wide.)
+
+#[path = "common/mod.rs"]
+mod common;
 
 use std::sync::{Arc, Mutex};
 
 use serde_json::json;
 use tide_core::{Cursor, Limits, Lineage, Op, Payload, Stamp, SyncRequest};
-use tide_server::{Backend, Durability, Namespace, Principal, SqliteBackend};
+use tide_server::{Backend, Durability, Namespace, PostgresBackend, Principal, SqliteBackend};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::layer::{Context, SubscriberExt as _};
 use tracing_subscriber::util::SubscriberInitExt as _;
@@ -70,10 +74,20 @@ fn write(node: &str, n: u64, cursor: u64, lineage: u64) -> Arc<SyncRequest> {
     Arc::new(req)
 }
 
+/// The first three words of each statement of a multi-statement call.
+fn statements_of(sql: &str) -> Vec<String> {
+    sql.split(';').map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).collect()
+}
+
 #[tokio::test]
 async fn an_exchange_is_one_write_group_and_one_page_statement() {
     let statements = Statements::default();
     tracing_subscriber::registry().with(statements.clone()).init();
+    on_sqlite(&statements).await;
+    on_postgres(&statements).await;
+}
+
+async fn on_sqlite(statements: &Statements) {
     let dir = tempfile::tempdir().unwrap();
     let backend = SqliteBackend::open(&dir.path().join("s.db"), Durability::Full, Limits::default()).await.unwrap();
     let principal = Principal { id: "alice".into(), namespace: Namespace::new("default") };
@@ -87,9 +101,6 @@ async fn an_exchange_is_one_write_group_and_one_page_statement() {
     let reply = backend.exchange(&principal, write("a", 2, 10, 2)).await.unwrap();
     assert_eq!(reply.results.len(), 10);
     let ran = statements.take();
-    let statements_of = |sql: &str| -> Vec<String> {
-        sql.split(';').map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).collect()
-    };
     assert_eq!(ran.len(), 3, "{ran:#?}");
     // Begin; lock the counters; bind new node ids; read nodes and stored versions.
     assert_eq!(
@@ -125,6 +136,32 @@ async fn an_exchange_is_one_write_group_and_one_page_statement() {
     // The node's binding is looked up once, then known.
     assert_eq!(ran.len(), 2, "{ran:#?}");
     backend.exchange(&principal, Arc::new(SyncRequest::new("b", Some(Cursor(20))))).await.unwrap();
+    let ran = statements.take();
+    assert_eq!(ran.len(), 1, "{ran:#?}");
+    assert!(ran[0].starts_with("SELECT ns.seq, ns.size_max"), "{ran:?}");
+}
+
+async fn on_postgres(statements: &Statements) {
+    let Some(url) = common::service("TIDE_TEST_POSTGRES_URL", "PostgreSQL's statements per exchange") else {
+        return;
+    };
+    let url = common::fresh_schema(&url).await;
+    let backend = PostgresBackend::open(&url, Limits::default()).await.unwrap();
+    let principal = Principal { id: "alice".into(), namespace: Namespace::new("default") };
+    backend.exchange(&principal, write("a", 1, 0, 1)).await.unwrap();
+    statements.take();
+
+    // A write exchange: the write group's read and its conditional write,
+    // which commits (no transaction around them), then the page.
+    let reply = backend.exchange(&principal, write("a", 2, 10, 2)).await.unwrap();
+    assert_eq!(reply.results.len(), 10);
+    let ran = statements.take();
+    let words: Vec<Vec<String>> = ran.iter().map(|sql| statements_of(sql)).collect();
+    assert_eq!(words, [["WITH made AS"], ["WITH n AS"], ["SELECT ns.seq, ns.size_max,"]], "{ran:#?}");
+    assert!(ran[1].contains("UPDATE tide_namespaces") && ran[1].contains("xmin::text = $26"), "{ran:#?}");
+
+    // A pull is one statement.
+    backend.exchange(&principal, Arc::new(SyncRequest::new("a", Some(Cursor(20))))).await.unwrap();
     let ran = statements.take();
     assert_eq!(ran.len(), 1, "{ran:#?}");
     assert!(ran[0].starts_with("SELECT ns.seq, ns.size_max"), "{ran:?}");

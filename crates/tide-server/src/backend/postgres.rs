@@ -3,16 +3,21 @@
 //! **The cursor problem and how it is solved.** Sequence numbers taken in
 //! one order can commit in another: with a plain sequence, a pull between
 //! two commits could move a client's cursor past a change that commits
-//! later, and the client would never see it. Here every write transaction
-//! of a namespace first locks that namespace's row (`SELECT … FOR UPDATE`),
-//! takes its seqs from the counter on that row, and holds the lock until it
-//! commits. So within a namespace, seqs are assigned and committed in the
-//! same order: any snapshot sees a prefix of the seqs, and a pull never
-//! skips or repeats a change, whatever the number of writers or server
-//! processes. Writes to one namespace are serialized (as SQLite serializes
-//! all writes); different namespaces write in parallel. Same-key conflicts
-//! are decided under that lock by `tide_core::decide`, so there are no lost
-//! updates, and one lock per transaction means no deadlocks.
+//! later, and the client would never see it. Here every write of a
+//! namespace updates that namespace's row, which holds the seq counter, and
+//! holds the row's lock until it commits: a group reads the counters (and
+//! the row's version, its `xmin`) and writes its versions in one statement
+//! that first updates the row *only if it is still that version*. So within
+//! a namespace, seqs are assigned and committed in the same order: any
+//! snapshot sees a prefix of the seqs, and a pull never skips or repeats a
+//! change, whatever the number of writers or server processes. A group that
+//! finds the row changed (another process wrote in between) writes nothing
+//! and is applied again under the row's lock (`SELECT … FOR UPDATE`), which
+//! cannot conflict. Writes to one namespace are serialized (as SQLite
+//! serializes all writes); different namespaces write in parallel.
+//! Same-key conflicts are decided by `tide_core::decide` against versions
+//! read after the last write to the namespace, so there are no lost
+//! updates, and one row lock per transaction means no deadlocks.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -198,6 +203,7 @@ impl PostgresBackend {
                             limits: self.limits.clone(),
                             bindings: Arc::clone(&self.bindings),
                             digest_log_rows_max: Arc::clone(&self.digest_log_rows_max),
+                            contended: std::sync::Mutex::new(None),
                         };
                         tokio::spawn(writer.run(work, Arc::downgrade(&self.writers)));
                         queue
@@ -438,7 +444,13 @@ struct NamespaceWriter {
     limits: Limits,
     bindings: Arc<Bindings>,
     digest_log_rows_max: Arc<std::sync::atomic::AtomicI64>,
+    /// Until when the namespace's groups take the lock first.
+    contended: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a namespace's write groups take its row lock from the start
+/// after one found that another process wrote in between.
+const CONTENDED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long a namespace's writer task waits for work before it ends.
 const WRITER_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
@@ -486,23 +498,60 @@ impl NamespaceWriter {
         }
     }
 
-    /// One transaction for a group of the namespace's requests, in five
-    /// round trips: begin; lock the namespace and take its counters; bind
-    /// and read the group's nodes and the stored versions of its keys; write
-    /// everything (versions, digests, chains, counters, the notification);
-    /// commit.
+    /// Applies a group of the namespace's requests. First in two round
+    /// trips and no transaction held open: one statement reads the
+    /// namespace's counters, the group's nodes and the stored versions of
+    /// its keys; one writes everything, on condition that the namespace's
+    /// row is still the version read (else it writes nothing). Only when
+    /// another process wrote the namespace in between is the group applied
+    /// again under the namespace's row lock, which cannot conflict.
+    ///
+    /// After a conflict the namespace's groups take the lock from the start
+    /// for [`CONTENDED_FOR`]: another process is writing it too, and a
+    /// group that conflicts pays both ways.
     async fn run_group(&self, batch: &[Pending]) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
-        let ns = self.namespace.as_str();
-        let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        // The namespace lock, held to commit: it makes seq order commit
-        // order. What follows reads after it. A row lock, not an update: an
-        // update per group would leave a dead version of the row each time.
-        let (seq, lamport_max) = lock_namespace(&mut tx, ns).await?;
-        let (mut seq, mut lamport_max) = (to_u64(seq), to_u64(lamport_max));
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let contended = self
+            .contended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|until| std::time::Instant::now() < until);
+        if !contended {
+            if let Some(outcomes) = self.try_group(&mut conn, batch, false).await? {
+                return Ok(outcomes);
+            }
+            *self.contended.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                Some(std::time::Instant::now() + CONTENDED_FOR);
+        }
+        let mut tx = conn.begin().await.map_err(unavailable)?;
+        lock_namespace(&mut tx, &self.namespace).await?;
+        let outcomes = self
+            .try_group(&mut tx, batch, true)
+            .await?
+            .ok_or_else(|| BackendError::Internal("a write group conflicted under its namespace's lock".into()))?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(outcomes)
+    }
 
+    /// One attempt at a group: `None` when the namespace changed between
+    /// its read and its write, which then wrote nothing, or (unless
+    /// `locked`) its read missed what another process made meanwhile.
+    async fn try_group(
+        &self,
+        conn: &mut PgConnection,
+        batch: &[Pending],
+        locked: bool,
+    ) -> Result<Option<Vec<Result<Vec<OpResult>, BackendError>>>, BackendError> {
+        let ns = self.namespace.as_str();
         let incoming: Vec<Vec<Incoming<'_>>> =
             batch.iter().map(|p| p.request.ops.iter().map(Incoming::new).collect()).collect();
-        let (mut nodes, stored) = read_group(&mut tx, ns, batch).await?;
+        let (counters, mut nodes, stored) = read_group(conn, ns, batch).await?;
+        // A namespace another process made after this read's snapshot began.
+        let Some(counters) = counters else { return Ok(None) };
+        if !locked && batch.iter().any(|p| !nodes.contains_key(p.request.node_id.as_str())) {
+            return Ok(None);
+        }
+        let (mut seq, mut lamport_max) = (to_u64(counters.seq), to_u64(counters.lamport_max));
         let mut current: HashMap<GroupKey<'_>, Current<'_>> = HashMap::with_capacity(stored.len());
         for (key, (stamp, hash, doc)) in &stored {
             current.insert(*key, Current { stamp: stamp.clone(), hash: *hash, doc: doc.as_deref().map(Into::into) });
@@ -530,29 +579,45 @@ impl NamespaceWriter {
             written.iter().map(|(&(n, c, id), &(i, _))| (n, c, id, before.get(&(n, c, id)).copied(), flat[i].hash)),
         );
         let applied = !written.is_empty();
-        let logged = write_group(&mut tx, ns, (&written, &flat), &deltas, &nodes, (seq, lamport_max, applied)).await?;
-        if logged > self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed) {
-            fold_digests(&mut tx).await?;
-        }
-        tx.commit().await.map_err(unavailable)?;
+        let counters = Counters { seq: to_i64(seq), lamport_max: to_i64(lamport_max), version: counters.version };
+        let Some(logged) = write_group(conn, ns, (&written, &flat), &deltas, &nodes, (&counters, applied)).await?
+        else {
+            return Ok(None);
+        };
         self.bindings.remember(nodes.into_iter().map(|(node, n)| (ns.to_owned(), node.to_owned(), n.principal)));
-        Ok(outcomes)
+        if logged > self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut tx = conn.begin().await.map_err(unavailable)?;
+            fold_digests(&mut tx).await?;
+            tx.commit().await.map_err(unavailable)?;
+        }
+        Ok(Some(outcomes))
     }
 }
 
-/// Locks the namespace's row (making it first if it is new) and reads its
-/// counters: one statement when the namespace exists.
-async fn lock_namespace(tx: &mut Transaction<'_, Postgres>, ns: &str) -> Result<(i64, i64), BackendError> {
-    const LOCK: &str = "SELECT seq, lamport_max FROM tide_namespaces WHERE namespace = $1 FOR UPDATE";
-    if let Some(counters) = sqlx::query_as(LOCK).bind(ns).fetch_optional(&mut **tx).await.map_err(unavailable)? {
-        return Ok(counters);
+/// A namespace's counters as a write group reads them, and the version of
+/// its row they were read from (its `xmin`: every write group updates the
+/// row, so another version means another process wrote in between).
+struct Counters {
+    seq: i64,
+    lamport_max: i64,
+    version: String,
+}
+
+/// Locks the namespace's row (making it first if it is new) until the
+/// transaction ends.
+async fn lock_namespace(tx: &mut Transaction<'_, Postgres>, ns: &str) -> Result<(), BackendError> {
+    const LOCK: &str = "SELECT seq FROM tide_namespaces WHERE namespace = $1 FOR UPDATE";
+    let locked: Option<i64> = sqlx::query_scalar(LOCK).bind(ns).fetch_optional(&mut **tx).await.map_err(unavailable)?;
+    if locked.is_some() {
+        return Ok(());
     }
     sqlx::query("INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) ON CONFLICT DO NOTHING")
         .bind(ns)
         .execute(&mut **tx)
         .await
         .map_err(unavailable)?;
-    sqlx::query_as(LOCK).bind(ns).fetch_one(&mut **tx).await.map_err(unavailable)
+    sqlx::query(LOCK).bind(ns).execute(&mut **tx).await.map_err(unavailable)?;
+    Ok(())
 }
 
 /// Binds the arguments every page statement begins with: `$1` the
@@ -574,13 +639,15 @@ fn bind_page<'q, O>(
 /// document if a write carries its stamp.
 type Stored = (Stamp, Option<Hash64>, Option<String>);
 
-/// Binds the group's new node ids and reads its nodes (with their chains)
-/// and the stored versions of its keys, in one statement.
+/// Reads the namespace's counters (`None` for a namespace made by another
+/// process after the statement's snapshot), binds the group's new node ids
+/// and reads its nodes (with their chains) and the stored versions of its
+/// keys, in one statement.
 async fn read_group<'a>(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     ns: &str,
     batch: &'a [Pending],
-) -> Result<(HashMap<&'a str, Node>, HashMap<GroupKey<'a>, Stored>), BackendError> {
+) -> Result<(Option<Counters>, HashMap<&'a str, Node>, HashMap<GroupKey<'a>, Stored>), BackendError> {
     let mut node_ids: Vec<&str> = Vec::new();
     let mut principals: Vec<&str> = Vec::new();
     for p in batch {
@@ -594,13 +661,17 @@ async fn read_group<'a>(
         .flat_map(|p| p.request.ops.iter().map(move |o| (ns_of(p), o.collection.as_str(), o.id.as_str())))
         .collect();
     let ops: Vec<&tide_core::Op> = batch.iter().flat_map(|p| &p.request.ops).collect();
-    let (nodes_json, stored_json): (String, String) = sqlx::query_as(
-        "WITH bound AS (INSERT INTO tide_nodes (namespace, node_id, principal) \
+    let (seq, lamport_max, version, nodes_json, stored_json): GroupRead = sqlx::query_as(
+        "WITH made AS (INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) \
+           ON CONFLICT DO NOTHING RETURNING seq, lamport_max, xmin::text AS version), \
+         ns AS (SELECT seq, lamport_max, xmin::text AS version FROM tide_namespaces WHERE namespace = $1 \
+           UNION ALL SELECT * FROM made), \
+         bound AS (INSERT INTO tide_nodes (namespace, node_id, principal) \
            SELECT $1, n, p FROM UNNEST($2::text[], $3::text[]) AS u(n, p) ON CONFLICT DO NOTHING \
            RETURNING node_id, principal, chain_last, chain_before, chain_height), \
          known AS (SELECT node_id, principal, chain_last, chain_before, chain_height FROM tide_nodes \
            WHERE namespace = $1 AND node_id = ANY($2)) \
-         SELECT \
+         SELECT (SELECT seq FROM ns LIMIT 1), (SELECT lamport_max FROM ns LIMIT 1), (SELECT version FROM ns LIMIT 1), \
            (SELECT coalesce(json_agg(json_build_array(node_id, principal, chain_last, chain_before, chain_height)), '[]') \
             FROM (SELECT * FROM bound UNION ALL SELECT * FROM known) b)::text, \
            (SELECT coalesce(json_agg(json_build_array(k.i - 1, r.lamport, r.node_id, r.deleted, r.vhash, \
@@ -615,7 +686,7 @@ async fn read_group<'a>(
     .bind(ops.iter().map(|o| o.id.as_str()).collect::<Vec<_>>())
     .bind(ops.iter().map(|o| to_i64(o.stamp.lamport)).collect::<Vec<_>>())
     .bind(ops.iter().map(|o| o.stamp.node_id.as_str()).collect::<Vec<_>>())
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *conn)
     .await
     .map_err(unavailable)?;
     let bad = |what: &str, e: serde_json::Error| BackendError::Internal(format!("write group {what}: {e}"));
@@ -640,8 +711,17 @@ async fn read_group<'a>(
             .or_insert_with(|| (Stamp::new(lamport, node), (!deleted).then(|| Hash64::from_i64(hash)), None));
         entry.2 = entry.2.take().or(doc);
     }
-    Ok((nodes, stored))
+    let counters = match (seq, lamport_max, version) {
+        (Some(seq), Some(lamport_max), Some(version)) => Some(Counters { seq, lamport_max, version }),
+        _ => None,
+    };
+    Ok((counters, nodes, stored))
 }
+
+/// What a write group's read returns: the namespace's counters and row
+/// version (absent when the statement could not see the row), its nodes
+/// and its stored versions (as JSON).
+type GroupRead = (Option<i64>, Option<i64>, Option<String>, String, String);
 
 /// A node as a write group reads it: id, principal, chain (last, before, height).
 type BoundNode = (String, String, Option<String>, Option<String>, Option<u64>);
@@ -650,18 +730,21 @@ fn ns_of(p: &Pending) -> &str {
     p.principal.namespace.as_str()
 }
 
-/// Writes a group in one statement: the versions, the roots' deltas, the
-/// bucket deltas logged, the chains moved on, the counters, and (when
+/// Writes a group in one statement, if the namespace's row is still the
+/// version its counters were read from: the counters, the versions, the
+/// roots' deltas, the bucket deltas logged, the chains moved on, and (when
 /// anything was applied) the notification other servers listen for.
-/// Returns how many rows the digest log holds.
+/// Returns how many rows the digest log holds, or `None` when the row had
+/// changed and nothing was written. Outside a transaction the statement is
+/// one of its own, so it commits in the same round trip.
 async fn write_group(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     ns: &str,
     (written, incoming): (&HashMap<GroupKey<'_>, (usize, u64)>, &[&Incoming<'_>]),
     deltas: &super::DigestDeltas<'_>,
     nodes: &HashMap<&str, Node>,
-    (seq, lamport_max, applied): (u64, u64, bool),
-) -> Result<i64, BackendError> {
+    (counters, applied): (&Counters, bool),
+) -> Result<Option<i64>, BackendError> {
     let mut order: Vec<(usize, u64)> = written.values().copied().collect();
     order.sort_by_key(|&(_, seq)| seq);
     let ops: Vec<&Incoming<'_>> = order.iter().map(|&(i, _)| incoming[i]).collect();
@@ -673,25 +756,27 @@ async fn write_group(
         .collect();
     let moved: Vec<(&str, &tide_core::Chain)> =
         nodes.iter().filter(|(_, n)| n.moved).filter_map(|(node, n)| Some((*node, n.chain.as_ref()?))).collect();
-    let logged: Option<i64> = sqlx::query_scalar(
-        "WITH r AS (INSERT INTO tide_rows (namespace, collection, id, lamport, node_id, deleted, seq, bucket, vhash, size, wire) \
+    // Every part waits for `n`, the conditional update of the namespace's
+    // row, and writes nothing without it.
+    let (done, logged): (bool, Option<i64>) = sqlx::query_as(
+        "WITH n AS (UPDATE tide_namespaces SET seq = $21, lamport_max = $22, size_max = GREATEST(size_max, $25) \
+           WHERE namespace = $1 AND xmin::text = $26 RETURNING 1), \
+         r AS (INSERT INTO tide_rows (namespace, collection, id, lamport, node_id, deleted, seq, bucket, vhash, size, wire) \
            SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[], $6::bool[], $7::bigint[], \
-           $8::int[], $9::bigint[], $10::bigint[], $11::text[]) \
+           $8::int[], $9::bigint[], $10::bigint[], $11::text[]) WHERE EXISTS (SELECT 1 FROM n) \
            ON CONFLICT (namespace, collection, id) DO UPDATE SET lamport = excluded.lamport, \
            node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq, vhash = excluded.vhash, \
            size = excluded.size, wire = excluded.wire), \
          d AS (INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
-           SELECT $1, 0, c, 0, h FROM UNNEST($12::text[], $13::bigint[]) AS u(c, h) \
+           SELECT $1, 0, c, 0, h FROM UNNEST($12::text[], $13::bigint[]) AS u(c, h) WHERE EXISTS (SELECT 1 FROM n) \
            ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = tide_digest.hash # excluded.hash), \
          l AS (INSERT INTO tide_digest_log (namespace, collection, bucket, delta) \
-           SELECT $1, * FROM UNNEST($14::text[], $15::int[], $16::bigint[]) RETURNING id), \
+           SELECT $1, * FROM UNNEST($14::text[], $15::int[], $16::bigint[]) WHERE EXISTS (SELECT 1 FROM n) RETURNING id), \
          c AS (UPDATE tide_nodes SET chain_last = u.last, chain_before = u.before, chain_height = u.height \
            FROM UNNEST($17::text[], $18::text[], $19::text[], $20::bigint[]) AS u(node, last, before, height) \
-           WHERE tide_nodes.namespace = $1 AND tide_nodes.node_id = u.node), \
-         n AS (UPDATE tide_namespaces SET seq = $21, lamport_max = $22, size_max = GREATEST(size_max, $25) \
-           WHERE namespace = $1) \
-         SELECT (SELECT max(id) FROM l) - (SELECT min(id) FROM tide_digest_log) + 1 \
-         FROM (SELECT CASE WHEN $23 THEN pg_notify($24, $1) END) AS notified",
+           WHERE tide_nodes.namespace = $1 AND tide_nodes.node_id = u.node AND EXISTS (SELECT 1 FROM n)) \
+         SELECT EXISTS (SELECT 1 FROM n), (SELECT max(id) FROM l) - (SELECT min(id) FROM tide_digest_log) + 1 \
+         FROM (SELECT CASE WHEN $23 AND EXISTS (SELECT 1 FROM n) THEN pg_notify($24, $1) END) AS notified",
     )
     .bind(ns)
     .bind(ops.iter().map(|i| i.op.collection.as_str()).collect::<Vec<_>>())
@@ -713,15 +798,16 @@ async fn write_group(
     .bind(moved.iter().map(|m| m.1.last.as_str()).collect::<Vec<_>>())
     .bind(moved.iter().map(|m| m.1.before.as_str()).collect::<Vec<_>>())
     .bind(moved.iter().map(|m| i64::try_from(m.1.height).unwrap_or(i64::MAX)).collect::<Vec<_>>())
-    .bind(to_i64(seq))
-    .bind(to_i64(lamport_max))
+    .bind(counters.seq)
+    .bind(counters.lamport_max)
     .bind(applied)
     .bind(COMMITS_CHANNEL)
     .bind(sizes.iter().copied().max().unwrap_or(0))
-    .fetch_one(&mut **tx)
+    .bind(&counters.version)
+    .fetch_one(&mut *conn)
     .await
     .map_err(unavailable)?;
-    Ok(logged.unwrap_or(0))
+    Ok(done.then_some(logged.unwrap_or(0)))
 }
 
 /// Folds the logged bucket deltas into the group and bucket rows (each

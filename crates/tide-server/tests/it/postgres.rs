@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
@@ -18,23 +17,7 @@ pub(crate) fn url() -> Option<String> {
     crate::service("TIDE_TEST_POSTGRES_URL", "the PostgreSQL backend")
 }
 
-/// A new empty schema; returns a URL whose connections use it.
-pub(crate) async fn fresh_schema(url: &str) -> String {
-    use sqlx::{ConnectOptions, Connection};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let schema = format!("tide_test_{}_{}_{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
-    let mut conn: sqlx::PgConnection = url
-        .parse::<sqlx::postgres::PgConnectOptions>()
-        .unwrap()
-        .connect()
-        .await
-        .expect("TIDE_TEST_POSTGRES_URL connects");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut conn).await.unwrap();
-    conn.close().await.unwrap();
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}options[search_path]={schema}")
-}
+pub(crate) use crate::common::fresh_schema;
 
 async fn serve(url: &str) -> String {
     let backend = PostgresBackend::open(url, tide_core::Limits::default()).await.unwrap();

@@ -3,6 +3,7 @@
 mod abuse;
 mod behaviour;
 mod binary;
+mod crash;
 mod differential;
 mod fuzz_twin;
 mod live;

@@ -20,7 +20,10 @@ mod hub;
 mod metrics;
 
 pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError, token_principal};
-pub use backend::postgres::{POSTGRES_POOL_MAX, PostgresBackend};
+pub use backend::postgres::{
+    POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT, POSTGRES_LOCK_TIMEOUT, POSTGRES_POOL_MAX, POSTGRES_STATEMENT_TIMEOUT,
+    PostgresBackend,
+};
 pub use backend::sqlite::{Durability, SqliteBackend};
 pub use backend::{Backend, BackendError, CommitCallback, Reply};
 pub use http::{

@@ -46,7 +46,9 @@ struct Args {
     /// Bearer tokens as `TOKEN=NAMESPACE,TOKEN=NAMESPACE`.
     #[arg(long, env = "TIDE_SERVER_TOKENS", hide_env_values = true)]
     tokens: Option<String>,
-    /// Commit durability: `full` (an acknowledged op survives power loss) or `normal`.
+    /// Commit durability: `full` (an acknowledged op survives power loss) or
+    /// `normal` (the last commits may be lost on power loss: SQLite's
+    /// `synchronous=NORMAL`, PostgreSQL's `synchronous_commit=off`).
     #[arg(long, env = "TIDE_SERVER_DURABILITY", default_value = "full", value_parser = ["full", "normal"])]
     durability: String,
     /// Largest request body in bytes (with or without Content-Length).
@@ -154,7 +156,7 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
     let backend: Arc<dyn Backend> = match &args.database_url {
-        Some(url) => PostgresBackend::open(url, limits).await.map_err(|e| format!("opening PostgreSQL: {e}"))?,
+        Some(url) => PostgresBackend::open(url, durability, limits).await.map_err(|e| format!("opening PostgreSQL: {e}"))?,
         None => SqliteBackend::open(&args.db, durability, limits)
             .await
             .map_err(|e| format!("opening {}: {e}", args.db.display()))?,

@@ -146,7 +146,7 @@ async fn on_postgres(statements: &Statements) {
         return;
     };
     let url = common::fresh_schema(&url).await;
-    let backend = PostgresBackend::open(&url, Limits::default()).await.unwrap();
+    let backend = PostgresBackend::open(&url, tide_server::Durability::Full, Limits::default()).await.unwrap();
     let principal = Principal { id: "alice".into(), namespace: Namespace::new("default") };
     backend.exchange(&principal, write("a", 1, 0, 1)).await.unwrap();
     statements.take();

@@ -95,7 +95,7 @@ impl Table {
 /// A tide-server in this process on SQLite in `dir`, for `namespace` tokens.
 async fn server(dir: &std::path::Path, name: &str, config: ServerConfig) -> String {
     let backend: Arc<dyn tide_server::Backend> = match std::env::var("TIDE_BENCH_CHILD_POSTGRES") {
-        Ok(url) => tide_server::PostgresBackend::open(&url, config.limits.clone()).await.expect("PostgreSQL opens"),
+        Ok(url) => tide_server::PostgresBackend::open(&url, tide_server::Durability::Full, config.limits.clone()).await.expect("PostgreSQL opens"),
         Err(_) => {
             SqliteBackend::open(&dir.join(format!("{name}.db")), tide_server::Durability::Full, config.limits.clone())
                 .await

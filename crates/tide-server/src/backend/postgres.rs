@@ -36,6 +36,7 @@ use super::{
     Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, VerifyReply,
     WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
+use super::sqlite::Durability;
 use crate::auth::{Namespace, Principal};
 
 /// Connections in the PostgreSQL pool of one server process.
@@ -129,14 +130,45 @@ impl std::fmt::Debug for PostgresBackend {
     }
 }
 
+/// Longest any statement of the server may wait for a lock
+/// (`lock_timeout`): a transaction stuck holding a namespace's row makes
+/// that namespace's writes answer 503 after this, not hang.
+pub const POSTGRES_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Longest any statement of the server may run (`statement_timeout`).
+pub const POSTGRES_STATEMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest a session of the server may sit idle inside a transaction
+/// (`idle_in_transaction_session_timeout`): PostgreSQL ends the session of a
+/// server process that stopped mid-transaction, and with it its locks.
+pub const POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[expect(clippy::needless_pass_by_value, reason = "the shape `map_err` wants")]
 fn unavailable(e: sqlx::Error) -> BackendError {
+    // A lock or statement that ran out of time (`lock_not_available`,
+    // `query_canceled`): retrying later can succeed.
+    let timed_out = e.as_database_error().and_then(sqlx::error::DatabaseError::code).is_some_and(|c| c == "55P03" || c == "57014");
     match &e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
             BackendError::Unavailable(e.to_string())
         }
+        _ if timed_out => BackendError::Unavailable(e.to_string()),
         _ => BackendError::Internal(e.to_string()),
     }
+}
+
+/// The settings of every session of the server: its timeouts, and
+/// `synchronous_commit` off for [`Durability::Normal`] (the last commits may
+/// be lost if PostgreSQL's machine loses power; never a torn one).
+fn session_settings(durability: Durability) -> Vec<(&'static str, String)> {
+    let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
+    let mut settings = vec![
+        ("lock_timeout", ms(POSTGRES_LOCK_TIMEOUT)),
+        ("statement_timeout", ms(POSTGRES_STATEMENT_TIMEOUT)),
+        ("idle_in_transaction_session_timeout", ms(POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT)),
+    ];
+    if durability == Durability::Normal {
+        settings.push(("synchronous_commit", "off".to_owned()));
+    }
+    settings
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -151,12 +183,21 @@ impl PostgresBackend {
     /// Connects to `url` (for example `postgres://user@host/db`; a
     /// `?options[search_path]=schema` parameter picks a schema) and brings
     /// the schema up to date. Safe when several servers start together.
-    pub async fn open(url: &str, limits: Limits) -> Result<Arc<Self>, BackendError> {
-        let options =
-            PgConnectOptions::from_str(url).map_err(|e| BackendError::Internal(format!("database url: {e}")))?;
+    /// Every session runs with the timeouts above and, for
+    /// [`Durability::Normal`], `synchronous_commit = off`.
+    pub async fn open(url: &str, durability: Durability, limits: Limits) -> Result<Arc<Self>, BackendError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| BackendError::Internal(format!("database url: {e}")))?
+            .options(session_settings(durability));
         let pool =
             PgPoolOptions::new().max_connections(POSTGRES_POOL_MAX).connect_with(options).await.map_err(unavailable)?;
         let mut tx = pool.begin().await.map_err(unavailable)?;
+        // A migration may take long, and so may waiting for another
+        // server's: no session timeout applies to it.
+        sqlx::raw_sql("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *tx)

@@ -20,7 +20,7 @@ pub(crate) fn url() -> Option<String> {
 pub(crate) use crate::common::fresh_schema;
 
 async fn serve(url: &str) -> String {
-    let backend = PostgresBackend::open(url, tide_core::Limits::default()).await.unwrap();
+    let backend = PostgresBackend::open(url, tide_server::Durability::Full, tide_core::Limits::default()).await.unwrap();
     let server = Server::new(backend, Arc::new(NoAuth::new("pg")), ServerConfig::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
@@ -87,6 +87,37 @@ async fn v8_a_late_commit_is_not_skipped_by_a_pull() {
     // From the old cursor the reader gets A's late change, then B's: nothing skipped.
     let next = reader.exchange(&req("r", Some(pulled.cursor), vec![])).await.unwrap();
     assert_eq!(next.changes.iter().map(|c| (c.id.as_str(), c.seq)).collect::<Vec<_>>(), [("late", 2), ("other", 3)]);
+}
+
+#[tokio::test]
+async fn a_transaction_stuck_on_a_namespace_makes_its_writes_answer_503_not_hang() {
+    use sqlx::{ConnectOptions, Connection};
+    let Some(url) = url() else { return };
+    let url = fresh_schema(&url).await;
+    let endpoint = serve(&url).await;
+    let client = HttpTransport::new(&endpoint).unwrap();
+    client.exchange(&req("a", None, vec![put("a", "first", 1, 1)])).await.unwrap();
+
+    // Another session holds the namespace's row, as a stuck server would.
+    let mut stuck: sqlx::PgConnection =
+        url.parse::<sqlx::postgres::PgConnectOptions>().unwrap().connect().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut stuck).await.unwrap();
+    sqlx::query("SELECT seq FROM tide_namespaces WHERE namespace = 'pg' FOR UPDATE").execute(&mut stuck).await.unwrap();
+
+    let second = req("a", None, vec![put("a", "second", 2, 2)]);
+    let err = tokio::time::timeout(tide_server::POSTGRES_LOCK_TIMEOUT * 4, client.exchange(&second))
+        .await
+        .expect("the write gives up after the lock timeout")
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tide_core::ErrorCode::Unavailable), "{err}");
+    // Reads go on meanwhile, and nothing was written.
+    let pulled = client.exchange(&req("r", None, vec![])).await.unwrap();
+    assert_eq!(pulled.changes.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["first"]);
+
+    sqlx::query("ROLLBACK").execute(&mut stuck).await.unwrap();
+    stuck.close().await.unwrap();
+    let retried = client.exchange(&second).await.unwrap();
+    assert_eq!(retried.results, [OpResult::Applied { seq: 2 }]);
 }
 
 /// `tasks` clients, spread over `endpoints`, write the same few keys for
@@ -249,7 +280,7 @@ async fn servers_starting_together_migrate_safely() {
     let opening: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { PostgresBackend::open(&url, tide_core::Limits::default()).await.map(|_| ()) })
+            tokio::spawn(async move { PostgresBackend::open(&url, tide_server::Durability::Full, tide_core::Limits::default()).await.map(|_| ()) })
         })
         .collect();
     for o in opening {
@@ -285,7 +316,7 @@ async fn a_schema_1_database_is_migrated_with_nothing_lost() {
     }
     conn.close().await.unwrap();
 
-    let backend = PostgresBackend::open(&url, tide_core::Limits::default()).await.unwrap();
+    let backend = PostgresBackend::open(&url, tide_server::Durability::Full, tide_core::Limits::default()).await.unwrap();
     let principal = Principal { id: "alice".into(), namespace: Namespace::new("pg") };
     let page = backend.exchange(&principal, Arc::new(req("r", None, vec![]))).await.unwrap().to_response();
     let expected = json!([

@@ -68,7 +68,7 @@ pub(crate) async fn start_with_digest_log(
             b
         }
         Storage::Postgres(url) => {
-            let b = PostgresBackend::open(&url, config.limits.clone()).await.unwrap();
+            let b = PostgresBackend::open(&url, tide_server::Durability::Full, config.limits.clone()).await.unwrap();
             if let Some(rows) = digest_log_rows {
                 b.set_digest_log_rows_max(rows);
             }

@@ -141,7 +141,17 @@ fn free_port() -> u16 {
 
 fn start_ours(dir: &std::path::Path, database_url: Option<&str>) -> (Child, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tide-server"));
-    cmd.args(["--no-auth", "--listen", "127.0.0.1:0", "--log", "warn", "--db"]).arg(dir.join("ours.db"));
+    cmd.args([
+        "--no-auth",
+        "--listen",
+        "127.0.0.1:0",
+        "--log",
+        "warn",
+        "--principal-requests-per-second-max",
+        "0",
+        "--db",
+    ])
+    .arg(dir.join("ours.db"));
     if let Some(url) = database_url {
         cmd.args(["--database-url", url]);
     }

@@ -36,6 +36,18 @@ pub const CONNECTIONS_MAX_DEFAULT: usize = 1_024;
 /// Default for [`ServerConfig::shutdown_grace`]: how long in-flight
 /// exchanges may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE_DEFAULT: Duration = Duration::from_secs(30);
+/// Default for [`ServerConfig::request_bytes_in_flight_max`]: 256 MiB of
+/// request bodies held at once across all connections.
+pub const REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT: usize = 256 << 20;
+/// Default for [`ServerConfig::principal_requests_per_second_max`]: 1,000
+/// requests a second per principal, in bursts of as many.
+pub const PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT: u32 = 1_000;
+/// Request bodies at least this large, and every gzip body, are inflated
+/// and decoded on a blocking thread, not on the runtime's workers.
+pub const DECODE_INLINE_BYTES_MAX: usize = 64 * 1024;
+/// Most principals whose request rate is tracked at once; past it the
+/// buckets of principals that were idle for a second are dropped.
+const RATE_BUCKETS_MAX: usize = 10_000;
 /// The largest `Authorization` header read.
 pub const AUTHORIZATION_BYTES_MAX: usize = 4_096;
 /// Responses at least this large are gzip-compressed for clients that accept it.
@@ -63,6 +75,16 @@ pub struct ServerConfig {
     pub held_requests_max: usize,
     /// Most long-polls held at once in one namespace (default 1,000).
     pub held_per_namespace_max: usize,
+    /// Most bytes of request bodies held at once across all connections
+    /// (declared lengths, or the body limit for a body without one, plus
+    /// what gzip bodies inflate to); past it a request is answered 503 with
+    /// `Retry-After` before its body is read. See
+    /// [`REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT`].
+    pub request_bytes_in_flight_max: usize,
+    /// Most requests a second from one principal (a token bucket holding a
+    /// second's worth); past it 429 with `Retry-After`. 0: no limit. See
+    /// [`PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT`].
+    pub principal_requests_per_second_max: u32,
 }
 
 impl Default for ServerConfig {
@@ -76,6 +98,8 @@ impl Default for ServerConfig {
             shutdown_grace: SHUTDOWN_GRACE_DEFAULT,
             held_requests_max: HELD_REQUESTS_MAX_DEFAULT,
             held_per_namespace_max: HELD_PER_NAMESPACE_MAX_DEFAULT,
+            request_bytes_in_flight_max: REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
+            principal_requests_per_second_max: PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT,
         }
     }
 }
@@ -90,6 +114,42 @@ struct App {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Pages being read for long-polls woken by the same commit.
     wakes: SharedReads,
+    /// Bytes of request bodies in flight, one permit a byte.
+    body_bytes: Arc<Semaphore>,
+    /// Each principal's request bucket.
+    rates: Rates,
+}
+
+/// Per-principal token buckets: each holds up to a second's worth of
+/// requests and refills continuously.
+struct Rates {
+    per_second: u32,
+    buckets: std::sync::Mutex<HashMap<String, (f64, Instant)>>,
+}
+
+impl Rates {
+    /// Takes one request from `principal`'s bucket, or says how long until
+    /// one is there.
+    fn take(&self, principal: &str) -> Result<(), Duration> {
+        if self.per_second == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(self.per_second);
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() >= RATE_BUCKETS_MAX && !buckets.contains_key(principal) {
+            buckets.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(1));
+        }
+        let (tokens, at) = buckets.entry(principal.to_owned()).or_insert((rate, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - *tokens) / rate))
+        }
+    }
 }
 
 /// Long-polls woken by one commit at the same cursor want the same page,
@@ -257,7 +317,20 @@ impl Server {
         let hub = Arc::new(Hub::new(config.held_requests_max, config.held_per_namespace_max));
         let stopping = tokio::sync::watch::channel(false).0;
         let wakes = SharedReads::default();
-        let app = Arc::new(App { backend, auth, config, metrics: Metrics::default(), hub, stopping, wakes });
+        let body_bytes = Arc::new(Semaphore::new(config.request_bytes_in_flight_max.min(Semaphore::MAX_PERMITS)));
+        let rates =
+            Rates { per_second: config.principal_requests_per_second_max, buckets: std::sync::Mutex::default() };
+        let app = Arc::new(App {
+            backend,
+            auth,
+            config,
+            metrics: Metrics::default(),
+            hub,
+            stopping,
+            wakes,
+            body_bytes,
+            rates,
+        });
         if tokio::runtime::Handle::try_current().is_ok() {
             let weak = Arc::downgrade(&app.hub);
             let on_commit: crate::backend::CommitCallback = Arc::new(move |namespace: &str| {
@@ -342,6 +415,63 @@ impl Server {
         resp
     }
 
+    /// Steps 2 to 4 of an exchange: within the principal's rate, and a
+    /// declared length within the limit and within the server's room for
+    /// bodies (else refused unread); the body, bounded in size and time; its
+    /// shape, then every limit. Large and gzip bodies are decoded off the
+    /// runtime's workers. Returns the request, whether the reply may be
+    /// gzipped, and the room its body takes until the exchange ends.
+    async fn receive<B>(
+        &self,
+        principal: &Principal,
+        req: http::Request<B>,
+    ) -> Result<(SyncRequest, bool, tokio::sync::OwnedSemaphorePermit), Box<Response>>
+    where
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let app = &self.app;
+        let limits = &app.config.limits;
+        if let Err(wait) = app.rates.take(&principal.id) {
+            return Err(Box::new(with_retry_after(
+                plain(ErrorCode::RateLimited, "too many requests; retry later"),
+                wait,
+            )));
+        }
+        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limits.request_bytes_max as u64) {
+            return Err(Box::new(too_large(limits.request_bytes_max)));
+        }
+        let reserved = declared.map_or(limits.request_bytes_max, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let mut room = take_room(&app.body_bytes, reserved).ok_or_else(|| Box::new(server_full()))?;
+        let gzipped = match req.headers().get(CONTENT_ENCODING).map(HeaderValue::as_bytes) {
+            None | Some(b"identity") => false,
+            Some(b"gzip") => true,
+            Some(other) => {
+                let v = Violation::new(
+                    ErrorCode::InvalidRequest,
+                    format!("content-encoding {:?} is not supported; use gzip", String::from_utf8_lossy(other)),
+                );
+                return Err(Box::new(refuse(&v)));
+            }
+        };
+        let gzip_reply = accepts_gzip(req.headers());
+        let body = read_body(req.into_body(), limits.request_bytes_max, app.config.body_read_timeout).await?;
+        let (request, inflated) = if gzipped || body.len() >= DECODE_INLINE_BYTES_MAX {
+            let (bytes, limit) = (Arc::clone(&app.body_bytes), limits.request_bytes_max);
+            tokio::task::spawn_blocking(move || decode(&body, gzipped, limit, &bytes))
+                .await
+                .map_err(|e| Box::new(plain(ErrorCode::Internal, format!("decoding task failed: {e}"))))??
+        } else {
+            decode(&body, false, limits.request_bytes_max, &app.body_bytes)?
+        };
+        if let Some(inflated) = inflated {
+            room.merge(inflated);
+        }
+        limits.check_request(&request).map_err(|v| Box::new(refuse(&v)))?;
+        Ok((request, gzip_reply, room))
+    }
+
     async fn sync<B>(&self, req: http::Request<B>) -> Response
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -354,37 +484,11 @@ impl Server {
             Ok(p) => p,
             Err(resp) => return resp,
         };
-        // 2. A declared length over the limit is refused unread.
-        let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limits.request_bytes_max as u64) {
-            return too_large(limits.request_bytes_max);
-        }
-        let gzipped = match req.headers().get(CONTENT_ENCODING).map(HeaderValue::as_bytes) {
-            None | Some(b"identity") => false,
-            Some(b"gzip") => true,
-            Some(other) => {
-                let v = Violation::new(
-                    ErrorCode::InvalidRequest,
-                    format!("content-encoding {:?} is not supported; use gzip", String::from_utf8_lossy(other)),
-                );
-                return refuse(&v);
-            }
+        // 2–4. Rate, room, body, shape and limits: all before anything is applied.
+        let (request, gzip_reply, _room) = match self.receive(&principal, req).await {
+            Ok(received) => received,
+            Err(resp) => return *resp,
         };
-        let gzip_reply = accepts_gzip(req.headers());
-        // 3. The body, bounded in size and time (chunked bodies included).
-        let body =
-            match read_body(req.into_body(), gzipped, limits.request_bytes_max, app.config.body_read_timeout).await {
-                Ok(body) => body,
-                Err(resp) => return resp,
-            };
-        // 4. Shape, then every limit: all before anything is applied.
-        let request = match SyncRequest::from_json(&body) {
-            Ok(r) => r,
-            Err(v) => return refuse(&v),
-        };
-        if let Err(v) = limits.check_request(&request) {
-            return refuse(&v);
-        }
         // 5. Apply and read the page; a caught-up long-poll waits for a commit.
         let span = tracing::info_span!(
             "sync",
@@ -527,34 +631,66 @@ impl Server {
     }
 }
 
-/// Reads a request body within `limit` bytes (before and after gzip) and
-/// `timeout`; the error is the response to send.
-async fn read_body<B>(body: B, gzipped: bool, limit: usize, timeout: Duration) -> Result<Bytes, Response>
+/// Takes room for `bytes` of request bodies, if there is that much.
+fn take_room(room: &Arc<Semaphore>, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    // Permits count bytes; a body is at most `REQUEST_BYTES_MAX`-sized.
+    Arc::clone(room).try_acquire_many_owned(u32::try_from(bytes).unwrap_or(u32::MAX)).ok()
+}
+
+/// 503 for a request that finds no room for its body: nothing was read.
+fn server_full() -> Response {
+    let resp = plain(ErrorCode::Unavailable, "the server holds as many request bodies as it may; retry later");
+    with_retry_after(resp, Duration::from_secs(1))
+}
+
+/// `resp` with a `Retry-After` of `wait`, in whole seconds (at least one).
+fn with_retry_after(mut resp: Response, wait: Duration) -> Response {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    resp.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    resp
+}
+
+/// Inflates a gzip body (taking room for what it inflates to) and decodes
+/// the request; the error is the response to send.
+fn decode(
+    body: &[u8],
+    gzipped: bool,
+    limit: usize,
+    room: &Arc<Semaphore>,
+) -> Result<(SyncRequest, Option<tokio::sync::OwnedSemaphorePermit>), Box<Response>> {
+    let mut inflated = None;
+    let mut out = Vec::new();
+    let text = if gzipped {
+        match flate2::read::GzDecoder::new(body).take(limit as u64 + 1).read_to_end(&mut out) {
+            Err(e) => {
+                let v = Violation::new(ErrorCode::InvalidRequest, format!("gzip body: {e}"));
+                return Err(Box::new(refuse(&v)));
+            }
+            Ok(_) if out.len() > limit => return Err(Box::new(too_large(limit))),
+            Ok(_) => {}
+        }
+        inflated = Some(take_room(room, out.len()).ok_or_else(|| Box::new(server_full()))?);
+        &out[..]
+    } else {
+        body
+    };
+    let request = SyncRequest::from_json(text).map_err(|v| Box::new(refuse(&v)))?;
+    Ok((request, inflated))
+}
+
+/// Reads a request body within `limit` bytes and `timeout`; the error is
+/// the response to send.
+async fn read_body<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, Box<Response>>
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let collect = Limited::new(body, limit).collect();
-    let body = match tokio::time::timeout(timeout, collect).await {
-        Err(_) => {
-            return Err(plain(ErrorCode::Timeout, "request body not received in time"));
-        }
-        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(too_large(limit));
-        }
-        Ok(Err(e)) => {
-            return Err(refuse(&Violation::new(ErrorCode::InvalidRequest, format!("request body: {e}"))));
-        }
-        Ok(Ok(body)) => body.to_bytes(),
-    };
-    if !gzipped {
-        return Ok(body);
-    }
-    let mut out = Vec::new();
-    match flate2::read::GzDecoder::new(&body[..]).take(limit as u64 + 1).read_to_end(&mut out) {
-        Err(e) => Err(refuse(&Violation::new(ErrorCode::InvalidRequest, format!("gzip body: {e}")))),
-        Ok(_) if out.len() > limit => Err(too_large(limit)),
-        Ok(_) => Ok(Bytes::from(out)),
+    match tokio::time::timeout(timeout, collect).await {
+        Err(_) => Err(Box::new(plain(ErrorCode::Timeout, "request body not received in time"))),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Box::new(too_large(limit))),
+        Ok(Err(e)) => Err(Box::new(refuse(&Violation::new(ErrorCode::InvalidRequest, format!("request body: {e}"))))),
+        Ok(Ok(body)) => Ok(body.to_bytes()),
     }
 }
 

@@ -11,7 +11,8 @@ use clap::Parser;
 use tide_core::limits;
 use tide_server::{
     Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, CONNECTIONS_MAX_DEFAULT, Durability,
-    HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, NoAuth, PostgresBackend,
+    HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, NoAuth,
+    PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, PostgresBackend, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
     SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens,
 };
 
@@ -93,6 +94,18 @@ struct Args {
     /// Longest long-poll hold, in seconds (a client's `wait_ms` is capped to it).
     #[arg(long, env = "TIDE_SERVER_WAIT_MAX", default_value_t = limits::WAIT_MAX.as_secs_f64())]
     wait_max: f64,
+    /// Most bytes of request bodies held at once across all connections
+    /// (past it: 503 with Retry-After, the body unread).
+    #[arg(long, env = "TIDE_SERVER_REQUEST_BYTES_IN_FLIGHT_MAX", default_value_t = REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT)]
+    request_bytes_in_flight_max: usize,
+    /// Most requests a second from one principal (past it: 429 with
+    /// Retry-After); 0 for no limit.
+    #[arg(
+        long,
+        env = "TIDE_SERVER_PRINCIPAL_REQUESTS_PER_SECOND_MAX",
+        default_value_t = PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT
+    )]
+    principal_requests_per_second_max: u32,
     /// Seconds in-flight exchanges get to finish on shutdown.
     #[arg(long, env = "TIDE_SERVER_SHUTDOWN_GRACE", default_value_t = SHUTDOWN_GRACE_DEFAULT.as_secs_f64())]
     shutdown_grace: f64,
@@ -153,10 +166,14 @@ async fn run(args: Args) -> Result<(), String> {
         shutdown_grace: seconds("shutdown-grace", args.shutdown_grace)?,
         held_requests_max: args.held_requests_max,
         held_per_namespace_max: args.held_per_namespace_max,
+        request_bytes_in_flight_max: args.request_bytes_in_flight_max,
+        principal_requests_per_second_max: args.principal_requests_per_second_max,
     };
     let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
     let backend: Arc<dyn Backend> = match &args.database_url {
-        Some(url) => PostgresBackend::open(url, durability, limits).await.map_err(|e| format!("opening PostgreSQL: {e}"))?,
+        Some(url) => {
+            PostgresBackend::open(url, durability, limits).await.map_err(|e| format!("opening PostgreSQL: {e}"))?
+        }
         None => SqliteBackend::open(&args.db, durability, limits)
             .await
             .map_err(|e| format!("opening {}: {e}", args.db.display()))?,

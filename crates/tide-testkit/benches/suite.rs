@@ -95,7 +95,9 @@ impl Table {
 /// A tide-server in this process on SQLite in `dir`, for `namespace` tokens.
 async fn server(dir: &std::path::Path, name: &str, config: ServerConfig) -> String {
     let backend: Arc<dyn tide_server::Backend> = match std::env::var("TIDE_BENCH_CHILD_POSTGRES") {
-        Ok(url) => tide_server::PostgresBackend::open(&url, tide_server::Durability::Full, config.limits.clone()).await.expect("PostgreSQL opens"),
+        Ok(url) => tide_server::PostgresBackend::open(&url, tide_server::Durability::Full, config.limits.clone())
+            .await
+            .expect("PostgreSQL opens"),
         Err(_) => {
             SqliteBackend::open(&dir.join(format!("{name}.db")), tide_server::Durability::Full, config.limits.clone())
                 .await
@@ -829,7 +831,13 @@ async fn main() {
         let name = base.file_name().expect("a name").to_string_lossy().into_owned();
         // Room for every client of the live run in one namespace: past the
         // per-namespace cap a poll is answered at once and its client backs off.
-        let config = ServerConfig { connections_max: 4_096, held_per_namespace_max: 4_096, ..ServerConfig::default() };
+        let config = ServerConfig {
+            connections_max: 4_096,
+            held_per_namespace_max: 4_096,
+            // Every load client is one principal here.
+            principal_requests_per_second_max: 0,
+            ..ServerConfig::default()
+        };
         let endpoint = server(&dir, &name, config).await;
         println!("{endpoint}");
         std::future::pending::<()>().await;

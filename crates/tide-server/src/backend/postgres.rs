@@ -31,12 +31,12 @@ use tide_core::{Limits, OpResult, Stamp, SyncRequest, Verify};
 use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, oneshot};
 
+use super::sqlite::Durability;
 use super::{
     Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, Page, PageQuery, PageRead,
     Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, VerifyReply,
     WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
-use super::sqlite::Durability;
 use crate::auth::{Namespace, Principal};
 
 /// Connections in the PostgreSQL pool of one server process.
@@ -145,7 +145,8 @@ pub const POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT: std::time::Duration = std::time:
 fn unavailable(e: sqlx::Error) -> BackendError {
     // A lock or statement that ran out of time (`lock_not_available`,
     // `query_canceled`): retrying later can succeed.
-    let timed_out = e.as_database_error().and_then(sqlx::error::DatabaseError::code).is_some_and(|c| c == "55P03" || c == "57014");
+    let timed_out =
+        e.as_database_error().and_then(sqlx::error::DatabaseError::code).is_some_and(|c| c == "55P03" || c == "57014");
     match &e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
             BackendError::Unavailable(e.to_string())

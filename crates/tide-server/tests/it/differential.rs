@@ -116,7 +116,10 @@ async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
     )];
     if let Some(url) = postgres {
         let url = crate::postgres::fresh_schema(url).await;
-        backends.push(("postgres", PostgresBackend::open(&url, tide_server::Durability::Full, limits.clone()).await.unwrap()));
+        backends.push((
+            "postgres",
+            PostgresBackend::open(&url, tide_server::Durability::Full, limits.clone()).await.unwrap(),
+        ));
     }
     let servers: Vec<(&str, Server)> = backends
         .into_iter()

@@ -20,7 +20,8 @@ pub(crate) fn url() -> Option<String> {
 pub(crate) use crate::common::fresh_schema;
 
 async fn serve(url: &str) -> String {
-    let backend = PostgresBackend::open(url, tide_server::Durability::Full, tide_core::Limits::default()).await.unwrap();
+    let backend =
+        PostgresBackend::open(url, tide_server::Durability::Full, tide_core::Limits::default()).await.unwrap();
     let server = Server::new(backend, Arc::new(NoAuth::new("pg")), ServerConfig::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
@@ -280,7 +281,11 @@ async fn servers_starting_together_migrate_safely() {
     let opening: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
-            tokio::spawn(async move { PostgresBackend::open(&url, tide_server::Durability::Full, tide_core::Limits::default()).await.map(|_| ()) })
+            tokio::spawn(async move {
+                PostgresBackend::open(&url, tide_server::Durability::Full, tide_core::Limits::default())
+                    .await
+                    .map(|_| ())
+            })
         })
         .collect();
     for o in opening {
@@ -316,7 +321,8 @@ async fn a_schema_1_database_is_migrated_with_nothing_lost() {
     }
     conn.close().await.unwrap();
 
-    let backend = PostgresBackend::open(&url, tide_server::Durability::Full, tide_core::Limits::default()).await.unwrap();
+    let backend =
+        PostgresBackend::open(&url, tide_server::Durability::Full, tide_core::Limits::default()).await.unwrap();
     let principal = Principal { id: "alice".into(), namespace: Namespace::new("pg") };
     let page = backend.exchange(&principal, Arc::new(req("r", None, vec![]))).await.unwrap().to_response();
     let expected = json!([

@@ -32,7 +32,10 @@ impl Running {
 /// Which backend a test server stores in.
 #[derive(Debug, Clone)]
 pub(crate) enum Storage {
+    /// SQLite at the default durability, `synchronous=FULL`.
     Sqlite,
+    /// SQLite at `synchronous=NORMAL`.
+    SqliteNormal,
     /// A URL whose connections use a fresh schema.
     Postgres(String),
 }
@@ -58,10 +61,10 @@ pub(crate) async fn start_with_digest_log(
 ) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let backend: Arc<dyn Backend> = match storage {
-        Storage::Sqlite => {
-            let b = SqliteBackend::open(&dir.path().join("server.db"), Durability::Normal, config.limits.clone())
-                .await
-                .unwrap();
+        Storage::Sqlite | Storage::SqliteNormal => {
+            let durability = if matches!(storage, Storage::Sqlite) { Durability::Full } else { Durability::Normal };
+            let b =
+                SqliteBackend::open(&dir.path().join("server.db"), durability, config.limits.clone()).await.unwrap();
             if let Some(rows) = digest_log_rows {
                 b.set_digest_log_rows_max(rows);
             }
@@ -112,12 +115,16 @@ pub(crate) async fn start_on(storage: Storage) -> Running {
     start_on_with(storage, ServerConfig::default(), Arc::new(NoAuth::new("default"))).await
 }
 
-/// Runs each listed `async fn(Storage)` as a test on SQLite and on
-/// PostgreSQL: one behavioural suite, two backends.
+/// Runs each listed `async fn(Storage)` as a test on SQLite (at `FULL`,
+/// the default, and at `NORMAL`) and on PostgreSQL: one behavioural suite,
+/// two backends.
 macro_rules! on_both_backends {
     ($($test:ident),* $(,)?) => {
         mod on_sqlite {
             $( #[tokio::test] async fn $test() { super::$test(crate::support::Storage::Sqlite).await } )*
+        }
+        mod on_sqlite_normal {
+            $( #[tokio::test] async fn $test() { super::$test(crate::support::Storage::SqliteNormal).await } )*
         }
         mod on_postgres {
             $( #[tokio::test] async fn $test() {

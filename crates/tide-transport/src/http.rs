@@ -231,16 +231,26 @@ impl Transport for HttpTransport {
         if accepts_gzip {
             self.gzip_requests.store(true, Ordering::Relaxed);
         }
-        if !status.is_success() {
-            let retry_after = headers
-                .get(RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            return Err(Error::from_status(status.as_u16(), &body, retry_after));
-        }
-        serde_json::from_slice(&body).map_err(|e| Error::MalformedResponse { message: e.to_string() })
+        let retry_after = headers.get(RETRY_AFTER).and_then(|v| v.to_str().ok());
+        decode_response(status.as_u16(), retry_after, &body)
     }
+}
+
+/// A server's answer as the client reads it: a 2xx body decoded as a
+/// [`SyncResponse`] (its documents checked and kept as their canonical
+/// text), any other status as [`Error::Status`] with the body's code and the
+/// `Retry-After` seconds. Public so fuzzers and tests can drive it with any
+/// bytes; it never panics.
+///
+/// # Errors
+/// [`Error::Status`] for a non-2xx status, [`Error::MalformedResponse`] for
+/// a body that is not a sync response.
+pub fn decode_response(status: u16, retry_after: Option<&str>, body: &[u8]) -> Result<SyncResponse, Error> {
+    if !(200..300).contains(&status) {
+        let retry_after = retry_after.and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
+        return Err(Error::from_status(status, body, retry_after));
+    }
+    serde_json::from_slice(body).map_err(|e| Error::MalformedResponse { message: e.to_string() })
 }
 
 fn gzip(body: &[u8]) -> Vec<u8> {

@@ -43,7 +43,7 @@ pub use fake::{Exchange, FakeServer, FakeTransport, Fault, FaultRates, Outcome};
 pub use headers::{BoxError, HeaderProvider, Headers};
 pub use http::{
     CONNECT_TIMEOUT_DEFAULT, EXCHANGE_TIMEOUT_DEFAULT, GZIP_REQUEST_BYTES_MIN, HttpTransport, HttpTransportBuilder,
-    RESPONSE_BYTES_MAX_DEFAULT,
+    RESPONSE_BYTES_MAX_DEFAULT, decode_response,
 };
 
 use tide_core::{SyncRequest, SyncResponse};

@@ -1,6 +1,7 @@
 //! tide-transport's integration tests, one binary.
 
 mod contract;
+mod decode;
 mod fake;
 mod http;
 mod original;

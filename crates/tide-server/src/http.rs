@@ -352,8 +352,11 @@ impl Server {
         Self { app }
     }
 
-    /// Runs one exchange in a task of its own: a client that hangs up
-    /// cannot cancel a transaction halfway.
+    /// Runs one exchange in a task of its own, abandoned if its client
+    /// hangs up first: a write that reached its write group is applied
+    /// whole all the same (the group is the writer's, not this task's), and
+    /// held polls hear of it from the backend; what is left (queueing the
+    /// write, reading the page) is not done for nobody.
     async fn run_exchange(
         &self,
         principal: &crate::auth::Principal,
@@ -361,20 +364,10 @@ impl Server {
         span: &tracing::Span,
     ) -> Result<Reply, BackendError> {
         let backend = Arc::clone(&self.app.backend);
-        let hub = Arc::clone(&self.app.hub);
         let (principal, request) = (principal.clone(), Arc::clone(request));
-        let task = async move {
-            let result = backend.exchange(&principal, request).await;
-            // Wakes held polls from the task that committed, so a client
-            // that hangs up after sending its write still wakes them.
-            if let Ok(reply) = &result
-                && reply.results.iter().any(|r| matches!(r, tide_core::OpResult::Applied { .. }))
-            {
-                hub.notify(principal.namespace.as_str());
-            }
-            result
-        };
-        let result = tokio::spawn(task.instrument(span.clone())).await;
+        let task = async move { backend.exchange(&principal, request).await };
+        let mut task = Abandoned { task: tokio::spawn(task.instrument(span.clone())), metrics: &self.app.metrics };
+        let result = (&mut task.task).await;
         result.unwrap_or_else(|e| Err(BackendError::Internal(format!("exchange task failed: {e}"))))
     }
 
@@ -628,6 +621,22 @@ impl Server {
             () = tokio::time::sleep(config.shutdown_grace) => tracing::warn!("shutdown grace ran out with connections open"),
         }
         Ok(())
+    }
+}
+
+/// An exchange's task, aborted (and counted) if its handler is dropped
+/// before it ends: the client hung up.
+struct Abandoned<'a, T> {
+    task: tokio::task::JoinHandle<T>,
+    metrics: &'a Metrics,
+}
+
+impl<T> Drop for Abandoned<'_, T> {
+    fn drop(&mut self) {
+        if !self.task.is_finished() {
+            self.task.abort();
+            self.metrics.abandoned();
+        }
     }
 }
 

@@ -16,6 +16,7 @@ pub(crate) struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
     ops: [AtomicU64; 4],
     changes: AtomicU64,
+    abandoned: AtomicU64,
     open_connections: AtomicI64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     latency_count: AtomicU64,
@@ -52,6 +53,10 @@ impl Metrics {
         self.changes.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    pub(crate) fn abandoned(&self) {
+        self.abandoned.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn connection_opened(&self) {
         self.open_connections.fetch_add(1, Ordering::Relaxed);
     }
@@ -76,6 +81,10 @@ impl Metrics {
             "# HELP tide_changes_served_total Changes sent to clients.\n# TYPE tide_changes_served_total counter\n",
         );
         let _ = writeln!(out, "tide_changes_served_total {}", self.changes.load(Ordering::Relaxed));
+        out.push_str(
+            "# HELP tide_exchanges_abandoned_total Exchanges whose client hung up before the answer.\n# TYPE tide_exchanges_abandoned_total counter\n",
+        );
+        let _ = writeln!(out, "tide_exchanges_abandoned_total {}", self.abandoned.load(Ordering::Relaxed));
         out.push_str("# HELP tide_open_connections Open client connections.\n# TYPE tide_open_connections gauge\n");
         let _ = writeln!(out, "tide_open_connections {}", self.open_connections.load(Ordering::Relaxed));
         out.push_str("# HELP tide_held_requests Long-polls waiting for a commit.\n# TYPE tide_held_requests gauge\n");

@@ -175,10 +175,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether the backend can serve now (for readiness checks).
     async fn ready(&self) -> Result<(), BackendError>;
 
-    /// Reports commits made by other processes sharing this storage, for as
-    /// long as the backend lives: `on_commit(namespace)`, or
-    /// `on_commit("")` when some may have been missed. A backend only this
-    /// process writes needs nothing here.
+    /// Reports commits that applied ops, for as long as the backend lives:
+    /// `on_commit(namespace)` from the write group that committed (so a
+    /// held poll wakes even when the exchange that wrote was abandoned by
+    /// its client), and for commits made by other processes sharing this
+    /// storage; `on_commit("")` when some may have been missed. Held
+    /// long-polls wake only by this, so a backend that wraps another must
+    /// pass it on.
     async fn listen(&self, on_commit: CommitCallback) -> Result<(), BackendError> {
         let _ = on_commit;
         Ok(())

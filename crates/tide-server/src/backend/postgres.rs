@@ -122,6 +122,8 @@ pub struct PostgresBackend {
     bindings: Arc<Bindings>,
     digest_log_rows_max: Arc<std::sync::atomic::AtomicI64>,
     writers: Arc<Writers>,
+    /// Told of every commit of this process that applied ops (see [`Backend::listen`]).
+    on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -224,7 +226,8 @@ impl PostgresBackend {
         tx.commit().await.map_err(unavailable)?;
         let digest_log_rows_max = Arc::new(std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
         let (bindings, writers) = (Arc::default(), Arc::default());
-        Ok(Arc::new(Self { pool, limits, bindings, digest_log_rows_max, writers }))
+        let on_commit = Arc::default();
+        Ok(Arc::new(Self { pool, limits, bindings, digest_log_rows_max, writers, on_commit }))
     }
 
     /// Applies a request's ops in its namespace's next write group.
@@ -246,6 +249,7 @@ impl PostgresBackend {
                             bindings: Arc::clone(&self.bindings),
                             digest_log_rows_max: Arc::clone(&self.digest_log_rows_max),
                             contended: std::sync::Mutex::new(None),
+                            on_commit: Arc::clone(&self.on_commit),
                         };
                         tokio::spawn(writer.run(work, Arc::downgrade(&self.writers)));
                         queue
@@ -488,6 +492,7 @@ struct NamespaceWriter {
     digest_log_rows_max: Arc<std::sync::atomic::AtomicI64>,
     /// Until when the namespace's groups take the lock first.
     contended: std::sync::Mutex<Option<std::time::Instant>>,
+    on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
 }
 
 /// How long a namespace's write groups take its row lock from the start
@@ -572,7 +577,18 @@ impl NamespaceWriter {
             .await?
             .ok_or_else(|| BackendError::Internal("a write group conflicted under its namespace's lock".into()))?;
         tx.commit().await.map_err(unavailable)?;
+        if outcomes.iter().any(|o| o.as_ref().is_ok_and(|r| r.iter().any(|r| matches!(r, OpResult::Applied { .. })))) {
+            self.committed();
+        }
         Ok(outcomes)
+    }
+
+    /// Tells this process's listener that the namespace committed a change
+    /// (other processes hear of it by the notification).
+    fn committed(&self) {
+        if let Some(on_commit) = self.on_commit.get() {
+            on_commit(&self.namespace);
+        }
     }
 
     /// One attempt at a group: `None` when the namespace changed between
@@ -627,6 +643,10 @@ impl NamespaceWriter {
             return Ok(None);
         };
         self.bindings.remember(nodes.into_iter().map(|(node, n)| (ns.to_owned(), node.to_owned(), n.principal)));
+        if applied && !conn.is_in_transaction() {
+            // Committed (a locked group reports after its commit, in run_group).
+            self.committed();
+        }
         if logged > self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed) {
             let mut tx = conn.begin().await.map_err(unavailable)?;
             fold_digests(&mut tx).await?;
@@ -1063,6 +1083,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn listen(&self, on_commit: CommitCallback) -> Result<(), BackendError> {
+        let _ = self.on_commit.set(Arc::clone(&on_commit));
         let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool).await.map_err(unavailable)?;
         listener.listen(COMMITS_CHANNEL).await.map_err(unavailable)?;
         tokio::spawn(async move {

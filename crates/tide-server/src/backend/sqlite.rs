@@ -33,9 +33,9 @@ use tide_core::{Chain, Limits, OpResult, Stamp, SyncRequest, Verify};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
-    Backend, BackendError, Bindings, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery, PageRead, Pending,
-    Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, VerifyReply, WRITE_GROUP_REQUESTS_MAX,
-    WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
+    Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery,
+    PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, VerifyReply,
+    WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
@@ -166,11 +166,14 @@ pub struct SqliteBackend {
     /// The same for namespaces of small changes (no sizes summed).
     small_default: Arc<str>,
     small_bound: Arc<str>,
+    /// Told of every commit that applied ops (see [`Backend::listen`]).
+    on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
 }
 
 /// The writer task's state: the one connection that writes.
 struct Writer {
     conn: SqliteConnection,
+    on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
     limits: Limits,
     bindings: Arc<Bindings>,
     digest_log_rows_max: Arc<AtomicI64>,
@@ -221,8 +224,10 @@ impl SqliteBackend {
         }
         let bindings = Arc::new(Bindings::default());
         let digest_log_rows_max = Arc::new(AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
+        let on_commit = Arc::new(std::sync::OnceLock::new());
         let writer = Writer {
             conn,
+            on_commit: Arc::clone(&on_commit),
             limits: limits.clone(),
             bindings: Arc::clone(&bindings),
             digest_log_rows_max: Arc::clone(&digest_log_rows_max),
@@ -241,6 +246,7 @@ impl SqliteBackend {
             limits,
             bindings,
             digest_log_rows_max,
+            on_commit,
         }))
     }
 
@@ -456,8 +462,19 @@ impl Writer {
             let outcome = outcome.unwrap_or_else(|_| Err(BackendError::Internal("the write group panicked".into())));
             match outcome {
                 Ok(outcomes) => {
+                    let mut applied: Vec<Namespace> = Vec::new();
                     for (p, outcome) in batch.drain(..).zip(outcomes) {
+                        if outcome.as_ref().is_ok_and(|r| r.iter().any(|r| matches!(r, OpResult::Applied { .. })))
+                            && !applied.contains(&p.principal.namespace)
+                        {
+                            applied.push(p.principal.namespace.clone());
+                        }
                         let _ = p.reply.send(outcome);
+                    }
+                    if let Some(on_commit) = self.on_commit.get() {
+                        for ns in &applied {
+                            on_commit(ns.as_str());
+                        }
                     }
                 }
                 Err(e) => {
@@ -991,6 +1008,12 @@ impl Backend for SqliteBackend {
             if request.ops.is_empty() { Vec::new() } else { self.apply(principal, Arc::clone(&request)).await? };
         let (page, verify) = self.read(principal, &request).await?;
         Ok(Reply::new(results, page, request.request_id.clone(), verify))
+    }
+
+    async fn listen(&self, on_commit: CommitCallback) -> Result<(), BackendError> {
+        // Only this process writes the file: its writer reports its commits.
+        let _ = self.on_commit.set(on_commit);
+        Ok(())
     }
 
     async fn ready(&self) -> Result<(), BackendError> {

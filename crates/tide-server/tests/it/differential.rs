@@ -3,7 +3,12 @@
 //! the SQLite backend and the PostgreSQL backend (with
 //! `TIDE_TEST_POSTGRES_URL`), behind the real handler, across two namespaces.
 //!
-//! `TIDE_SEED=n` replays one seed; `TIDE_SEEDS=n` runs n seeds (default 40).
+//! The same under concurrency: batches of requests sent at once, so write
+//! groups commit several together, matched against the model in some order
+//! of each batch.
+//!
+//! `TIDE_SEED=n` replays one seed; `TIDE_SEEDS=n` runs n seeds (default 40,
+//! and 10 of the concurrent batches).
 
 use std::sync::Arc;
 
@@ -177,4 +182,149 @@ async fn every_backend_answers_exactly_as_the_model() {
     }
     let backends = if postgres.is_some() { "SQLite and PostgreSQL" } else { "SQLite" };
     println!("differential: {} seeds × 120 requests; {backends} matched the model", seeds.len());
+}
+
+/// The most model states a concurrent run keeps apart at once.
+const CANDIDATES_MAX: usize = 64;
+
+/// Every order of `n` items (n ≤ 4 here), by insertion.
+fn orders(n: usize) -> Vec<Vec<usize>> {
+    let mut all = vec![Vec::new()];
+    for i in 0..n {
+        all = all
+            .into_iter()
+            .flat_map(|order: Vec<usize>| {
+                (0..=order.len()).map(move |at| {
+                    let mut o = order.clone();
+                    o.insert(at, i);
+                    o
+                })
+            })
+            .collect();
+    }
+    all
+}
+
+/// What a request's answer must match under concurrency: its status and
+/// per-op results when served, the whole refusal otherwise (its page depends
+/// on when it was read, which a concurrent batch leaves open).
+fn outcome(status: u16, body: &str) -> (u16, String) {
+    if status == 200 {
+        let resp: tide_core::SyncResponse = serde_json::from_str(body).unwrap();
+        (200, serde_json::to_string(&resp.results).unwrap())
+    } else {
+        (status, body.to_owned())
+    }
+}
+
+/// The model's outcome for a request.
+fn model_outcome(model: &mut Model, req: &SyncRequest) -> (u16, String) {
+    match model.exchange(req) {
+        Ok(resp) => outcome(200, &serde_json::to_string(&resp).unwrap()),
+        Err(v) => (v.status(), serde_json::to_string(&v.to_body()).unwrap()),
+    }
+}
+
+/// Concurrent batches: each step sends one to four requests at once to a
+/// backend, so its write groups commit several together. Every answer
+/// (status and per-op results, or the refusal) must be the model's for one
+/// order of the batch, and after each batch every page of the namespace, read
+/// from the start, is byte-identical to the model's.
+async fn run_concurrent(seed: u64, postgres: Option<&str>) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let limits =
+        Limits { changes_per_response_max: 4, response_bytes_max: 400, lamport_lead_max: 1_000, ..Limits::default() };
+    let mut backends: Vec<(&str, Arc<dyn Backend>)> = vec![(
+        "sqlite",
+        SqliteBackend::open(&dir.path().join("s.db"), Durability::Full, limits.clone()).await.unwrap(),
+    )];
+    if let Some(url) = postgres {
+        let url = crate::postgres::fresh_schema(url).await;
+        backends.push(("postgres", PostgresBackend::open(&url, Durability::Full, limits.clone()).await.unwrap()));
+    }
+    for (name, backend) in backends {
+        let tokens = StaticTokens::new([("t1", "one"), ("t2", "two")]);
+        let config = ServerConfig { limits: limits.clone(), ..ServerConfig::default() };
+        let server = Server::new(backend, Arc::new(tokens), config);
+        // The states the model may be in: orders that give the same answers
+        // can leave different chains (§13) behind, so all are kept until a
+        // later answer tells them apart.
+        let mut models = [vec![Model::new(limits.clone())], vec![Model::new(limits.clone())]];
+        let mut cursors = Vec::new();
+        let mut rng = SplitMix64::new(seed);
+        for step in 0..60 {
+            let ns = rng.below(2) as usize;
+            let token = ["t1", "t2"][ns];
+            let batch: Vec<SyncRequest> = (0..=rng.below(4)).map(|_| random_request(&mut rng, &cursors)).collect();
+            let answers = futures_util::future::join_all(
+                batch.iter().map(|req| call(&server, token, serde_json::to_vec(req).unwrap())),
+            )
+            .await;
+            let got: Vec<(u16, String)> = answers.iter().map(|(status, body)| outcome(*status, body)).collect();
+            let mut next = Vec::new();
+            // Equal states found by several orders are kept once (the model's
+            // maps are ordered, so its debug text is a fingerprint).
+            let mut fingerprints = std::collections::HashSet::new();
+            for candidate in &models[ns] {
+                for order in orders(batch.len()) {
+                    let mut model = candidate.clone();
+                    let mut expected = vec![(0, String::new()); batch.len()];
+                    for &i in &order {
+                        expected[i] = model_outcome(&mut model, &batch[i]);
+                    }
+                    if expected == got && fingerprints.insert(format!("{model:?}")) {
+                        assert!(next.len() < CANDIDATES_MAX, "more than {CANDIDATES_MAX} model states stay apart");
+                        next.push(model);
+                    }
+                }
+            }
+            if next.is_empty() {
+                let requests: Vec<String> = batch.iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+                let mut model = models[ns][0].clone();
+                let in_order: Vec<(u16, String)> = batch.iter().map(|r| model_outcome(&mut model, r)).collect();
+                return Err(format!(
+                    "step {step}, {name}, namespace {ns}: no order of the batch gives its answers\n requests {requests:#?}\n answers {got:#?}\n the model in the batch's order {in_order:#?}"
+                ));
+            }
+            // Every page of the namespace from the start, as a new node reads them.
+            let mut cursor = None;
+            loop {
+                let pull = SyncRequest::new("observer", cursor);
+                let got = call(&server, token, serde_json::to_vec(&pull).unwrap()).await;
+                next.retain_mut(|model| {
+                    model.exchange(&pull).is_ok_and(|expected| got == (200, serde_json::to_string(&expected).unwrap()))
+                });
+                if next.is_empty() {
+                    return Err(format!(
+                        "step {step}, {name}, namespace {ns}: pull from {cursor:?}: no model state gives {got:?}"
+                    ));
+                }
+                let page: tide_core::SyncResponse = serde_json::from_str(&got.1).unwrap();
+                cursors.push(page.cursor.seq());
+                if !page.has_more {
+                    break;
+                }
+                cursor = Some(page.cursor);
+            }
+            models[ns] = next;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_commit_in_groups_exactly_as_the_model_in_some_order() {
+    let postgres = crate::postgres::url();
+    let seeds: Vec<u64> = if let Ok(s) = std::env::var("TIDE_SEED") {
+        vec![s.parse().unwrap()]
+    } else {
+        (0..std::env::var("TIDE_SEEDS").map_or(10, |s| s.parse().unwrap())).collect()
+    };
+    for &seed in &seeds {
+        if let Err(e) = run_concurrent(seed, postgres.as_deref()).await {
+            panic!(
+                "seed {seed}: {e}\nreplay: TIDE_SEED={seed} cargo test -p tide-server --test it concurrent_requests_commit"
+            );
+        }
+    }
 }

@@ -193,6 +193,10 @@ impl tide_server::Backend for Counting {
     async fn ready(&self) -> Result<(), tide_server::BackendError> {
         self.0.ready().await
     }
+
+    async fn listen(&self, on_commit: tide_server::CommitCallback) -> Result<(), tide_server::BackendError> {
+        self.0.listen(on_commit).await
+    }
 }
 
 /// Polls woken by one commit at the same cursor share one read of the

@@ -121,6 +121,75 @@ async fn a_transaction_stuck_on_a_namespace_makes_its_writes_answer_503_not_hang
     assert_eq!(retried.results, [OpResult::Applied { seq: 2 }]);
 }
 
+#[tokio::test]
+async fn an_exchange_whose_client_hung_up_is_abandoned_and_its_queued_write_still_wakes_polls() {
+    use sqlx::{ConnectOptions, Connection};
+    use tokio::io::AsyncWriteExt;
+    let Some(url) = url() else { return };
+    let url = fresh_schema(&url).await;
+    let endpoint = serve(&url).await;
+    let addr = endpoint.trim_start_matches("http://").trim_end_matches("/sync").to_owned();
+    let client = HttpTransport::new(&endpoint).unwrap();
+    let first = client.exchange(&req("a", None, vec![put("a", "first", 1, 1)])).await.unwrap();
+    let abandoned = || async {
+        let (status, body) = crate::support::raw(
+            addr.parse().unwrap(),
+            b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status, 200);
+        body.lines().find_map(|l| l.strip_prefix("tide_exchanges_abandoned_total ")?.parse::<u64>().ok()).unwrap()
+    };
+    assert_eq!(abandoned().await, 0);
+
+    // A poll holds at the namespace's head.
+    let mut poll = req("watcher", Some(first.cursor), vec![]);
+    poll.wait = Some(Duration::from_secs(20));
+    let watcher = HttpTransport::new(&endpoint).unwrap();
+    let held = tokio::spawn(async move { watcher.exchange(&poll).await });
+
+    // The namespace is stuck, so a write waits in its group; its client hangs up.
+    let mut stuck: sqlx::PgConnection =
+        url.parse::<sqlx::postgres::PgConnectOptions>().unwrap().connect().await.unwrap();
+    sqlx::query("BEGIN").execute(&mut stuck).await.unwrap();
+    sqlx::query("SELECT seq FROM tide_namespaces WHERE namespace = 'pg' FOR UPDATE").execute(&mut stuck).await.unwrap();
+    let body = serde_json::to_string(&req("a", Some(first.cursor), vec![put("a", "left", 2, 2)])).unwrap();
+    let mut hung_up = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    hung_up.write_all(&crate::support::post(&body, "")).await.unwrap();
+    // Once the namespace's writer waits on the row with the write, the client
+    // goes (watched from a session outside any transaction, whose view of
+    // the activity is fresh at each statement).
+    let mut watch: sqlx::PgConnection =
+        url.parse::<sqlx::postgres::PgConnectOptions>().unwrap().connect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+             AND query LIKE 'WITH n AS (UPDATE tide_namespaces%'",
+        )
+        .fetch_one(&mut watch)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the write reaches its group");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(hung_up);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while abandoned().await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the server noticed the client left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Unstuck: the write that reached its group is applied whole, and the
+    // held poll hears of it although nobody waits for the write's answer.
+    sqlx::query("ROLLBACK").execute(&mut stuck).await.unwrap();
+    stuck.close().await.unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(10), held).await.expect("the poll wakes").unwrap().unwrap();
+    assert_eq!(woken.changes.iter().map(|c| c.id.as_str()).collect::<Vec<_>>(), ["left"]);
+}
+
 /// `tasks` clients, spread over `endpoints`, write the same few keys for
 /// `rounds` rounds; afterwards every key holds its highest stamp.
 async fn same_key_writes(endpoints: &[String], tasks: u64, rounds: u64) {

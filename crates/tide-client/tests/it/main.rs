@@ -3,6 +3,7 @@
 mod background;
 mod behaviour;
 mod convergence;
+mod crash;
 mod interop;
 mod watching;
 

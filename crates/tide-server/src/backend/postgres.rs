@@ -1109,3 +1109,24 @@ impl Backend for PostgresBackend {
 
 /// A stored row as the version-3 migration reads it.
 type BackfillRow = (String, String, String, i64, String, bool, Option<String>, i64);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_session_has_its_timeouts_and_normal_durability_turns_off_synchronous_commit() {
+        let full = session_settings(Durability::Full);
+        assert_eq!(
+            full,
+            [
+                ("lock_timeout", "5000ms".to_owned()),
+                ("statement_timeout", "30000ms".to_owned()),
+                ("idle_in_transaction_session_timeout", "30000ms".to_owned()),
+            ]
+        );
+        let normal = session_settings(Durability::Normal);
+        assert_eq!(normal[..3], full[..]);
+        assert_eq!(normal[3], ("synchronous_commit", "off".to_owned()));
+    }
+}

@@ -24,7 +24,9 @@ pub use backend::postgres::{
     POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT, POSTGRES_LOCK_TIMEOUT, POSTGRES_POOL_MAX, POSTGRES_STATEMENT_TIMEOUT,
     PostgresBackend,
 };
-pub use backend::sqlite::{Durability, SqliteBackend};
+pub use backend::sqlite::{
+    Durability, SqliteBackend, VACUUM_CHECK_GROUPS, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
+};
 pub use backend::{Backend, BackendError, CommitCallback, Reply};
 pub use http::{
     AUTHORIZATION_BYTES_MAX, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT, DECODE_INLINE_BYTES_MAX,

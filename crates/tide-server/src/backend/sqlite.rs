@@ -179,6 +179,8 @@ struct Writer {
     digest_log_rows_max: Arc<AtomicI64>,
     /// Rows in `tide_digest_log` (only this task writes it).
     logged: i64,
+    /// Groups committed since the free pages were last looked at.
+    groups_since_vacuum: u32,
 }
 
 impl std::fmt::Debug for SqliteBackend {
@@ -198,6 +200,26 @@ fn unavailable(e: sqlx::Error) -> BackendError {
     BackendError::Internal(e.to_string())
 }
 
+/// Write groups between two looks at the database's free pages.
+pub const VACUUM_CHECK_GROUPS: u32 = 64;
+/// Free pages (4 KiB each) past which the writer gives space back: 4 MiB.
+pub const VACUUM_FREE_PAGES_MIN: i64 = 1_024;
+/// Most pages one step of `incremental_vacuum` gives back: 2 MiB.
+pub const VACUUM_PAGES_PER_STEP: i64 = 512;
+
+/// Makes a database file created before incremental vacuum use it: one
+/// `VACUUM`, the first time this build opens it (it rewrites the file, so
+/// it takes as long as copying it).
+async fn incremental_vacuum_on(conn: &mut SqliteConnection) -> Result<(), BackendError> {
+    let mode: i64 = sqlx::query_scalar("PRAGMA auto_vacuum").fetch_one(&mut *conn).await.map_err(unavailable)?;
+    if mode != 2 {
+        let started = std::time::Instant::now();
+        sqlx::raw_sql("PRAGMA auto_vacuum = INCREMENTAL; VACUUM").execute(&mut *conn).await.map_err(unavailable)?;
+        tracing::info!(took_ms = started.elapsed().as_millis(), "the database now gives freed space back");
+    }
+    Ok(())
+}
+
 impl SqliteBackend {
     /// Opens (or creates) the server database at `path`, migrating one
     /// written by an earlier build.
@@ -205,6 +227,9 @@ impl SqliteBackend {
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
+            // Freed pages go back to the file system a step at a time (the
+            // writer task's `incremental_vacuum`), never in one long stall.
+            .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(5))
             .synchronous(match durability {
@@ -213,6 +238,7 @@ impl SqliteBackend {
             });
         let mut conn = options.clone().journal_mode(SqliteJournalMode::Wal).connect().await.map_err(unavailable)?;
         migrate(&mut conn).await?;
+        incremental_vacuum_on(&mut conn).await?;
         let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM tide_digest_log")
             .fetch_one(&mut conn)
             .await
@@ -232,6 +258,7 @@ impl SqliteBackend {
             bindings: Arc::clone(&bindings),
             digest_log_rows_max: Arc::clone(&digest_log_rows_max),
             logged,
+            groups_since_vacuum: 0,
         };
         let (submit, queue) = mpsc::channel(WRITE_QUEUE_REQUESTS_MAX);
         tokio::spawn(writer.run(queue));
@@ -476,6 +503,7 @@ impl Writer {
                             on_commit(ns.as_str());
                         }
                     }
+                    self.vacuum_now_and_then().await;
                 }
                 Err(e) => {
                     // The group's transaction is the connection's own (not
@@ -485,6 +513,25 @@ impl Writer {
                         let _ = p.reply.send(Err(e.duplicate()));
                     }
                 }
+            }
+        }
+    }
+
+    /// Every [`VACUUM_CHECK_GROUPS`] groups, gives up to
+    /// [`VACUUM_PAGES_PER_STEP`] free pages back to the file system when
+    /// more than [`VACUUM_FREE_PAGES_MIN`] are free: a short step between
+    /// groups, never a long stall. A failure only waits for the next check.
+    async fn vacuum_now_and_then(&mut self) {
+        self.groups_since_vacuum += 1;
+        if self.groups_since_vacuum < VACUUM_CHECK_GROUPS {
+            return;
+        }
+        self.groups_since_vacuum = 0;
+        let free: Result<i64, _> = sqlx::query_scalar("PRAGMA freelist_count").fetch_one(&mut self.conn).await;
+        if free.is_ok_and(|free| free > VACUUM_FREE_PAGES_MIN) {
+            let step = format!("PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})");
+            if let Err(e) = sqlx::raw_sql(AssertSqlSafe(step)).execute(&mut self.conn).await {
+                tracing::warn!(error = %e, "incremental vacuum");
             }
         }
     }

@@ -58,6 +58,9 @@ pub(crate) struct Settings {
 impl Settings {
     fn options(&self) -> SqliteConnectOptions {
         let base = SqliteConnectOptions::new()
+            // Freed pages go back to the file system a step at a time
+            // (`State::vacuum_now_and_then`), never in one long stall.
+            .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
             .foreign_keys(true)
             .busy_timeout(self.busy_timeout)
             .synchronous(match self.durability {

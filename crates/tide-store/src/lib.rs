@@ -47,7 +47,9 @@ use tokio::sync::{Mutex, oneshot};
 pub use conn::{ConnectionSettings, Durability};
 pub use error::{Error, Result};
 pub use schema::SCHEMA_VERSION;
-pub use writer::{DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection};
+pub use writer::{
+    DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection, VACUUM_CHECK_BATCHES, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
+};
 
 use conn::{Location, Readers, Settings};
 use error::db;
@@ -257,6 +259,9 @@ impl OpenOptions {
             }
         }
         schema::migrate(&mut conn).await?;
+        if !memory {
+            writer::incremental_vacuum_on(&mut conn).await?;
+        }
         let node_id = node_id(&mut conn, self.node_id).await?;
         let seed: i64 =
             sqlx::query_scalar("SELECT lamport FROM tide_clock WHERE id = 1").fetch_one(&mut conn).await.map_err(db)?;

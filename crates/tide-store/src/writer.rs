@@ -81,6 +81,8 @@ pub(crate) struct State {
     closed: bool,
     on_commit: Option<CommitListener>,
     pub(crate) digest_log_rows_max: i64,
+    /// Batches run since the free pages were last looked at.
+    batches_since_vacuum: u32,
 }
 
 impl Writer {
@@ -91,7 +93,8 @@ impl Writer {
         on_commit: Option<CommitListener>,
         digest_log_rows_max: i64,
     ) -> Self {
-        let state = State { conn, clock, node_id, closed: false, on_commit, digest_log_rows_max };
+        let state =
+            State { conn, clock, node_id, closed: false, on_commit, digest_log_rows_max, batches_since_vacuum: 0 };
         Self {
             shared: Arc::new(Core {
                 queue: std::sync::Mutex::new(Vec::new()),
@@ -171,6 +174,7 @@ async fn drain(shared: Arc<Core>, mut batch: Vec<(u64, Command)>) {
     let mut state = shared.state.lock().await;
     loop {
         state.run(batch).await;
+        state.vacuum_now_and_then().await;
         // Let the callers just answered queue their next commands, so the
         // next group is large rather than one command long.
         tokio::task::yield_now().await;
@@ -181,7 +185,43 @@ async fn drain(shared: Arc<Core>, mut batch: Vec<(u64, Command)>) {
     }
 }
 
+/// Batches of commands between two looks at the store's free pages.
+pub const VACUUM_CHECK_BATCHES: u32 = 64;
+/// Free pages (4 KiB each) past which the store gives space back: 4 MiB.
+pub const VACUUM_FREE_PAGES_MIN: i64 = 1_024;
+/// Most pages one step of `incremental_vacuum` gives back: 2 MiB.
+pub const VACUUM_PAGES_PER_STEP: i64 = 512;
+
+/// Makes a store file created before incremental vacuum (by an earlier
+/// build, or by the original Python tide) use it: one `VACUUM`, the first
+/// time it is opened.
+pub(crate) async fn incremental_vacuum_on(conn: &mut sqlx::SqliteConnection) -> Result<()> {
+    let mode: i64 = sqlx::query_scalar("PRAGMA auto_vacuum").fetch_one(&mut *conn).await.map_err(db)?;
+    if mode != 2 {
+        sqlx::raw_sql("PRAGMA auto_vacuum = INCREMENTAL; VACUUM").execute(&mut *conn).await.map_err(db)?;
+    }
+    Ok(())
+}
+
 impl State {
+    /// Every [`VACUUM_CHECK_BATCHES`] batches, gives up to
+    /// [`VACUUM_PAGES_PER_STEP`] free pages back to the file system when
+    /// more than [`VACUUM_FREE_PAGES_MIN`] are free: a short step between
+    /// batches. A failure only waits for the next check.
+    async fn vacuum_now_and_then(&mut self) {
+        self.batches_since_vacuum += 1;
+        if self.closed || self.batches_since_vacuum < VACUUM_CHECK_BATCHES {
+            return;
+        }
+        self.batches_since_vacuum = 0;
+        let Ok(mut held) = conn::lock(&self.conn).await else { return };
+        let free: std::result::Result<i64, _> = sqlx::query_scalar("PRAGMA freelist_count").fetch_one(&mut *held).await;
+        if free.is_ok_and(|free| free > VACUUM_FREE_PAGES_MIN) {
+            let step = format!("PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})");
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(step)).execute(&mut *held).await;
+        }
+    }
+
     /// Runs a batch in order, committing runs of consecutive writes together.
     async fn run(&mut self, batch: Vec<(u64, Command)>) {
         let mut group = Vec::new();

@@ -123,9 +123,17 @@ impl Inner {
         let mut batch = PUSH_BATCH_OPS_MAX;
         let mut last = None;
         let mut settle_tries = 2;
+        // A store that held nothing when its first sync began needs none of
+        // the tombstones written before it began (PROTOCOL.md §4.1): the
+        // first request leaves out those at or below the head its page is
+        // read at, which the server says, and later ones those at or below
+        // that head; until the store has an op of its own to push.
+        let mut live_below = (self.store.cursor().await?.is_none() && self.store.is_empty().await?).then_some(u64::MAX);
         while report.exchanges < SYNC_EXCHANGES_MAX {
             let pending = self.store.pending(batch).await?;
             let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
+            live_below = live_below.filter(|_| pending.is_empty());
+            req.live_below = live_below;
             req.ops = pending.iter().map(|p| p.op.clone()).collect();
             req.limit = Some(PULL_PAGE_CHANGES_MAX);
             // The server's digests, which it sends only when it has nothing
@@ -176,6 +184,9 @@ impl Inner {
                 Err(e) => return Err(e),
             };
             report.pushed += pending.len();
+            // The head the first page was read at bounds the rest; a server
+            // that does not say it sends tombstones.
+            live_below = live_below.and(resp.head).map(|head| live_below.map_or(head, |b| b.min(head)));
             let collided = self.settle(&pending, &resp.results, &mut report).await?;
             if collided {
                 let node_id = self.store.rekey().await?;

@@ -142,7 +142,7 @@ impl Model {
             (requested, (requested > Cursor::START).then_some(req.node_id.as_str()))
         };
         let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, self.limits.changes_per_response_max);
-        let page = self.page(from, own, limit);
+        let page = self.page_of(from, own, req.live_below, limit);
         let settled = page.changes.is_empty() && !page.has_more && !reset;
         let mut resp = SyncResponse {
             cursor: page.cursor,
@@ -150,6 +150,7 @@ impl Model {
             results,
             has_more: page.has_more,
             reset,
+            head: req.live_below.map(|_| self.seq),
             request_id: req.request_id.clone(),
             ..SyncResponse::new(Cursor::START)
         };
@@ -265,12 +266,20 @@ impl Model {
     /// over. A page with more to come ends at its last change; a page that
     /// ends the log moves the cursor past everything, own changes included.
     pub fn page(&self, cursor: Cursor, skip_node: Option<&str>, limit: usize) -> Page {
+        self.page_of(cursor, skip_node, None, limit)
+    }
+
+    /// [`Model::page`], also passing over tombstones at or below
+    /// `live_below` (deleted before a client that held nothing began its
+    /// sync, so it cannot hold them, §4.1).
+    pub fn page_of(&self, cursor: Cursor, skip_node: Option<&str>, live_below: Option<u64>, limit: usize) -> Page {
         let mut changes: Vec<Change> = Vec::new();
         let mut bytes = 0;
         let mut last = cursor.seq();
         for (&seq, key) in self.by_seq.range(cursor.seq() + 1..) {
             let row = &self.rows[key];
-            if skip_node == Some(row.stamp.node_id.as_str()) {
+            let gone_before = live_below.is_some_and(|b| seq <= b) && row.payload.doc().is_none();
+            if skip_node == Some(row.stamp.node_id.as_str()) || gone_before {
                 last = seq;
                 continue;
             }

@@ -68,6 +68,11 @@ pub struct SyncRequest {
     /// exchanges, by which the server tells two copies of one store apart (§13).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lineage: Option<Lineage>,
+    /// Extension: tombstones at or below this seq may be left out of the
+    /// page: the client held nothing when its sync began at that head of
+    /// the namespace (§4.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live_below: Option<u64>,
 }
 
 /// A write exchange's link in its node's chain (§13): the token of the
@@ -185,6 +190,7 @@ impl SyncRequest {
             verify: None,
             fetch: Vec::new(),
             lineage: None,
+            live_below: None,
         }
     }
 
@@ -359,6 +365,10 @@ pub struct SyncResponse {
     /// beginning.
     #[serde(default, skip_serializing_if = "is_false")]
     pub reset: bool,
+    /// Extension: the namespace's head (its highest seq) when the page was
+    /// read, answered to a request with `live_below` (§4.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<u64>,
     /// Extension: the request's `request_id`, echoed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -391,6 +401,7 @@ impl SyncResponse {
             results: Vec::new(),
             has_more: false,
             reset: false,
+            head: None,
             request_id: None,
             roots: None,
             groups: None,

@@ -192,7 +192,11 @@ impl SharedReads {
             Some(tide_core::Verify::Roots) => true,
             Some(_) => return None,
         };
-        if !request.fetch.is_empty() || request.repair || request.cursor.is_none_or(|c| c == tide_core::Cursor::START) {
+        if !request.fetch.is_empty()
+            || request.repair
+            || request.live_below.is_some()
+            || request.cursor.is_none_or(|c| c == tide_core::Cursor::START)
+        {
             return None;
         }
         let cursor = request.cursor.unwrap_or_default();

@@ -608,6 +608,22 @@ impl Store {
             .map_err(db)
     }
 
+    /// Whether the store holds nothing: no version of any document (live or
+    /// deleted) and no op in the outbox. Such a store needs no tombstones
+    /// from the server (PROTOCOL.md §4.1, `live_only`).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn is_empty(&self) -> Result<bool> {
+        let mut conn = self.inner.readers.get().await?;
+        let held: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tide_docs) OR EXISTS (SELECT 1 FROM tide_outbox)")
+                .fetch_one(&mut *conn)
+                .await
+                .map_err(db)?;
+        Ok(!held)
+    }
+
     /// How many ops wait in the outbox.
     pub async fn pending_count(&self) -> Result<u64> {
         let mut conn = self.inner.readers.get().await?;

@@ -54,6 +54,7 @@ pub struct FaultRates {
 
 /// What became of one exchange.
 #[derive(Debug, Clone, PartialEq)]
+#[expect(clippy::large_enum_variant, reason = "a log entry of a test server, read by matching; most are responses")]
 pub enum Outcome {
     /// The client got this response.
     Response(SyncResponse),
@@ -266,7 +267,12 @@ impl Transport for FakeTransport {
                 let empty = from.seq() <= state.model.seq()
                     && state
                         .model
-                        .page(from, Some(&request.node_id).filter(|_| from.seq() > 0).map(String::as_str), 1)
+                        .page_of(
+                            from,
+                            Some(&request.node_id).filter(|_| from.seq() > 0).map(String::as_str),
+                            request.live_below,
+                            1,
+                        )
                         .changes
                         .is_empty();
                 empty.then(|| request.wait.unwrap_or_default().min(limits.wait_max))

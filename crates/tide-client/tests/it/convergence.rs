@@ -376,3 +376,78 @@ async fn a_chain_of_refused_writes_goes_back_to_the_last_version_taken() {
     let row = server.model().row("notes", "k").cloned().unwrap();
     assert_eq!(row.payload.doc().unwrap().to_map()["title"], json!("v2"), "v2 was repaired back to the server");
 }
+
+/// A transport that, after its first exchange, has another client delete
+/// a document: a delete made while a fresh client's initial sync runs.
+struct DeleteAfterFirst {
+    inner: tide_transport::FakeTransport,
+    deleter: tide_transport::FakeTransport,
+    done: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl tide_transport::Transport for DeleteAfterFirst {
+    async fn exchange(
+        &self,
+        request: &tide_core::SyncRequest,
+    ) -> Result<tide_core::SyncResponse, tide_transport::Error> {
+        let resp = self.inner.exchange(request).await?;
+        if !self.done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let mut delete = tide_core::SyncRequest::new("a", None);
+            delete.ops.push(tide_core::Op {
+                collection: "notes".into(),
+                id: "n00".into(),
+                stamp: tide_core::Stamp::new(1_000, "a"),
+                payload: tide_core::Payload::Delete,
+                op_id: None,
+            });
+            self.deleter.exchange(&delete).await?;
+        }
+        Ok(resp)
+    }
+}
+
+/// A client that starts empty gets only live documents in its initial
+/// sync (PROTOCOL.md §4.1, `live_below`), and still learns of a delete made
+/// while that sync runs.
+#[tokio::test]
+async fn an_initial_sync_transfers_no_tombstones_yet_learns_of_deletes_made_meanwhile() {
+    let server = FakeServer::with_limits(Limits { changes_per_response_max: 10, ..Limits::default() });
+    let a = client(&server, "a").await;
+    let notes = a.collection::<Note>("notes");
+    for i in 0..30 {
+        notes.put(&format!("n{i:02}"), &note("kept")).await.unwrap();
+    }
+    for i in 10..30 {
+        notes.delete(&format!("n{i:02}")).await.unwrap();
+    }
+    a.sync_once().await.unwrap();
+    server.clear_traffic();
+
+    let transport = DeleteAfterFirst {
+        inner: server.connect("fresh"),
+        deleter: server.connect("deleter"),
+        done: std::sync::atomic::AtomicBool::new(false),
+    };
+    let fresh = Tide::builder().node_id("fresh").transport(std::sync::Arc::new(transport)).open().await.unwrap();
+    fresh.sync_once().await.unwrap();
+    let received: Vec<tide_core::Change> = server
+        .traffic()
+        .into_iter()
+        .filter(|e| e.client == "fresh")
+        .flat_map(|e| match e.outcome {
+            tide_transport::Outcome::Response(r) => r.changes,
+            tide_transport::Outcome::Failed(_) => Vec::new(),
+        })
+        .collect();
+    assert!(received.len() > 10, "several pages: {}", received.len());
+    let tombstones: Vec<&str> = received.iter().filter(|c| c.payload.doc().is_none()).map(|c| c.id.as_str()).collect();
+    assert_eq!(tombstones, ["n00"], "only the delete made during the sync");
+    let live: Vec<String> = (1..10).map(|i| format!("n{i:02}")).collect();
+    assert_eq!(docs(&fresh, "notes").await.into_iter().map(|(id, _)| id).collect::<Vec<_>>(), live);
+    // Once it holds something, it asks for tombstones like any client.
+    a.collection::<Note>("notes").delete("n01").await.unwrap();
+    a.sync_once().await.unwrap();
+    fresh.sync_once().await.unwrap();
+    assert!(fresh.collection::<Note>("notes").get("n01").await.unwrap().is_none());
+}

@@ -61,6 +61,8 @@ pub struct Reply {
     pub has_more: bool,
     /// Whether the request's cursor was ahead of the namespace's state.
     pub reset: bool,
+    /// The namespace's head, for a request with `live_below`.
+    pub head: Option<u64>,
     /// The request's `request_id`, echoed.
     pub request_id: Option<String>,
     /// The answers to the digest and fetch extensions (PROTOCOL.md §12).
@@ -95,6 +97,7 @@ impl Reply {
             change_count: page.count,
             has_more: page.has_more,
             reset: page.reset,
+            head: page.head,
             request_id,
             verify,
         }
@@ -119,6 +122,10 @@ impl Reply {
         }
         if self.reset {
             out.extend_from_slice(br#","reset":true"#);
+        }
+        if let Some(head) = self.head {
+            out.extend_from_slice(br#","head":"#);
+            out.extend_from_slice(head.to_string().as_bytes());
         }
         let mut field = |name: &[u8], value: &dyn erased::Value| {
             out.extend_from_slice(name);
@@ -188,13 +195,19 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// The highest `live_below` a page statement takes as given (above it, as
+/// this: far past any seq a namespace reaches).
+const LIVE_BELOW_MAX: u64 = 1 << 61;
+
 /// How a backend reads a page (PROTOCOL.md §5): the changes after `from`,
-/// skipping `skip_node`'s own when it is set, at most `limit` of them and at
-/// most `bytes_max` bytes of them.
+/// skipping `skip_node`'s own when it is set and tombstones at or below
+/// `live_below`, at most `limit` of them and at most `bytes_max` bytes of
+/// them.
 #[derive(Debug, Clone)]
 pub(crate) struct PageQuery<'a> {
     pub(crate) from: u64,
     pub(crate) skip_node: Option<&'a str>,
+    pub(crate) live_below: Option<u64>,
     pub(crate) limit: usize,
     pub(crate) bytes_max: usize,
     pub(crate) reset: bool,
@@ -207,7 +220,16 @@ impl<'a> PageQuery<'a> {
         let from = req.cursor.unwrap_or_default();
         let skip_node = (from > Cursor::START).then_some(req.node_id.as_str());
         let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, limits.changes_per_response_max);
-        Self { from: from.seq(), skip_node, limit, bytes_max: limits.response_bytes_max, reset: false }
+        let bytes_max = limits.response_bytes_max;
+        Self { from: from.seq(), skip_node, live_below: req.live_below, limit, bytes_max, reset: false }
+    }
+
+    /// What a page statement passes over, in one argument: bit 0, the
+    /// caller's own changes; the bits above, the seq at or below which
+    /// tombstones are left out (0: none is).
+    pub(crate) fn skips(&self) -> i64 {
+        let below = self.live_below.map_or(0, |b| b.min(LIVE_BELOW_MAX));
+        i64::from(self.skip_node.is_some()) | (i64::try_from(below).expect("bounded") << 1)
     }
 
     /// Whether the cursor is ahead of the namespace, whose highest seq is
@@ -290,7 +312,8 @@ impl<'a> PageQuery<'a> {
     pub(crate) fn finish(&self, read: PageRead, namespace_seq: u64) -> Page {
         let end = namespace_seq.max(self.from).max(read.last);
         let cursor = if read.has_more { Cursor(read.last) } else { Cursor(end) };
-        Page { json: read.json, count: read.count, cursor, has_more: read.has_more, reset: self.reset }
+        let head = self.live_below.map(|_| namespace_seq);
+        Page { json: read.json, count: read.count, cursor, has_more: read.has_more, reset: self.reset, head }
     }
 }
 
@@ -326,6 +349,8 @@ pub(crate) struct Page {
     pub(crate) cursor: Cursor,
     pub(crate) has_more: bool,
     pub(crate) reset: bool,
+    /// The namespace's head, for a request with `live_below`.
+    pub(crate) head: Option<u64>,
 }
 
 impl Page {

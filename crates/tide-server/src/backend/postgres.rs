@@ -406,11 +406,11 @@ impl PostgresBackend {
 /// only if that total fits the budget `$5`, the first `$6` renderings
 /// joined and the seq of the last.
 const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::bigint AS total, count(*) AS n \
-       FROM (SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) \
+       FROM (SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) \
        ORDER BY seq LIMIT $6 + 1) s) \
      SELECT (SELECT seq FROM tide_namespaces WHERE namespace = $1), g.total, g.n, p.text, p.last \
      FROM g, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, max(seq) AS last \
-       FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) \
+       FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) \
        ORDER BY seq LIMIT $6) w WHERE (SELECT total FROM g) <= $5) p";
 
 /// The page statement for a namespace whose largest rendering ever stored
@@ -419,10 +419,10 @@ const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::b
 /// they are sure to fit), their count, the last seq, and whether a change
 /// follows. No row without the namespace.
 const SMALL_PAGE: &str = "SELECT ns.seq, ns.size_max, p.text, p.n, p.last, p.n = $6 AND EXISTS (SELECT 1 FROM tide_rows \
-       WHERE namespace = $1 AND seq > p.last AND (NOT $4 OR node_id <> $3)) \
+       WHERE namespace = $1 AND seq > p.last AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1))) \
      FROM tide_namespaces AS ns, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, count(*) AS n, \
        max(seq) AS last FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 \
-       AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $6) w \
+       AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) ORDER BY seq LIMIT $6) w \
        WHERE (SELECT (size_max + 1) * $6 FROM tide_namespaces WHERE namespace = $1) <= $5) AS p \
      WHERE ns.namespace = $1";
 
@@ -449,7 +449,7 @@ async fn over_budget_in(
 ) -> Result<PageRead, BackendError> {
     let sizes: Vec<(i64,)> = bind_page(
         sqlx::query_as(
-            "SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $5",
+            "SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) ORDER BY seq LIMIT $5",
         ),
         ns,
         query,
@@ -463,7 +463,7 @@ async fn over_budget_in(
     let (text, last): (Option<String>, Option<i64>) = bind_page(
         sqlx::query_as(
             "SELECT string_agg(wire || seq || '}', ',' ORDER BY seq), max(seq) FROM (SELECT seq, wire FROM tide_rows \
-         WHERE namespace = $1 AND seq > $2 AND (NOT $4 OR node_id <> $3) ORDER BY seq LIMIT $5) w",
+         WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) ORDER BY seq LIMIT $5) w",
         ),
         ns,
         query,
@@ -684,17 +684,13 @@ async fn lock_namespace(tx: &mut Transaction<'_, Postgres>, ns: &str) -> Result<
 
 /// Binds the arguments every page statement begins with: `$1` the
 /// namespace, `$2` the cursor, `$3` the node whose changes are skipped and
-/// `$4` whether they are.
+/// `$4` what is skipped (`PageQuery::skips`).
 fn bind_page<'q, O>(
     statement: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
     ns: &'q Namespace,
     query: &PageQuery<'q>,
 ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
-    statement
-        .bind(ns.as_str())
-        .bind(to_i64(query.from))
-        .bind(query.skip_node.unwrap_or(""))
-        .bind(query.skip_node.is_some())
+    statement.bind(ns.as_str()).bind(to_i64(query.from)).bind(query.skip_node.unwrap_or("")).bind(query.skips())
 }
 
 /// A stored version as a write group reads it: stamp, hash if live,

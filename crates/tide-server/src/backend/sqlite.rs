@@ -109,9 +109,10 @@ pub enum Durability {
 }
 
 /// The rows a page reads: a namespace's changes after a seq, without the
-/// caller's own when asked (`?4`).
-const PAGE_ROWS: &str =
-    "FROM tide_changes WHERE namespace = ?1 AND seq > ?2 AND (?4 = 0 OR node_id <> ?3) ORDER BY seq";
+/// caller's own when asked (`?4 & 1`) and without tombstones at or below
+/// `?4 >> 1` (`PageQuery::skips`).
+const PAGE_ROWS: &str = "FROM tide_changes WHERE namespace = ?1 AND seq > ?2 AND ((?4 & 1) = 0 OR node_id <> ?3) \
+     AND (deleted = 0 OR seq > (?4 >> 1)) ORDER BY seq";
 
 /// The page statement for a page of `limit` changes (`None`: the limit is
 /// bound as `?6`). It returns the namespace's seq, the byte total and count
@@ -143,7 +144,7 @@ fn small_page_statement(limit: Option<usize>) -> Arc<str> {
     let n = limit.map_or_else(|| "?6".to_owned(), |l| l.to_string());
     format!(
         "SELECT ns.seq, ns.size_max, p.text, p.n, p.last, p.n = {n} AND EXISTS (SELECT 1 FROM tide_changes \
-           WHERE namespace = ?1 AND seq > p.last AND (?4 = 0 OR node_id <> ?3)) \
+           WHERE namespace = ?1 AND seq > p.last AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1))) \
          FROM tide_namespaces AS ns, (SELECT group_concat(wire || seq || '}}', ',') AS text, count(*) AS n, \
            max(seq) AS last FROM (SELECT seq, wire {PAGE_ROWS} LIMIT {n}) \
            WHERE (SELECT (size_max + 1) * {n} FROM tide_namespaces WHERE namespace = ?1) <= ?5) AS p \
@@ -441,7 +442,7 @@ async fn over_budget(
     let (sizes,): (Option<String>,) = bind_page(
         sqlx::query_as(
             "SELECT group_concat(size) FROM (SELECT size FROM tide_changes \
-         WHERE namespace = ?1 AND seq > ?2 AND (?4 = 0 OR node_id <> ?3) ORDER BY seq LIMIT ?5)",
+         WHERE namespace = ?1 AND seq > ?2 AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1)) ORDER BY seq LIMIT ?5)",
         ),
         ns,
         query,
@@ -455,7 +456,7 @@ async fn over_budget(
     let (text, last): (Option<String>, Option<i64>) = bind_page(
         sqlx::query_as(
             "SELECT group_concat(wire || seq || '}', ','), max(seq) FROM (SELECT seq, wire FROM tide_changes \
-         WHERE namespace = ?1 AND seq > ?2 AND (?4 = 0 OR node_id <> ?3) ORDER BY seq LIMIT ?5)",
+         WHERE namespace = ?1 AND seq > ?2 AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1)) ORDER BY seq LIMIT ?5)",
         ),
         ns,
         query,
@@ -997,17 +998,13 @@ async fn fold_digests(conn: &mut SqliteConnection) -> Result<(), BackendError> {
 
 /// Binds the arguments every page statement begins with: `?1` the
 /// namespace, `?2` the cursor, `?3` the node whose changes are skipped and
-/// `?4` whether they are.
+/// `?4` what is skipped (`PageQuery::skips`).
 fn bind_page<'q, O>(
     statement: sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments>,
     ns: &'q Namespace,
     query: &PageQuery<'q>,
 ) -> sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments> {
-    statement
-        .bind(ns.as_str())
-        .bind(to_i64(query.from))
-        .bind(query.skip_node.unwrap_or(""))
-        .bind(query.skip_node.is_some())
+    statement.bind(ns.as_str()).bind(to_i64(query.from)).bind(query.skip_node.unwrap_or("")).bind(query.skips())
 }
 
 /// The rows of `tide_changes` a group writes: the last applied op of each key.

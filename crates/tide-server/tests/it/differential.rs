@@ -50,6 +50,7 @@ fn random_request(rng: &mut SplitMix64, cursors: &[u64]) -> SyncRequest {
         })
         .collect();
     extensions(rng, &mut req);
+    req.live_below = (rng.below(6) == 0).then(|| rng.below(40));
     req
 }
 

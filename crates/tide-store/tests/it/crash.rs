@@ -28,7 +28,7 @@ enum Event {
     /// A local write returned Ok: it must never be lost.
     Acked { collection: String, id: String, stamp: Stamp },
     /// A sync request for the server.
-    Request(SyncRequest),
+    Request(Box<SyncRequest>),
     /// The child reached a named point.
     At(String),
 }
@@ -110,7 +110,7 @@ fn child() {
                 sync_until_idle(
                     &store,
                     |req| {
-                        emit(&Event::Request(req.clone()));
+                        emit(&Event::Request(Box::new(req.clone())));
                         let line = lines.next().expect("the parent answers").unwrap();
                         serde_json::from_str(&line).unwrap()
                     },

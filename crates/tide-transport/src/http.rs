@@ -247,10 +247,21 @@ impl Transport for HttpTransport {
 /// a body that is not a sync response.
 pub fn decode_response(status: u16, retry_after: Option<&str>, body: &[u8]) -> Result<SyncResponse, Error> {
     if !(200..300).contains(&status) {
-        let retry_after = retry_after.and_then(|v| v.trim().parse::<u64>().ok()).map(Duration::from_secs);
+        let retry_after = retry_after.and_then(|v| retry_after_at(v, std::time::SystemTime::now()));
         return Err(Error::from_status(status, body, retry_after));
     }
     serde_json::from_slice(body).map_err(|e| Error::MalformedResponse { message: e.to_string() })
+}
+
+/// A `Retry-After` value as a wait from `now`: seconds, or an HTTP date
+/// (a date already past is no wait at all). `None` when it is neither.
+fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 fn gzip(body: &[u8]) -> Vec<u8> {
@@ -268,4 +279,18 @@ fn gunzip(body: &[u8], limit: usize) -> Result<Bytes, Error> {
         return Err(Error::ResponseTooLarge { limit });
     }
     Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_an_http_date() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:26:30 GMT").unwrap();
+        assert_eq!(retry_after_at("150", now), Some(Duration::from_secs(150)));
+        assert_eq!(retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now), Some(Duration::from_secs(90)));
+        assert_eq!(retry_after_at("Wed, 21 Oct 2015 07:00:00 GMT", now), Some(Duration::ZERO), "already past");
+        assert_eq!(retry_after_at("soon", now), None);
+    }
 }

@@ -11,8 +11,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_tide-server");
 
 /// Starts the binary on a free port; returns the child and its endpoint.
 pub(crate) fn spawn(args: &[&str]) -> (std::process::Child, String) {
+    spawn_on("127.0.0.1:0", args)
+}
+
+/// Starts the binary listening on `listen`; returns the child and its endpoint.
+pub(crate) fn spawn_on(listen: &str, args: &[&str]) -> (std::process::Child, String) {
     let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

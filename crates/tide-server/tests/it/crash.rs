@@ -12,8 +12,7 @@
 //! `TIDE_CRASH_SEED=n` replays a run.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -23,7 +22,6 @@ use tide_client::Tide;
 use tide_core::{Cursor, SplitMix64, Stamp, SyncRequest};
 use tide_transport::{Headers, HttpTransport, Transport};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tide-server");
 const TOKENS: &str = "tok-unique=unique,tok-shared=shared";
 /// Clients per namespace.
 const CLIENTS: usize = 2;
@@ -64,19 +62,12 @@ impl Drop for Process {
     }
 }
 
-/// Starts the binary on `port` (0: any) and waits for its ready line.
+/// Starts the binary on `port` (0: any); returns it and its port.
 fn spawn(args: &[String], port: u16) -> (Child, u16) {
-    let mut child = Command::new(BIN)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--tokens", TOKENS])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("tide-server listening on http://").expect("the ready line");
-    let port = addr.split(['/', ':']).nth(1).and_then(|p| p.parse().ok()).expect("a port");
+    let mut all = vec!["--tokens", TOKENS];
+    all.extend(args.iter().map(String::as_str));
+    let (child, endpoint) = crate::binary::spawn_on(&format!("127.0.0.1:{port}"), &all);
+    let port = endpoint.rsplit(':').next().and_then(|p| p.split('/').next()?.parse().ok()).expect("a port");
     (child, port)
 }
 

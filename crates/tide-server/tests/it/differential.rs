@@ -112,21 +112,30 @@ async fn call(server: &Server, token: &str, body: Vec<u8>) -> (u16, String) {
     (status, String::from_utf8(body.to_vec()).unwrap())
 }
 
-async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
-    let dir = tempfile::tempdir().unwrap();
-    let limits =
-        Limits { changes_per_response_max: 4, response_bytes_max: 400, lamport_lead_max: 1_000, ..Limits::default() };
-    let mut backends: Vec<(&str, Arc<dyn Backend>)> = vec![(
-        "sqlite",
-        SqliteBackend::open(&dir.path().join("s.db"), Durability::Normal, limits.clone()).await.unwrap(),
-    )];
+/// The limits of the differential runs: small pages, a short counter lead.
+fn limits() -> Limits {
+    Limits { changes_per_response_max: 4, response_bytes_max: 400, lamport_lead_max: 1_000, ..Limits::default() }
+}
+
+/// SQLite (at `durability`) in `dir`, and PostgreSQL in a fresh schema when given.
+async fn backends(
+    dir: &std::path::Path,
+    durability: Durability,
+    postgres: Option<&str>,
+) -> Vec<(&'static str, Arc<dyn Backend>)> {
+    let mut backends: Vec<(&str, Arc<dyn Backend>)> =
+        vec![("sqlite", SqliteBackend::open(&dir.join("s.db"), durability, limits()).await.unwrap())];
     if let Some(url) = postgres {
         let url = crate::postgres::fresh_schema(url).await;
-        backends.push((
-            "postgres",
-            PostgresBackend::open(&url, tide_server::Durability::Full, limits.clone()).await.unwrap(),
-        ));
+        backends.push(("postgres", PostgresBackend::open(&url, Durability::Full, limits()).await.unwrap()));
     }
+    backends
+}
+
+async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = limits();
+    let backends = backends(dir.path(), Durability::Normal, postgres).await;
     let servers: Vec<(&str, Server)> = backends
         .into_iter()
         .map(|(name, backend)| {
@@ -233,17 +242,8 @@ fn model_outcome(model: &mut Model, req: &SyncRequest) -> (u16, String) {
 /// from the start, is byte-identical to the model's.
 async fn run_concurrent(seed: u64, postgres: Option<&str>) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
-    let limits =
-        Limits { changes_per_response_max: 4, response_bytes_max: 400, lamport_lead_max: 1_000, ..Limits::default() };
-    let mut backends: Vec<(&str, Arc<dyn Backend>)> = vec![(
-        "sqlite",
-        SqliteBackend::open(&dir.path().join("s.db"), Durability::Full, limits.clone()).await.unwrap(),
-    )];
-    if let Some(url) = postgres {
-        let url = crate::postgres::fresh_schema(url).await;
-        backends.push(("postgres", PostgresBackend::open(&url, Durability::Full, limits.clone()).await.unwrap()));
-    }
-    for (name, backend) in backends {
+    let limits = limits();
+    for (name, backend) in backends(dir.path(), Durability::Full, postgres).await {
         let tokens = StaticTokens::new([("t1", "one"), ("t2", "two")]);
         let config = ServerConfig { limits: limits.clone(), ..ServerConfig::default() };
         let server = Server::new(backend, Arc::new(tokens), config);

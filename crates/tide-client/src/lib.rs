@@ -48,7 +48,7 @@ pub use collection::{Collection, LIST_LIMIT_DEFAULT};
 pub use error::{Error, Result};
 pub use sync::{
     BACKOFF_BASE, BACKOFF_MAX, LONG_POLL_HOLD_MIN, PULL_PAGE_CHANGES_MAX, PUSH_BATCH_OPS_MAX, REKEYS_PER_SYNC_MAX,
-    SYNC_EXCHANGES_MAX, SyncReport, SyncStatus, VERIFY_EXCHANGES_MAX,
+    SYNC_EXCHANGES_MAX, SyncReport, SyncStatus, TOKEN_REFRESHES_PER_SYNC_MAX, VERIFY_EXCHANGES_MAX,
 };
 pub use tide::{Batch, LONG_POLL_WAIT_DEFAULT, SyncHandle, Tide, TideBuilder, WATCH_BUFFER_CHANGES};
 pub use tide_store::{Durability, RejectedOp, Version};

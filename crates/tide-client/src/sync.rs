@@ -34,6 +34,10 @@ pub const LONG_POLL_HOLD_MIN: Duration = Duration::from_millis(500);
 /// Most re-keys in one `sync_once`: a server that keeps answering
 /// `node_id_conflict` is misbehaving, and the sync fails instead.
 pub const REKEYS_PER_SYNC_MAX: usize = 2;
+/// Most times one sync retries at once after the server said its token
+/// expired (`token_expired`): the transport's header provider is asked
+/// again, and a provider that refreshes tokens gives a fresh one.
+pub const TOKEN_REFRESHES_PER_SYNC_MAX: usize = 1;
 /// Most exchanges one digest repair makes within a `sync_once` (it goes
 /// on in the next).
 pub const VERIFY_EXCHANGES_MAX: usize = 64;
@@ -123,6 +127,7 @@ impl Inner {
         let mut batch = PUSH_BATCH_OPS_MAX;
         let mut last = None;
         let mut settle_tries = 2;
+        let mut refreshes = 0;
         // A store that held nothing when its first sync began needs none of
         // the tombstones written before it began (PROTOCOL.md §4.1): the
         // first request leaves out those at or below the head its page is
@@ -162,6 +167,15 @@ impl Inner {
                     let node_id = self.store.rekey().await?;
                     tracing::warn!(%node_id, "another store writes under this node id; re-keyed");
                     report.rekeyed += 1;
+                    continue;
+                }
+                // The token expired: at once again, with whatever token the
+                // transport's header provider gives now.
+                Err(Error::Transport(tide_transport::Error::Status {
+                    code: Some(tide_core::ErrorCode::TokenExpired),
+                    ..
+                })) if refreshes < TOKEN_REFRESHES_PER_SYNC_MAX => {
+                    refreshes += 1;
                     continue;
                 }
                 // The server refused the request because of one op: set that

@@ -568,6 +568,8 @@ pub enum ErrorCode {
     NodeIdConflict,
     /// No valid credentials.
     Unauthorized,
+    /// The credentials have expired: retry at once with fresh ones.
+    TokenExpired,
     /// The credentials do not allow this (another namespace, another principal's node id).
     Forbidden,
     /// No such path.
@@ -601,7 +603,7 @@ impl ErrorCode {
             | Self::UnsupportedProtocol
             | Self::StampCollision
             | Self::Unknown => 400,
-            Self::Unauthorized => 401,
+            Self::Unauthorized | Self::TokenExpired => 401,
             Self::Forbidden => 403,
             Self::NodeIdConflict => 409,
             Self::NotFound => 404,
@@ -636,6 +638,7 @@ impl ErrorCode {
             Self::StampCollision => "stamp_collision",
             Self::NodeIdConflict => "node_id_conflict",
             Self::Unauthorized => "unauthorized",
+            Self::TokenExpired => "token_expired",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",

@@ -44,6 +44,10 @@ pub enum AuthError {
     /// Credentials that are not valid (401).
     #[error("invalid credentials")]
     Invalid,
+    /// Credentials that were valid and have expired (401 `token_expired`):
+    /// a client with fresh ones retries at once.
+    #[error("expired credentials")]
+    Expired,
     /// The verifier cannot answer now (503; never treated as success).
     #[error("authentication unavailable: {0}")]
     Unavailable(String),

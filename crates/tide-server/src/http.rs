@@ -560,7 +560,8 @@ impl Server {
         principal.map_err(|e| match e {
             AuthError::Unavailable(why) => plain(ErrorCode::Unavailable, format!("authentication unavailable: {why}")),
             e => {
-                let mut resp = plain(ErrorCode::Unauthorized, e.to_string());
+                let code = if e == AuthError::Expired { ErrorCode::TokenExpired } else { ErrorCode::Unauthorized };
+                let mut resp = plain(code, e.to_string());
                 let challenge = HeaderValue::from_static("Bearer error=\"invalid_token\"");
                 resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, challenge);
                 resp

@@ -9,7 +9,8 @@
 //!   default, [`PostgresBackend`] runs several servers on one database.
 //!   Every backend gives `tide_core::Model`'s exact results.
 //! - [`Authenticator`]: a token in, a [`Principal`] and its [`Namespace`]
-//!   out; [`NoAuth`] and [`StaticTokens`] ship with it.
+//!   out; [`NoAuth`], [`StaticTokens`] and [`JwtAuthenticator`] (HS256, or
+//!   RS256, ES256 and `EdDSA` keys from a JWKS) ship with it.
 //!
 //! Layer rule: depends on tide-core only among tide crates.
 
@@ -17,6 +18,7 @@ mod auth;
 pub mod backend;
 mod http;
 mod hub;
+mod jwt;
 mod metrics;
 
 pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError, token_principal};
@@ -34,6 +36,10 @@ pub use http::{
     SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig,
 };
 pub use hub::{HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT};
+pub use jwt::{
+    JWT_LEEWAY_DEFAULT, JWT_NAMESPACE_CLAIM_DEFAULT, JWT_PRINCIPAL_CLAIM_DEFAULT, JwksError, JwtAuthenticator,
+    JwtConfig,
+};
 
 /// glibc allocator settings for a server's large short-lived buffers, as
 /// a `GLIBC_TUNABLES` value.

@@ -11,7 +11,8 @@ use clap::Parser;
 use tide_core::limits;
 use tide_server::{
     Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, CONNECTIONS_MAX_DEFAULT, Durability,
-    HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, NoAuth,
+    HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, JWT_LEEWAY_DEFAULT,
+    JWT_NAMESPACE_CLAIM_DEFAULT, JWT_PRINCIPAL_CLAIM_DEFAULT, JwtAuthenticator, JwtConfig, NoAuth,
     PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, PostgresBackend, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
     SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens,
 };
@@ -47,6 +48,30 @@ struct Args {
     /// Bearer tokens as `TOKEN=NAMESPACE,TOKEN=NAMESPACE`.
     #[arg(long, env = "TIDE_SERVER_TOKENS", hide_env_values = true)]
     tokens: Option<String>,
+    /// Bearer tokens are JWTs signed with HS256 and this secret.
+    #[arg(long, env = "TIDE_SERVER_JWT_SECRET", hide_env_values = true, conflicts_with_all = ["no_auth", "tokens_file", "tokens", "jwks_file"])]
+    jwt_secret: Option<String>,
+    /// Bearer tokens are JWTs signed by a key of this JWKS file (RS256, ES256 or Ed25519).
+    #[arg(long, env = "TIDE_SERVER_JWKS_FILE", conflicts_with_all = ["no_auth", "tokens_file", "tokens"])]
+    jwks_file: Option<PathBuf>,
+    /// The audience a JWT must name in `aud` (not checked if unset).
+    #[arg(long, env = "TIDE_SERVER_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
+    /// The issuer a JWT must carry in `iss` (not checked if unset).
+    #[arg(long, env = "TIDE_SERVER_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Seconds of clock skew allowed on a JWT's `exp` and `nbf`.
+    #[arg(long, env = "TIDE_SERVER_JWT_LEEWAY", default_value_t = JWT_LEEWAY_DEFAULT.as_secs())]
+    jwt_leeway: u64,
+    /// The JWT claim that names the namespace.
+    #[arg(long, env = "TIDE_SERVER_JWT_NAMESPACE_CLAIM", default_value = JWT_NAMESPACE_CLAIM_DEFAULT)]
+    jwt_namespace_claim: String,
+    /// The namespace of a JWT without that claim (without this flag such a token is refused).
+    #[arg(long, env = "TIDE_SERVER_JWT_DEFAULT_NAMESPACE")]
+    jwt_default_namespace: Option<String>,
+    /// The JWT claim that names the principal.
+    #[arg(long, env = "TIDE_SERVER_JWT_PRINCIPAL_CLAIM", default_value = JWT_PRINCIPAL_CLAIM_DEFAULT)]
+    jwt_principal_claim: String,
     /// Commit durability: `full` (an acknowledged op survives power loss) or
     /// `normal` (the last commits may be lost on power loss: SQLite's
     /// `synchronous=NORMAL`, PostgreSQL's `synchronous_commit=off`).
@@ -117,6 +142,22 @@ struct Args {
 fn authenticator(args: &Args) -> Result<Arc<dyn Authenticator>, String> {
     if args.no_auth {
         return Ok(Arc::new(NoAuth::new(args.namespace.clone())));
+    }
+    let jwt = || JwtConfig {
+        audience: args.jwt_audience.clone(),
+        issuer: args.jwt_issuer.clone(),
+        leeway: Duration::from_secs(args.jwt_leeway),
+        namespace_claim: args.jwt_namespace_claim.clone(),
+        default_namespace: args.jwt_default_namespace.clone(),
+        principal_claim: args.jwt_principal_claim.clone(),
+    };
+    if let Some(secret) = &args.jwt_secret {
+        return Ok(Arc::new(JwtAuthenticator::hs256(secret.as_bytes(), jwt())));
+    }
+    if let Some(path) = &args.jwks_file {
+        let json = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        let auth = JwtAuthenticator::from_jwks(&json, jwt()).map_err(|e| format!("{}: {e}", path.display()))?;
+        return Ok(Arc::new(auth));
     }
     let tokens = match (&args.tokens_file, &args.tokens) {
         (Some(path), _) => StaticTokens::from_file(path).map_err(|e| e.to_string())?,

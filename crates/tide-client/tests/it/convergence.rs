@@ -451,3 +451,49 @@ async fn an_initial_sync_transfers_no_tombstones_yet_learns_of_deletes_made_mean
     fresh.sync_once().await.unwrap();
     assert!(fresh.collection::<Note>("notes").get("n01").await.unwrap().is_none());
 }
+
+/// A server that says a token expired (`token_expired`) is asked again at
+/// once with whatever token the async header provider gives now: a
+/// provider that refreshes tokens syncs through the expiry.
+#[tokio::test]
+async fn an_expired_token_is_refreshed_through_the_header_provider_and_the_sync_goes_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let secret = b"shared by the app's identity provider";
+    let config = tide_server::JwtConfig { default_namespace: Some("app".into()), ..tide_server::JwtConfig::default() };
+    let auth = std::sync::Arc::new(tide_server::JwtAuthenticator::hs256(secret, config));
+    let dir = tempfile::tempdir().unwrap();
+    let backend = tide_server::SqliteBackend::open(
+        &dir.path().join("server.db"),
+        tide_server::Durability::Normal,
+        Limits::default(),
+    )
+    .await
+    .unwrap();
+    let server = tide_server::Server::new(backend, auth, tide_server::ServerConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
+    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+
+    // The first token the provider hands out has already expired.
+    let asked = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&asked);
+    let headers = tide_transport::Headers::from_async_fn(move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+            let exp = if n == 0 { now - 3_600 } else { now + 3_600 };
+            let claims = json!({"sub": "alice", "exp": exp});
+            let token = jsonwebtoken::encode(
+                &jsonwebtoken::Header::default(),
+                &claims,
+                &jsonwebtoken::EncodingKey::from_secret(b"shared by the app's identity provider"),
+            )?;
+            Ok(vec![("authorization".to_owned(), format!("Bearer {token}"))])
+        }
+    });
+    let tide = Tide::builder().endpoint(&endpoint).headers(headers).node_id("alice-phone").open().await.unwrap();
+    tide.collection::<Note>("notes").put("n1", &note("written offline")).await.unwrap();
+    tide.sync_once().await.unwrap();
+    assert_eq!(tide.pending_count().await.unwrap(), 0, "pushed with the fresh token");
+    assert!(asked.load(Ordering::SeqCst) >= 2, "the provider was asked again");
+}

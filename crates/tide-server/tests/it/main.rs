@@ -6,6 +6,7 @@ mod binary;
 mod crash;
 mod differential;
 mod fuzz_twin;
+mod jwt;
 mod live;
 mod original_client;
 mod postgres;

@@ -1,8 +1,10 @@
 //! JWT authentication: bearer tokens signed by the app's identity provider,
 //! with a shared secret (HS256) or with keys from a JWKS (RS256, ES256,
-//! `EdDSA`), checked for `exp`, `nbf`, `aud` and `iss`.
+//! `EdDSA`), a file or a URL fetched again when a token names a key it
+//! lacks, checked for `exp`, `nbf`, `aud` and `iss`.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
@@ -15,6 +17,13 @@ pub const JWT_LEEWAY_DEFAULT: Duration = Duration::from_secs(30);
 pub const JWT_NAMESPACE_CLAIM_DEFAULT: &str = "tide_namespace";
 /// Default for [`JwtConfig::principal_claim`].
 pub const JWT_PRINCIPAL_CLAIM_DEFAULT: &str = "sub";
+/// Default for [`JwtConfig::jwks_refetch_min`]: a token naming an unknown
+/// key makes a JWKS URL be fetched again at most this often.
+pub const JWKS_REFETCH_MIN_DEFAULT: Duration = Duration::from_mins(1);
+/// The largest JWKS document read from a URL.
+pub const JWKS_BYTES_MAX: usize = 1 << 20;
+/// How long fetching a JWKS may take.
+pub const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a token must say, and where its namespace and principal are.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +41,9 @@ pub struct JwtConfig {
     pub default_namespace: Option<String>,
     /// The claim that names the principal ([`JWT_PRINCIPAL_CLAIM_DEFAULT`]).
     pub principal_claim: String,
+    /// How often a JWKS URL may be fetched again for a token naming a key
+    /// it lacks ([`JWKS_REFETCH_MIN_DEFAULT`]).
+    pub jwks_refetch_min: Duration,
 }
 
 impl Default for JwtConfig {
@@ -43,6 +55,7 @@ impl Default for JwtConfig {
             namespace_claim: JWT_NAMESPACE_CLAIM_DEFAULT.into(),
             default_namespace: None,
             principal_claim: JWT_PRINCIPAL_CLAIM_DEFAULT.into(),
+            jwks_refetch_min: JWKS_REFETCH_MIN_DEFAULT,
         }
     }
 }
@@ -61,13 +74,29 @@ struct Key {
 
 /// Authenticates requests by a JWT in `Authorization: Bearer`.
 pub struct JwtAuthenticator {
-    keys: Vec<Key>,
+    keys: RwLock<Arc<Vec<Key>>>,
     config: JwtConfig,
+    /// Where the keys come from again, for a JWKS URL.
+    url: Option<JwksUrl>,
+}
+
+/// A JWKS URL, its client, and when it was last fetched.
+struct JwksUrl {
+    uri: http::Uri,
+    client: hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Empty<bytes::Bytes>,
+    >,
+    fetched: Mutex<Instant>,
 }
 
 impl std::fmt::Debug for JwtAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JwtAuthenticator").field("keys", &self.keys.len()).field("config", &self.config).finish()
+        f.debug_struct("JwtAuthenticator")
+            .field("keys", &self.current().len())
+            .field("url", &self.url.as_ref().map(|u| u.uri.to_string()))
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -75,7 +104,7 @@ impl JwtAuthenticator {
     /// Tokens signed with HS256 and `secret`.
     pub fn hs256(secret: &[u8], config: JwtConfig) -> Self {
         let key = Key { kid: None, algorithm: Algorithm::HS256, verifying: DecodingKey::from_secret(secret) };
-        Self { keys: vec![key], config }
+        Self { keys: RwLock::new(Arc::new(vec![key])), config, url: None }
     }
 
     /// Tokens signed by a key of a JWKS document (RSA for RS256, P-256 for
@@ -85,6 +114,86 @@ impl JwtAuthenticator {
     /// [`JwksError`] when the document is not a key set or holds a key of
     /// another kind.
     pub fn from_jwks(json: &str, config: JwtConfig) -> Result<Self, JwksError> {
+        Ok(Self { keys: RwLock::new(Arc::new(parse_jwks(json)?)), config, url: None })
+    }
+
+    /// Tokens signed by a key of the JWKS document at `url` (http or
+    /// https), fetched now and again when a token names a key it lacks (at
+    /// most every [`JwtConfig::jwks_refetch_min`]): keys rotated by the
+    /// identity provider are picked up without a restart.
+    ///
+    /// # Errors
+    /// [`JwksError`] when the URL is not http(s), cannot be fetched, or does
+    /// not hold a usable key set.
+    pub async fn from_jwks_url(url: &str, config: JwtConfig) -> Result<Self, JwksError> {
+        let uri: http::Uri = url.parse().map_err(|e| JwksError(format!("{url}: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) {
+            return Err(JwksError(format!("{url} is not an http(s) URL")));
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| JwksError(format!("TLS: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let https =
+            hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https);
+        let source = JwksUrl { uri, client, fetched: Mutex::new(Instant::now()) };
+        let keys = parse_jwks(&source.fetch().await?)?;
+        Ok(Self { keys: RwLock::new(Arc::new(keys)), config, url: Some(source) })
+    }
+
+    fn current(&self) -> Arc<Vec<Key>> {
+        Arc::clone(&self.keys.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Fetches the key set again, if it comes from a URL and was not
+    /// fetched within [`JwtConfig::jwks_refetch_min`]; whether it did.
+    async fn refetch(&self) -> Result<bool, AuthError> {
+        let Some(source) = &self.url else { return Ok(false) };
+        {
+            let mut fetched = source.fetched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if fetched.elapsed() < self.config.jwks_refetch_min {
+                return Ok(false);
+            }
+            *fetched = Instant::now();
+        }
+        let json = source.fetch().await.map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        let keys = parse_jwks(&json).map_err(|e| AuthError::Unavailable(e.to_string()))?;
+        *self.keys.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        Ok(true)
+    }
+}
+
+impl JwksUrl {
+    async fn fetch(&self) -> Result<String, JwksError> {
+        use http_body_util::BodyExt as _;
+        let request = http::Request::get(self.uri.clone())
+            .body(http_body_util::Empty::new())
+            .map_err(|e| JwksError(e.to_string()))?;
+        let fetch = async {
+            let response = self.client.request(request).await.map_err(|e| JwksError(format!("{}: {e}", self.uri)))?;
+            if !response.status().is_success() {
+                return Err(JwksError(format!("{}: HTTP {}", self.uri, response.status())));
+            }
+            let body = http_body_util::Limited::new(response.into_body(), JWKS_BYTES_MAX)
+                .collect()
+                .await
+                .map_err(|e| JwksError(format!("{}: {e}", self.uri)))?
+                .to_bytes();
+            String::from_utf8(body.to_vec()).map_err(|e| JwksError(format!("{}: {e}", self.uri)))
+        };
+        tokio::time::timeout(JWKS_FETCH_TIMEOUT, fetch)
+            .await
+            .map_err(|_| JwksError(format!("{}: no answer within {JWKS_FETCH_TIMEOUT:?}", self.uri)))?
+    }
+}
+
+/// The usable keys of a JWKS document.
+fn parse_jwks(json: &str) -> Result<Vec<Key>, JwksError> {
+    {
         let set: JwkSet = serde_json::from_str(json).map_err(|e| JwksError(e.to_string()))?;
         let mut keys = Vec::with_capacity(set.keys.len());
         for jwk in &set.keys {
@@ -105,16 +214,21 @@ impl JwtAuthenticator {
         if keys.is_empty() {
             return Err(JwksError("the key set is empty".into()));
         }
-        Ok(Self { keys, config })
+        Ok(keys)
     }
+}
 
-    fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+impl JwtAuthenticator {
+    async fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid)?;
-        let key = self
-            .keys
-            .iter()
-            .find(|k| k.algorithm == header.alg && (k.kid.is_none() || k.kid == header.kid))
-            .ok_or(AuthError::Invalid)?;
+        let find = |keys: &[Key]| {
+            keys.iter().position(|k| k.algorithm == header.alg && (k.kid.is_none() || k.kid == header.kid))
+        };
+        let mut keys = self.current();
+        if find(&keys).is_none() && self.refetch().await? {
+            keys = self.current();
+        }
+        let key = &keys[find(&keys).ok_or(AuthError::Invalid)?];
         let mut validation = Validation::new(key.algorithm);
         validation.leeway = self.config.leeway.as_secs();
         validation.validate_nbf = true;
@@ -144,6 +258,6 @@ impl JwtAuthenticator {
 #[async_trait::async_trait]
 impl Authenticator for JwtAuthenticator {
     async fn authenticate(&self, token: Option<&str>) -> Result<Principal, AuthError> {
-        self.verify(token.ok_or(AuthError::Missing)?)
+        self.verify(token.ok_or(AuthError::Missing)?).await
     }
 }

@@ -37,8 +37,8 @@ pub use http::{
 };
 pub use hub::{HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT};
 pub use jwt::{
-    JWT_LEEWAY_DEFAULT, JWT_NAMESPACE_CLAIM_DEFAULT, JWT_PRINCIPAL_CLAIM_DEFAULT, JwksError, JwtAuthenticator,
-    JwtConfig,
+    JWKS_BYTES_MAX, JWKS_FETCH_TIMEOUT, JWKS_REFETCH_MIN_DEFAULT, JWT_LEEWAY_DEFAULT, JWT_NAMESPACE_CLAIM_DEFAULT,
+    JWT_PRINCIPAL_CLAIM_DEFAULT, JwksError, JwtAuthenticator, JwtConfig,
 };
 
 /// glibc allocator settings for a server's large short-lived buffers, as

@@ -52,8 +52,12 @@ struct Args {
     #[arg(long, env = "TIDE_SERVER_JWT_SECRET", hide_env_values = true, conflicts_with_all = ["no_auth", "tokens_file", "tokens", "jwks_file"])]
     jwt_secret: Option<String>,
     /// Bearer tokens are JWTs signed by a key of this JWKS file (RS256, ES256 or Ed25519).
-    #[arg(long, env = "TIDE_SERVER_JWKS_FILE", conflicts_with_all = ["no_auth", "tokens_file", "tokens"])]
+    #[arg(long, env = "TIDE_SERVER_JWKS_FILE", conflicts_with_all = ["no_auth", "tokens_file", "tokens", "jwks_url"])]
     jwks_file: Option<PathBuf>,
+    /// Bearer tokens are JWTs signed by a key of the JWKS at this URL, fetched
+    /// at start and again when a token names a key it lacks.
+    #[arg(long, env = "TIDE_SERVER_JWKS_URL", conflicts_with_all = ["no_auth", "tokens_file", "tokens", "jwt_secret"])]
+    jwks_url: Option<String>,
     /// The audience a JWT must name in `aud` (not checked if unset).
     #[arg(long, env = "TIDE_SERVER_JWT_AUDIENCE")]
     jwt_audience: Option<String>,
@@ -139,7 +143,7 @@ struct Args {
     log: String,
 }
 
-fn authenticator(args: &Args) -> Result<Arc<dyn Authenticator>, String> {
+async fn authenticator(args: &Args) -> Result<Arc<dyn Authenticator>, String> {
     if args.no_auth {
         return Ok(Arc::new(NoAuth::new(args.namespace.clone())));
     }
@@ -150,9 +154,14 @@ fn authenticator(args: &Args) -> Result<Arc<dyn Authenticator>, String> {
         namespace_claim: args.jwt_namespace_claim.clone(),
         default_namespace: args.jwt_default_namespace.clone(),
         principal_claim: args.jwt_principal_claim.clone(),
+        ..JwtConfig::default()
     };
     if let Some(secret) = &args.jwt_secret {
         return Ok(Arc::new(JwtAuthenticator::hs256(secret.as_bytes(), jwt())));
+    }
+    if let Some(url) = &args.jwks_url {
+        let auth = JwtAuthenticator::from_jwks_url(url, jwt()).await.map_err(|e| e.to_string())?;
+        return Ok(Arc::new(auth));
     }
     if let Some(path) = &args.jwks_file {
         let json = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
@@ -185,7 +194,7 @@ fn seconds(name: &str, secs: f64) -> Result<Duration, String> {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let auth = authenticator(&args)?;
+    let auth = authenticator(&args).await?;
     let limits = limits::Limits {
         request_bytes_max: args.request_bytes_max,
         ops_per_request_max: args.ops_per_request_max,

@@ -131,3 +131,85 @@ async fn over_http_an_expired_token_is_401_token_expired_and_a_fresh_one_is_serv
     assert_eq!(err.code(), Some(tide_core::ErrorCode::Unauthorized), "{err}");
     assert!(ask(sign(Algorithm::HS256, None, &key, &claims("alice", "team"))).await.is_ok());
 }
+
+/// A key set served over HTTP from `set` (replaceable), one connection at
+/// a time; returns its URL and how many times it was fetched.
+async fn serve_jwks(
+    set: Arc<std::sync::Mutex<String>>,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
+    let fetched = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&fetched);
+    let task = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = stream.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                head.extend_from_slice(&buf[..n]);
+            }
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = set.lock().unwrap().clone();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            stream.write_all(response.as_bytes()).await.unwrap();
+        }
+    });
+    (url, fetched, task)
+}
+
+#[tokio::test]
+async fn a_jwks_url_is_fetched_again_for_an_unknown_key_so_rotated_keys_work_without_a_restart() {
+    use std::sync::atomic::Ordering;
+    let full: Value = serde_json::from_slice(&fixture("jwks.json")).unwrap();
+    let only = |kids: &[&str]| {
+        let keys: Vec<&Value> =
+            full["keys"].as_array().unwrap().iter().filter(|k| kids.contains(&k["kid"].as_str().unwrap())).collect();
+        json!({ "keys": keys }).to_string()
+    };
+    let set = Arc::new(std::sync::Mutex::new(only(&["rsa-1"])));
+    let (url, fetched, server) = serve_jwks(Arc::clone(&set)).await;
+    let eager = JwtConfig { jwks_refetch_min: std::time::Duration::ZERO, ..config() };
+    let auth = JwtAuthenticator::from_jwks_url(&url, eager).await.unwrap();
+    assert_eq!(fetched.load(Ordering::SeqCst), 1, "fetched at start");
+
+    let rsa = EncodingKey::from_rsa_pem(&fixture("rsa.pem")).unwrap();
+    let ec = EncodingKey::from_ec_pem(&fixture("ec.pem")).unwrap();
+    let by_rsa = sign(Algorithm::RS256, Some("rsa-1"), &rsa, &claims("alice", "team"));
+    let by_ec = sign(Algorithm::ES256, Some("ec-1"), &ec, &claims("bob", "team"));
+    assert_eq!(check(&auth, &by_rsa).await.unwrap().id, "alice");
+    assert_eq!(fetched.load(Ordering::SeqCst), 1, "a known key needs no fetch");
+    // An unknown key: fetched again, still unknown.
+    assert_eq!(check(&auth, &by_ec).await, Err(AuthError::Invalid));
+    assert_eq!(fetched.load(Ordering::SeqCst), 2);
+    // The provider rotates in the new key: the next token with it is accepted.
+    *set.lock().unwrap() = only(&["rsa-1", "ec-1"]);
+    assert_eq!(check(&auth, &by_ec).await.unwrap().id, "bob");
+    assert_eq!(fetched.load(Ordering::SeqCst), 3);
+    // The provider unreachable: a token naming an unknown key is a 503
+    // (retry later), never a pass; known keys go on working.
+    server.abort();
+    let _ = server.await;
+    let ed = EncodingKey::from_ed_pem(&fixture("ed25519.pem")).unwrap();
+    let by_ed25519 = sign(Algorithm::EdDSA, Some("ed-1"), &ed, &claims("carol", "team"));
+    assert!(matches!(check(&auth, &by_ed25519).await, Err(AuthError::Unavailable(_))));
+    assert_eq!(check(&auth, &by_rsa).await.unwrap().id, "alice");
+
+    // With the default interval, unknown keys cannot make it fetch again and again.
+    let set = Arc::new(std::sync::Mutex::new(only(&["rsa-1"])));
+    let (url, fetched, _server) = serve_jwks(set).await;
+    let auth = JwtAuthenticator::from_jwks_url(&url, config()).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(check(&auth, &by_ec).await, Err(AuthError::Invalid));
+    }
+    assert_eq!(fetched.load(Ordering::SeqCst), 1, "at most once a minute");
+    assert!(JwtAuthenticator::from_jwks_url("ftp://x/jwks", config()).await.is_err());
+}

@@ -566,6 +566,9 @@ pub enum ErrorCode {
     /// copies of one store write under one node id (§13). The client
     /// re-keys (takes a new node id) and retries.
     NodeIdConflict,
+    /// Per-op: the server's validation (an embedding application's rule)
+    /// refused the op; the message says why.
+    ValidationFailed,
     /// No valid credentials.
     Unauthorized,
     /// The credentials have expired: retry at once with fresh ones.
@@ -606,6 +609,7 @@ impl ErrorCode {
             Self::Unauthorized | Self::TokenExpired => 401,
             Self::Forbidden => 403,
             Self::NodeIdConflict => 409,
+            Self::ValidationFailed => 422,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
             Self::Timeout => 408,
@@ -637,6 +641,7 @@ impl ErrorCode {
             Self::UnsupportedProtocol => "unsupported_protocol",
             Self::StampCollision => "stamp_collision",
             Self::NodeIdConflict => "node_id_conflict",
+            Self::ValidationFailed => "validation_failed",
             Self::Unauthorized => "unauthorized",
             Self::TokenExpired => "token_expired",
             Self::Forbidden => "forbidden",

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use tide_core::digest::{self, Hash64};
 use tide_core::{
-    Cursor, Decision, ErrorCode, HeldVersion, OpResult, PROTOCOL_VERSION, Stamp, SyncRequest, SyncResponse, Violation,
+    Cursor, Decision, ErrorCode, HeldVersion, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse,
+    Violation,
 };
 
 use crate::auth::Principal;
@@ -361,6 +362,32 @@ impl Page {
     }
 }
 
+/// An embedding application's last word on each op before it is stored:
+/// a schema check, an ownership rule, a field the server fills in. It runs
+/// inside the write group (after the request's own checks, before the
+/// last-writer-wins decision), once per op, so it must be quick and must not
+/// block. A rewrite must be a function of the op and the principal alone: a
+/// client that retries an op must get the same document, which is then a
+/// duplicate, not a conflict. The writer's replica learns a rewritten
+/// document through the digest check that ends its sync (same stamp, the
+/// server's text settles it, PROTOCOL.md §12).
+pub trait Validator: Send + Sync + 'static {
+    /// What becomes of `op`, written by `principal`.
+    fn validate(&self, principal: &Principal, op: &tide_core::Op) -> Verdict;
+}
+
+/// A [`Validator`]'s answer for one op.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Store it as sent.
+    Accept,
+    /// Refuse it: the client gets `rejected` with `validation_failed` and
+    /// this message, and the op goes to its rejected list.
+    Reject(String),
+    /// Store this document instead (a put only; a delete is kept as it is).
+    Rewrite(tide_core::Doc),
+}
+
 /// What is stored for a key, as deciding a write needs it.
 #[derive(Debug, Clone)]
 pub(crate) struct Current<'a> {
@@ -373,24 +400,42 @@ pub(crate) struct Current<'a> {
 }
 
 /// One op of a group as the backends decide it: its document's text (the
-/// canonical text every tide replica stores and hashes, kept as it arrived)
-/// and its version hash.
+/// canonical text every tide replica stores and hashes, kept as it arrived,
+/// or as a [`Validator`] rewrote it), its version hash, and a validator's
+/// refusal.
 pub(crate) struct Incoming<'a> {
     pub(crate) op: &'a tide_core::Op,
-    pub(crate) doc: Option<&'a str>,
+    pub(crate) doc: Option<Cow<'a, str>>,
     pub(crate) hash: Option<Hash64>,
+    pub(crate) refused: Option<String>,
 }
 
 impl<'a> Incoming<'a> {
     pub(crate) fn new(op: &'a tide_core::Op) -> Self {
-        let doc = digest::doc_text(&op.payload);
-        let hash = doc.map(|d| digest::version_hash(&op.collection, &op.id, &op.stamp, Some(d)));
-        Self { op, doc, hash }
+        Self::with_doc(op, digest::doc_text(&op.payload).map(Cow::Borrowed), None)
+    }
+
+    /// The op as `validator` (if any) judges it for `principal`.
+    pub(crate) fn judged(op: &'a tide_core::Op, principal: &Principal, validator: Option<&dyn Validator>) -> Self {
+        match validator.map(|v| v.validate(principal, op)) {
+            None | Some(Verdict::Accept) => Self::new(op),
+            Some(Verdict::Reject(message)) => Self::with_doc(op, None, Some(message)),
+            Some(Verdict::Rewrite(doc)) => match op.payload {
+                Payload::Put(_) => Self::with_doc(op, Some(Cow::Owned(doc.as_str().to_owned())), None),
+                // A delete has no document to rewrite.
+                Payload::Delete => Self::new(op),
+            },
+        }
+    }
+
+    fn with_doc(op: &'a tide_core::Op, doc: Option<Cow<'a, str>>, refused: Option<String>) -> Self {
+        let hash = doc.as_deref().map(|d| digest::version_hash(&op.collection, &op.id, &op.stamp, Some(d)));
+        Self { op, doc, hash, refused }
     }
 
     /// The version this op writes, to decide later ops of the group against.
     pub(crate) fn current(&self) -> Current<'_> {
-        Current { stamp: self.op.stamp.clone(), hash: self.hash, doc: self.doc.map(Cow::Borrowed) }
+        Current { stamp: self.op.stamp.clone(), hash: self.hash, doc: self.doc.as_deref().map(Cow::Borrowed) }
     }
 
     /// The version hash stored with this op's version: of its document, or
@@ -403,7 +448,7 @@ impl<'a> Incoming<'a> {
     /// The stored rendering of this op's version, up to `"seq":`.
     pub(crate) fn prefix(&self) -> String {
         let op = self.op;
-        render_prefix(&op.collection, &op.id, self.doc, op.stamp.lamport, &op.stamp.node_id)
+        render_prefix(&op.collection, &op.id, self.doc.as_deref(), op.stamp.lamport, &op.stamp.node_id)
     }
 }
 
@@ -415,7 +460,7 @@ pub(crate) fn decide_current(current: Option<&Current<'_>>, incoming: &Incoming<
         std::cmp::Ordering::Greater => Decision::Apply,
         std::cmp::Ordering::Less => Decision::Superseded,
         std::cmp::Ordering::Equal => {
-            let same = match (&stored.doc, &incoming.doc, stored.hash) {
+            let same = match (&stored.doc, &incoming.doc.as_deref(), stored.hash) {
                 (_, None, None) => true,
                 (Some(stored), Some(doc), Some(_)) => stored.as_ref() == *doc,
                 // A stored document not read: its hash tells.
@@ -441,6 +486,10 @@ pub(crate) fn decide_request<'a>(
 ) -> Vec<OpResult> {
     let mut results = Vec::with_capacity(incoming.len());
     for (i, inc) in incoming.iter().enumerate() {
+        if let Some(message) = &inc.refused {
+            results.push(OpResult::Rejected { code: tide_core::ErrorCode::ValidationFailed, message: message.clone() });
+            continue;
+        }
         let key = (namespace, inc.op.collection.as_str(), inc.op.id.as_str());
         let decision = decide_current(current.get(&key), inc);
         if decision == Decision::Apply {

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::sqlite::Durability;
 use super::{
     Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, Page, PageQuery, PageRead,
-    Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, VerifyReply,
+    Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, Validator, VerifyReply,
     WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
@@ -124,6 +124,8 @@ pub struct PostgresBackend {
     writers: Arc<Writers>,
     /// Told of every commit of this process that applied ops (see [`Backend::listen`]).
     on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
+    /// The embedding application's judge of each op, if it set one.
+    validator: Arc<std::sync::OnceLock<Arc<dyn Validator>>>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -226,8 +228,8 @@ impl PostgresBackend {
         tx.commit().await.map_err(unavailable)?;
         let digest_log_rows_max = Arc::new(std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
         let (bindings, writers) = (Arc::default(), Arc::default());
-        let on_commit = Arc::default();
-        Ok(Arc::new(Self { pool, limits, bindings, digest_log_rows_max, writers, on_commit }))
+        let (on_commit, validator) = (Arc::default(), Arc::default());
+        Ok(Arc::new(Self { pool, limits, bindings, digest_log_rows_max, writers, on_commit, validator }))
     }
 
     /// Applies a request's ops in its namespace's next write group.
@@ -250,6 +252,7 @@ impl PostgresBackend {
                             digest_log_rows_max: Arc::clone(&self.digest_log_rows_max),
                             contended: std::sync::Mutex::new(None),
                             on_commit: Arc::clone(&self.on_commit),
+                            validator: Arc::clone(&self.validator),
                         };
                         tokio::spawn(writer.run(work, Arc::downgrade(&self.writers)));
                         queue
@@ -270,6 +273,12 @@ impl PostgresBackend {
     /// [`super::DIGEST_LOG_ROWS_MAX`]).
     pub fn set_digest_log_rows_max(&self, rows: usize) {
         self.digest_log_rows_max.store(i64::try_from(rows).unwrap_or(i64::MAX), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Has `validator` judge every op from now on, inside its write group
+    /// (see [`Validator`]). Set once, before serving; whether it was set.
+    pub fn set_validator(&self, validator: Arc<dyn Validator>) -> bool {
+        self.validator.set(validator).is_ok()
     }
 
     /// The page after the request's cursor and the answers to its digest
@@ -493,6 +502,7 @@ struct NamespaceWriter {
     /// Until when the namespace's groups take the lock first.
     contended: std::sync::Mutex<Option<std::time::Instant>>,
     on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
+    validator: Arc<std::sync::OnceLock<Arc<dyn Validator>>>,
 }
 
 /// How long a namespace's write groups take its row lock from the start
@@ -601,8 +611,11 @@ impl NamespaceWriter {
         locked: bool,
     ) -> Result<Option<Vec<Result<Vec<OpResult>, BackendError>>>, BackendError> {
         let ns = self.namespace.as_str();
-        let incoming: Vec<Vec<Incoming<'_>>> =
-            batch.iter().map(|p| p.request.ops.iter().map(Incoming::new).collect()).collect();
+        let judge = self.validator.get().map(|v| &**v);
+        let incoming: Vec<Vec<Incoming<'_>>> = batch
+            .iter()
+            .map(|p| p.request.ops.iter().map(|op| Incoming::judged(op, &p.principal, judge)).collect())
+            .collect();
         let (counters, mut nodes, stored) = read_group(conn, ns, batch).await?;
         // A namespace another process made after this read's snapshot began.
         let Some(counters) = counters else { return Ok(None) };

@@ -34,7 +34,7 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
     Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery,
-    PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, VerifyReply,
+    PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, Validator, VerifyReply,
     WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
@@ -169,12 +169,15 @@ pub struct SqliteBackend {
     small_bound: Arc<str>,
     /// Told of every commit that applied ops (see [`Backend::listen`]).
     on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
+    /// The embedding application's judge of each op, if it set one.
+    validator: Arc<std::sync::OnceLock<Arc<dyn Validator>>>,
 }
 
 /// The writer task's state: the one connection that writes.
 struct Writer {
     conn: SqliteConnection,
     on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
+    validator: Arc<std::sync::OnceLock<Arc<dyn Validator>>>,
     limits: Limits,
     bindings: Arc<Bindings>,
     digest_log_rows_max: Arc<AtomicI64>,
@@ -252,9 +255,11 @@ impl SqliteBackend {
         let bindings = Arc::new(Bindings::default());
         let digest_log_rows_max = Arc::new(AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
         let on_commit = Arc::new(std::sync::OnceLock::new());
+        let validator = Arc::new(std::sync::OnceLock::new());
         let writer = Writer {
             conn,
             on_commit: Arc::clone(&on_commit),
+            validator: Arc::clone(&validator),
             limits: limits.clone(),
             bindings: Arc::clone(&bindings),
             digest_log_rows_max: Arc::clone(&digest_log_rows_max),
@@ -275,7 +280,14 @@ impl SqliteBackend {
             bindings,
             digest_log_rows_max,
             on_commit,
+            validator,
         }))
+    }
+
+    /// Has `validator` judge every op from now on, inside its write group
+    /// (see [`Validator`]). Set once, before serving; whether it was set.
+    pub fn set_validator(&self, validator: Arc<dyn Validator>) -> bool {
+        self.validator.set(validator).is_ok()
     }
 
     /// Folds logged bucket deltas once more than `rows` wait (default
@@ -547,8 +559,11 @@ impl Writer {
     async fn run_group(&mut self, batch: &[Pending]) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
         #[cfg(test)]
         assert!(!batch.iter().any(|p| p.request.node_id == tests::PANIC_NODE), "a write group fails (test)");
-        let incoming: Vec<Vec<Incoming<'_>>> =
-            batch.iter().map(|p| p.request.ops.iter().map(Incoming::new).collect()).collect();
+        let judge = self.validator.get().map(|v| &**v);
+        let incoming: Vec<Vec<Incoming<'_>>> = batch
+            .iter()
+            .map(|p| p.request.ops.iter().map(|op| Incoming::judged(op, &p.principal, judge)).collect())
+            .collect();
         let read = GroupRead::new(&self.bindings, batch);
         let rows: Vec<String> = sqlx::query_scalar(READ_GROUP)
             .bind(read.names_json())

@@ -12,6 +12,7 @@ mod original_client;
 mod postgres;
 mod recovery;
 mod support;
+mod validation;
 
 #[path = "../common/mod.rs"]
 mod common;

@@ -377,6 +377,11 @@ impl Server {
 
     /// Answers one request: `POST` to the sync path, `GET /healthz`,
     /// `GET /readyz` (checks the database) and `GET /metrics`.
+    ///
+    /// Mounted in an application that authenticates requests itself, put
+    /// the [`Principal`] in the request's extensions: the server takes it
+    /// as given and does not look at the bearer token (see the `axum`
+    /// example).
     pub async fn handle<B>(&self, req: http::Request<B>) -> Response
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -476,10 +481,15 @@ impl Server {
     {
         let app = &self.app;
         let limits = &app.config.limits;
-        // 1. Who is asking, before reading a byte of the body.
-        let principal = match self.authenticate(req.headers()).await {
-            Ok(p) => p,
-            Err(resp) => return resp,
+        // 1. Who is asking, before reading a byte of the body: the
+        // embedding application's own authentication put it in the
+        // request's extensions, or the bearer token says.
+        let principal = match req.extensions().get::<Principal>() {
+            Some(principal) => principal.clone(),
+            None => match self.authenticate(req.headers()).await {
+                Ok(p) => p,
+                Err(resp) => return resp,
+            },
         };
         // 2–4. Rate, room, body, shape and limits: all before anything is applied.
         let (request, gzip_reply, _room) = match self.receive(&principal, req).await {

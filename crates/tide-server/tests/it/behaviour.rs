@@ -457,3 +457,48 @@ async fn freed_space_goes_back_to_the_file_system() {
     }
     assert_eq!(keys.len(), 200);
 }
+
+/// Mounted in an application that authenticates requests itself, the
+/// server takes the `Principal` the application put in the request's
+/// extensions and never asks its own authenticator; without one it does.
+#[tokio::test]
+async fn a_principal_set_by_the_embedding_application_is_taken_as_given() {
+    use http_body_util::BodyExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let backend = SqliteBackend::open(&dir.path().join("s.db"), Durability::Full, Limits::default()).await.unwrap();
+    // A token list nobody's request matches.
+    let server = tide_server::Server::new(
+        backend,
+        Arc::new(StaticTokens::new([("only-this", "elsewhere")])),
+        ServerConfig::default(),
+    );
+    let body =
+        r#"{"node_id":"n","ops":[{"collection":"c","id":"i","kind":"put","doc":{"v":1},"lamport":1,"node_id":"n"}]}"#;
+    let request = |principal: Option<Principal>| {
+        let mut req = http::Request::post("/sync").body(http_body_util::Full::new(bytes::Bytes::from(body))).unwrap();
+        if let Some(p) = principal {
+            req.extensions_mut().insert(p);
+        }
+        req
+    };
+    let refused = server.handle(request(None)).await;
+    assert_eq!(refused.status(), 401, "no token, no principal: refused");
+    let ann = Principal { id: "ann".into(), namespace: tide_server::Namespace::new("user-ann") };
+    let answered = server.handle(request(Some(ann.clone()))).await;
+    assert_eq!(answered.status(), 200);
+    let text = answered.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&text).contains(r#""results":[{"status":"applied","seq":1}]"#), "{text:?}");
+    // Ann's namespace holds the write; another user's is empty.
+    let pull = |p: Principal| {
+        let mut req = http::Request::post("/sync")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"node_id":"r"}"#)))
+            .unwrap();
+        req.extensions_mut().insert(p);
+        req
+    };
+    let ann_sees = server.handle(pull(ann)).await.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&ann_sees).contains(r#""id":"i""#));
+    let bob = Principal { id: "bob".into(), namespace: tide_server::Namespace::new("user-bob") };
+    let bob_sees = server.handle(pull(bob)).await.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&bob_sees).contains(r#""changes":[]"#), "{bob_sees:?}");
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tide_client::{Source, Tide, WatchEvent};
+use tide_client::{Source, Tide, TypedEvent};
 use tide_server::{Durability, NoAuth, Server, ServerConfig, SqliteBackend};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -113,13 +113,13 @@ fn print_remote(name: &'static str, tide: &Tide) {
     tokio::spawn(async move {
         while let Some(event) = watch.next().await {
             match event {
-                WatchEvent::Change(c) if c.source == Source::Remote => match c.decode::<Todo>() {
+                TypedEvent::Change(c) if c.source == Source::Remote => match c.value {
                     Ok(Some(t)) => println!("  ({name} received: {} [{}])", t.text, if t.done { "x" } else { " " }),
                     Ok(None) => println!("  ({name} received: a todo was removed)"),
                     Err(e) => println!("  ({name} received something unreadable: {e})"),
                 },
-                WatchEvent::Lagged { missed } => println!("  ({name} missed {missed} changes)"),
-                WatchEvent::Change(_) => {}
+                TypedEvent::Lagged { missed } => println!("  ({name} missed {missed} changes)"),
+                TypedEvent::Change(_) => {}
             }
         }
     });

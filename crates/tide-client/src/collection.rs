@@ -9,7 +9,7 @@ use tide_store::Write;
 
 use crate::error::{Error, Result};
 use crate::tide::{Tide, store, to_doc};
-use crate::watch::{Filter, Watch};
+use crate::watch::{Filter, TypedWatch};
 
 /// Default page size of [`Collection::list`].
 pub const LIST_LIMIT_DEFAULT: usize = 100;
@@ -86,16 +86,6 @@ impl<T> Collection<T> {
     pub async fn count(&self) -> Result<u64> {
         Ok(store(&self.tide).count(&self.name).await?)
     }
-
-    /// Changes to this collection from now on.
-    pub fn watch(&self) -> Watch {
-        self.tide.watch_filtered(Filter::Collection(self.name.clone()))
-    }
-
-    /// Changes to one document from now on.
-    pub fn watch_doc(&self, id: &str) -> Watch {
-        self.tide.watch_filtered(Filter::Document(self.name.clone(), id.to_owned()))
-    }
 }
 
 impl<T: Serialize> Collection<T> {
@@ -112,6 +102,17 @@ impl<T: Serialize> Collection<T> {
 }
 
 impl<T: DeserializeOwned> Collection<T> {
+    /// Changes to this collection from now on, each document read as `T`
+    /// (a document that is not a `T` is reported in its own event).
+    pub fn watch(&self) -> TypedWatch<T> {
+        TypedWatch::new(self.tide.watch_filtered(Filter::Collection(self.name.clone())))
+    }
+
+    /// Changes to one document from now on, read as `T`.
+    pub fn watch_doc(&self, id: &str) -> TypedWatch<T> {
+        TypedWatch::new(self.tide.watch_filtered(Filter::Document(self.name.clone(), id.to_owned())))
+    }
+
     fn decode(&self, id: &str, doc: &tide_core::Doc) -> Result<T> {
         doc.decode().map_err(|source| Error::Decode { collection: self.name.clone(), id: id.into(), source })
     }

@@ -53,4 +53,4 @@ pub use sync::{
 pub use tide::{Batch, LONG_POLL_WAIT_DEFAULT, SyncHandle, Tide, TideBuilder, WATCH_BUFFER_CHANGES};
 pub use tide_store::{Durability, RejectedOp, Version};
 pub use tide_transport::{HeaderProvider, Headers};
-pub use watch::{ChangeEvent, Source, Watch, WatchEvent};
+pub use watch::{ChangeEvent, Changed, Source, TypedEvent, TypedWatch, Watch, WatchEvent};

@@ -162,3 +162,80 @@ impl futures_core::Stream for Watch {
         self.get_mut().poll_event(cx)
     }
 }
+
+/// One change to a document of a typed collection, its document read as `T`.
+#[derive(Debug)]
+pub struct Changed<T> {
+    /// The document id.
+    pub id: String,
+    /// The new document as `T`, `None` for a deletion, or the error of a
+    /// document that is not a `T` (reported here, per change; the stream
+    /// goes on).
+    pub value: Result<Option<T>, crate::Error>,
+    /// Local or remote.
+    pub source: Source,
+    /// The stamp of the write.
+    pub stamp: Stamp,
+}
+
+/// An item of a [`TypedWatch`] stream.
+#[derive(Debug)]
+pub enum TypedEvent<T> {
+    /// A change.
+    Change(Changed<T>),
+    /// The watcher fell behind and this many changes were dropped; re-read
+    /// the collection to catch up.
+    Lagged {
+        /// How many changes were not delivered.
+        missed: u64,
+    },
+}
+
+/// A [`Watch`] of one typed collection (`Collection::watch`), whose events
+/// carry the documents read as `T`.
+pub struct TypedWatch<T> {
+    inner: Watch,
+    _of: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for TypedWatch<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TypedWatch").finish_non_exhaustive()
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> TypedWatch<T> {
+    pub(crate) fn new(inner: Watch) -> Self {
+        Self { inner, _of: std::marker::PhantomData }
+    }
+
+    /// The next event, or `None` once the Tide is closed and the queue is
+    /// drained.
+    pub async fn next(&mut self) -> Option<TypedEvent<T>> {
+        std::future::poll_fn(|cx| self.poll_typed(cx)).await
+    }
+
+    fn poll_typed(&mut self, cx: &mut Context<'_>) -> Poll<Option<TypedEvent<T>>> {
+        self.inner.poll_event(cx).map(|event| {
+            event.map(|event| match event {
+                WatchEvent::Lagged { missed } => TypedEvent::Lagged { missed },
+                WatchEvent::Change(c) => {
+                    let value = c.decode::<T>().map_err(|source| crate::Error::Decode {
+                        collection: c.collection.clone(),
+                        id: c.id.clone(),
+                        source,
+                    });
+                    TypedEvent::Change(Changed { id: c.id, value, source: c.source, stamp: c.stamp })
+                }
+            })
+        })
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> futures_core::Stream for TypedWatch<T> {
+    type Item = TypedEvent<T>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TypedEvent<T>>> {
+        self.get_mut().poll_typed(cx)
+    }
+}

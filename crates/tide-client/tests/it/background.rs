@@ -236,5 +236,5 @@ async fn long_polls_answered_at_once_back_off_and_retry() {
     let event = tokio::time::timeout(Duration::from_secs(20), arrivals.next())
         .await
         .expect("the write arrives by retried polls, not an hour later");
-    assert!(matches!(event, Some(tide_client::WatchEvent::Change(e)) if e.id == "k"));
+    assert!(matches!(event, Some(tide_client::TypedEvent::Change(e)) if e.id == "k"));
 }

@@ -3,7 +3,7 @@
 //! request (PROTOCOL.md §12, §4).
 
 use serde_json::json;
-use tide_client::{Source, Tide, WatchEvent};
+use tide_client::{Source, Tide, TypedEvent};
 use tide_core::Limits;
 use tide_transport::FakeServer;
 
@@ -119,10 +119,10 @@ async fn a_rejected_write_goes_back_to_the_servers_version_and_stays_inspectable
 
     // Watchers see the writes and then their reversal, ending on the stored version.
     let mut last = std::collections::BTreeMap::new();
-    while let Ok(Some(WatchEvent::Change(e))) =
+    while let Ok(Some(TypedEvent::Change(e))) =
         tokio::time::timeout(std::time::Duration::from_millis(200), watch.next()).await
     {
-        last.insert(e.id.clone(), (e.source, e.doc.clone()));
+        last.insert(e.id.clone(), (e.source, e.value.unwrap()));
     }
     assert_eq!(last["k"].0, Source::Reverted);
     assert_eq!(last["never"], (Source::Reverted, None));

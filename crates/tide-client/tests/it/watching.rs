@@ -2,7 +2,7 @@
 //! echo duplicates, bounded with lag reported, filtered.
 
 use serde_json::json;
-use tide_client::{Source, WatchEvent};
+use tide_client::{Changed, Source, TypedEvent, WatchEvent};
 use tide_transport::FakeServer;
 
 use crate::{Note, client, note};
@@ -10,6 +10,13 @@ use crate::{Note, client, note};
 fn change(e: Option<WatchEvent>) -> tide_client::ChangeEvent {
     match e {
         Some(WatchEvent::Change(c)) => c,
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+fn typed<T: std::fmt::Debug>(e: Option<TypedEvent<T>>) -> Changed<T> {
+    match e {
+        Some(TypedEvent::Change(c)) => c,
         other => panic!("expected a change, got {other:?}"),
     }
 }
@@ -27,8 +34,9 @@ async fn local_and_remote_changes_without_echo_duplicates() {
     assert_eq!(e.decode::<Note>().unwrap(), Some(note("hello")));
     a.sync_once().await.unwrap();
     b.sync_once().await.unwrap();
-    let e = change(wb.next().await);
+    let e = typed(wb.next().await);
     assert_eq!((e.source, e.id.as_str()), (Source::Remote, "n1"));
+    assert_eq!(e.value.unwrap(), Some(note("hello")), "read as the collection's type");
     // a syncs again: its own write must not come back as a remote change.
     b.collection::<Note>("notes").delete("n1").await.unwrap();
     b.sync_once().await.unwrap();
@@ -49,10 +57,10 @@ async fn watchers_see_only_what_they_asked_for() {
     notes.put("n1", &json!({})).await.unwrap();
     notes.put("n2", &json!({"x": 1})).await.unwrap();
     a.collection::<serde_json::Value>("todos").put("t1", &json!({})).await.unwrap();
-    assert_eq!(change(one.next().await).id, "n2");
-    assert_eq!(change(todos.next().await).id, "t1");
+    assert_eq!(typed(one.next().await).id, "n2");
+    assert_eq!(typed(todos.next().await).id, "t1");
     a.close().await;
-    assert_eq!(one.next().await, None, "n1 never reached the n2 watcher");
+    assert!(one.next().await.is_none(), "n1 never reached the n2 watcher");
 }
 
 #[tokio::test]
@@ -108,7 +116,7 @@ async fn events_for_one_key_follow_commit_order_and_end_on_the_stored_version() 
     for w in &mut watchers {
         let mut last = None;
         while let Ok(Some(e)) = tokio::time::timeout(std::time::Duration::from_millis(100), w.next()).await {
-            let WatchEvent::Change(e) = e else { panic!("no lag expected: {e:?}") };
+            let TypedEvent::Change(e) = e else { panic!("no lag expected: {e:?}") };
             if let Some(prev) = &last {
                 assert!(&e.stamp > prev, "a watcher saw {:?} after {prev:?}", e.stamp);
             }
@@ -116,4 +124,19 @@ async fn events_for_one_key_follow_commit_order_and_end_on_the_stored_version() 
         }
         assert_eq!(last.as_ref(), Some(&stored.stamp), "the stream ends on the stored version");
     }
+}
+
+#[tokio::test]
+async fn a_typed_watch_reports_a_document_that_is_not_its_type_and_goes_on() {
+    let server = FakeServer::new();
+    let a = client(&server, "a").await;
+    let mut notes = a.collection::<Note>("notes").watch();
+    a.collection::<serde_json::Value>("notes").put("odd", &json!({"title": 3})).await.unwrap();
+    a.collection::<Note>("notes").put("fine", &note("readable")).await.unwrap();
+    let odd = typed(notes.next().await);
+    assert_eq!(odd.id, "odd");
+    assert!(matches!(odd.value, Err(tide_client::Error::Decode { ref id, .. }) if id == "odd"), "{:?}", odd.value);
+    let fine = typed(notes.next().await);
+    assert_eq!(fine.value.unwrap(), Some(note("readable")));
+    a.close().await;
 }

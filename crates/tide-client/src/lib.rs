@@ -50,7 +50,7 @@ pub use sync::{
     BACKOFF_BASE, BACKOFF_MAX, LONG_POLL_HOLD_MIN, PULL_PAGE_CHANGES_MAX, PUSH_BATCH_OPS_MAX, REKEYS_PER_SYNC_MAX,
     SYNC_EXCHANGES_MAX, SyncReport, SyncStatus, TOKEN_REFRESHES_PER_SYNC_MAX, VERIFY_EXCHANGES_MAX,
 };
-pub use tide::{Batch, LONG_POLL_WAIT_DEFAULT, SyncHandle, Tide, TideBuilder, WATCH_BUFFER_CHANGES};
+pub use tide::{Batch, LONG_POLL_WAIT_DEFAULT, StatusWatch, SyncHandle, Tide, TideBuilder, WATCH_BUFFER_CHANGES};
 pub use tide_store::{Durability, RejectedOp, Version};
 pub use tide_transport::{HeaderProvider, Headers};
 pub use watch::{ChangeEvent, Changed, Source, TypedEvent, TypedWatch, Watch, WatchEvent};

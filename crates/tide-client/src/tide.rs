@@ -399,9 +399,10 @@ impl Tide {
         self.inner.status.borrow().clone()
     }
 
-    /// Sync status updates; `changed().await` then `borrow()` on the receiver.
-    pub fn watch_status(&self) -> watch::Receiver<SyncStatus> {
-        self.inner.status.subscribe()
+    /// The sync status as it changes: the current status first, then each
+    /// new one (a consumer that falls behind skips to the latest).
+    pub fn watch_status(&self) -> StatusWatch {
+        StatusWatch(tokio_stream::wrappers::WatchStream::new(self.inner.status.subscribe()))
     }
 
     /// The stored version of a document, tombstones included, with its stamp.
@@ -547,4 +548,45 @@ impl Tide {
 /// Reads go through the store directly.
 pub(crate) fn store(tide: &Tide) -> &Store {
     &tide.inner.store
+}
+
+/// A stream of [`SyncStatus`]es ([`Tide::watch_status`]): the current one
+/// first, then each change, the latest when several came at once. It ends
+/// when the Tide is dropped.
+pub struct StatusWatch(tokio_stream::wrappers::WatchStream<SyncStatus>);
+
+impl std::fmt::Debug for StatusWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusWatch").finish_non_exhaustive()
+    }
+}
+
+impl StatusWatch {
+    /// The next status, or `None` once the Tide is gone.
+    pub async fn next(&mut self) -> Option<SyncStatus> {
+        use futures_core::Stream as _;
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut self.0).poll_next(cx)).await
+    }
+
+    /// The first status (the current one included) that satisfies `done`,
+    /// or `None` if the Tide is gone first.
+    pub async fn wait_for(&mut self, done: impl Fn(&SyncStatus) -> bool) -> Option<SyncStatus> {
+        loop {
+            let status = self.next().await?;
+            if done(&status) {
+                return Some(status);
+            }
+        }
+    }
+}
+
+impl futures_core::Stream for StatusWatch {
+    type Item = SyncStatus;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<SyncStatus>> {
+        std::pin::Pin::new(&mut self.0).poll_next(cx)
+    }
 }

@@ -10,17 +10,11 @@ use crate::{Note, client, interval_client, note};
 
 /// Waits (bounded) until the status satisfies `f`.
 async fn until(t: &tide_client::Tide, f: impl Fn(&SyncStatus) -> bool) -> SyncStatus {
-    let mut rx = t.watch_status();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if f(&rx.borrow_and_update()) {
-                return rx.borrow().clone();
-            }
-            rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("the status reached the expected state in time")
+    let mut statuses = t.watch_status();
+    tokio::time::timeout(Duration::from_secs(30), statuses.wait_for(f))
+        .await
+        .expect("the status reached the expected state in time")
+        .expect("the Tide is still open")
 }
 
 /// Waits (bounded) until the fake has seen `n` exchanges. The fake tells

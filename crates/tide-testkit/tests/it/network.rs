@@ -81,21 +81,18 @@ async fn n7_a_one_way_partition_is_retried_with_backoff_then_converges() {
     let sync = a.sync_forever(Duration::from_hours(1)).await.unwrap();
     // Each attempt costs the 300 ms timeout; the op stays pending though the
     // server committed it, because no answer came back.
-    let mut rx = a.watch_status();
-    tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|s| s.last_error.is_some()))
+    let mut statuses = a.watch_status();
+    tokio::time::timeout(Duration::from_secs(30), statuses.wait_for(|s| s.last_error.is_some()))
         .await
         .expect("the lost answer is reported")
         .unwrap();
     let status = a.status();
     assert!(status.last_error.is_some() && status.pending == 1, "{status:?}");
     proxy.set(ProxyMode::Pass);
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while rx.borrow_and_update().pending > 0 || rx.borrow().last_error.is_some() {
-            rx.changed().await.unwrap();
-        }
-    })
-    .await
-    .expect("converges after the repair");
+    tokio::time::timeout(Duration::from_secs(30), statuses.wait_for(|s| s.pending == 0 && s.last_error.is_none()))
+        .await
+        .expect("converges after the repair")
+        .unwrap();
     drop(sync);
     b.sync_once().await.unwrap();
     assert_eq!(b.collection::<serde_json::Value>("n").get("k").await.unwrap(), Some(json!({"by": "a"})));

@@ -95,6 +95,9 @@ impl Inner {
         let _one_at_a_time = self.sync_lock.lock().await;
         self.status.send_modify(|s| s.syncing = true);
         let result = self.exchanges(transport.as_ref()).await;
+        // A sync the Tide's closing cut short (its store closed under it, or
+        // its exchange cancelled) says so plainly.
+        let result = if result.is_err() && self.closed() { Err(Error::Closed) } else { result };
         let (pending, rejected) = (self.store.pending_count().await, self.store.rejected().await);
         self.status.send_modify(|s| {
             s.syncing = false;
@@ -279,7 +282,15 @@ impl Inner {
     ) -> Result<SyncResponse> {
         req.request_id = Some(ulid::Ulid::generate().to_string());
         report.exchanges += 1;
-        let resp = transport.exchange(&req).await?;
+        // Closing the Tide cancels an exchange in flight: nothing is settled
+        // or applied without a whole answer, so the outbox keeps its ops and
+        // the next sync sends them again (a server that committed them
+        // answers `duplicate`).
+        let mut closing = self.stop.subscribe();
+        let resp = tokio::select! {
+            resp = transport.exchange(&req) => resp?,
+            _ = closing.wait_for(|closed| *closed) => return Err(Error::Closed),
+        };
         if resp.request_id.is_some() && resp.request_id != req.request_id {
             // A replayed or misrouted response: its results describe other ops.
             return Err(tide_transport::Error::MalformedResponse {

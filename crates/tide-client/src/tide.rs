@@ -30,7 +30,8 @@ pub(crate) struct Inner {
     pub(crate) wake: Notify,
     pub(crate) sync_lock: Mutex<()>,
     closed: AtomicBool,
-    stop: watch::Sender<bool>,
+    /// Set when the Tide closes: background loops end, exchanges in flight are cancelled.
+    pub(crate) stop: watch::Sender<bool>,
     loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -529,13 +530,15 @@ impl Tide {
         Ok(Some(stamp))
     }
 
-    /// Stops background syncs (letting a running exchange finish), ends the
+    /// Stops background syncs, cancels an exchange in flight (its ops stay
+    /// in the outbox: nothing is settled without a whole answer), ends the
     /// watch streams and closes the store.
     pub async fn close(&self) {
         if self.inner.closed.swap(true, Ordering::AcqRel) {
             return;
         }
-        let _ = self.inner.stop.send(true);
+        // Stored even with no receiver yet: an exchange about to start sees it.
+        self.inner.stop.send_replace(true);
         let loops = std::mem::take(&mut *self.inner.loops.lock().await);
         for task in loops {
             let _ = task.await;

@@ -1,6 +1,7 @@
 //! The background sync: at once on local writes (even mid-exchange),
 //! backoff with jitter honouring Retry-After, status, and stopping.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tide_client::SyncStatus;
@@ -231,4 +232,48 @@ async fn long_polls_answered_at_once_back_off_and_retry() {
         .await
         .expect("the write arrives by retried polls, not an hour later");
     assert!(matches!(event, Some(tide_client::TypedEvent::Change(e)) if e.id == "k"));
+}
+
+/// A transport whose exchanges never answer (a server that hangs), saying
+/// when one has begun.
+struct Hangs(Arc<tokio::sync::Notify>);
+
+#[async_trait::async_trait]
+impl tide_transport::Transport for Hangs {
+    async fn exchange(&self, _: &tide_core::SyncRequest) -> Result<tide_core::SyncResponse, tide_transport::Error> {
+        self.0.notify_one();
+        std::future::pending().await
+    }
+}
+
+/// Closing cancels an exchange in flight instead of waiting for it (a
+/// server that hangs, a long timeout): the sync returns `Closed`, and the
+/// op stays in the outbox for the next time the store opens.
+#[tokio::test]
+async fn closing_cancels_an_exchange_in_flight_and_keeps_its_ops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.db");
+    let begun = Arc::new(tokio::sync::Notify::new());
+    let a = tide_client::Tide::builder()
+        .path(&path)
+        .node_id("a")
+        .transport(Arc::new(Hangs(Arc::clone(&begun))))
+        .open()
+        .await
+        .unwrap();
+    a.collection::<Note>("n").put("k", &note("pending")).await.unwrap();
+    let syncing = {
+        let a = a.clone();
+        tokio::spawn(async move { a.sync_once().await })
+    };
+    tokio::time::timeout(Duration::from_secs(10), begun.notified()).await.expect("the exchange begins");
+    tokio::time::timeout(Duration::from_secs(10), a.close()).await.expect("close does not wait for the exchange");
+    let result = tokio::time::timeout(Duration::from_secs(10), syncing).await.expect("the sync ends").unwrap();
+    assert!(matches!(result, Err(tide_client::Error::Closed)), "{result:?}");
+    drop(a);
+    let server = FakeServer::new();
+    let again = crate::file_client(&server, dir.path(), "a").await;
+    assert_eq!(again.pending_count().await.unwrap(), 1, "the op is still queued");
+    again.sync_once().await.unwrap();
+    assert_eq!(again.pending_count().await.unwrap(), 0);
 }

@@ -127,7 +127,7 @@ impl Inner {
     async fn exchanges(&self, transport: &dyn tide_transport::Transport) -> Result<SyncReport> {
         let mut report = SyncReport::default();
         // Halved when a server takes fewer ops or bytes per request than we send.
-        let mut batch = PUSH_BATCH_OPS_MAX;
+        let mut batch = self.push_batch_ops;
         let mut last = None;
         let mut settle_tries = 2;
         let mut refreshes = 0;

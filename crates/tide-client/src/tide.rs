@@ -25,6 +25,7 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) transport: Option<Arc<dyn Transport>>,
     pub(crate) long_poll: Option<Duration>,
+    pub(crate) push_batch_ops: usize,
     pub(crate) hub: Arc<Hub>,
     pub(crate) status: watch::Sender<SyncStatus>,
     pub(crate) wake: Notify,
@@ -88,6 +89,9 @@ pub struct TideBuilder {
     headers: Headers,
     store: OpenOptions,
     long_poll: Option<Duration>,
+    exchange_timeout: Duration,
+    connect_timeout: Duration,
+    push_batch_ops: usize,
 }
 
 impl std::fmt::Debug for TideBuilder {
@@ -150,17 +154,54 @@ impl TideBuilder {
         self
     }
 
+    /// How long one exchange with the endpoint may take, long-polls
+    /// included (default `tide_transport::EXCHANGE_TIMEOUT_DEFAULT`); it
+    /// must be longer than the long-poll wait.
+    pub fn exchange_timeout(mut self, timeout: Duration) -> Self {
+        self.exchange_timeout = timeout;
+        self
+    }
+
+    /// How long connecting to the endpoint may take (default
+    /// `tide_transport::CONNECT_TIMEOUT_DEFAULT`).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Most ops pushed in one exchange (default [`crate::PUSH_BATCH_OPS_MAX`],
+    /// at least 1); a server that takes fewer makes the client halve it.
+    pub fn push_batch_ops(mut self, ops: usize) -> Self {
+        self.push_batch_ops = ops.max(1);
+        self
+    }
+
     /// Opens the store and, if a transport or endpoint was given, readies
     /// sync. No background sync runs until [`Tide::sync_forever`].
     ///
     /// # Errors
     /// The store's errors (a newer schema, a damaged file, another node id),
-    /// or a transport configuration error for a bad endpoint.
+    /// or a transport configuration error for a bad endpoint or a long-poll
+    /// wait not shorter than the exchange timeout (every poll would time out).
     pub async fn open(self) -> Result<Tide> {
         let transport = match (self.transport, self.endpoint) {
             (Some(t), _) => Some(t),
             (None, Some(endpoint)) => {
-                Some(Arc::new(HttpTransport::builder(&endpoint).headers(self.headers).build()?) as Arc<dyn Transport>)
+                if let Some(wait) = self.long_poll.filter(|w| *w >= self.exchange_timeout) {
+                    return Err(tide_transport::Error::Config {
+                        message: format!(
+                            "the long-poll wait ({wait:?}) must be shorter than the exchange timeout ({:?})",
+                            self.exchange_timeout
+                        ),
+                    }
+                    .into());
+                }
+                let http = HttpTransport::builder(&endpoint)
+                    .headers(self.headers)
+                    .exchange_timeout(self.exchange_timeout)
+                    .connect_timeout(self.connect_timeout)
+                    .build()?;
+                Some(Arc::new(http) as Arc<dyn Transport>)
             }
             (None, None) => None,
         };
@@ -198,6 +239,7 @@ impl TideBuilder {
             store,
             transport,
             long_poll: self.long_poll,
+            push_batch_ops: self.push_batch_ops,
             hub,
             status: watch::channel(status).0,
             wake: Notify::new(),
@@ -268,6 +310,9 @@ impl Tide {
             headers: Headers::None,
             store: OpenOptions::new(),
             long_poll: Some(LONG_POLL_WAIT_DEFAULT),
+            exchange_timeout: tide_transport::EXCHANGE_TIMEOUT_DEFAULT,
+            connect_timeout: tide_transport::CONNECT_TIMEOUT_DEFAULT,
+            push_batch_ops: crate::PUSH_BATCH_OPS_MAX,
         }
     }
 

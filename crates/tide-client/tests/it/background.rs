@@ -277,3 +277,55 @@ async fn closing_cancels_an_exchange_in_flight_and_keeps_its_ops() {
     again.sync_once().await.unwrap();
     assert_eq!(again.pending_count().await.unwrap(), 0);
 }
+
+/// The builder's transport settings: a long-poll wait not shorter than the
+/// exchange timeout is refused (every poll would time out), the exchange
+/// timeout bounds an exchange with a server that never answers, and the
+/// push batch size bounds the ops of one exchange.
+#[tokio::test]
+async fn the_builder_sets_timeouts_and_the_push_batch_and_refuses_a_poll_the_timeout_would_cut() {
+    let err = tide_client::Tide::builder()
+        .endpoint("http://127.0.0.1:9/sync")
+        .long_poll(Some(Duration::from_secs(30)))
+        .exchange_timeout(Duration::from_secs(30))
+        .open()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("long-poll wait"), "{err}");
+
+    // A server that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/sync", silent.local_addr().unwrap());
+    let _held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            open.push(conn);
+        }
+    });
+    let t = tide_client::Tide::builder()
+        .endpoint(&endpoint)
+        .long_poll(None)
+        .exchange_timeout(Duration::from_millis(300))
+        .open()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = t.sync_once().await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by the exchange timeout: {err}");
+    assert!(matches!(err, tide_client::Error::Transport(tide_transport::Error::Timeout { .. })), "{err}");
+
+    let server = FakeServer::new();
+    let small = tide_client::Tide::builder()
+        .node_id("small")
+        .transport(Arc::new(server.connect("small")))
+        .push_batch_ops(3)
+        .open()
+        .await
+        .unwrap();
+    for i in 0..10 {
+        small.collection::<Note>("n").put(&format!("k{i}"), &note("x")).await.unwrap();
+    }
+    small.sync_once().await.unwrap();
+    let pushes: Vec<usize> = server.traffic().iter().map(|e| e.request.ops.len()).filter(|n| *n > 0).collect();
+    assert_eq!(pushes, [3, 3, 3, 1]);
+}

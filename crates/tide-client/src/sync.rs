@@ -1,8 +1,6 @@
 //! Syncing: one exchange loop (`sync_once`) and the background task that
 //! runs it on local writes, on a timer, and with backoff after failures.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -451,10 +449,7 @@ impl Inner {
 /// `Retry-After`.
 pub(crate) fn backoff(failures: u32, retry_after: Option<Duration>) -> Duration {
     let exp = BACKOFF_BASE.saturating_mul(1 << failures.min(16)).min(BACKOFF_MAX);
-    let mut h = RandomState::new().build_hasher();
-    h.write_u32(failures);
-    let per_mille = u32::try_from(h.finish() % 1_000).expect("below 1,000");
-    let jitter = exp / 2 * per_mille / 1_000;
+    let jitter = exp / 2 * fastrand::u32(0..1_000) / 1_000;
     (exp / 2 + jitter).max(retry_after.unwrap_or_default())
 }
 

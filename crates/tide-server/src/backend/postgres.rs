@@ -574,7 +574,11 @@ impl NamespaceWriter {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .is_some_and(|until| std::time::Instant::now() < until);
         if !contended {
-            if let Some(outcomes) = self.try_group(&mut conn, batch, false).await? {
+            if let Some((outcomes, applied)) = self.try_group(&mut conn, batch, false).await? {
+                // The write statement committed by itself.
+                if applied {
+                    self.committed();
+                }
                 return Ok(outcomes);
             }
             *self.contended.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
@@ -582,12 +586,12 @@ impl NamespaceWriter {
         }
         let mut tx = conn.begin().await.map_err(unavailable)?;
         lock_namespace(&mut tx, &self.namespace).await?;
-        let outcomes = self
+        let (outcomes, applied) = self
             .try_group(&mut tx, batch, true)
             .await?
             .ok_or_else(|| BackendError::Internal("a write group conflicted under its namespace's lock".into()))?;
         tx.commit().await.map_err(unavailable)?;
-        if outcomes.iter().any(|o| o.as_ref().is_ok_and(|r| r.iter().any(|r| matches!(r, OpResult::Applied { .. })))) {
+        if applied {
             self.committed();
         }
         Ok(outcomes)
@@ -601,15 +605,16 @@ impl NamespaceWriter {
         }
     }
 
-    /// One attempt at a group: `None` when the namespace changed between
-    /// its read and its write, which then wrote nothing, or (unless
-    /// `locked`) its read missed what another process made meanwhile.
+    /// One attempt at a group, with whether it applied any op: `None` when
+    /// the namespace changed between its read and its write, which then
+    /// wrote nothing, or (unless `locked`) its read missed what another
+    /// process made meanwhile.
     async fn try_group(
         &self,
         conn: &mut PgConnection,
         batch: &[Pending],
         locked: bool,
-    ) -> Result<Option<Vec<Result<Vec<OpResult>, BackendError>>>, BackendError> {
+    ) -> Result<Option<(Vec<Result<Vec<OpResult>, BackendError>>, bool)>, BackendError> {
         let ns = self.namespace.as_str();
         let judge = self.validator.get().map(|v| &**v);
         let incoming: Vec<Vec<Incoming<'_>>> = batch
@@ -656,16 +661,12 @@ impl NamespaceWriter {
             return Ok(None);
         };
         self.bindings.remember(nodes.into_iter().map(|(node, n)| (ns.to_owned(), node.to_owned(), n.principal)));
-        if applied && !conn.is_in_transaction() {
-            // Committed (a locked group reports after its commit, in run_group).
-            self.committed();
-        }
         if logged > self.digest_log_rows_max.load(std::sync::atomic::Ordering::Relaxed) {
             let mut tx = conn.begin().await.map_err(unavailable)?;
             fold_digests(&mut tx).await?;
             tx.commit().await.map_err(unavailable)?;
         }
-        Ok(Some(outcomes))
+        Ok(Some((outcomes, applied)))
     }
 }
 

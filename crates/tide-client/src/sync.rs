@@ -134,10 +134,17 @@ impl Inner {
         // first request leaves out those at or below the head its page is
         // read at, which the server says, and later ones those at or below
         // that head; until the store has an op of its own to push.
-        let mut live_below = (self.store.cursor().await?.is_none() && self.store.is_empty().await?).then_some(u64::MAX);
+        // (The cursor read for this serves the first request too.)
+        let mut first_cursor = Some(self.store.cursor().await?);
+        let mut live_below =
+            (first_cursor.is_some_and(|c| c.is_none()) && self.store.is_empty().await?).then_some(u64::MAX);
         while report.exchanges < SYNC_EXCHANGES_MAX {
             let pending = self.store.pending(batch).await?;
-            let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
+            let cursor = match first_cursor.take() {
+                Some(cursor) => cursor,
+                None => self.store.cursor().await?,
+            };
+            let mut req = SyncRequest::new(self.store.node_id(), cursor);
             live_below = live_below.filter(|_| pending.is_empty());
             req.live_below = live_below;
             req.ops = pending.iter().map(|p| p.op.clone()).collect();

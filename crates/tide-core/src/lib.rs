@@ -48,7 +48,7 @@ pub mod wire;
 
 pub use doc::{DOC_DEPTH_MAX, DocError};
 pub use limits::Limits;
-pub use lww::{Decision, decide, wins};
+pub use lww::{Decision, Horizon, decide, wins};
 pub use model::Model;
 pub use seeded::SplitMix64;
 pub use stamp::{LAMPORT_MAX, LamportClock, Stamp};

@@ -109,6 +109,12 @@ impl Limits {
             }
             self.check_op(op, node_id).map_err(|v| v.at_op(i))?;
         }
+        if !req.bases.is_empty() && req.bases.len() != req.ops.len() {
+            return Err(Violation::new(
+                ErrorCode::InvalidRequest,
+                format!("{} bases for {} ops: `bases` is empty or has one entry per op", req.bases.len(), req.ops.len()),
+            ));
+        }
         self.check_verify(req)
     }
 

@@ -53,3 +53,50 @@ pub fn decide(stored: Option<(&Stamp, &Payload)>, stamp: &Stamp, payload: &Paylo
 pub fn wins(stamp: &Stamp, stored: Option<&Stamp>) -> bool {
     stored.is_none_or(|stored| stamp > stored)
 }
+
+/// How far a namespace has collected its tombstones (PROTOCOL.md §14):
+/// every tombstone with a seq at or below `seq` may be gone, and `stamp` is
+/// the highest stamp among those removed.
+///
+/// A gone tombstone leaves one question only a rule can answer: a put for a
+/// key with no stored version may be a new document, or an edit of a
+/// document deleted and collected since. An op says which by its `base`,
+/// the seq of the stored version its document was edited from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Horizon {
+    /// Every tombstone at or below this seq may have been removed.
+    pub seq: u64,
+    /// The highest stamp among the tombstones removed; `None` before any.
+    pub stamp: Option<Stamp>,
+}
+
+impl Horizon {
+    /// Whether a put stamped `stamp` for a key with no stored version, edited
+    /// from the version stored under `base`, lost to a delete that has been
+    /// collected: its base is a version at or below the horizon (so the key
+    /// held it and has since lost every trace of it), and its stamp is not
+    /// above every collected tombstone (above them all, it would have beaten
+    /// the delete by [`decide`]).
+    pub fn deleted(&self, base: Option<u64>, stamp: &Stamp) -> bool {
+        base.is_some_and(|b| b <= self.seq) && self.stamp.as_ref().is_some_and(|h| stamp <= h)
+    }
+
+    /// Whether a client at `cursor` may hold a version whose deletion is
+    /// gone: the horizon is past its cursor and past `fresh_at`, the head
+    /// at which it last began from the start (`live_below` or `from_head`,
+    /// 0 for neither). It must then start again from the beginning (`resync`).
+    pub fn stale(&self, cursor: u64, fresh_at: u64) -> bool {
+        self.seq > cursor.max(fresh_at)
+    }
+
+    /// The horizon after removing tombstones up to `seq`, the highest of
+    /// them stamped `removed`.
+    #[must_use]
+    pub fn raised(&self, seq: u64, removed: Option<&Stamp>) -> Self {
+        let stamp = match (&self.stamp, removed) {
+            (Some(a), Some(b)) => Some(a.max(b).clone()),
+            (a, b) => a.clone().or_else(|| b.cloned()),
+        };
+        Self { seq: self.seq.max(seq), stamp }
+    }
+}

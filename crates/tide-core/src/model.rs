@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::digest::{self, DigestTree};
 use crate::limits::json_len;
-use crate::lww::{Decision, decide};
+use crate::lww::{Decision, Horizon, decide};
 use crate::wire::{Change, Cursor, ErrorCode, Op, OpResult, Payload, SyncRequest, SyncResponse, Verify, Violation};
 use crate::{Limits, Stamp};
 
@@ -72,6 +72,8 @@ pub struct Model {
     digest: DigestTree,
     /// Per node id: its chain of write exchanges (§13).
     chains: BTreeMap<String, crate::Chain>,
+    /// How far tombstones have been collected (§14).
+    horizon: Horizon,
 }
 
 impl Model {
@@ -98,6 +100,34 @@ impl Model {
     /// The stored version of a key, tombstones included.
     pub fn row(&self, collection: &str, id: &str) -> Option<&Row> {
         self.rows.get(&(collection.to_owned(), id.to_owned()))
+    }
+
+    /// How far tombstones have been collected.
+    pub fn horizon(&self) -> &Horizon {
+        &self.horizon
+    }
+
+    /// Removes every tombstone with a seq at or below `upto` (at most the
+    /// head) and raises the horizon to it; returns how many were removed.
+    pub fn collect(&mut self, upto: u64) -> usize {
+        let upto = upto.min(self.seq);
+        if upto <= self.horizon.seq {
+            return 0;
+        }
+        let gone: Vec<u64> = self
+            .by_seq
+            .range(self.horizon.seq + 1..=upto)
+            .filter(|(_, key)| self.rows[*key].payload.doc().is_none())
+            .map(|(&seq, _)| seq)
+            .collect();
+        let mut highest: Option<Stamp> = None;
+        for seq in &gone {
+            let key = self.by_seq.remove(seq).expect("listed above");
+            let row = self.rows.remove(&key).expect("every seq has its row");
+            highest = Some(highest.map_or(row.stamp.clone(), |h| h.max(row.stamp)));
+        }
+        self.horizon = self.horizon.raised(upto, highest.as_ref());
+        gone.len()
     }
 
     /// Every stored row in key order, tombstones included.
@@ -130,12 +160,18 @@ impl Model {
             let next = lineage.advance(chain);
             self.chains.insert(req.node_id.clone(), next);
         }
-        let results = req.ops.iter().map(|op| self.apply(op)).collect();
+        let results =
+            req.ops.iter().enumerate().map(|(i, op)| self.apply_based(op, req.bases.get(i).copied().flatten())).collect();
 
         let requested = req.cursor.unwrap_or_default();
         let reset = requested.seq() > self.seq;
+        let fresh_at = req.live_below.max(req.from_head).unwrap_or(0);
+        let resync = !reset && self.horizon.stale(requested.seq(), fresh_at);
         let (from, own) = if reset {
             (Cursor::START, None)
+        } else if resync {
+            // Its own writes it holds, whatever else it missed.
+            (Cursor::START, Some(req.node_id.as_str()))
         } else {
             // A client past the start already holds its own accepted writes;
             // a fresh one (no cursor) gets them, so a wiped store recovers.
@@ -143,14 +179,16 @@ impl Model {
         };
         let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, self.limits.changes_per_response_max);
         let page = self.page_of(from, own, req.live_below, limit);
-        let settled = page.changes.is_empty() && !page.has_more && !reset;
+        let settled = page.changes.is_empty() && !page.has_more && !reset && !resync;
         let mut resp = SyncResponse {
             cursor: page.cursor,
             changes: page.changes,
             results,
             has_more: page.has_more,
             reset,
-            head: req.live_below.map(|_| self.seq),
+            head: (req.live_below.is_some() || resync).then_some(self.seq),
+            horizon: (self.horizon.seq > 0).then_some(self.horizon.seq),
+            resync,
             request_id: req.request_id.clone(),
             ..SyncResponse::new(Cursor::START)
         };
@@ -238,9 +276,18 @@ impl Model {
 
     /// Applies one already-validated op and says what became of it.
     pub fn apply(&mut self, op: &Op) -> OpResult {
+        self.apply_based(op, None)
+    }
+
+    /// [`Model::apply`] for an op edited from the version stored under
+    /// `base` (§14).
+    pub fn apply_based(&mut self, op: &Op, base: Option<u64>) -> OpResult {
         self.lamport_max = self.lamport_max.max(op.stamp.lamport);
         let key = (op.collection.clone(), op.id.clone());
         let stored = self.rows.get(&key);
+        if stored.is_none() && op.payload.doc().is_some() && self.horizon.deleted(base, &op.stamp) {
+            return OpResult::Deleted;
+        }
         let decision = decide(stored.map(|r| (&r.stamp, &r.payload)), &op.stamp, &op.payload);
         if decision == Decision::Apply {
             self.seq += 1;

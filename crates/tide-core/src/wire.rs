@@ -73,6 +73,17 @@ pub struct SyncRequest {
     /// the namespace (§4.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live_below: Option<u64>,
+    /// Extension: per op, in order, the seq of the stored version its
+    /// document was edited from (`null` for a new document or a delete);
+    /// empty, or as long as `ops` (§14). A request-level list, not an op
+    /// field, because the original server refuses unknown op fields.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bases: Vec<Option<u64>>,
+    /// Extension: the namespace's head when the client last began from the
+    /// beginning after a `resync` (§14): the horizon passing its cursor
+    /// matters only once it passes this too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_head: Option<u64>,
 }
 
 /// A write exchange's link in its node's chain (§13): the token of the
@@ -191,6 +202,8 @@ impl SyncRequest {
             fetch: Vec::new(),
             lineage: None,
             live_below: None,
+            bases: Vec::new(),
+            from_head: None,
         }
     }
 
@@ -366,9 +379,18 @@ pub struct SyncResponse {
     #[serde(default, skip_serializing_if = "is_false")]
     pub reset: bool,
     /// Extension: the namespace's head (its highest seq) when the page was
-    /// read, answered to a request with `live_below` (§4.1).
+    /// read, answered to a request with `live_below` (§4.1) and with `resync`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<u64>,
+    /// Extension: the namespace's tombstone horizon (§14): tombstones at or
+    /// below it may be gone. Absent before any was collected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub horizon: Option<u64>,
+    /// Extension: the request's cursor is below the horizon, so it may have
+    /// missed deletes the server no longer remembers: `changes` start from
+    /// the beginning, and the client begins again from there (§14).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub resync: bool,
     /// Extension: the request's `request_id`, echoed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -402,6 +424,8 @@ impl SyncResponse {
             has_more: false,
             reset: false,
             head: None,
+            horizon: None,
+            resync: false,
             request_id: None,
             roots: None,
             groups: None,
@@ -492,6 +516,11 @@ pub enum OpResult {
         /// The winning stamp's node id.
         node_id: String,
     },
+    /// A put edited from a version whose key was since deleted, that
+    /// delete collected past the horizon (§14): the document is gone and
+    /// the op is dropped, like a superseded one. Only sent for an op with
+    /// a `base`.
+    Deleted,
     /// Refused for good; retrying the same op cannot help.
     Rejected {
         /// Why, for machines.

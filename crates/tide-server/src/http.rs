@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
 use crate::auth::{AuthError, Authenticator, Principal};
-use crate::backend::{Backend, BackendError, Reply};
+use crate::backend::{Backend, BackendError, Collected, Reply};
 use crate::hub::{HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, Hub};
 use crate::metrics::Metrics;
 
@@ -52,6 +52,14 @@ const RATE_BUCKETS_MAX: usize = 10_000;
 pub const AUTHORIZATION_BYTES_MAX: usize = 4_096;
 /// Responses at least this large are gzip-compressed for clients that accept it.
 const GZIP_RESPONSE_BYTES_MIN: usize = 1_024;
+/// Default for [`ServerConfig::tombstone_horizon_seqs`]: a tombstone is
+/// kept until a million changes have been written after it in its
+/// namespace; a client that was away longer starts again from the
+/// beginning (PROTOCOL.md §14).
+pub const TOMBSTONE_HORIZON_SEQS_DEFAULT: u64 = 1_000_000;
+/// Default for [`ServerConfig::collect_interval`].
+pub const COLLECT_INTERVAL_DEFAULT: Duration = Duration::from_secs(60);
+
 /// hyper's read buffer: bounds the size of the request head.
 const READ_BUFFER_BYTES_MAX: usize = 64 * 1024;
 
@@ -85,6 +93,13 @@ pub struct ServerConfig {
     /// second's worth); past it 429 with `Retry-After`. 0: no limit. See
     /// [`PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT`].
     pub principal_requests_per_second_max: u32,
+    /// Tombstones more than this many changes behind their namespace's
+    /// head are collected; 0 keeps every tombstone. See
+    /// [`TOMBSTONE_HORIZON_SEQS_DEFAULT`].
+    pub tombstone_horizon_seqs: u64,
+    /// How often the server collects tombstones in the background. See
+    /// [`COLLECT_INTERVAL_DEFAULT`].
+    pub collect_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -100,6 +115,53 @@ impl Default for ServerConfig {
             held_per_namespace_max: HELD_PER_NAMESPACE_MAX_DEFAULT,
             request_bytes_in_flight_max: REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
             principal_requests_per_second_max: PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT,
+            tombstone_horizon_seqs: TOMBSTONE_HORIZON_SEQS_DEFAULT,
+            collect_interval: COLLECT_INTERVAL_DEFAULT,
+        }
+    }
+}
+
+/// Runs [`App::collect`] every [`ServerConfig::collect_interval`] for as
+/// long as the server lives.
+async fn collect_now_and_then(app: std::sync::Weak<App>) {
+    let Some(interval) = app.upgrade().map(|a| a.config.collect_interval) else { return };
+    let interval = interval.max(Duration::from_millis(1));
+    // An interval past any instant: never.
+    let Some(first) = tokio::time::Instant::now().checked_add(interval) else { return };
+    let mut ticks = tokio::time::interval_at(first, interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(app) = app.upgrade() else { return };
+        if *app.stopping.borrow() {
+            return;
+        }
+        match app.collect().await {
+            Ok(done) if done.tombstones > 0 => {
+                tracing::info!(tombstones = done.tombstones, bytes = done.bytes, "collected tombstones past the horizon");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "tombstone collection failed; retrying at the next interval"),
+        }
+    }
+}
+
+impl App {
+    /// Steps of tombstone collection until none is left, each counted.
+    async fn collect(&self) -> Result<Collected, BackendError> {
+        let mut done = Collected::default();
+        if self.config.tombstone_horizon_seqs == 0 {
+            return Ok(done);
+        }
+        loop {
+            let step = self.backend.collect(self.config.tombstone_horizon_seqs).await?;
+            self.metrics.collected(step);
+            done += step;
+            if !step.more {
+                return Ok(done);
+            }
+            // Writes go on between steps.
+            tokio::task::yield_now().await;
         }
     }
 }
@@ -352,8 +414,22 @@ impl Server {
                     tracing::warn!(error = %e, "not listening for other servers' commits; long-polls wake on this server's only");
                 }
             });
+            if app.config.tombstone_horizon_seqs > 0 {
+                tokio::spawn(collect_now_and_then(Arc::downgrade(&app)));
+            }
         }
         Self { app }
+    }
+
+    /// Collects tombstones past the horizon in every namespace now, a step
+    /// at a time, until none is left (PROTOCOL.md §14); the background task
+    /// does the same every [`ServerConfig::collect_interval`]. With
+    /// `tombstone_horizon_seqs` 0 it does nothing.
+    ///
+    /// # Errors
+    /// The backend's, from the step that failed (earlier steps stay done).
+    pub async fn collect(&self) -> Result<Collected, crate::BackendError> {
+        self.app.collect().await
     }
 
     /// Runs one exchange in a task of its own, abandoned if its client

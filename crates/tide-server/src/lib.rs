@@ -29,11 +29,13 @@ pub use backend::postgres::{
 pub use backend::sqlite::{
     Durability, SqliteBackend, VACUUM_CHECK_GROUPS, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
 };
-pub use backend::{Backend, BackendError, CommitCallback, Reply, Validator, Verdict};
+pub use backend::{
+    Backend, BackendError, COLLECT_SEQS_PER_STEP, Collected, CommitCallback, Reply, Validator, Verdict,
+};
 pub use http::{
     AUTHORIZATION_BYTES_MAX, BODY_READ_TIMEOUT_DEFAULT, CONNECTIONS_MAX_DEFAULT, DECODE_INLINE_BYTES_MAX,
     HEADER_READ_TIMEOUT_DEFAULT, PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
-    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig,
+    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, COLLECT_INTERVAL_DEFAULT, TOMBSTONE_HORIZON_SEQS_DEFAULT,
 };
 pub use hub::{HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT};
 pub use jwt::{

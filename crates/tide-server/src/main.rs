@@ -14,7 +14,8 @@ use tide_server::{
     HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, JWT_LEEWAY_DEFAULT,
     JWT_NAMESPACE_CLAIM_DEFAULT, JWT_PRINCIPAL_CLAIM_DEFAULT, JwtAuthenticator, JwtConfig, NoAuth,
     PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, PostgresBackend, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
-    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens,
+    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens, COLLECT_INTERVAL_DEFAULT,
+    TOMBSTONE_HORIZON_SEQS_DEFAULT,
 };
 
 /// tide's sync server: clients POST their pending writes and pull what
@@ -135,6 +136,18 @@ struct Args {
         default_value_t = PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT
     )]
     principal_requests_per_second_max: u32,
+    /// Tombstones more than this many changes behind their namespace's head
+    /// are removed; a client away longer starts again from the beginning.
+    /// 0 keeps every tombstone.
+    #[arg(long, env = "TIDE_SERVER_TOMBSTONE_HORIZON_SEQS", default_value_t = TOMBSTONE_HORIZON_SEQS_DEFAULT)]
+    tombstone_horizon_seqs: u64,
+    /// Seconds between background collections of tombstones past the horizon.
+    #[arg(long, env = "TIDE_SERVER_COLLECT_INTERVAL", default_value_t = COLLECT_INTERVAL_DEFAULT.as_secs_f64())]
+    collect_interval: f64,
+    /// Collect the tombstones past the horizon now, say what was removed,
+    /// and exit without serving (safe beside a running server).
+    #[arg(long)]
+    collect: bool,
     /// Seconds in-flight exchanges get to finish on shutdown.
     #[arg(long, env = "TIDE_SERVER_SHUTDOWN_GRACE", default_value_t = SHUTDOWN_GRACE_DEFAULT.as_secs_f64())]
     shutdown_grace: f64,
@@ -218,6 +231,8 @@ async fn run(args: Args) -> Result<(), String> {
         held_per_namespace_max: args.held_per_namespace_max,
         request_bytes_in_flight_max: args.request_bytes_in_flight_max,
         principal_requests_per_second_max: args.principal_requests_per_second_max,
+        tombstone_horizon_seqs: args.tombstone_horizon_seqs,
+        collect_interval: seconds("collect-interval", args.collect_interval)?,
     };
     let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
     let backend: Arc<dyn Backend> = match &args.database_url {
@@ -228,6 +243,15 @@ async fn run(args: Args) -> Result<(), String> {
             .await
             .map_err(|e| format!("opening {}: {e}", args.db.display()))?,
     };
+    if args.collect {
+        let server = Server::new(backend, auth, config);
+        let done = server.collect().await.map_err(|e| format!("collecting tombstones: {e}"))?;
+        println!(
+            "tide-server: removed {} tombstones ({} bytes) in {} namespace steps",
+            done.tombstones, done.bytes, done.namespaces
+        );
+        return Ok(());
+    }
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;

@@ -14,7 +14,10 @@ const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 #[derive(Default)]
 pub(crate) struct Metrics {
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    ops: [AtomicU64; 4],
+    ops: [AtomicU64; 5],
+    collect_steps: AtomicU64,
+    collected_tombstones: AtomicU64,
+    collected_bytes: AtomicU64,
     changes: AtomicU64,
     abandoned: AtomicU64,
     open_connections: AtomicI64,
@@ -44,9 +47,17 @@ impl Metrics {
                 OpResult::Duplicate => 1,
                 OpResult::Superseded { .. } => 2,
                 OpResult::Rejected { .. } | OpResult::Unknown => 3,
+                OpResult::Deleted => 4,
             };
             self.ops[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// One step of tombstone collection.
+    pub(crate) fn collected(&self, step: crate::Collected) {
+        self.collect_steps.fetch_add(1, Ordering::Relaxed);
+        self.collected_tombstones.fetch_add(step.tombstones, Ordering::Relaxed);
+        self.collected_bytes.fetch_add(step.bytes, Ordering::Relaxed);
     }
 
     pub(crate) fn changes(&self, n: usize) {
@@ -74,7 +85,7 @@ impl Metrics {
             let _ = writeln!(out, "tide_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
         out.push_str("# HELP tide_ops_total Ops received, by result.\n# TYPE tide_ops_total counter\n");
-        for (i, name) in ["applied", "duplicate", "superseded", "rejected"].iter().enumerate() {
+        for (i, name) in ["applied", "duplicate", "superseded", "rejected", "deleted"].iter().enumerate() {
             let _ = writeln!(out, "tide_ops_total{{result=\"{name}\"}} {}", self.ops[i].load(Ordering::Relaxed));
         }
         out.push_str(
@@ -85,6 +96,17 @@ impl Metrics {
             "# HELP tide_exchanges_abandoned_total Exchanges whose client hung up before the answer.\n# TYPE tide_exchanges_abandoned_total counter\n",
         );
         let _ = writeln!(out, "tide_exchanges_abandoned_total {}", self.abandoned.load(Ordering::Relaxed));
+        for (name, help, value) in [
+            ("tide_collect_steps_total", "Steps of tombstone collection run.", &self.collect_steps),
+            ("tide_tombstones_collected_total", "Tombstones removed past the horizon.", &self.collected_tombstones),
+            (
+                "tide_collected_bytes_total",
+                "Bytes of stored changes removed with collected tombstones.",
+                &self.collected_bytes,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+        }
         out.push_str("# HELP tide_open_connections Open client connections.\n# TYPE tide_open_connections gauge\n");
         let _ = writeln!(out, "tide_open_connections {}", self.open_connections.load(Ordering::Relaxed));
         out.push_str("# HELP tide_held_requests Long-polls waiting for a commit.\n# TYPE tide_held_requests gauge\n");

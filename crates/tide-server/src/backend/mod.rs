@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tide_core::digest::{self, Hash64};
 use tide_core::{
-    Cursor, Decision, ErrorCode, HeldVersion, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse,
+    Cursor, Decision, ErrorCode, HeldVersion, Horizon, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse,
     Violation,
 };
 
@@ -62,8 +62,13 @@ pub struct Reply {
     pub has_more: bool,
     /// Whether the request's cursor was ahead of the namespace's state.
     pub reset: bool,
-    /// The namespace's head, for a request with `live_below`.
+    /// The namespace's head, for a request with `live_below` and a resync.
     pub head: Option<u64>,
+    /// The namespace's tombstone horizon, once it has one (PROTOCOL.md §14).
+    pub horizon: Option<u64>,
+    /// Whether the request's cursor was below the horizon, so the page
+    /// starts from the beginning (PROTOCOL.md §14).
+    pub resync: bool,
     /// The request's `request_id`, echoed.
     pub request_id: Option<String>,
     /// The answers to the digest and fetch extensions (PROTOCOL.md §12).
@@ -99,6 +104,8 @@ impl Reply {
             has_more: page.has_more,
             reset: page.reset,
             head: page.head,
+            horizon: page.horizon,
+            resync: page.resync,
             request_id,
             verify,
         }
@@ -127,6 +134,13 @@ impl Reply {
         if let Some(head) = self.head {
             out.extend_from_slice(br#","head":"#);
             out.extend_from_slice(head.to_string().as_bytes());
+        }
+        if let Some(horizon) = self.horizon {
+            out.extend_from_slice(br#","horizon":"#);
+            out.extend_from_slice(horizon.to_string().as_bytes());
+        }
+        if self.resync {
+            out.extend_from_slice(br#","resync":true"#);
         }
         let mut field = |name: &[u8], value: &dyn erased::Value| {
             out.extend_from_slice(name);
@@ -194,6 +208,53 @@ pub trait Backend: Send + Sync + 'static {
         let _ = on_commit;
         Ok(())
     }
+
+    /// One step of tombstone collection (PROTOCOL.md §14): in each namespace
+    /// whose horizon is more than `horizon_seqs` changes behind its head,
+    /// removes the tombstones of at most [`COLLECT_SEQS_PER_STEP`] seqs
+    /// above the horizon (but none of the last `horizon_seqs`), and raises
+    /// the horizon over them. A short write, so writes go on between steps;
+    /// call again while [`Collected::more`] says so.
+    async fn collect(&self, horizon_seqs: u64) -> Result<Collected, BackendError> {
+        let _ = horizon_seqs;
+        Ok(Collected::default())
+    }
+}
+
+/// Seqs one collection step looks through per namespace: bounds the
+/// rows one step reads and the time it holds the writer.
+pub const COLLECT_SEQS_PER_STEP: u64 = 16_384;
+
+/// Namespaces one collection step takes on.
+pub const COLLECT_NAMESPACES_PER_STEP: usize = 64;
+
+/// What one step of tombstone collection did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Namespaces whose horizon moved.
+    pub namespaces: u64,
+    /// Tombstones removed.
+    pub tombstones: u64,
+    /// Bytes of their stored renderings.
+    pub bytes: u64,
+    /// Whether some namespace is still more than the horizon behind.
+    pub more: bool,
+}
+
+impl std::ops::AddAssign for Collected {
+    fn add_assign(&mut self, other: Self) {
+        self.namespaces += other.namespaces;
+        self.tombstones += other.tombstones;
+        self.bytes += other.bytes;
+        self.more = other.more;
+    }
+}
+
+/// Where one namespace's collection step stops: `COLLECT_SEQS_PER_STEP`
+/// above its horizon, and never within `horizon_seqs` of its head.
+pub(crate) fn collect_upto(head: u64, horizon: u64, horizon_seqs: u64) -> Option<u64> {
+    let limit = head.checked_sub(horizon_seqs)?;
+    (limit > horizon).then(|| limit.min(horizon + COLLECT_SEQS_PER_STEP))
 }
 
 /// The highest `live_below` a page statement takes as given (above it, as
@@ -212,6 +273,12 @@ pub(crate) struct PageQuery<'a> {
     pub(crate) limit: usize,
     pub(crate) bytes_max: usize,
     pub(crate) reset: bool,
+    /// The head at which the client last began from the start (its
+    /// `live_below` or `from_head`; 0 for neither), for the resync rule.
+    pub(crate) fresh_at: u64,
+    pub(crate) resync: bool,
+    /// The namespace's horizon as the page statement read it.
+    pub(crate) horizon: u64,
 }
 
 impl<'a> PageQuery<'a> {
@@ -222,7 +289,18 @@ impl<'a> PageQuery<'a> {
         let skip_node = (from > Cursor::START).then_some(req.node_id.as_str());
         let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, limits.changes_per_response_max);
         let bytes_max = limits.response_bytes_max;
-        Self { from: from.seq(), skip_node, live_below: req.live_below, limit, bytes_max, reset: false }
+        let fresh_at = req.live_below.max(req.from_head).unwrap_or(0);
+        Self {
+            from: from.seq(),
+            skip_node,
+            live_below: req.live_below,
+            limit,
+            bytes_max,
+            reset: false,
+            fresh_at,
+            resync: false,
+            horizon: 0,
+        }
     }
 
     /// What a page statement passes over, in one argument: bit 0, the
@@ -240,6 +318,27 @@ impl<'a> PageQuery<'a> {
             return false;
         }
         *self = Self { from: 0, skip_node: None, reset: true, ..self.clone() };
+        true
+    }
+
+    /// Whether the page must be read again from the beginning, given the
+    /// namespace's head and horizon as a page statement read them: the
+    /// cursor is ahead of the head (`reset`) or below the horizon (`resync`).
+    pub(crate) fn starts_over(&mut self, namespace_seq: u64, horizon: u64) -> bool {
+        self.horizon = horizon;
+        self.ahead_of(namespace_seq) || self.below(horizon)
+    }
+
+    /// Whether the cursor is below the namespace's tombstone horizon (and
+    /// the client did not begin from the start since it passed), so the
+    /// client may hold versions whose deletes are gone: the page starts over
+    /// from the beginning, still without its own changes (`resync`).
+    fn below(&mut self, horizon: u64) -> bool {
+        let stale = Horizon { seq: horizon, stamp: None }.stale(self.from, self.fresh_at);
+        if self.reset || self.resync || !stale {
+            return false;
+        }
+        *self = Self { from: 0, resync: true, ..self.clone() };
         true
     }
 
@@ -266,7 +365,7 @@ impl<'a> PageQuery<'a> {
     /// again (the cursor was ahead: the page starts over), the page itself,
     /// or read it summing sizes (the namespace's changes may not fit).
     pub(crate) fn small(&mut self, row: Option<SmallPageRow>) -> SmallPage {
-        let Some((namespace_seq, size_max, text, n, last, more)) = row else {
+        let Some((namespace_seq, horizon, size_max, text, n, last, more)) = row else {
             // No namespace yet: nothing to send, and any cursor is ahead.
             if self.ahead_of(0) {
                 return SmallPage::Again;
@@ -274,7 +373,7 @@ impl<'a> PageQuery<'a> {
             return SmallPage::Done(self.finish(PageRead::default(), 0));
         };
         let namespace_seq = u64::try_from(namespace_seq).unwrap_or(0);
-        if self.ahead_of(namespace_seq) {
+        if self.starts_over(namespace_seq, u64::try_from(horizon).unwrap_or(0)) {
             return SmallPage::Again;
         }
         if !self.fits_all(u64::try_from(size_max).unwrap_or(u64::MAX)) {
@@ -313,15 +412,24 @@ impl<'a> PageQuery<'a> {
     pub(crate) fn finish(&self, read: PageRead, namespace_seq: u64) -> Page {
         let end = namespace_seq.max(self.from).max(read.last);
         let cursor = if read.has_more { Cursor(read.last) } else { Cursor(end) };
-        let head = self.live_below.map(|_| namespace_seq);
-        Page { json: read.json, count: read.count, cursor, has_more: read.has_more, reset: self.reset, head }
+        let head = (self.live_below.is_some() || self.resync).then_some(namespace_seq);
+        Page {
+            json: read.json,
+            count: read.count,
+            cursor,
+            has_more: read.has_more,
+            reset: self.reset,
+            head,
+            horizon: (self.horizon > 0).then_some(self.horizon),
+            resync: self.resync,
+        }
     }
 }
 
-/// What a backend's small-page statement returns: the namespace's seq and
-/// largest rendering, the renderings joined, their count, the last seq, and
-/// whether a change follows; no row when the namespace has none.
-pub(crate) type SmallPageRow = (i64, i64, Option<String>, i64, Option<i64>, bool);
+/// What a backend's small-page statement returns: the namespace's seq,
+/// horizon and largest rendering, the renderings joined, their count, the
+/// last seq, and whether a change follows; no row when the namespace has none.
+pub(crate) type SmallPageRow = (i64, i64, i64, Option<String>, i64, Option<i64>, bool);
 
 /// The next step of a page read after the small-page statement.
 pub(crate) enum SmallPage {
@@ -350,15 +458,17 @@ pub(crate) struct Page {
     pub(crate) cursor: Cursor,
     pub(crate) has_more: bool,
     pub(crate) reset: bool,
-    /// The namespace's head, for a request with `live_below`.
+    /// The namespace's head, for a request with `live_below` and a resync.
     pub(crate) head: Option<u64>,
+    pub(crate) horizon: Option<u64>,
+    pub(crate) resync: bool,
 }
 
 impl Page {
     /// Whether the exchange saw everything: nothing to send, nothing
     /// more, and the cursor was the namespace's own (digests compare only then).
     pub(crate) fn settled(&self) -> bool {
-        self.count == 0 && !self.has_more && !self.reset
+        self.count == 0 && !self.has_more && !self.reset && !self.resync
     }
 }
 
@@ -408,11 +518,21 @@ pub(crate) struct Incoming<'a> {
     pub(crate) doc: Option<Cow<'a, str>>,
     pub(crate) hash: Option<Hash64>,
     pub(crate) refused: Option<String>,
+    /// The seq of the version the op was edited from (PROTOCOL.md §14).
+    pub(crate) base: Option<u64>,
 }
 
 impl<'a> Incoming<'a> {
     pub(crate) fn new(op: &'a tide_core::Op) -> Self {
         Self::with_doc(op, digest::doc_text(&op.payload).map(Cow::Borrowed), None)
+    }
+
+    /// The ops of a request as `validator` (if any) judges them, with their bases.
+    pub(crate) fn of_request(p: &'a Pending, validator: Option<&dyn Validator>) -> Vec<Self> {
+        let bases = &p.request.bases;
+        let ops = p.request.ops.iter().enumerate();
+        ops.map(|(i, op)| Self { base: bases.get(i).copied().flatten(), ..Self::judged(op, &p.principal, validator) })
+            .collect()
     }
 
     /// The op as `validator` (if any) judges it for `principal`.
@@ -430,7 +550,7 @@ impl<'a> Incoming<'a> {
 
     fn with_doc(op: &'a tide_core::Op, doc: Option<Cow<'a, str>>, refused: Option<String>) -> Self {
         let hash = doc.as_deref().map(|d| digest::version_hash(&op.collection, &op.id, &op.stamp, Some(d)));
-        Self { op, doc, hash, refused }
+        Self { op, doc, hash, refused, base: None }
     }
 
     /// The version this op writes, to decide later ops of the group against.
@@ -475,9 +595,10 @@ pub(crate) fn decide_current(current: Option<&Current<'_>>, incoming: &Incoming<
 /// Decides a request's ops in order against `current` (updated as ops
 /// apply), numbering applied ops from `seq`: the results; per written key
 /// the group-wide index (`first` + position) of its last applied op and
-/// that op's seq go to `written`.
+/// that op's seq go to `written`. A put edited from a version whose key's
+/// delete went past `horizon` is answered `deleted` (PROTOCOL.md §14).
 pub(crate) fn decide_request<'a>(
-    namespace: &'a str,
+    (namespace, horizon): (&'a str, &Horizon),
     incoming: &'a [Incoming<'a>],
     current: &mut HashMap<GroupKey<'a>, Current<'a>>,
     written: &mut HashMap<GroupKey<'a>, (usize, u64)>,
@@ -491,6 +612,10 @@ pub(crate) fn decide_request<'a>(
             continue;
         }
         let key = (namespace, inc.op.collection.as_str(), inc.op.id.as_str());
+        if !current.contains_key(&key) && inc.doc.is_some() && horizon.deleted(inc.base, &inc.op.stamp) {
+            results.push(OpResult::Deleted);
+            continue;
+        }
         let decision = decide_current(current.get(&key), inc);
         if decision == Decision::Apply {
             *seq += 1;
@@ -554,8 +679,9 @@ pub const WRITE_QUEUE_REQUESTS_MAX: usize = 4_096;
 /// The server database schema this build reads and writes, as stored under
 /// `schema_version` in `tide_server_meta` by both backends. Version 2 adds
 /// the digest table, each row's bucket, and the node ids' principals;
-/// version 3 stores each version pre-rendered with its hash and size.
-pub(crate) const SCHEMA_VERSION: &str = "3";
+/// version 3 stores each version pre-rendered with its hash and size;
+/// version 4 gives each namespace its tombstone horizon.
+pub(crate) const SCHEMA_VERSION: &str = "4";
 
 /// The statement that reads the stored schema version, the same on both backends.
 pub(crate) const SELECT_SCHEMA_VERSION: &str = "SELECT value FROM tide_server_meta WHERE key = 'schema_version'";
@@ -563,8 +689,8 @@ pub(crate) const SELECT_SCHEMA_VERSION: &str = "SELECT value FROM tide_server_me
 /// The schema version a database is at (1 to [`SCHEMA_VERSION`]);
 /// refuses one whose schema this build does not know.
 pub(crate) fn check_schema_version(found: &str) -> Result<u8, BackendError> {
-    if let Some(v) = ["1", "2", "3"].iter().position(|v| *v == found) {
-        Ok(u8::try_from(v + 1).expect("three versions"))
+    if let Some(v) = ["1", "2", "3", "4"].iter().position(|v| *v == found) {
+        Ok(u8::try_from(v + 1).expect("four versions"))
     } else {
         Err(BackendError::Internal(format!(
             "server database schema v{found} is not supported by this build (v{SCHEMA_VERSION})"

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 use tide_core::digest::Hash64;
-use tide_core::{Limits, OpResult, Stamp, SyncRequest, Verify};
+use tide_core::{Horizon, Limits, OpResult, Stamp, SyncRequest, Verify};
 
 use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, oneshot};
@@ -36,6 +36,7 @@ use super::{
     Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, Page, PageQuery, PageRead,
     Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, Validator, VerifyReply,
     WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
+    COLLECT_NAMESPACES_PER_STEP, Collected,
 };
 use crate::auth::{Namespace, Principal};
 
@@ -80,6 +81,13 @@ const MIGRATE_V3: &[&str] = &[
      ADD COLUMN wire TEXT NOT NULL DEFAULT ''",
     // The largest rendering a namespace ever stored: pages of small changes sum no sizes.
     "ALTER TABLE tide_namespaces ADD COLUMN size_max BIGINT NOT NULL DEFAULT 0",
+];
+
+/// Version 3 to 4: each namespace's tombstone horizon (PROTOCOL.md §14).
+const MIGRATE_V4: &[&str] = &[
+    r#"ALTER TABLE tide_namespaces ADD COLUMN horizon BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN horizon_lamport BIGINT, ADD COLUMN horizon_node TEXT COLLATE "C""#,
+    "UPDATE tide_server_meta SET value = '4' WHERE key = 'schema_version'",
 ];
 
 /// Version 1 to 2: each row's digest bucket, the digest table (filled from
@@ -225,6 +233,11 @@ impl PostgresBackend {
             }
             backfill(&mut tx).await?;
         }
+        if version < 4 {
+            for statement in MIGRATE_V4 {
+                sqlx::query(*statement).execute(&mut *tx).await.map_err(unavailable)?;
+            }
+        }
         tx.commit().await.map_err(unavailable)?;
         let digest_log_rows_max = Arc::new(std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
         let (bindings, writers) = (Arc::default(), Arc::default());
@@ -326,14 +339,14 @@ impl PostgresBackend {
                 SmallPage::Done(page) => return Ok(page),
                 SmallPage::SumSizes => {}
             }
-            let (ns_seq, total, n, text, last): PageRow = bind_page(sqlx::query_as(PAGE), ns, &query)
+            let (ns_seq, horizon, total, n, text, last): PageRow = bind_page(sqlx::query_as(PAGE), ns, &query)
                 .bind(i64::try_from(query.bytes_max).unwrap_or(i64::MAX))
                 .bind(i64::try_from(query.limit).unwrap_or(i64::MAX))
                 .fetch_one(&mut *conn)
                 .await
                 .map_err(unavailable)?;
             let ns_seq = to_u64(ns_seq.unwrap_or(0));
-            if query.ahead_of(ns_seq) {
+            if query.starts_over(ns_seq, to_u64(horizon.unwrap_or(0))) {
                 continue;
             }
             let read = match query.fitted(total, n, text, last) {
@@ -417,8 +430,8 @@ impl PostgresBackend {
 const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::bigint AS total, count(*) AS n \
        FROM (SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) \
        ORDER BY seq LIMIT $6 + 1) s) \
-     SELECT (SELECT seq FROM tide_namespaces WHERE namespace = $1), g.total, g.n, p.text, p.last \
-     FROM g, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, max(seq) AS last \
+     SELECT ns.seq, ns.horizon, g.total, g.n, p.text, p.last \
+     FROM g LEFT JOIN tide_namespaces AS ns ON ns.namespace = $1, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, max(seq) AS last \
        FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) \
        ORDER BY seq LIMIT $6) w WHERE (SELECT total FROM g) <= $5) p";
 
@@ -427,7 +440,7 @@ const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::b
 /// namespace's seq and `size_max`, the first `$6` renderings joined (only if
 /// they are sure to fit), their count, the last seq, and whether a change
 /// follows. No row without the namespace.
-const SMALL_PAGE: &str = "SELECT ns.seq, ns.size_max, p.text, p.n, p.last, p.n = $6 AND EXISTS (SELECT 1 FROM tide_rows \
+const SMALL_PAGE: &str = "SELECT ns.seq, ns.horizon, ns.size_max, p.text, p.n, p.last, p.n = $6 AND EXISTS (SELECT 1 FROM tide_rows \
        WHERE namespace = $1 AND seq > p.last AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1))) \
      FROM tide_namespaces AS ns, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, count(*) AS n, \
        max(seq) AS last FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 \
@@ -435,9 +448,10 @@ const SMALL_PAGE: &str = "SELECT ns.seq, ns.size_max, p.text, p.n, p.last, p.n =
        WHERE (SELECT (size_max + 1) * $6 FROM tide_namespaces WHERE namespace = $1) <= $5) AS p \
      WHERE ns.namespace = $1";
 
-/// What the page statement returns: the namespace's seq, the byte total and
-/// count of the first changes, their renderings (if they fit) and the last seq.
-type PageRow = (Option<i64>, i64, i64, Option<String>, Option<i64>);
+/// What the page statement returns: the namespace's seq and horizon, the
+/// byte total and count of the first changes, their renderings (if they
+/// fit) and the last seq.
+type PageRow = (Option<i64>, Option<i64>, i64, i64, Option<String>, Option<i64>);
 
 /// A page whose first changes run past the byte budget: their sizes, then
 /// as many renderings as fit (at least one), in one snapshot.
@@ -617,10 +631,7 @@ impl NamespaceWriter {
     ) -> Result<Option<(Vec<Result<Vec<OpResult>, BackendError>>, bool)>, BackendError> {
         let ns = self.namespace.as_str();
         let judge = self.validator.get().map(|v| &**v);
-        let incoming: Vec<Vec<Incoming<'_>>> = batch
-            .iter()
-            .map(|p| p.request.ops.iter().map(|op| Incoming::judged(op, &p.principal, judge)).collect())
-            .collect();
+        let incoming: Vec<Vec<Incoming<'_>>> = batch.iter().map(|p| Incoming::of_request(p, judge)).collect();
         let (counters, mut nodes, stored) = read_group(conn, ns, batch).await?;
         // A namespace another process made after this read's snapshot began.
         let Some(counters) = counters else { return Ok(None) };
@@ -645,7 +656,7 @@ impl NamespaceWriter {
             };
             let outcome = admit(p, node, lamport_max, self.limits.lamport_lead_max).map(|()| {
                 lamport_max = lamport_max.max(p.request.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0));
-                decide_request(ns, incoming, &mut current, &mut written, first, &mut seq)
+                decide_request((ns, &counters.horizon), incoming, &mut current, &mut written, first, &mut seq)
             });
             outcomes.push(outcome);
             first += incoming.len();
@@ -655,7 +666,7 @@ impl NamespaceWriter {
             written.iter().map(|(&(n, c, id), &(i, _))| (n, c, id, before.get(&(n, c, id)).copied(), flat[i].hash)),
         );
         let applied = !written.is_empty();
-        let counters = Counters { seq: to_i64(seq), lamport_max: to_i64(lamport_max), version: counters.version };
+        let counters = Counters { seq: to_i64(seq), lamport_max: to_i64(lamport_max), ..counters };
         let Some(logged) = write_group(conn, ns, (&written, &flat), &deltas, &nodes, (&counters, applied)).await?
         else {
             return Ok(None);
@@ -677,6 +688,7 @@ struct Counters {
     seq: i64,
     lamport_max: i64,
     version: String,
+    horizon: Horizon,
 }
 
 /// Locks the namespace's row (making it first if it is new) until the
@@ -733,17 +745,19 @@ async fn read_group<'a>(
         .flat_map(|p| p.request.ops.iter().map(move |o| (ns_of(p), o.collection.as_str(), o.id.as_str())))
         .collect();
     let ops: Vec<&tide_core::Op> = batch.iter().flat_map(|p| &p.request.ops).collect();
-    let (seq, lamport_max, version, nodes_json, stored_json): GroupRead = sqlx::query_as(
+    let (seq, lamport_max, version, horizon_json, nodes_json, stored_json): GroupRead = sqlx::query_as(
         "WITH made AS (INSERT INTO tide_namespaces (namespace, seq, lamport_max) VALUES ($1, 0, 0) \
            ON CONFLICT DO NOTHING RETURNING seq, lamport_max, xmin::text AS version), \
-         ns AS (SELECT seq, lamport_max, xmin::text AS version FROM tide_namespaces WHERE namespace = $1 \
-           UNION ALL SELECT * FROM made), \
+         ns AS (SELECT seq, lamport_max, xmin::text AS version, horizon, horizon_lamport, horizon_node \
+           FROM tide_namespaces WHERE namespace = $1 \
+           UNION ALL SELECT *, 0::bigint, NULL::bigint, NULL::text COLLATE \"C\" FROM made), \
          bound AS (INSERT INTO tide_nodes (namespace, node_id, principal) \
            SELECT $1, n, p FROM UNNEST($2::text[], $3::text[]) AS u(n, p) ON CONFLICT DO NOTHING \
            RETURNING node_id, principal, chain_last, chain_before, chain_height), \
          known AS (SELECT node_id, principal, chain_last, chain_before, chain_height FROM tide_nodes \
            WHERE namespace = $1 AND node_id = ANY($2)) \
          SELECT (SELECT seq FROM ns LIMIT 1), (SELECT lamport_max FROM ns LIMIT 1), (SELECT version FROM ns LIMIT 1), \
+           (SELECT json_build_array(horizon, horizon_lamport, horizon_node) FROM ns LIMIT 1)::text, \
            (SELECT coalesce(json_agg(json_build_array(node_id, principal, chain_last, chain_before, chain_height)), '[]') \
             FROM (SELECT * FROM bound UNION ALL SELECT * FROM known) b)::text, \
            (SELECT coalesce(json_agg(json_build_array(k.i - 1, r.lamport, r.node_id, r.deleted, r.vhash, \
@@ -783,8 +797,13 @@ async fn read_group<'a>(
             .or_insert_with(|| (Stamp::new(lamport, node), (!deleted).then(|| Hash64::from_i64(hash)), None));
         entry.2 = entry.2.take().or(doc);
     }
-    let counters = match (seq, lamport_max, version) {
-        (Some(seq), Some(lamport_max), Some(version)) => Some(Counters { seq, lamport_max, version }),
+    let counters = match (seq, lamport_max, version, horizon_json) {
+        (Some(seq), Some(lamport_max), Some(version), Some(horizon)) => {
+            let (seq_h, lamport, node): (u64, Option<u64>, Option<String>) =
+                serde_json::from_str(&horizon).map_err(|e| bad("horizon", e))?;
+            let horizon = Horizon { seq: seq_h, stamp: lamport.zip(node).map(|(l, n)| Stamp::new(l, n)) };
+            Some(Counters { seq, lamport_max, version, horizon })
+        }
         _ => None,
     };
     Ok((counters, nodes, stored))
@@ -793,7 +812,7 @@ async fn read_group<'a>(
 /// What a write group's read returns: the namespace's counters and row
 /// version (absent when the statement could not see the row), its nodes
 /// and its stored versions (as JSON).
-type GroupRead = (Option<i64>, Option<i64>, Option<String>, String, String);
+type GroupRead = (Option<i64>, Option<i64>, Option<String>, Option<String>, String, String);
 
 /// A node as a write group reads it: id, principal, chain (last, before, height).
 type BoundNode = (String, String, Option<String>, Option<String>, Option<u64>);
@@ -1085,6 +1104,68 @@ impl Backend for PostgresBackend {
             if request.ops.is_empty() { Vec::new() } else { self.apply(principal, Arc::clone(&request)).await? };
         let (page, verify) = self.read(principal, &request).await?;
         Ok(Reply::new(results, page, request.request_id.clone(), verify))
+    }
+
+    async fn collect(&self, horizon_seqs: u64) -> Result<Collected, BackendError> {
+        let namespaces: Vec<String> = sqlx::query_scalar(
+            "SELECT namespace FROM tide_namespaces WHERE seq - horizon > $1 ORDER BY namespace LIMIT $2",
+        )
+        .bind(to_i64(horizon_seqs))
+        .bind(i64::try_from(COLLECT_NAMESPACES_PER_STEP).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut done = Collected { more: namespaces.len() == COLLECT_NAMESPACES_PER_STEP, ..Collected::default() };
+        for ns in namespaces {
+            // Under the namespace's row lock: a write group that read the
+            // row before this commits sees its version changed and retries.
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let (seq, horizon, lamport, node): (i64, i64, Option<i64>, Option<String>) = sqlx::query_as(
+                "SELECT seq, horizon, horizon_lamport, horizon_node FROM tide_namespaces WHERE namespace = $1 FOR UPDATE",
+            )
+            .bind(&ns)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let (seq, horizon) = (to_u64(seq), to_u64(horizon));
+            let Some(upto) = super::collect_upto(seq, horizon, horizon_seqs) else { continue };
+            let (count, bytes, top): (i64, i64, Option<String>) = sqlx::query_as(
+                "WITH gone AS (DELETE FROM tide_rows WHERE namespace = $1 AND seq > $2 AND seq <= $3 AND deleted \
+                   RETURNING lamport, node_id, size) \
+                 SELECT count(*), coalesce(sum(size), 0)::bigint, \
+                   (SELECT json_build_array(lamport, node_id) FROM gone ORDER BY lamport DESC, node_id DESC LIMIT 1)::text \
+                 FROM gone",
+            )
+            .bind(&ns)
+            .bind(to_i64(horizon))
+            .bind(to_i64(upto))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            let top: Option<(u64, String)> =
+                top.map(|t| serde_json::from_str(&t)).transpose().map_err(|e| BackendError::Internal(e.to_string()))?;
+            let before = Horizon { seq: horizon, stamp: lamport.zip(node).map(|(l, n)| Stamp::new(to_u64(l), n)) };
+            let after = before.raised(upto, top.map(|(l, n)| Stamp::new(l, n)).as_ref());
+            let stamp = after.stamp.as_ref();
+            sqlx::query(
+                "UPDATE tide_namespaces SET horizon = $2, horizon_lamport = $3, horizon_node = $4 WHERE namespace = $1",
+            )
+            .bind(&ns)
+            .bind(to_i64(after.seq))
+            .bind(stamp.map(|s| to_i64(s.lamport)))
+            .bind(stamp.map(|s| s.node_id.as_str()))
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+            done += Collected {
+                namespaces: 1,
+                tombstones: to_u64(count),
+                bytes: to_u64(bytes),
+                more: done.more || super::collect_upto(seq, upto, horizon_seqs).is_some(),
+            };
+        }
+        Ok(done)
     }
 
     async fn ready(&self) -> Result<(), BackendError> {

@@ -29,26 +29,33 @@ use serde::Serialize;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, SqliteConnection};
 use tide_core::digest::Hash64;
-use tide_core::{Chain, Limits, OpResult, Stamp, SyncRequest, Verify};
+use tide_core::{Chain, Horizon, Limits, OpResult, Stamp, SyncRequest, Verify};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
-    Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery,
+    Backend, BackendError, Bindings, COLLECT_NAMESPACES_PER_STEP, Collected, CommitCallback, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery,
     PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, Validator, VerifyReply,
     WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 
+/// A collection step for the writer task: the horizon distance, and where
+/// to answer.
+type CollectStep = (u64, oneshot::Sender<Result<Collected, BackendError>>);
+
 /// Reader connections of the SQLite backend.
 pub const SQLITE_READERS: usize = 4;
 
-/// The tables of a new database (schema version 3).
+/// The tables of a new database (schema version 4).
 const SCHEMA: &str = r"
 CREATE TABLE IF NOT EXISTS tide_namespaces (
-    namespace   TEXT PRIMARY KEY,
-    seq         INTEGER NOT NULL,
-    lamport_max INTEGER NOT NULL,
-    size_max    INTEGER NOT NULL DEFAULT 0
+    namespace       TEXT PRIMARY KEY,
+    seq             INTEGER NOT NULL,
+    lamport_max     INTEGER NOT NULL,
+    size_max        INTEGER NOT NULL DEFAULT 0,
+    horizon         INTEGER NOT NULL DEFAULT 0,
+    horizon_lamport INTEGER,
+    horizon_node    TEXT
 );
 CREATE TABLE IF NOT EXISTS tide_changes (
     namespace  TEXT NOT NULL,
@@ -90,6 +97,11 @@ CREATE TABLE IF NOT EXISTS tide_nodes (
 ) WITHOUT ROWID;
 ";
 
+/// Version 3 to 4: each namespace's tombstone horizon (PROTOCOL.md §14).
+const MIGRATE_V4: &str = "ALTER TABLE tide_namespaces ADD COLUMN horizon INTEGER NOT NULL DEFAULT 0; \
+     ALTER TABLE tide_namespaces ADD COLUMN horizon_lamport INTEGER; \
+     ALTER TABLE tide_namespaces ADD COLUMN horizon_node TEXT;";
+
 /// XORs rows of `(namespace, level, collection, ix, hash)` into the digest
 /// table; SQLite has no XOR operator, so it is spelled `(a | b) & ~(a & b)`.
 const UPSERT_DIGEST: &str = "INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
@@ -127,8 +139,9 @@ fn page_statement(limit: Option<usize>) -> Arc<str> {
     format!(
         "WITH g(total, n) AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0), count(*) \
            FROM (SELECT size {PAGE_ROWS} LIMIT {n1})) \
-         SELECT (SELECT seq FROM tide_namespaces WHERE namespace = ?1), g.total, g.n, p.text, p.last \
-         FROM g, (SELECT group_concat(wire || seq || '}}', ',') AS text, max(seq) AS last \
+         SELECT ns.seq, ns.horizon, g.total, g.n, p.text, p.last \
+         FROM g LEFT JOIN tide_namespaces AS ns ON ns.namespace = ?1, \
+           (SELECT group_concat(wire || seq || '}}', ',') AS text, max(seq) AS last \
            FROM (SELECT seq, wire {PAGE_ROWS} LIMIT {n}) WHERE (SELECT total FROM g) <= ?5) AS p"
     )
     .into()
@@ -143,7 +156,7 @@ fn page_statement(limit: Option<usize>) -> Arc<str> {
 fn small_page_statement(limit: Option<usize>) -> Arc<str> {
     let n = limit.map_or_else(|| "?6".to_owned(), |l| l.to_string());
     format!(
-        "SELECT ns.seq, ns.size_max, p.text, p.n, p.last, p.n = {n} AND EXISTS (SELECT 1 FROM tide_changes \
+        "SELECT ns.seq, ns.horizon, ns.size_max, p.text, p.n, p.last, p.n = {n} AND EXISTS (SELECT 1 FROM tide_changes \
            WHERE namespace = ?1 AND seq > p.last AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1))) \
          FROM tide_namespaces AS ns, (SELECT group_concat(wire || seq || '}}', ',') AS text, count(*) AS n, \
            max(seq) AS last FROM (SELECT seq, wire {PAGE_ROWS} LIMIT {n}) \
@@ -156,6 +169,8 @@ fn small_page_statement(limit: Option<usize>) -> Arc<str> {
 /// The SQLite backend.
 pub struct SqliteBackend {
     writes: mpsc::Sender<Pending>,
+    /// Collection steps for the writer task, run between write groups.
+    collects: mpsc::Sender<CollectStep>,
     readers: Vec<Mutex<SqliteConnection>>,
     free: Semaphore,
     limits: Limits,
@@ -267,9 +282,11 @@ impl SqliteBackend {
             groups_since_vacuum: 0,
         };
         let (submit, queue) = mpsc::channel(WRITE_QUEUE_REQUESTS_MAX);
-        tokio::spawn(writer.run(queue));
+        let (collects, steps) = mpsc::channel(1);
+        tokio::spawn(writer.run(queue, steps));
         Ok(Arc::new(Self {
             writes: submit,
+            collects,
             readers,
             free: Semaphore::new(SQLITE_READERS),
             page_default: page_statement(Some(limits.changes_per_response_max)),
@@ -368,9 +385,10 @@ impl SqliteBackend {
             if !default {
                 statement = statement.bind(i64::try_from(query.limit).unwrap_or(i64::MAX));
             }
-            let (ns_seq, total, n, text, last): PageRow = statement.fetch_one(&mut *conn).await.map_err(unavailable)?;
+            let (ns_seq, horizon, total, n, text, last): PageRow =
+                statement.fetch_one(&mut *conn).await.map_err(unavailable)?;
             let ns_seq = to_u64(ns_seq.unwrap_or(0));
-            if query.ahead_of(ns_seq) {
+            if query.starts_over(ns_seq, to_u64(horizon.unwrap_or(0))) {
                 continue;
             }
             let read = match query.fitted(total, n, text, last) {
@@ -486,18 +504,35 @@ async fn over_budget(
     })
 }
 
-/// What the page statement returns: the namespace's seq, the byte total and
-/// count of the first changes, their renderings (if they fit) and the last seq.
-type PageRow = (Option<i64>, i64, i64, Option<String>, Option<i64>);
+/// What the page statement returns: the namespace's seq and horizon, the
+/// byte total and count of the first changes, their renderings (if they
+/// fit) and the last seq.
+type PageRow = (Option<i64>, Option<i64>, i64, i64, Option<String>, Option<i64>);
 
 impl Writer {
     /// Takes every request waiting, up to [`WRITE_GROUP_REQUESTS_MAX`], and
     /// applies them in one transaction, until the backend is dropped. A
     /// group that fails or panics answers its own callers with the error
     /// (its transaction rolled back); the next group goes on.
-    async fn run(mut self, mut queue: mpsc::Receiver<Pending>) {
+    async fn run(mut self, mut queue: mpsc::Receiver<Pending>, mut collects: mpsc::Receiver<CollectStep>) {
         let mut batch = Vec::with_capacity(WRITE_GROUP_REQUESTS_MAX);
-        while queue.recv_many(&mut batch, WRITE_GROUP_REQUESTS_MAX).await > 0 {
+        loop {
+            let received = tokio::select! {
+                biased;
+                n = queue.recv_many(&mut batch, WRITE_GROUP_REQUESTS_MAX) => n,
+                Some((horizon_seqs, reply)) = collects.recv() => {
+                    let step = std::panic::AssertUnwindSafe(self.collect(horizon_seqs)).catch_unwind().await;
+                    let step = step.unwrap_or_else(|_| Err(BackendError::Internal("collection panicked".into())));
+                    if step.is_err() {
+                        let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+                    }
+                    let _ = reply.send(step);
+                    continue;
+                }
+            };
+            if received == 0 {
+                return;
+            }
             let outcome = std::panic::AssertUnwindSafe(self.run_group(&batch)).catch_unwind().await;
             let outcome = outcome.unwrap_or_else(|_| Err(BackendError::Internal("the write group panicked".into())));
             match outcome {
@@ -530,6 +565,71 @@ impl Writer {
         }
     }
 
+    /// One step of tombstone collection (see [`Backend::collect`]), in one
+    /// transaction between write groups.
+    async fn collect(&mut self, horizon_seqs: u64) -> Result<Collected, BackendError> {
+        let namespaces: Vec<(String, i64, i64, Option<i64>, Option<String>)> = sqlx::query_as(
+            "SELECT namespace, seq, horizon, horizon_lamport, horizon_node FROM tide_namespaces \
+             WHERE seq - horizon > ?1 ORDER BY namespace LIMIT ?2",
+        )
+        .bind(to_i64(horizon_seqs))
+        .bind(i64::try_from(COLLECT_NAMESPACES_PER_STEP).unwrap_or(i64::MAX))
+        .fetch_all(&mut self.conn)
+        .await
+        .map_err(unavailable)?;
+        let mut done = Collected { more: namespaces.len() == COLLECT_NAMESPACES_PER_STEP, ..Collected::default() };
+        if namespaces.is_empty() {
+            return Ok(done);
+        }
+        sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut self.conn).await.map_err(unavailable)?;
+        for (ns, seq, horizon, lamport, node) in namespaces {
+            let (seq, horizon) = (to_u64(seq), to_u64(horizon));
+            let Some(upto) = super::collect_upto(seq, horizon, horizon_seqs) else { continue };
+            let (count, bytes, top): (i64, i64, Option<String>) = sqlx::query_as(
+                "SELECT count(*), coalesce(sum(size), 0), (SELECT json_array(lamport, node_id) FROM tide_changes \
+                   WHERE namespace = ?1 AND seq > ?2 AND seq <= ?3 AND deleted = 1 \
+                   ORDER BY lamport DESC, node_id DESC LIMIT 1) \
+                 FROM tide_changes WHERE namespace = ?1 AND seq > ?2 AND seq <= ?3 AND deleted = 1",
+            )
+            .bind(&ns)
+            .bind(to_i64(horizon))
+            .bind(to_i64(upto))
+            .fetch_one(&mut self.conn)
+            .await
+            .map_err(unavailable)?;
+            sqlx::query("DELETE FROM tide_changes WHERE namespace = ?1 AND seq > ?2 AND seq <= ?3 AND deleted = 1")
+                .bind(&ns)
+                .bind(to_i64(horizon))
+                .bind(to_i64(upto))
+                .execute(&mut self.conn)
+                .await
+                .map_err(unavailable)?;
+            let top: Option<(u64, String)> =
+                top.map(|t| serde_json::from_str(&t)).transpose().map_err(|e| BackendError::Internal(e.to_string()))?;
+            let before = Horizon { seq: horizon, stamp: lamport.zip(node).map(|(l, n)| Stamp::new(to_u64(l), n)) };
+            let after = before.raised(upto, top.map(|(l, n)| Stamp::new(l, n)).as_ref());
+            let stamp = after.stamp.as_ref();
+            sqlx::query(
+                "UPDATE tide_namespaces SET horizon = ?2, horizon_lamport = ?3, horizon_node = ?4 WHERE namespace = ?1",
+            )
+            .bind(&ns)
+            .bind(to_i64(after.seq))
+            .bind(stamp.map(|s| to_i64(s.lamport)))
+            .bind(stamp.map(|s| s.node_id.as_str()))
+            .execute(&mut self.conn)
+            .await
+            .map_err(unavailable)?;
+            done += Collected {
+                namespaces: 1,
+                tombstones: to_u64(count),
+                bytes: to_u64(bytes),
+                more: done.more || super::collect_upto(seq, upto, horizon_seqs).is_some(),
+            };
+        }
+        sqlx::raw_sql("COMMIT").execute(&mut self.conn).await.map_err(unavailable)?;
+        Ok(done)
+    }
+
     /// Every [`VACUUM_CHECK_GROUPS`] groups, gives up to
     /// [`VACUUM_PAGES_PER_STEP`] free pages back to the file system when
     /// more than [`VACUUM_FREE_PAGES_MIN`] are free: a short step between
@@ -560,10 +660,7 @@ impl Writer {
         #[cfg(test)]
         assert!(!batch.iter().any(|p| p.request.node_id == tests::PANIC_NODE), "a write group fails (test)");
         let judge = self.validator.get().map(|v| &**v);
-        let incoming: Vec<Vec<Incoming<'_>>> = batch
-            .iter()
-            .map(|p| p.request.ops.iter().map(|op| Incoming::judged(op, &p.principal, judge)).collect())
-            .collect();
+        let incoming: Vec<Vec<Incoming<'_>>> = batch.iter().map(|p| Incoming::of_request(p, judge)).collect();
         let read = GroupRead::new(&self.bindings, batch);
         let rows: Vec<String> = sqlx::query_scalar(READ_GROUP)
             .bind(read.names_json())
@@ -584,11 +681,11 @@ impl Writer {
         let mut first = 0;
         for (p, incoming) in batch.iter().zip(&incoming) {
             let ns = p.principal.namespace.as_str();
-            let (seq, lamport_max) = counters.get_mut(ns).expect("every namespace of the group was read");
+            let (seq, lamport_max, horizon) = counters.get_mut(ns).expect("every namespace of the group was read");
             let node = nodes.get_mut(&(ns, p.request.node_id.as_str())).expect("every node of the group was read");
             let outcome = admit(p, node, *lamport_max, self.limits.lamport_lead_max).map(|()| {
                 *lamport_max = (*lamport_max).max(p.request.ops.iter().map(|o| o.stamp.lamport).max().unwrap_or(0));
-                decide_request(ns, incoming, &mut current, &mut written, first, seq)
+                decide_request((ns, horizon), incoming, &mut current, &mut written, first, seq)
             });
             outcomes.push(outcome);
             first += incoming.len();
@@ -615,7 +712,7 @@ impl Writer {
         }
         let counters: Vec<(&str, u64, u64, u64)> = counters
             .iter()
-            .map(|(n, &(s, l))| (n.as_str(), s, l, sizes.get(n.as_str()).copied().unwrap_or(0)))
+            .map(|(n, &(s, l, _))| (n.as_str(), s, l, sizes.get(n.as_str()).copied().unwrap_or(0)))
             .collect();
         sqlx::query(if fold { WRITE_GROUP } else { WRITE_GROUP_AND_COMMIT })
             .bind(serde_json::to_string(&rows).expect("rows serialize"))
@@ -648,7 +745,8 @@ impl Writer {
 /// document of a stored version is read only for an op with its stamp.
 const READ_GROUP: &str = "BEGIN IMMEDIATE; \
      INSERT INTO tide_namespaces (namespace, seq, lamport_max) SELECT value, 0, 0 FROM jsonb_each(?) WHERE true \
-     ON CONFLICT (namespace) DO UPDATE SET seq = seq RETURNING json_array(namespace, seq, lamport_max); \
+     ON CONFLICT (namespace) DO UPDATE SET seq = seq \
+     RETURNING json_array(namespace, seq, lamport_max, horizon, horizon_lamport, horizon_node); \
      INSERT INTO tide_nodes (namespace, node_id, principal) \
      SELECT value->>0, value->>1, value->>2 FROM jsonb_each(?) WHERE true ON CONFLICT DO NOTHING; \
      SELECT json_group_array(json_array(j.key, n.principal, n.chain_last, n.chain_before, n.chain_height)) \
@@ -760,9 +858,10 @@ impl<'a> GroupRead<'a> {
         };
         let mut by_name = HashMap::with_capacity(counters.len());
         for row in counters {
-            let (name, seq, lamport_max): (String, u64, u64) =
+            let (name, seq, lamport_max, horizon, lamport, node): CounterRow =
                 serde_json::from_str(row).map_err(|e| bad("counters", e))?;
-            by_name.insert(name, (seq, lamport_max));
+            let stamp = lamport.zip(node).map(|(l, n)| Stamp::new(l, n));
+            by_name.insert(name, (seq, lamport_max, Horizon { seq: horizon, stamp }));
         }
         let mut known = self.known;
         let read: Vec<NodeRow> = serde_json::from_str(nodes).map_err(|e| bad("nodes", e))?;
@@ -798,8 +897,13 @@ struct Stored {
     doc: Option<String>,
 }
 
-/// What a write group read: counters per namespace, nodes, stored versions.
-type GroupState<'a> = (HashMap<String, (u64, u64)>, HashMap<(&'a str, &'a str), Node>, HashMap<GroupKey<'a>, Stored>);
+/// What a write group read: counters (seq, highest counter, horizon) per
+/// namespace, nodes, stored versions.
+type GroupState<'a> =
+    (HashMap<String, (u64, u64, Horizon)>, HashMap<(&'a str, &'a str), Node>, HashMap<GroupKey<'a>, Stored>);
+
+/// A namespace's row as a write group reads it.
+type CounterRow = (String, u64, u64, u64, Option<u64>, Option<String>);
 
 /// The non-zero entries of one digest level of a collection, in order
 /// (buckets only within `groups`).
@@ -871,11 +975,14 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), BackendError> {
         None => None,
         Some(v) => Some(check_schema_version(&v)?),
     };
-    if version != Some(3) {
+    if version != Some(4) {
         sqlx::raw_sql(SCHEMA).execute(&mut *tx).await.map_err(unavailable)?;
     }
     if version.is_some_and(|v| v < 3) {
         backfill(&mut tx).await?;
+    }
+    if version.is_some_and(|v| v < 4) {
+        sqlx::raw_sql(MIGRATE_V4).execute(&mut *tx).await.map_err(unavailable)?;
     }
     sqlx::query("INSERT OR REPLACE INTO tide_server_meta (key, value) VALUES ('schema_version', ?1)")
         .bind(super::SCHEMA_VERSION)
@@ -1073,6 +1180,15 @@ impl Backend for SqliteBackend {
         // Only this process writes the file: its writer reports its commits.
         let _ = self.on_commit.set(on_commit);
         Ok(())
+    }
+
+    async fn collect(&self, horizon_seqs: u64) -> Result<Collected, BackendError> {
+        let (reply, answer) = oneshot::channel();
+        self.collects
+            .send((horizon_seqs, reply))
+            .await
+            .map_err(|_| BackendError::Internal("the writer has stopped".into()))?;
+        answer.await.map_err(|_| BackendError::Internal("the collection step was abandoned".into()))?
     }
 
     async fn ready(&self) -> Result<(), BackendError> {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use tide_core::digest::{self, Hash64};
 use tide_core::{Cursor, DocKey, Lineage, OpResult, SyncRequest, SyncResponse, Verify};
-use tide_store::{PendingOp, Refused, Rejection};
+use tide_store::{Ack, Acked, PendingOp, Refused, Rejection};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
@@ -67,6 +67,9 @@ pub struct SyncReport {
     /// Times the store took a new node id because a copy of it writes
     /// under the same one (PROTOCOL.md §13).
     pub rekeyed: usize,
+    /// Whether the store was away past the server's tombstone horizon and
+    /// began again from the start (PROTOCOL.md §14).
+    pub resynced: bool,
 }
 
 /// The sync state an application can show.
@@ -147,7 +150,11 @@ impl Inner {
             let mut req = SyncRequest::new(self.store.node_id(), cursor);
             live_below = live_below.filter(|_| pending.is_empty());
             req.live_below = live_below;
+            req.from_head = self.store.from_head().await?;
             req.ops = pending.iter().map(|p| p.op.clone()).collect();
+            if pending.iter().any(|p| p.base.is_some()) {
+                req.bases = pending.iter().map(|p| p.base).collect();
+            }
             req.limit = Some(PULL_PAGE_CHANGES_MAX);
             // The server's digests, which it sends only when it has nothing
             // more for us: compared once our outbox is empty too.
@@ -209,6 +216,7 @@ impl Inner {
             // The head the first page was read at bounds the rest; a server
             // that does not say it sends tombstones.
             live_below = live_below.and(resp.head).map(|head| live_below.map_or(head, |b| b.min(head)));
+            self.follow_horizon(&resp).await?;
             let collided = self.settle(&pending, &resp.results, &mut report).await?;
             if collided {
                 let node_id = self.store.rekey().await?;
@@ -246,13 +254,18 @@ impl Inner {
     /// Settles a push by its per-op results; returns whether one of them
     /// collided with another store's write of the same stamp (a copy).
     async fn settle(&self, pending: &[PendingOp], results: &[OpResult], report: &mut SyncReport) -> Result<bool> {
-        let (mut acked, mut rejected) = (Vec::new(), Vec::new());
+        let (mut acks, mut rejected) = (Vec::new(), Vec::new());
         if results.is_empty() {
             // A version-0 server: a 200 acknowledges every op (PROTOCOL.md §9).
-            acked.extend(pending.iter().map(|p| p.seq));
+            acks.extend(pending.iter().map(|p| Ack { seq: p.seq, acked: Acked::Kept }));
         }
         let mut collided = false;
         for (p, result) in pending.iter().zip(results) {
+            let acked = match result {
+                OpResult::Applied { seq } => Acked::Applied(*seq),
+                OpResult::Deleted => Acked::Deleted,
+                _ => Acked::Kept,
+            };
             match result {
                 // Another store wrote this very stamp: a copy of this one.
                 // The op stays pending and is stamped anew.
@@ -267,12 +280,12 @@ impl Inner {
                 }
                 // Not acknowledged: it stays in the outbox (PROTOCOL.md §6).
                 OpResult::Unknown => {}
-                _ => acked.push(p.seq),
+                _ => acks.push(Ack { seq: p.seq, acked }),
             }
         }
-        report.acknowledged += acked.len();
+        report.acknowledged += acks.len();
         report.rejected += rejected.len();
-        self.store.settle(acked, rejected).await?;
+        self.store.settle_acks(acks, rejected).await?;
         Ok(collided)
     }
 
@@ -308,12 +321,32 @@ impl Inner {
             .into());
         }
         report.pulled += resp.changes.len();
-        let cursor = resp.cursor.max(if resp.reset { Cursor::START } else { req.cursor.unwrap_or_default() });
+        let restarted = resp.reset || resp.resync;
+        let cursor = resp.cursor.max(if restarted { Cursor::START } else { req.cursor.unwrap_or_default() });
         // The page goes to the store; the response keeps the rest.
         let mut resp = resp;
         let applied = self.store.apply_page(std::mem::take(&mut resp.changes), cursor).await?;
         report.applied += applied.len();
+        if resp.resync {
+            // Deletes past the server's horizon are gone: this store begins
+            // again from the start, keeping what it holds; what the server
+            // no longer has, the digest check that ends the sync finds, and
+            // the server answers it `deleted` (PROTOCOL.md §14).
+            let head = resp.head.unwrap_or(resp.cursor.seq());
+            tracing::info!(head, "away past the server's tombstone horizon; pulling everything again");
+            self.store.set_from_head(head).await?;
+            report.resynced = true;
+        }
         Ok(resp)
+    }
+
+    /// Removes the tombstones the server's horizon has passed, when it moved.
+    async fn follow_horizon(&self, resp: &SyncResponse) -> Result<()> {
+        let Some(horizon) = resp.horizon else { return Ok(()) };
+        if horizon > self.horizon.fetch_max(horizon, std::sync::atomic::Ordering::Relaxed) {
+            self.store.collect_tombstones(horizon).await?;
+        }
+        Ok(())
     }
 
     /// Puts the documents of rejected ops back to the server's versions.
@@ -391,6 +424,7 @@ impl Inner {
     async fn request(&self) -> Result<SyncRequest> {
         let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
         req.limit = Some(PULL_PAGE_CHANGES_MAX);
+        req.from_head = self.store.from_head().await?;
         Ok(req)
     }
 
@@ -408,11 +442,22 @@ impl Inner {
             while !ops.is_empty() {
                 let mut req = self.request().await?;
                 req.repair = true;
-                req.ops.clone_from(&ops);
+                req.ops = ops.iter().map(|(o, _)| o.clone()).collect();
+                if ops.iter().any(|(_, base)| base.is_some()) {
+                    req.bases = ops.iter().map(|(_, base)| *base).collect();
+                }
                 // The ops the server refused for good, and whether the rest are settled.
                 let (refused, settled): (Vec<usize>, bool) = match self.round(transport, req, report).await {
                     Ok(resp) => {
                         report.repaired += resp.results.iter().filter(|r| r.is_ack()).count();
+                        // Versions whose deletes the server collected: gone here too.
+                        let gone = ops.iter().zip(&resp.results).filter(|(_, r)| **r == OpResult::Deleted);
+                        let gone: Vec<(DocKey, tide_core::Stamp)> = gone
+                            .map(|((o, _), _)| (DocKey(o.collection.clone(), o.id.clone()), o.stamp.clone()))
+                            .collect();
+                        if !gone.is_empty() {
+                            self.store.forget_deleted(gone).await?;
+                        }
                         let refused = resp.results.iter().enumerate();
                         (
                             refused.filter(|(_, r)| matches!(r, OpResult::Rejected { .. })).map(|(i, _)| i).collect(),
@@ -429,7 +474,7 @@ impl Inner {
                 let targets: Vec<Refused> = refused
                     .iter()
                     .filter_map(|&i| ops.get(i))
-                    .map(|o| Refused {
+                    .map(|(o, _)| Refused {
                         key: DocKey(o.collection.clone(), o.id.clone()),
                         stamp: o.stamp.clone(),
                         hash: Some(tide_core::digest::payload_hash(&o.collection, &o.id, &o.stamp, &o.payload)),
@@ -489,6 +534,10 @@ impl Inner {
         let mut req = SyncRequest::new(self.store.node_id(), cursor);
         req.limit = Some(PULL_PAGE_CHANGES_MAX);
         req.wait = Some(wait);
+        req.from_head = match self.store.from_head().await {
+            Ok(h) => h,
+            Err(e) => return Poll::Failed(e.into()),
+        };
         let started = std::time::Instant::now();
         let resp = tokio::select! {
             biased;
@@ -497,12 +546,15 @@ impl Inner {
             resp = transport.exchange(&req) => resp,
         };
         match resp {
-            Ok(r) if !r.changes.is_empty() && !r.has_more && !r.reset => match self.apply_polled(cursor, r).await {
+            Ok(r) if !r.changes.is_empty() && !r.has_more && !r.reset && !r.resync => match self
+                .apply_polled(cursor, r)
+                .await
+            {
                 Ok(true) => Poll::Applied,
                 Ok(false) => Poll::Changed,
                 Err(e) => Poll::Failed(e),
             },
-            Ok(r) if !r.changes.is_empty() || r.has_more || r.reset => Poll::Changed,
+            Ok(r) if !r.changes.is_empty() || r.has_more || r.reset || r.resync => Poll::Changed,
             Ok(_) if started.elapsed() < LONG_POLL_HOLD_MIN => Poll::NotHeld,
             Ok(_) => Poll::Expired,
             Err(e) => Poll::Failed(e.into()),

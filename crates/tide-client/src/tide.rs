@@ -30,6 +30,8 @@ pub(crate) struct Inner {
     pub(crate) status: watch::Sender<SyncStatus>,
     pub(crate) wake: Notify,
     pub(crate) sync_lock: Mutex<()>,
+    /// The highest tombstone horizon a server reported (PROTOCOL.md §14).
+    pub(crate) horizon: std::sync::atomic::AtomicU64,
     closed: AtomicBool,
     /// Set when the Tide closes: background loops end, exchanges in flight are cancelled.
     pub(crate) stop: watch::Sender<bool>,
@@ -244,6 +246,7 @@ impl TideBuilder {
             status: watch::channel(status).0,
             wake: Notify::new(),
             sync_lock: Mutex::new(()),
+            horizon: std::sync::atomic::AtomicU64::new(0),
             closed: AtomicBool::new(false),
             stop: watch::channel(false).0,
             loops: Mutex::new(Vec::new()),

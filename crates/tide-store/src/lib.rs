@@ -48,7 +48,7 @@ pub use conn::{ConnectionSettings, Durability};
 pub use error::{Error, Result};
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
-    DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection, VACUUM_CHECK_BATCHES, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
+    Ack, Acked, DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection, VACUUM_CHECK_BATCHES, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
 };
 
 use conn::{Location, Readers, Settings};
@@ -83,6 +83,9 @@ pub struct PendingOp {
     pub seq: u64,
     /// The op as it is sent.
     pub op: Op,
+    /// The server's seq of the version its document was edited from
+    /// (PROTOCOL.md §14): `None` for a new document or a delete.
+    pub base: Option<u64>,
 }
 
 /// An op the server rejected, set aside with its reason.
@@ -519,15 +522,15 @@ impl Store {
         let limit = i64::try_from(limit.min(READ_ROWS_MAX)).expect("bounded");
         let mut conn = self.inner.readers.get().await?;
         let rows: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(seq, collection, id, kind, doc, lamport, node_id) ORDER BY seq) \
-             FROM (SELECT * FROM tide_outbox ORDER BY seq LIMIT ?1)",
+            "SELECT json_group_array(json_array(json_array(seq, collection, id, kind, doc, lamport, node_id), \
+             iif(kind = 'delete', NULL, base)) ORDER BY seq) FROM (SELECT * FROM tide_outbox ORDER BY seq LIMIT ?1)",
         )
         .bind(limit)
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-        let rows: Vec<OpRow> = parse_json(&rows)?;
-        rows.into_iter().map(|r| Ok(PendingOp { seq: r.0, op: r.into_op()? })).collect()
+        let rows: Vec<(OpRow, Option<u64>)> = parse_json(&rows)?;
+        rows.into_iter().map(|(r, base)| Ok(PendingOp { seq: r.0, op: r.into_op()?, base })).collect()
     }
 
     /// What became of the local write with `stamp` (PROTOCOL.md §6): still
@@ -635,7 +638,49 @@ impl Store {
     /// ones to the rejected set, in one transaction. Seqs no longer in the
     /// outbox are ignored, so settling twice is harmless.
     pub async fn settle(&self, acked: Vec<u64>, rejected: Vec<Rejection>) -> Result<()> {
+        let acked = acked.into_iter().map(|seq| Ack { seq, acked: Acked::Kept }).collect();
+        self.settle_acks(acked, rejected).await
+    }
+
+    /// [`Store::settle`], knowing how each op was acknowledged: a version
+    /// the server stored learns its seq, and one it dropped because its
+    /// document was deleted (PROTOCOL.md §14) is removed, and the watchers
+    /// told, if it is still the key's version.
+    pub async fn settle_acks(&self, acked: Vec<Ack>, rejected: Vec<Rejection>) -> Result<()> {
         self.call(|reply| Command::Settle { acked, rejected, reply }).await
+    }
+
+    /// Removes versions a server dropped as deleted (a repair's, PROTOCOL.md
+    /// §14), each only while it is still its key's version, telling the
+    /// watchers.
+    pub async fn forget_deleted(&self, versions: Vec<(DocKey, Stamp)>) -> Result<()> {
+        self.call(|reply| Command::Forget { versions, reply }).await
+    }
+
+    /// Removes the tombstones at or below the server's `horizon` (which
+    /// removed them too, PROTOCOL.md §14) whose key no pending op refers
+    /// to; returns how many went.
+    pub async fn collect_tombstones(&self, horizon: u64) -> Result<u64> {
+        self.call(|reply| Command::Collect { horizon, reply }).await
+    }
+
+    /// Records that the store began again from the start of the server's
+    /// change stream when its head was `head` (after a `resync`,
+    /// PROTOCOL.md §14); sent as `from_head` from then on.
+    pub async fn set_from_head(&self, head: u64) -> Result<()> {
+        self.call(|reply| Command::FromHead { head, reply }).await
+    }
+
+    /// The head recorded by [`Store::set_from_head`], if any.
+    pub async fn from_head(&self) -> Result<Option<u64>> {
+        let mut conn = self.inner.readers.get().await?;
+        let value: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'from_head'")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+        value
+            .map(|v| v.parse().map_err(|_| Error::Corrupt { detail: format!("stored from_head {v:?}") }))
+            .transpose()
     }
 
     /// The ops the server rejected, oldest first, at most [`READ_ROWS_MAX`].
@@ -783,11 +828,15 @@ impl Store {
     }
 
     /// The stored versions of `ids` in a collection as ops with their
-    /// original stamps: what a repair pushes back (PROTOCOL.md §12).
-    pub async fn versions_as_ops(&self, collection: &str, ids: &[String]) -> Result<Vec<Op>> {
+    /// original stamps: what a repair pushes back (PROTOCOL.md §12), each
+    /// with its base (PROTOCOL.md §14): the server's seq of a live version
+    /// it stored (0 where not known), so a server that collected its
+    /// delete does not take it back.
+    pub async fn versions_as_ops(&self, collection: &str, ids: &[String]) -> Result<Vec<(Op, Option<u64>)>> {
         let mut conn = self.inner.readers.get().await?;
         let text: String = sqlx::query_scalar(
-            "SELECT json_group_array(json_array(0, collection, id, iif(deleted, 'delete', 'put'), doc, lamport, node_id)) \
+            "SELECT json_group_array(json_array(json_array(0, collection, id, iif(deleted, 'delete', 'put'), doc, \
+             lamport, node_id), iif(deleted, NULL, coalesce(seq, base)))) \
              FROM tide_docs WHERE collection = ?1 AND id IN (SELECT value FROM json_each(?2))",
         )
         .bind(collection)
@@ -795,8 +844,8 @@ impl Store {
         .fetch_one(&mut *conn)
         .await
         .map_err(db)?;
-        let rows: Vec<OpRow> = parse_json(&text)?;
-        rows.into_iter().map(OpRow::into_op).collect()
+        let rows: Vec<(OpRow, Option<u64>)> = parse_json(&text)?;
+        rows.into_iter().map(|(r, base)| Ok((r.into_op()?, base))).collect()
     }
 
     /// The rejected ops whose documents have not been put back to the

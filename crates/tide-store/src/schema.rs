@@ -10,7 +10,7 @@ use tide_core::digest;
 use crate::error::{Error, Result, db};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// The migrations, in order; `MIGRATIONS[i]` takes version `i` to `i + 1`.
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
@@ -145,6 +145,60 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
         UPDATE tide_clock SET lamport = max(lamport, NEW.lamport) WHERE id = 1;
     END;
     UPDATE tide_meta SET value = '3' WHERE key = 'schema_version';
+    ",
+    // v4: bounded storage (PROTOCOL.md §14). Each document row keeps the
+    // server's seq for its version (NULL for a local write not yet stored
+    // by the server; 0 where it is not known), by which tombstones are
+    // collected behind the server's horizon; a local version keeps the seq
+    // of the server's version it was edited from (`base`), which its op
+    // carries, so a server that has collected the delete can tell an edit
+    // of a deleted document from a new one.
+    r"
+    ALTER TABLE tide_docs ADD COLUMN seq INTEGER;
+    ALTER TABLE tide_docs ADD COLUMN base INTEGER;
+    ALTER TABLE tide_outbox ADD COLUMN base INTEGER;
+    UPDATE tide_docs SET seq = 0 WHERE NOT EXISTS (SELECT 1 FROM tide_outbox AS o
+        WHERE o.collection = tide_docs.collection AND o.id = tide_docs.id
+        AND o.lamport = tide_docs.lamport AND o.node_id = tide_docs.node_id);
+    UPDATE tide_outbox SET base = 0 WHERE prev_deleted = 0;
+    UPDATE tide_docs SET base = (SELECT o.base FROM tide_outbox AS o
+        WHERE o.collection = tide_docs.collection AND o.id = tide_docs.id
+        AND o.lamport = tide_docs.lamport AND o.node_id = tide_docs.node_id)
+    WHERE seq IS NULL AND deleted = 0;
+    CREATE INDEX tide_docs_tombstones ON tide_docs (seq) WHERE deleted = 1;
+    DROP TRIGGER tide_outbox_write;
+    CREATE TRIGGER tide_outbox_write AFTER INSERT ON tide_outbox BEGIN
+        -- The before-image, and the base: the replaced version's seq if the
+        -- server stored it, else (a local version) the base it was edited
+        -- from; none when it replaced nothing or a deletion.
+        UPDATE tide_outbox SET (prev_doc, prev_lamport, prev_node_id, prev_deleted, base) =
+            (SELECT d.doc, d.lamport, d.node_id, d.deleted, iif(d.deleted, NULL, coalesce(d.seq, d.base))
+             FROM tide_docs AS d WHERE d.collection = NEW.collection AND d.id = NEW.id)
+        WHERE seq = NEW.seq;
+        INSERT INTO tide_digest_log (collection, bucket, delta)
+        SELECT NEW.collection, NEW.bucket, d.x
+        FROM (SELECT (a | b) & ~(a & b) AS x FROM (SELECT
+                coalesce((SELECT iif(deleted = 0, vhash, 0) FROM tide_docs
+                          WHERE collection = NEW.collection AND id = NEW.id), 0) AS a,
+                iif(NEW.kind = 'delete', 0, NEW.vhash) AS b)) AS d
+        WHERE d.x <> 0;
+        INSERT INTO tide_digest (level, collection, ix, hash)
+        SELECT 0, NEW.collection, 0, d.x
+        FROM (SELECT (a | b) & ~(a & b) AS x FROM (SELECT
+                coalesce((SELECT iif(deleted = 0, vhash, 0) FROM tide_docs
+                          WHERE collection = NEW.collection AND id = NEW.id), 0) AS a,
+                iif(NEW.kind = 'delete', 0, NEW.vhash) AS b)) AS d
+        WHERE d.x <> 0
+        ON CONFLICT DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash);
+        INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash, seq, base)
+        VALUES (NEW.collection, NEW.id, NEW.doc, NEW.lamport, NEW.node_id, NEW.kind = 'delete', NEW.bucket,
+                NEW.vhash, NULL, (SELECT base FROM tide_outbox WHERE seq = NEW.seq))
+        ON CONFLICT (collection, id) DO UPDATE SET
+            doc = excluded.doc, lamport = excluded.lamport, node_id = excluded.node_id,
+            deleted = excluded.deleted, vhash = excluded.vhash, seq = NULL, base = excluded.base;
+        UPDATE tide_clock SET lamport = max(lamport, NEW.lamport) WHERE id = 1;
+    END;
+    UPDATE tide_meta SET value = '4' WHERE key = 'schema_version';
     ",
 ];
 

@@ -37,6 +37,28 @@ pub struct Rejection {
     pub message: String,
 }
 
+/// How the server acknowledged an op (PROTOCOL.md §6), as far as the store
+/// needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acked {
+    /// Stored under this seq.
+    Applied(u64),
+    /// Held already, or beaten by a newer version (which pages bring).
+    Kept,
+    /// Dropped: its document was deleted and the delete collected
+    /// (PROTOCOL.md §14). The local version goes too.
+    Deleted,
+}
+
+/// An acknowledged op: its outbox seq and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// The op's outbox seq.
+    pub seq: u64,
+    /// What the server did with it.
+    pub acked: Acked,
+}
+
 pub(crate) enum Command {
     Write { writes: Vec<Write>, reply: Reply<Vec<Stamp>> },
     Apply { changes: Vec<Change>, cursor: Cursor, reply: Reply<Vec<Change>> },
@@ -44,7 +66,10 @@ pub(crate) enum Command {
     Revert { targets: Vec<Refused>, server: Vec<Change>, reply: Reply<Vec<Reverted>> },
     Rekey { node_id: String, reply: Reply<()> },
     Lineage { token: String, reply: Reply<()> },
-    Settle { acked: Vec<u64>, rejected: Vec<Rejection>, reply: Reply<()> },
+    Settle { acked: Vec<Ack>, rejected: Vec<Rejection>, reply: Reply<()> },
+    Collect { horizon: u64, reply: Reply<u64> },
+    Forget { versions: Vec<(DocKey, Stamp)>, reply: Reply<()> },
+    FromHead { head: u64, reply: Reply<()> },
     Discard { seqs: Vec<u64>, reply: Reply<u64> },
     Retry { seq: u64, reply: Reply<Option<Stamp>> },
     MaxPages { pages: u64, reply: Reply<u64> },
@@ -283,6 +308,27 @@ impl State {
             Command::Settle { acked, rejected, reply } => {
                 let _ = reply.send(self.settle(&acked, &rejected).await);
             }
+            Command::Collect { horizon, reply } => {
+                let _ = reply.send(self.collect(horizon).await);
+            }
+            Command::Forget { versions, reply } => {
+                let _ = reply.send(self.forget(&versions).await);
+            }
+            Command::FromHead { head, reply } => {
+                let result = match conn::lock(&self.conn).await {
+                    Ok(mut held) => sqlx::query(
+                        "INSERT INTO tide_meta (key, value) VALUES ('from_head', ?1) \
+                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    )
+                    .bind(head.to_string())
+                    .execute(&mut *held)
+                    .await
+                    .map(|_| ())
+                    .map_err(db),
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
             Command::Discard { seqs, reply } => {
                 let _ = reply.send(self.discard(&seqs).await);
             }
@@ -430,7 +476,7 @@ impl State {
         }
         if !last_winner.is_empty() {
             #[derive(Serialize)]
-            struct Row<'a>(&'a str, &'a str, Option<&'a str>, u64, &'a str, u8, u16, i64);
+            struct Row<'a>(&'a str, &'a str, Option<&'a str>, u64, &'a str, u8, u16, i64, u64);
             let mut winners: Vec<usize> = last_winner.into_values().collect();
             winners.sort_unstable();
             let rows: Vec<Row> = winners
@@ -440,7 +486,7 @@ impl State {
                     let doc = c.payload.doc().map(tide_core::Doc::as_str);
                     let deleted = u8::from(doc.is_none());
                     let (bucket, vhash) = digest_columns(&c.collection, &c.id, &c.stamp, doc);
-                    Row(&c.collection, &c.id, doc, c.stamp.lamport, &c.stamp.node_id, deleted, bucket, vhash)
+                    Row(&c.collection, &c.id, doc, c.stamp.lamport, &c.stamp.node_id, deleted, bucket, vhash, c.seq)
                 })
                 .collect();
             let deltas = rows.iter().map(|r| {
@@ -449,11 +495,12 @@ impl State {
             });
             add_to_digests(&mut tx, deltas, self.digest_log_rows_max).await?;
             sqlx::query(
-                "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
-                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7 \
-                 FROM jsonb_each(?1) WHERE true \
+                "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash, seq) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, \
+                 value->>8 FROM jsonb_each(?1) WHERE true \
                  ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
-                 node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash \
+                 node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash, \
+                 seq = excluded.seq, base = NULL \
                  WHERE (excluded.lamport, excluded.node_id) > (tide_docs.lamport, tide_docs.node_id) \
                  OR ((excluded.lamport, excluded.node_id) = (tide_docs.lamport, tide_docs.node_id) \
                      AND excluded.vhash <> tide_docs.vhash)",
@@ -646,10 +693,52 @@ impl State {
         Ok(reverted)
     }
 
-    /// Removes acknowledged ops and moves rejected ones aside, in one transaction.
-    async fn settle(&mut self, acked: &[u64], rejected: &[Rejection]) -> Result<()> {
+    /// Removes acknowledged ops and moves rejected ones aside, in one
+    /// transaction. A version the server stored learns its seq; one it
+    /// dropped as deleted is removed.
+    async fn settle(&mut self, acked: &[Ack], rejected: &[Rejection]) -> Result<()> {
         let mut conn = conn::lock(&self.conn).await?;
         let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let stored: Vec<(u64, u64)> = acked
+            .iter()
+            .filter_map(|a| match a.acked {
+                Acked::Applied(seq) => Some((a.seq, seq)),
+                Acked::Kept => Some((a.seq, 0)),
+                Acked::Deleted => None,
+            })
+            .collect();
+        if !stored.is_empty() {
+            // Still the op's version: now the server's, at that seq (0:
+            // the server held it under a seq it did not say).
+            sqlx::query(
+                "UPDATE tide_docs SET seq = iif(j.value->>1 = 0, coalesce(tide_docs.seq, 0), j.value->>1), base = NULL \
+                 FROM json_each(?1) AS j CROSS JOIN tide_outbox AS o ON o.seq = j.value->>0 \
+                 WHERE tide_docs.collection = o.collection AND tide_docs.id = o.id \
+                 AND tide_docs.lamport = o.lamport AND tide_docs.node_id = o.node_id",
+            )
+            .bind(serde_json::to_string(&stored).expect("acks serialize"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        let deleted: Vec<u64> = acked.iter().filter(|a| a.acked == Acked::Deleted).map(|a| a.seq).collect();
+        let removed = if deleted.is_empty() {
+            Vec::new()
+        } else {
+            let text: String = sqlx::query_scalar(
+                "SELECT json_group_array(json_array(json_array(o.collection, o.id), json_array(o.lamport, o.node_id))) \
+                 FROM json_each(?1) AS j CROSS JOIN tide_outbox AS o ON o.seq = j.value",
+            )
+            .bind(serde_json::to_string(&deleted).expect("seqs serialize"))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            let versions: Vec<(DocKey, (u64, String))> =
+                serde_json::from_str(&text).map_err(|e| Error::Corrupt { detail: format!("outbox stamps: {e}") })?;
+            let versions: Vec<(DocKey, Stamp)> =
+                versions.into_iter().map(|(k, (l, n))| (k, Stamp::new(l, n))).collect();
+            forget_versions(&mut tx, &versions).await?
+        };
         if !rejected.is_empty() {
             let rows: Vec<(u64, &str, &str)> =
                 rejected.iter().map(|r| (r.seq, r.code.as_str(), r.message.as_str())).collect();
@@ -665,13 +754,41 @@ impl State {
             .await
             .map_err(db)?;
         }
-        let seqs: Vec<u64> = acked.iter().copied().chain(rejected.iter().map(|r| r.seq)).collect();
+        let seqs: Vec<u64> = acked.iter().map(|a| a.seq).chain(rejected.iter().map(|r| r.seq)).collect();
         sqlx::query("DELETE FROM tide_outbox WHERE seq IN (SELECT value FROM json_each(?1))")
             .bind(serde_json::to_string(&seqs).expect("seqs serialize"))
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        tx.commit().await.map_err(db)
+        tx.commit().await.map_err(db)?;
+        self.tell(|| removed);
+        Ok(())
+    }
+
+    /// Removes versions the server dropped as deleted, in one transaction.
+    async fn forget(&mut self, versions: &[(DocKey, Stamp)]) -> Result<()> {
+        let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let removed = forget_versions(&mut tx, versions).await?;
+        tx.commit().await.map_err(db)?;
+        self.tell(|| removed);
+        Ok(())
+    }
+
+    /// Removes the tombstones the server's horizon has passed (it removed
+    /// them too) unless a pending op still refers to their key; returns how
+    /// many went.
+    async fn collect(&mut self, horizon: u64) -> Result<u64> {
+        let mut conn = conn::lock(&self.conn).await?;
+        let done = sqlx::query(
+            "DELETE FROM tide_docs WHERE deleted = 1 AND seq <= ?1 \
+             AND (collection, id) NOT IN (SELECT collection, id FROM tide_outbox)",
+        )
+        .bind(i64::try_from(horizon).unwrap_or(i64::MAX))
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected())
     }
 
     /// Writes a rejected op again with a fresh stamp and forgets the
@@ -858,6 +975,10 @@ fn winners<'a>(
     let mut replaced = Vec::new();
     for (i, change) in changes.iter().enumerate() {
         let stored = current.get(&keys[i]);
+        // The deletion of a document never held here: nothing to store.
+        if stored.is_none() && change.payload.doc().is_none() {
+            continue;
+        }
         let hash = tide_core::digest::payload_hash(keys[i].0, keys[i].1, &change.stamp, &change.payload).to_i64();
         let collided = stored.is_some_and(|(s, h)| *s == change.stamp && *h != hash && !pending.contains(s));
         if collided || tide_core::wins(&change.stamp, stored.map(|(s, _)| s)) {
@@ -870,6 +991,48 @@ fn winners<'a>(
         }
     }
     (applied, last_winner, replaced)
+}
+
+/// Removes the versions the server dropped as deleted (each only while it
+/// is still its key's version), taking their documents out of the
+/// digests; returns what the watchers are told (a removal, with the
+/// dropped stamp).
+async fn forget_versions(conn: &mut sqlx::SqliteConnection, versions: &[(DocKey, Stamp)]) -> Result<Vec<Committed>> {
+    let wanted: Vec<(&str, &str, u64, &str)> =
+        versions.iter().map(|(k, s)| (k.0.as_str(), k.1.as_str(), s.lamport, s.node_id.as_str())).collect();
+    let text: String = sqlx::query_scalar(
+        "SELECT json_group_array(json_array(d.collection, d.id, d.lamport, d.node_id, d.bucket, iif(d.deleted, 0, d.vhash))) \
+         FROM json_each(?1) AS j CROSS JOIN tide_docs AS d ON d.collection = j.value->>0 AND d.id = j.value->>1 \
+         AND d.lamport = j.value->>2 AND d.node_id = j.value->>3",
+    )
+    .bind(serde_json::to_string(&wanted).expect("versions serialize"))
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    let gone: Vec<(String, String, u64, String, u16, i64)> =
+        serde_json::from_str(&text).map_err(|e| Error::Corrupt { detail: format!("deleted versions: {e}") })?;
+    if gone.is_empty() {
+        return Ok(Vec::new());
+    }
+    add_to_digests(&mut *conn, gone.iter().map(|g| (g.0.as_str(), g.4, g.5)), DIGEST_LOG_ROWS_MAX).await?;
+    let keys: Vec<(&str, &str)> = gone.iter().map(|g| (g.0.as_str(), g.1.as_str())).collect();
+    sqlx::query(
+        "DELETE FROM tide_docs WHERE (collection, id) IN (SELECT value->>0, value->>1 FROM json_each(?1))",
+    )
+    .bind(serde_json::to_string(&keys).expect("keys serialize"))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(gone
+        .into_iter()
+        .map(|(collection, id, lamport, node_id, _, _)| Committed {
+            collection,
+            id,
+            doc: None,
+            stamp: Stamp::new(lamport, node_id),
+            origin: Origin::Reverted,
+        })
+        .collect())
 }
 
 /// Which of `stamps` are ops still in the outbox.
@@ -1083,13 +1246,17 @@ fn refuse(cmd: Command) {
         Command::Rekey { reply, .. }
         | Command::Lineage { reply, .. }
         | Command::Settle { reply, .. }
+        | Command::FromHead { reply, .. }
         | Command::Close { reply } => {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Retry { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
-        Command::Discard { reply, .. } | Command::MaxPages { reply, .. } => {
+        Command::Discard { reply, .. } | Command::MaxPages { reply, .. } | Command::Collect { reply, .. } => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        Command::Forget { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Settings { reply } => {

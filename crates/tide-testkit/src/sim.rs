@@ -37,6 +37,19 @@ pub struct SimConfig {
     pub copy_per_mille: u64,
     /// Most copies in one run.
     pub copies_max: usize,
+    /// Per mille of steps that collect the server's tombstones more than
+    /// `horizon_seqs` changes behind its head (PROTOCOL.md §14); 0 never.
+    pub collect_per_mille: u64,
+    /// The tombstone horizon distance when collecting.
+    pub horizon_seqs: u64,
+}
+
+impl SimConfig {
+    /// The default run with tombstone collection: a short horizon, so
+    /// clients that go offline often come back past it.
+    pub fn collecting() -> Self {
+        Self { collect_per_mille: 60, horizon_seqs: 3, ..Self::default() }
+    }
 }
 
 impl Default for SimConfig {
@@ -53,6 +66,8 @@ impl Default for SimConfig {
             doc_bytes_max: Some(120),
             copy_per_mille: 10,
             copies_max: 2,
+            collect_per_mille: 0,
+            horizon_seqs: 0,
         }
     }
 }
@@ -78,6 +93,13 @@ pub struct SimReport {
     pub copies: usize,
     /// Re-keys the clients made (copies found out), before healing.
     pub rekeyed: usize,
+    /// Tombstones the server collected.
+    pub collected: usize,
+    /// Syncs that began again from the start (past the horizon).
+    pub resyncs: usize,
+    /// Writes the server dropped because their document's delete was
+    /// collected (PROTOCOL.md §14).
+    pub deleted: usize,
 }
 
 /// Runs one simulation. `Err` says what broke; the caller prints the seed.
@@ -91,6 +113,14 @@ pub struct SimReport {
 /// for a put, no live document for a delete. So no acknowledged write is
 /// lost, even across restores of the server, and no deleted document comes
 /// back (P1, P4, P5).
+///
+/// With collection (`collect_per_mille`), "the highest write" is no longer
+/// the rule once a tombstone is gone (a new document may follow a deletion
+/// the server forgot, PROTOCOL.md §14), so the end state is checked against
+/// what the rule promises instead: no version the server replaced by a
+/// deletion is live again (no resurrection), and no write is lost: the
+/// server holds it or something at least as new, or a deletion above it was
+/// written, or the server answered it `deleted`.
 pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String> {
     let mut rng = SplitMix64::new(seed);
     let mut limits = Limits { changes_per_response_max: config.page_changes_max, ..Limits::default() };
@@ -111,11 +141,20 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
         .flat_map(|c| (0..config.ids).map(move |i| (format!("col{c}"), format!("k{i}"))))
         .collect();
 
+    // Live versions the server replaced by a deletion: never live again.
+    let mut dead: std::collections::BTreeSet<((String, String), Stamp)> = std::collections::BTreeSet::new();
+    // Tombstones the server collected.
+    let mut forgotten: std::collections::BTreeSet<((String, String), Stamp)> = std::collections::BTreeSet::new();
+    let mut server_before = cluster.server().model();
     for step in 0..config.steps {
-        report.restores += backup_or_restore(&mut rng, config, cluster.server(), &mut backups);
+        let restored = backup_or_restore(&mut rng, config, cluster.server(), &mut backups);
+        report.restores += restored;
+        if restored == 0 && config.collect_per_mille > 0 && rng.below(1_000) < config.collect_per_mille {
+            report.collected += cluster.server().collect(config.horizon_seqs);
+        }
         if rng.below(1_000) < config.copy_per_mille && report.copies < config.copies_max {
             let from = rng.index(cluster.len());
-            let to = copy_store(&mut cluster, from, &mut watches).await.map_err(|e| format!("step {step}: {e}"))?;
+            let to = copy_store(&mut cluster, from, &mut watches, &forgotten).await.map_err(|e| format!("step {step}: {e}"))?;
             last_read.push(last_read[from].clone());
             offline.push(false);
             writes.copied(from, to);
@@ -152,6 +191,7 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
                 // Errors are expected under faults: the outbox keeps the ops.
                 if let Ok(r) = cluster.client(c).sync_once().await {
                     report.rekeyed += r.rekeyed;
+                    report.resyncs += usize::from(r.resynced);
                 }
             }
             85..=93 => {
@@ -163,14 +203,28 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
                 }
             }
             _ => {
-                check_watch(&mut watches[c], &cluster, c).await.map_err(|e| format!("step {step}: {e}"))?;
+                check_watch(&mut watches[c], &cluster, c, &forgotten).await.map_err(|e| format!("step {step}: {e}"))?;
                 cluster.restart(c).await.map_err(|e| format!("step {step}: restart failed: {e}"))?;
                 watches[c] = cluster.client(c).watch();
                 report.restarts += 1;
             }
         }
+        let deleted = cluster.server().deleted_writes();
         let now = cluster.snapshot_keys(c, &keys).await.map_err(|e| e.to_string())?;
-        never_back(&last_read[c], &now).map_err(|e| format!("step {step}: c{c} {e}"))?;
+        let server_now = cluster.server().model();
+        if restored == 0 {
+            for (key, row) in server_before.rows() {
+                let now = server_now.row(&key.0, &key.1);
+                if row.payload.doc().is_some() && now.is_none_or(|r| r.payload.doc().is_none()) {
+                    dead.insert((key.clone(), row.stamp.clone()));
+                }
+                if row.payload.doc().is_none() && now.is_none() {
+                    forgotten.insert((key.clone(), row.stamp.clone()));
+                }
+            }
+        }
+        server_before = server_now;
+        never_back(&last_read[c], &now, (&deleted, &forgotten)).map_err(|e| format!("step {step}: c{c} {e}"))?;
         last_read[c] = now;
     }
 
@@ -182,10 +236,17 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
     report.exchanges = traffic.len();
     report.faulted = traffic.iter().filter(|e| e.fault.is_some()).count();
     cluster.check_converged().await?;
-    let oracle = writes.highest(&cluster).await?;
-    check_highest_writes(&cluster.server().model(), &oracle)?;
+    let deleted = cluster.server().deleted_writes();
+    report.deleted = deleted.len();
+    if config.collect_per_mille == 0 {
+        let oracle = writes.highest(&cluster).await?;
+        check_highest_writes(&cluster.server().model(), &oracle)?;
+    } else {
+        let ends = Ends { dead: &dead, forgotten: &forgotten, deleted: &deleted };
+        check_after_collection(&cluster.server().model(), &writes.current(&cluster).await?, &ends)?;
+    }
     for (c, watch) in watches.iter_mut().enumerate() {
-        check_watch(watch, &cluster, c).await?;
+        check_watch(watch, &cluster, c, &forgotten).await?;
     }
     cluster.close().await;
     Ok(report)
@@ -207,8 +268,9 @@ async fn copy_store(
     cluster: &mut Cluster,
     from: usize,
     watches: &mut Vec<tide_client::Watch>,
+    forgotten: &DeletedWrites,
 ) -> Result<usize, String> {
-    check_watch(&mut watches[from], cluster, from).await?;
+    check_watch(&mut watches[from], cluster, from, forgotten).await?;
     let to = cluster.copy(from).await.map_err(|e| format!("copy failed: {e}"))?;
     watches[from] = cluster.client(from).watch();
     watches.push(cluster.client(to).watch());
@@ -236,7 +298,12 @@ fn backup_or_restore(
 /// A client's watch stream, drained: for each key, stamps never go back
 /// except when a refused write is put back, and the last event is the
 /// version the store holds.
-async fn check_watch(watch: &mut tide_client::Watch, cluster: &Cluster, c: usize) -> Result<(), String> {
+async fn check_watch(
+    watch: &mut tide_client::Watch,
+    cluster: &Cluster,
+    c: usize,
+    forgotten: &DeletedWrites,
+) -> Result<(), String> {
     use tide_client::{Source, WatchEvent};
     // Per key: the last event's stamp and document, and whether it removed a
     // refused write (it then carries the refused stamp, and anything may follow).
@@ -245,9 +312,11 @@ async fn check_watch(watch: &mut tide_client::Watch, cluster: &Cluster, c: usize
         let WatchEvent::Change(e) = event else { return Err(format!("c{c}'s watcher lagged: {event:?}")) };
         let key = (e.collection.clone(), e.id.clone());
         // The same stamp again is a collision settled by the server's payload.
-        if let Some((prev, _, false)) = last.get(&key)
+        // A deletion the server collected may be followed by an older new document.
+        if let Some((prev, doc, false)) = last.get(&key)
             && e.stamp < *prev
             && e.source != Source::Reverted
+            && !(doc.is_none() && forgotten.contains(&(key.clone(), prev.clone())))
         {
             return Err(format!("c{c}'s watcher saw {key:?} go from {prev:?} back to {:?} ({:?})", e.stamp, e.source));
         }
@@ -269,12 +338,20 @@ async fn check_watch(watch: &mut tide_client::Watch, cluster: &Cluster, c: usize
 }
 
 /// P7: no replica's stamp for a key ever goes back, except from a write
-/// the server refused (too large) to the server's version.
-fn never_back(before: &Snapshot, now: &Snapshot) -> Result<(), String> {
+/// the server refused (too large) to the server's version. A tombstone may
+/// go (collected), and so may a write the server dropped as `deleted`.
+fn never_back(before: &Snapshot, now: &Snapshot, ends: (&DeletedWrites, &DeletedWrites)) -> Result<(), String> {
+    let (deleted, forgotten) = ends;
     for (key, (stamp, payload)) in before {
         let refused = payload.doc().is_some_and(|d| d.to_map().contains_key("big"));
+        let version = (key.clone(), stamp.clone());
+        // A collected deletion may be followed by an older new document.
+        let collected = payload.doc().is_none() && forgotten.contains(&version);
+        let dropped = payload.doc().is_none() || deleted.contains(&version);
         match now.get(key) {
             Some((s, _)) if s >= stamp => {}
+            _ if collected => {}
+            None if dropped => {}
             _ if refused => {}
             other => return Err(format!("went back on {key:?}: had {stamp:?}, now {other:?}")),
         }
@@ -305,6 +382,48 @@ fn check_highest_writes(model: &tide_core::Model, oracle: &Oracle) -> Result<(),
     }
     Ok(())
 }
+
+/// What ended how on the server, by key and stamp.
+struct Ends<'a> {
+    /// Live versions a deletion replaced.
+    dead: &'a DeletedWrites,
+    /// Tombstones collected.
+    forgotten: &'a DeletedWrites,
+    /// Writes answered `deleted`.
+    deleted: &'a DeletedWrites,
+}
+
+/// With collection: no version the server replaced by a deletion is live
+/// on it again, and every write is on the server, or beaten by something
+/// as new, or under a deletion written above it, or dropped as `deleted`;
+/// a deletion may also be followed by a new document written after the
+/// server collected it (or a later deletion of its key).
+fn check_after_collection(
+    model: &tide_core::Model,
+    writes: &[((String, String), Stamp, Payload)],
+    ends: &Ends<'_>,
+) -> Result<(), String> {
+    for (key, row) in model.rows() {
+        if row.payload.doc().is_some() && ends.dead.contains(&(key.clone(), row.stamp.clone())) {
+            return Err(format!("resurrection: the server holds {key:?} at {:?}, which a deletion replaced", row.stamp));
+        }
+    }
+    for (key, stamp, payload) in writes {
+        let held = model.row(&key.0, &key.1).map(|r| &r.stamp);
+        let covered = held.is_some_and(|s| s >= stamp)
+            || writes.iter().any(|(k, s, p)| k == key && s > stamp && p.doc().is_none())
+            || ends.deleted.contains(&(key.clone(), stamp.clone()))
+            || (payload.doc().is_none() && ends.forgotten.iter().any(|(k, s)| k == key && s >= stamp))
+            || payload.doc().is_some_and(|d| d.to_map().contains_key("big"));
+        if !covered && !(payload.doc().is_none() && held.is_none()) {
+            return Err(format!("lost write: {key:?} at {stamp:?} ({payload:?}); the server holds {held:?}"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes the server answered `deleted`, by key and stamp.
+type DeletedWrites = std::collections::BTreeSet<((String, String), Stamp)>;
 
 /// The highest stamp written locally to each key, and its payloads: one,
 /// or several when copies of one store gave that stamp several (the server
@@ -341,6 +460,19 @@ impl Writes {
             }
         }
         holders
+    }
+
+    /// Every write with the stamp it now has (as re-stamped by a store
+    /// that re-keyed), once per holder.
+    async fn current(&self, cluster: &Cluster) -> Result<Vec<((String, String), Stamp, Payload)>, String> {
+        let mut out = Vec::new();
+        for (w, (key, stamp, payload, _)) in self.all.iter().enumerate() {
+            for holder in self.holders(w) {
+                let now = cluster.client(holder).current_stamp(stamp).await.map_err(|e| e.to_string())?;
+                out.push((key.clone(), now, payload.clone()));
+            }
+        }
+        Ok(out)
     }
 
     /// The highest version of every key among all the versions the writes

@@ -153,6 +153,31 @@ impl FakeServer {
         self.lock().model = model;
     }
 
+    /// Collects the tombstones more than `horizon_seqs` changes behind the
+    /// head (PROTOCOL.md §14), as a real server's collector does; returns
+    /// how many went.
+    pub fn collect(&self, horizon_seqs: u64) -> usize {
+        let mut state = self.lock();
+        let upto = state.model.seq().saturating_sub(horizon_seqs);
+        state.model.collect(upto)
+    }
+
+    /// The writes the server answered `deleted` in a response that reached
+    /// its client (PROTOCOL.md §14), by key and stamp.
+    pub fn deleted_writes(&self) -> std::collections::BTreeSet<((String, String), tide_core::Stamp)> {
+        let state = self.lock();
+        let mut out = std::collections::BTreeSet::new();
+        for e in &state.traffic {
+            let Outcome::Response(resp) = &e.outcome else { continue };
+            for (op, result) in e.request.ops.iter().zip(&resp.results) {
+                if *result == tide_core::OpResult::Deleted {
+                    out.insert(((op.collection.clone(), op.id.clone()), op.stamp.clone()));
+                }
+            }
+        }
+        out
+    }
+
     /// How many long-polls the server is holding now.
     pub fn held_polls(&self) -> usize {
         self.held.load(std::sync::atomic::Ordering::SeqCst)

@@ -9,6 +9,19 @@ use tide_testkit::{SimConfig, SimReport, simulate};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_clients_converge_under_faults_and_restarts() {
+    run(&SimConfig::default(), "random_clients_converge_under_faults").await;
+}
+
+/// The same with tombstones collected behind a short horizon, so clients
+/// that go offline come back past it (PROTOCOL.md §14).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_clients_converge_with_tombstones_collected() {
+    let total = run(&SimConfig::collecting(), "random_clients_converge_with_tombstones").await;
+    let many = std::env::var("TIDE_SIM_SEED").is_err();
+    assert!(!many || (total.collected > 0 && total.resyncs > 0), "the runs collected and resynced: {total:?}");
+}
+
+async fn run(config: &SimConfig, name: &str) -> SimReport {
     let seeds: Vec<u64> = if let Ok(s) = std::env::var("TIDE_SIM_SEED") {
         vec![s.parse().expect("TIDE_SIM_SEED is a number")]
     } else {
@@ -20,11 +33,10 @@ async fn random_clients_converge_under_faults_and_restarts() {
         };
         (from..to).collect()
     };
-    let config = SimConfig::default();
     let mut total = SimReport::default();
     let mut failed = Vec::new();
     for &seed in &seeds {
-        match simulate(seed, &config).await {
+        match simulate(seed, config).await {
             Ok(r) => {
                 total.writes += r.writes;
                 total.exchanges += r.exchanges;
@@ -35,6 +47,9 @@ async fn random_clients_converge_under_faults_and_restarts() {
                 total.rejected += r.rejected;
                 total.copies += r.copies;
                 total.rekeyed += r.rekeyed;
+                total.collected += r.collected;
+                total.resyncs += r.resyncs;
+                total.deleted += r.deleted;
             }
             // Every seed runs, so a soak reports all that fail, not the first.
             Err(e) => {
@@ -45,7 +60,7 @@ async fn random_clients_converge_under_faults_and_restarts() {
     }
     assert!(
         failed.is_empty(),
-        "{} of {} seeds failed: {failed:?}\nreplay one: TIDE_SIM_SEED={} cargo test -p tide-testkit --test it simulation",
+        "{} of {} seeds failed: {failed:?}\nreplay one: TIDE_SIM_SEED={} cargo test -p tide-testkit --test it {name}",
         failed.len(),
         seeds.len(),
         failed[0]
@@ -58,8 +73,9 @@ async fn random_clients_converge_under_faults_and_restarts() {
         "the runs met server restores, rejections and copied stores: {total:?}"
     );
     println!(
-        "simulation: {} seeds, {} writes ({} rejected), {} exchanges ({} faulted), {} restarts, {} server restores, \
-         {} copied stores ({} re-keys); settled within {} rounds at most",
+        "{name}: {} seeds, {} writes ({} rejected), {} exchanges ({} faulted), {} restarts, {} server restores, \
+         {} copied stores ({} re-keys), {} tombstones collected, {} resyncs, {} writes dropped as deleted; \
+         settled within {} rounds at most",
         seeds.len(),
         total.writes,
         total.rejected,
@@ -69,6 +85,10 @@ async fn random_clients_converge_under_faults_and_restarts() {
         total.restores,
         total.copies,
         total.rekeyed,
+        total.collected,
+        total.resyncs,
+        total.deleted,
         total.settle_rounds
     );
+    total
 }

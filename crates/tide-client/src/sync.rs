@@ -147,23 +147,8 @@ impl Inner {
                 Some(cursor) => cursor,
                 None => self.store.cursor().await?,
             };
-            let mut req = SyncRequest::new(self.store.node_id(), cursor);
             live_below = live_below.filter(|_| pending.is_empty());
-            req.live_below = live_below;
-            req.from_head = self.store.from_head().await?;
-            req.ops = pending.iter().map(|p| p.op.clone()).collect();
-            if pending.iter().any(|p| p.base.is_some()) {
-                req.bases = pending.iter().map(|p| p.base).collect();
-            }
-            req.limit = Some(PULL_PAGE_CHANGES_MAX);
-            // The server's digests, which it sends only when it has nothing
-            // more for us: compared once our outbox is empty too.
-            req.verify = Some(Verify::Roots);
-            if !req.ops.is_empty() {
-                let (height, prev) = self.store.lineage().await?.unzip();
-                let next = ulid::Ulid::generate().to_string();
-                req.lineage = Some(Lineage { prev, next, height: height.unwrap_or(0) + 1 });
-            }
+            let req = self.push_request(cursor, &pending, live_below).await?;
             let lineage = req.lineage.clone();
             let pulled_before = report.pulled;
             let resp = match self.round(transport, req, &mut report).await {
@@ -249,6 +234,33 @@ impl Inner {
             self.verify(transport, &roots, &mut report).await?;
         }
         Ok(report)
+    }
+
+    /// A request pushing `pending` (with their bases and a lineage link)
+    /// and pulling after `cursor`.
+    async fn push_request(
+        &self,
+        cursor: Option<Cursor>,
+        pending: &[PendingOp],
+        live_below: Option<u64>,
+    ) -> Result<SyncRequest> {
+        let mut req = SyncRequest::new(self.store.node_id(), cursor);
+        req.live_below = live_below;
+        req.from_head = self.store.from_head().await?;
+        req.ops = pending.iter().map(|p| p.op.clone()).collect();
+        if pending.iter().any(|p| p.base.is_some()) {
+            req.bases = pending.iter().map(|p| p.base).collect();
+        }
+        req.limit = Some(PULL_PAGE_CHANGES_MAX);
+        // The server's digests, which it sends only when it has nothing
+        // more for us: compared once our outbox is empty too.
+        req.verify = Some(Verify::Roots);
+        if !req.ops.is_empty() {
+            let (height, prev) = self.store.lineage().await?.unzip();
+            let next = ulid::Ulid::generate().to_string();
+            req.lineage = Some(Lineage { prev, next, height: height.unwrap_or(0) + 1 });
+        }
+        Ok(req)
     }
 
     /// Settles a push by its per-op results; returns whether one of them
@@ -546,14 +558,13 @@ impl Inner {
             resp = transport.exchange(&req) => resp,
         };
         match resp {
-            Ok(r) if !r.changes.is_empty() && !r.has_more && !r.reset && !r.resync => match self
-                .apply_polled(cursor, r)
-                .await
-            {
-                Ok(true) => Poll::Applied,
-                Ok(false) => Poll::Changed,
-                Err(e) => Poll::Failed(e),
-            },
+            Ok(r) if !r.changes.is_empty() && !r.has_more && !r.reset && !r.resync => {
+                match self.apply_polled(cursor, r).await {
+                    Ok(true) => Poll::Applied,
+                    Ok(false) => Poll::Changed,
+                    Err(e) => Poll::Failed(e),
+                }
+            }
             Ok(r) if !r.changes.is_empty() || r.has_more || r.reset || r.resync => Poll::Changed,
             Ok(_) if started.elapsed() < LONG_POLL_HOLD_MIN => Poll::NotHeld,
             Ok(_) => Poll::Expired,

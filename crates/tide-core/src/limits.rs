@@ -112,7 +112,11 @@ impl Limits {
         if !req.bases.is_empty() && req.bases.len() != req.ops.len() {
             return Err(Violation::new(
                 ErrorCode::InvalidRequest,
-                format!("{} bases for {} ops: `bases` is empty or has one entry per op", req.bases.len(), req.ops.len()),
+                format!(
+                    "{} bases for {} ops: `bases` is empty or has one entry per op",
+                    req.bases.len(),
+                    req.ops.len()
+                ),
             ));
         }
         self.check_verify(req)

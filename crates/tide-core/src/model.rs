@@ -160,8 +160,12 @@ impl Model {
             let next = lineage.advance(chain);
             self.chains.insert(req.node_id.clone(), next);
         }
-        let results =
-            req.ops.iter().enumerate().map(|(i, op)| self.apply_based(op, req.bases.get(i).copied().flatten())).collect();
+        let results = req
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| self.apply_based(op, req.bases.get(i).copied().flatten()))
+            .collect();
 
         let requested = req.cursor.unwrap_or_default();
         let reset = requested.seq() > self.seq;

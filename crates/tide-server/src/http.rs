@@ -58,7 +58,7 @@ const GZIP_RESPONSE_BYTES_MIN: usize = 1_024;
 /// beginning (PROTOCOL.md §14).
 pub const TOMBSTONE_HORIZON_SEQS_DEFAULT: u64 = 1_000_000;
 /// Default for [`ServerConfig::collect_interval`].
-pub const COLLECT_INTERVAL_DEFAULT: Duration = Duration::from_secs(60);
+pub const COLLECT_INTERVAL_DEFAULT: Duration = Duration::from_mins(1);
 
 /// hyper's read buffer: bounds the size of the request head.
 const READ_BUFFER_BYTES_MAX: usize = 64 * 1024;
@@ -138,7 +138,11 @@ async fn collect_now_and_then(app: std::sync::Weak<App>) {
         }
         match app.collect().await {
             Ok(done) if done.tombstones > 0 => {
-                tracing::info!(tombstones = done.tombstones, bytes = done.bytes, "collected tombstones past the horizon");
+                tracing::info!(
+                    tombstones = done.tombstones,
+                    bytes = done.bytes,
+                    "collected tombstones past the horizon"
+                );
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "tombstone collection failed; retrying at the next interval"),

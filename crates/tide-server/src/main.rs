@@ -10,12 +10,11 @@ use std::time::Duration;
 use clap::Parser;
 use tide_core::limits;
 use tide_server::{
-    Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, CONNECTIONS_MAX_DEFAULT, Durability,
+    Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, COLLECT_INTERVAL_DEFAULT, CONNECTIONS_MAX_DEFAULT, Durability,
     HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, JWT_LEEWAY_DEFAULT,
     JWT_NAMESPACE_CLAIM_DEFAULT, JWT_PRINCIPAL_CLAIM_DEFAULT, JwtAuthenticator, JwtConfig, NoAuth,
     PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, PostgresBackend, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
-    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens, COLLECT_INTERVAL_DEFAULT,
-    TOMBSTONE_HORIZON_SEQS_DEFAULT,
+    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens, TOMBSTONE_HORIZON_SEQS_DEFAULT,
 };
 
 /// tide's sync server: clients POST their pending writes and pull what

@@ -105,7 +105,8 @@ impl Metrics {
                 &self.collected_bytes,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Ordering::Relaxed));
         }
         out.push_str("# HELP tide_open_connections Open client connections.\n# TYPE tide_open_connections gauge\n");
         let _ = writeln!(out, "tide_open_connections {}", self.open_connections.load(Ordering::Relaxed));

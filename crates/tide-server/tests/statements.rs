@@ -128,7 +128,7 @@ async fn on_sqlite(statements: &Statements) {
         "{ran:#?}"
     );
     // The page.
-    assert!(ran[2].starts_with("SELECT ns.seq, ns.size_max"), "{ran:#?}");
+    assert!(ran[2].starts_with("SELECT ns.seq, ns.horizon, ns.size_max"), "{ran:#?}");
 
     // A pull is one statement.
     backend.exchange(&principal, Arc::new(SyncRequest::new("b", Some(Cursor(20))))).await.unwrap();
@@ -138,7 +138,7 @@ async fn on_sqlite(statements: &Statements) {
     backend.exchange(&principal, Arc::new(SyncRequest::new("b", Some(Cursor(20))))).await.unwrap();
     let ran = statements.take();
     assert_eq!(ran.len(), 1, "{ran:#?}");
-    assert!(ran[0].starts_with("SELECT ns.seq, ns.size_max"), "{ran:?}");
+    assert!(ran[0].starts_with("SELECT ns.seq, ns.horizon, ns.size_max"), "{ran:?}");
 }
 
 async fn on_postgres(statements: &Statements) {
@@ -157,12 +157,12 @@ async fn on_postgres(statements: &Statements) {
     assert_eq!(reply.results.len(), 10);
     let ran = statements.take();
     let words: Vec<Vec<String>> = ran.iter().map(|sql| statements_of(sql)).collect();
-    assert_eq!(words, [["WITH made AS"], ["WITH n AS"], ["SELECT ns.seq, ns.size_max,"]], "{ran:#?}");
+    assert_eq!(words, [["WITH made AS"], ["WITH n AS"], ["SELECT ns.seq, ns.horizon,"]], "{ran:#?}");
     assert!(ran[1].contains("UPDATE tide_namespaces") && ran[1].contains("xmin::text = $26"), "{ran:#?}");
 
     // A pull is one statement.
     backend.exchange(&principal, Arc::new(SyncRequest::new("a", Some(Cursor(20))))).await.unwrap();
     let ran = statements.take();
     assert_eq!(ran.len(), 1, "{ran:#?}");
-    assert!(ran[0].starts_with("SELECT ns.seq, ns.size_max"), "{ran:?}");
+    assert!(ran[0].starts_with("SELECT ns.seq, ns.horizon, ns.size_max"), "{ran:?}");
 }

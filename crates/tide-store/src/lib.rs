@@ -48,7 +48,8 @@ pub use conn::{ConnectionSettings, Durability};
 pub use error::{Error, Result};
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
-    Ack, Acked, DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection, VACUUM_CHECK_BATCHES, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
+    Ack, Acked, DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection, VACUUM_CHECK_BATCHES, VACUUM_FREE_PAGES_MIN,
+    VACUUM_PAGES_PER_STEP,
 };
 
 use conn::{Location, Readers, Settings};
@@ -678,9 +679,7 @@ impl Store {
             .fetch_optional(&mut *conn)
             .await
             .map_err(db)?;
-        value
-            .map(|v| v.parse().map_err(|_| Error::Corrupt { detail: format!("stored from_head {v:?}") }))
-            .transpose()
+        value.map(|v| v.parse().map_err(|_| Error::Corrupt { detail: format!("stored from_head {v:?}") })).transpose()
     }
 
     /// The ops the server rejected, oldest first, at most [`READ_ROWS_MAX`].

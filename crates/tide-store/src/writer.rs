@@ -1016,13 +1016,11 @@ async fn forget_versions(conn: &mut sqlx::SqliteConnection, versions: &[(DocKey,
     }
     add_to_digests(&mut *conn, gone.iter().map(|g| (g.0.as_str(), g.4, g.5)), DIGEST_LOG_ROWS_MAX).await?;
     let keys: Vec<(&str, &str)> = gone.iter().map(|g| (g.0.as_str(), g.1.as_str())).collect();
-    sqlx::query(
-        "DELETE FROM tide_docs WHERE (collection, id) IN (SELECT value->>0, value->>1 FROM json_each(?1))",
-    )
-    .bind(serde_json::to_string(&keys).expect("keys serialize"))
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
+    sqlx::query("DELETE FROM tide_docs WHERE (collection, id) IN (SELECT value->>0, value->>1 FROM json_each(?1))")
+        .bind(serde_json::to_string(&keys).expect("keys serialize"))
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
     Ok(gone
         .into_iter()
         .map(|(collection, id, lamport, node_id, _, _)| Committed {
@@ -1247,6 +1245,7 @@ fn refuse(cmd: Command) {
         | Command::Lineage { reply, .. }
         | Command::Settle { reply, .. }
         | Command::FromHead { reply, .. }
+        | Command::Forget { reply, .. }
         | Command::Close { reply } => {
             let _ = reply.send(Err(Error::Closed));
         }
@@ -1254,9 +1253,6 @@ fn refuse(cmd: Command) {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Discard { reply, .. } | Command::MaxPages { reply, .. } | Command::Collect { reply, .. } => {
-            let _ = reply.send(Err(Error::Closed));
-        }
-        Command::Forget { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Settings { reply } => {

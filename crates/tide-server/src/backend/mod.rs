@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use tide_core::digest::{self, Hash64};
 use tide_core::{
-    Cursor, Decision, ErrorCode, HeldVersion, Horizon, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest, SyncResponse,
-    Violation,
+    Cursor, Decision, ErrorCode, HeldVersion, Horizon, OpResult, PROTOCOL_VERSION, Payload, Stamp, SyncRequest,
+    SyncResponse, Violation,
 };
 
 use crate::auth::Principal;

@@ -33,10 +33,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::sqlite::Durability;
 use super::{
-    Backend, BackendError, Bindings, CommitCallback, Current, GroupKey, Incoming, Node, Page, PageQuery, PageRead,
-    Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, Validator, VerifyReply,
-    WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
-    COLLECT_NAMESPACES_PER_STEP, Collected,
+    Backend, BackendError, Bindings, COLLECT_NAMESPACES_PER_STEP, Collected, CommitCallback, Current, GroupKey,
+    Incoming, Node, Page, PageQuery, PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow,
+    StoredVersion, Validator, VerifyReply, WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit,
+    check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
 

@@ -33,11 +33,15 @@ use tide_core::{Chain, Horizon, Limits, OpResult, Stamp, SyncRequest, Verify};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
-    Backend, BackendError, Bindings, COLLECT_NAMESPACES_PER_STEP, Collected, CommitCallback, Current, GroupKey, Incoming, Node, NodeRow, Page, PageQuery,
-    PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow, StoredVersion, Validator, VerifyReply,
-    WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit, check_schema_version, decide_request,
+    Backend, BackendError, Bindings, COLLECT_NAMESPACES_PER_STEP, Collected, CommitCallback, Current, GroupKey,
+    Incoming, Node, NodeRow, Page, PageQuery, PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow,
+    StoredVersion, Validator, VerifyReply, WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit,
+    check_schema_version, decide_request,
 };
 use crate::auth::{Namespace, Principal};
+
+/// A namespace as collection reads it: name, head, horizon and its stamp.
+type NamespaceHorizon = (String, i64, i64, Option<i64>, Option<String>);
 
 /// A collection step for the writer task: the horizon distance, and where
 /// to answer.
@@ -568,7 +572,7 @@ impl Writer {
     /// One step of tombstone collection (see [`Backend::collect`]), in one
     /// transaction between write groups.
     async fn collect(&mut self, horizon_seqs: u64) -> Result<Collected, BackendError> {
-        let namespaces: Vec<(String, i64, i64, Option<i64>, Option<String>)> = sqlx::query_as(
+        let namespaces: Vec<NamespaceHorizon> = sqlx::query_as(
             "SELECT namespace, seq, horizon, horizon_lamport, horizon_node FROM tide_namespaces \
              WHERE seq - horizon > ?1 ORDER BY namespace LIMIT ?2",
         )

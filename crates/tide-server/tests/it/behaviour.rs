@@ -301,7 +301,7 @@ async fn a_newer_server_schema_is_refused_and_left_alone() {
 
     let Err(err) = open().await else { panic!("a v99 database opened") };
     let text = err.to_string();
-    assert!(text.contains("schema v99") && text.contains("(v3)"), "{text}");
+    assert!(text.contains("schema v99") && text.contains("(v4)"), "{text}");
     let version: String = sqlx::query_scalar("SELECT value FROM tide_server_meta WHERE key = 'schema_version'")
         .fetch_one(&mut conn)
         .await

@@ -174,8 +174,8 @@ impl Model {
         let (from, own) = if reset {
             (Cursor::START, None)
         } else if resync {
-            // Its own writes it holds, whatever else it missed.
-            (Cursor::START, Some(req.node_id.as_str()))
+            // Its own writes it holds (if it had a cursor), whatever else it missed.
+            (Cursor::START, (requested > Cursor::START).then_some(req.node_id.as_str()))
         } else {
             // A client past the start already holds its own accepted writes;
             // a fresh one (no cursor) gets them, so a wiped store recovers.

@@ -51,8 +51,17 @@ fn random_request(rng: &mut SplitMix64, cursors: &[u64]) -> SyncRequest {
         .collect();
     extensions(rng, &mut req);
     req.live_below = (rng.below(6) == 0).then(|| rng.below(40));
+    // Bases (PROTOCOL.md §14): some ops edit versions at or below a horizon.
+    if rng.below(3) == 0 {
+        req.bases = req.ops.iter().map(|_| (rng.below(2) == 0).then(|| rng.below(30))).collect();
+    }
+    req.from_head = (rng.below(6) == 0).then(|| rng.below(40));
     req
 }
+
+/// The horizon distance of the differential runs: short, so collection
+/// meets every request shape.
+const HORIZON_SEQS: u64 = 3;
 
 /// The digest, fetch, repair and request-id extensions (PROTOCOL.md §12), at random.
 fn extensions(rng: &mut SplitMix64, req: &mut SyncRequest) {
@@ -132,7 +141,15 @@ async fn backends(
     backends
 }
 
-async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
+/// How often the collection rules showed in a run's answers: `deleted`
+/// results and `resync` pages.
+#[derive(Default)]
+struct Seen {
+    deleted: usize,
+    resyncs: usize,
+}
+
+async fn run(seed: u64, postgres: Option<&str>, seen: &mut Seen) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let limits = limits();
     let backends = backends(dir.path(), Durability::Normal, postgres).await;
@@ -145,7 +162,11 @@ async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
                 Server::new(
                     backend,
                     Arc::new(tokens),
-                    ServerConfig { limits: limits.clone(), ..ServerConfig::default() },
+                    ServerConfig {
+                        limits: limits.clone(),
+                        tombstone_horizon_seqs: HORIZON_SEQS,
+                        ..ServerConfig::default()
+                    },
                 ),
             )
         })
@@ -154,6 +175,15 @@ async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
     let mut cursors = Vec::new();
     let mut rng = SplitMix64::new(seed);
     for step in 0..120 {
+        if rng.below(10) == 0 {
+            // Tombstones collected behind the horizon, in both namespaces.
+            for model in &mut models {
+                model.collect(model.seq().saturating_sub(HORIZON_SEQS));
+            }
+            for (name, server) in &servers {
+                server.collect().await.map_err(|e| format!("step {step}: {name} collect: {e}"))?;
+            }
+        }
         let ns = rng.below(2) as usize;
         let req = random_request(&mut rng, &cursors);
         let body = serde_json::to_vec(&req).unwrap();
@@ -172,6 +202,8 @@ async fn run(seed: u64, postgres: Option<&str>) -> Result<(), String> {
         }
         if let Ok(resp) = serde_json::from_str::<tide_core::SyncResponse>(&expected.1) {
             cursors.push(resp.cursor.seq());
+            seen.deleted += resp.results.iter().filter(|r| **r == tide_core::OpResult::Deleted).count();
+            seen.resyncs += usize::from(resp.resync);
         }
     }
     Ok(())
@@ -185,13 +217,20 @@ async fn every_backend_answers_exactly_as_the_model() {
     } else {
         (0..std::env::var("TIDE_SEEDS").map_or(40, |s| s.parse().unwrap())).collect()
     };
+    let mut seen = Seen::default();
     for &seed in &seeds {
-        if let Err(e) = run(seed, postgres.as_deref()).await {
+        if let Err(e) = run(seed, postgres.as_deref(), &mut seen).await {
             panic!("seed {seed}: {e}\nreplay: TIDE_SEED={seed} cargo test -p tide-server --test it differential");
         }
     }
+    assert!(seeds.len() < 10 || (seen.deleted > 0 && seen.resyncs > 0), "the runs met the collection rules");
     let backends = if postgres.is_some() { "SQLite and PostgreSQL" } else { "SQLite" };
-    println!("differential: {} seeds × 120 requests; {backends} matched the model", seeds.len());
+    println!(
+        "differential: {} seeds × 120 requests ({} deleted results, {} resyncs); {backends} matched the model",
+        seeds.len(),
+        seen.deleted,
+        seen.resyncs
+    );
 }
 
 /// The most model states a concurrent run keeps apart at once.

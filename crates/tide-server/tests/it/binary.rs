@@ -7,7 +7,7 @@ use std::time::Duration;
 use tide_core::SyncRequest;
 use tide_transport::{HttpTransport, Transport};
 
-const BIN: &str = env!("CARGO_BIN_EXE_tide-server");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_tide-server");
 
 /// Starts the binary on a free port; returns the child and its endpoint.
 pub(crate) fn spawn(args: &[&str]) -> (std::process::Child, String) {

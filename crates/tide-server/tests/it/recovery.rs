@@ -273,6 +273,111 @@ async fn another_principals_node_id_is_forbidden(db: Option<Db>, dir: &Path) {
     stop(server).await;
 }
 
+/// Runs `tide-server --collect` on the database (beside the running
+/// server); returns how many tombstones it says it removed.
+fn collect_now(db: &Db, horizon_seqs: u64) -> u64 {
+    let horizon = horizon_seqs.to_string();
+    let mut args = vec!["--collect".to_owned(), "--tombstone-horizon-seqs".to_owned(), horizon];
+    args.extend(db.args());
+    let out = std::process::Command::new(crate::binary::BIN).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let removed = text.strip_prefix("tide-server: removed ").and_then(|t| t.split(' ').next());
+    removed.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("unexpected output {text:?}"))
+}
+
+/// A client offline while documents it holds are deleted and their
+/// tombstones collected (PROTOCOL.md §14): it comes back, starts again from
+/// the beginning, and none of them comes back to life, neither the ones it
+/// merely held nor the one it edited offline; its other offline writes land.
+async fn a_client_away_past_the_horizon_brings_no_deleted_document_back(db: Option<Db>, dir: &Path) {
+    let Some(db) = db else { return };
+    let server = start(&db, &["--tombstone-horizon-seqs", "5", "--collect-interval", "3600"]);
+    let a = open(dir, "a", &server.endpoint).await;
+    let notes = a.collection::<Note>("notes");
+    for i in 0..6 {
+        notes.put(&format!("k{i}"), &note("shared")).await.unwrap();
+    }
+    a.sync_once().await.unwrap();
+    let b = open(dir, "b", &server.endpoint).await;
+    b.sync_once().await.unwrap();
+    assert_eq!(docs(&b).await.len(), 6);
+    // b goes offline with an edit of k1 and a new document.
+    b.close().await;
+    let b = Tide::builder().path(dir.join("b.db")).long_poll(None).open().await.unwrap();
+    b.collection::<Note>("notes").put("k1", &note("edited offline")).await.unwrap();
+    b.collection::<Note>("notes").put("b-new", &note("written offline")).await.unwrap();
+    b.close().await;
+
+    // Meanwhile k0..k2 are deleted, and enough is written after that the
+    // horizon passes the deletes; the collector removes their tombstones.
+    for i in 0..3 {
+        notes.delete(&format!("k{i}")).await.unwrap();
+    }
+    for i in 0..8 {
+        notes.put(&format!("later{i}"), &note("after")).await.unwrap();
+    }
+    a.sync_once().await.unwrap();
+    assert_eq!(collect_now(&db, 5), 3, "the three tombstones went");
+
+    let b = open(dir, "b", &server.endpoint).await;
+    let first = b.sync_once().await.unwrap();
+    assert!(first.resynced, "b was away past the horizon: {first:?}");
+    let settled = b.sync_once().await.unwrap();
+    assert!(settled.verified, "b proves itself equal to the server: {settled:?}");
+    let fresh = open(dir, "fresh", &server.endpoint).await;
+    fresh.sync_once().await.unwrap();
+    let expected = docs(&fresh).await;
+    let ids: Vec<&str> = expected.iter().map(|(id, _)| id.as_str()).collect();
+    let mut want: Vec<String> =
+        (3..6).map(|i| format!("k{i}")).chain((0..8).map(|i| format!("later{i}"))).chain(["b-new".into()]).collect();
+    want.sort();
+    assert_eq!(ids, want, "no deleted document came back; b's new one landed");
+    assert_eq!(docs(&b).await, expected);
+    assert_eq!(b.pending_count().await.unwrap(), 0);
+    assert!(a.sync_once().await.unwrap().verified);
+    assert_eq!(docs(&a).await, expected);
+    stop(server).await;
+}
+
+/// The server collects on its own every interval, and says so in
+/// `/metrics`.
+async fn the_server_collects_in_the_background_and_counts_it(db: Option<Db>, dir: &Path) {
+    let Some(db) = db else { return };
+    let server = start(&db, &["--tombstone-horizon-seqs", "2", "--collect-interval", "0.05"]);
+    let a = open(dir, "a", &server.endpoint).await;
+    let notes = a.collection::<Note>("notes");
+    for i in 0..4 {
+        notes.put(&format!("k{i}"), &note("x")).await.unwrap();
+        notes.delete(&format!("k{i}")).await.unwrap();
+        a.sync_once().await.unwrap();
+    }
+    notes.put("last", &note("x")).await.unwrap();
+    notes.put("last2", &note("x")).await.unwrap();
+    a.sync_once().await.unwrap();
+    let addr: std::net::SocketAddr =
+        server.endpoint.trim_start_matches("http://").trim_end_matches("/sync").parse().unwrap();
+    let get = b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let collected = loop {
+        let (_, text) = crate::support::raw(addr, get).await;
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("tide_tombstones_collected_total "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if n >= 4 || std::time::Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(collected, 4, "every tombstone more than 2 changes behind went");
+    let fresh = open(dir, "fresh", &server.endpoint).await;
+    fresh.sync_once().await.unwrap();
+    assert_eq!(docs(&fresh).await.len(), 2);
+    stop(server).await;
+}
+
 fn start_with_tokens(db: &Db, tokens: &str) -> Running {
     let mut args: Vec<String> = vec!["--tokens".into(), tokens.into()];
     args.extend(db.args());
@@ -305,4 +410,6 @@ on_both!(
     a_copied_store_file_converges,
     a_lower_server_limit_converges,
     another_principals_node_id_is_forbidden,
+    a_client_away_past_the_horizon_brings_no_deleted_document_back,
+    the_server_collects_in_the_background_and_counts_it,
 );

@@ -189,3 +189,86 @@ fn the_worked_examples_of_protocol_md() {
         r#"{"error":"bad request: invalid cursor \"abc\": expected a decimal string at line 1 column 29","code":"invalid_request"}"#
     );
 }
+
+/// A namespace where x (seq 1) and y (seq 2) were put, x deleted (seq 3),
+/// and z put (seq 4): x's tombstone is the only one.
+fn with_a_deletion() -> Model {
+    let mut m = Model::new(Limits::default());
+    sync(&mut m, "a", None, vec![put("x", 1, "a", 1), put("y", 2, "a", 1), delete("x", 3, "a"), put("z", 4, "a", 1)]);
+    m
+}
+
+#[test]
+fn collection_removes_tombstones_up_to_the_horizon_only() {
+    let mut m = with_a_deletion();
+    assert_eq!(m.collect(2), 0, "no tombstone at or below seq 2");
+    assert_eq!(m.horizon().seq, 2);
+    assert_eq!(m.collect(4), 1);
+    assert!(m.row("c", "x").is_none(), "the tombstone is gone");
+    assert_eq!((m.horizon().seq, m.horizon().stamp.clone()), (4, Some(Stamp::new(3, "a"))));
+    assert_eq!(m.collect(9), 0, "never past the head");
+    assert_eq!(m.horizon().seq, 4);
+    let r = sync(&mut m, "b", None, vec![]);
+    assert_eq!(ids(&r), [("y", 2), ("z", 4)], "a new client gets the live documents");
+    assert_eq!(r.horizon, Some(4), "and the horizon");
+}
+
+#[test]
+fn a_cursor_below_the_horizon_starts_again_from_the_beginning() {
+    let mut m = with_a_deletion();
+    m.collect(3);
+    let mut req = SyncRequest::new("b", Some(Cursor(1)));
+    req.verify = Some(tide_core::Verify::Roots);
+    let r = m.exchange(&req).unwrap();
+    assert!(r.resync, "b may hold x, whose deletion is gone");
+    assert_eq!(ids(&r), [("y", 2), ("z", 4)]);
+    assert_eq!(r.head, Some(4), "the head b begins again at");
+    assert!(r.roots.is_none(), "digests compare only once b has caught up again");
+    // Begun again at 4: the horizon is no longer past it.
+    let mut req = SyncRequest::new("b", Some(Cursor(2)));
+    req.from_head = Some(4);
+    assert!(!m.exchange(&req).unwrap().resync);
+    let r = sync(&mut m, "b", Some(3), vec![]);
+    assert!(!r.resync, "a cursor at the horizon missed nothing");
+    // A fresh client that held nothing when it began is not stale either.
+    let mut req = SyncRequest::new("c", Some(Cursor(1)));
+    req.live_below = Some(3);
+    assert!(!m.exchange(&req).unwrap().resync);
+}
+
+#[test]
+fn an_edit_of_a_collected_deletion_is_deleted_and_a_new_document_is_not() {
+    let mut m = with_a_deletion();
+    m.collect(3);
+    let edit = |lamport| {
+        let mut req = SyncRequest::new("b", Some(Cursor(4)));
+        req.ops = vec![put("x", lamport, "b", 7)];
+        req.bases = vec![Some(1)];
+        req
+    };
+    // Edited from seq 1, which the deletion replaced and the horizon passed.
+    let r = m.exchange(&edit(2)).unwrap();
+    assert_eq!(r.results, [OpResult::Deleted]);
+    assert!(m.row("c", "x").is_none(), "nothing stored");
+    assert_eq!(m.seq(), 4, "no seq issued");
+    // Stamped above every collected deletion, it beats the deletion anyway.
+    let r = m.exchange(&edit(9)).unwrap();
+    assert_eq!(r.results, [OpResult::Applied { seq: 5 }]);
+    // A new document (no base) is a new document.
+    let r = sync(&mut m, "b", Some(5), vec![put("w", 1, "b", 1)]);
+    assert_eq!(r.results, [OpResult::Applied { seq: 6 }]);
+    // A base above the horizon: a version the server lost, not a deletion it forgot.
+    let mut req = SyncRequest::new("b", Some(Cursor(6)));
+    req.ops = vec![put("v", 1, "b", 1)];
+    req.bases = vec![Some(5)];
+    assert_eq!(m.exchange(&req).unwrap().results, [OpResult::Applied { seq: 7 }]);
+}
+
+#[test]
+fn bases_are_one_per_op() {
+    let mut m = Model::new(Limits::default());
+    let mut req = SyncRequest::new("b", None);
+    req.ops = vec![put("x", 1, "b", 1), put("y", 1, "b", 1)];
+    req.bases = vec![None];
+    assert_eq!(m.exchange(&req).unwrap_err().code, ErrorCode::InvalidRequest);
+}

@@ -3,6 +3,7 @@
 mod apply;
 mod crash;
 mod faults;
+mod horizon;
 mod outbox;
 mod schema;
 mod store;

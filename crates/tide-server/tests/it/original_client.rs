@@ -61,3 +61,95 @@ async fn two_original_clients_converge_through_our_server() {
     assert_eq!(n2[1], serde_json::json!({"by": "b"}), "the tie at lamport 2 goes to node id b");
     assert!(docs.iter().all(|d| d[0] != "n1"));
 }
+
+/// One sync of an original client whose store is `argv[2]`, then its documents.
+const SYNC_AND_SCAN: &str = r#"
+import asyncio, json, sys
+from tide import Tide
+
+async def main(endpoint, path):
+    async with Tide(db_path=path, endpoint=endpoint, node_id="old") as t:
+        await t.sync_once()
+        print(json.dumps([d[0] for d in await t.collection("notes").scan()]))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"#;
+
+/// An original client away past the horizon (PROTOCOL.md §14): it cannot
+/// hear `resync`, so the server sends it everything again from the start.
+/// It learns every live document; it keeps its copies of documents deleted
+/// and collected meanwhile (the closest safe behaviour it allows), and the
+/// server is left as it was.
+#[tokio::test]
+async fn an_original_client_away_past_the_horizon_is_sent_everything_again() {
+    let Some(python) = crate::service("TIDE_PYTHON", "the original Python client past the horizon") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db");
+    let db_arg = db.to_str().unwrap().to_owned();
+    let (mut child, endpoint) =
+        spawn(&["--no-auth", "--db", &db_arg, "--tombstone-horizon-seqs", "3", "--collect-interval", "3600"]);
+    let old_store = dir.path().join("old.db").to_str().unwrap().to_owned();
+    let sync_old = || {
+        let (python, endpoint, store) = (python.clone(), endpoint.clone(), old_store.clone());
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                Command::new(python).args(["-c", SYNC_AND_SCAN, &endpoint, &store]).output()
+            })
+            .await
+            .unwrap()
+            .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            serde_json::from_slice::<Vec<String>>(&out.stdout).unwrap()
+        }
+    };
+    let ours = tide_client::Tide::builder()
+        .path(dir.path().join("ours.db"))
+        .endpoint(&endpoint)
+        .long_poll(None)
+        .open()
+        .await
+        .unwrap();
+    let notes = ours.collection::<serde_json::Value>("notes");
+    for i in 0..4 {
+        notes.put(&format!("k{i}"), &serde_json::json!({"i": i})).await.unwrap();
+    }
+    ours.sync_once().await.unwrap();
+    assert_eq!(sync_old().await, ["k0", "k1", "k2", "k3"]);
+
+    notes.delete("k0").await.unwrap();
+    for i in 0..4 {
+        notes.put(&format!("later{i}"), &serde_json::json!({"i": i})).await.unwrap();
+    }
+    ours.sync_once().await.unwrap();
+    let out = Command::new(crate::binary::BIN)
+        .args(["--collect", "--tombstone-horizon-seqs", "3", "--db", &db_arg])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.starts_with("tide-server: removed 1 tombstones ("), "{said}");
+
+    let held = sync_old().await;
+    let live = ["k1", "k2", "k3", "later0", "later1", "later2", "later3"];
+    assert_eq!(held, ["k0", "k1", "k2", "k3", "later0", "later1", "later2", "later3"], "all live, and its stale k0");
+    let fresh = tide_client::Tide::builder()
+        .path(dir.path().join("fresh.db"))
+        .endpoint(&endpoint)
+        .long_poll(None)
+        .open()
+        .await
+        .unwrap();
+    fresh.sync_once().await.unwrap();
+    let on_server: Vec<String> = fresh
+        .collection::<serde_json::Value>("notes")
+        .list(None, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.0)
+        .collect();
+    assert_eq!(on_server, live, "the server is as it was");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -710,11 +710,15 @@ impl State {
         if !stored.is_empty() {
             // Still the op's version: now the server's, at that seq (0:
             // the server held it under a seq it did not say).
+            // Materialized first: in an UPDATE … FROM, SQLite would scan
+            // the whole table for the rows to update.
             sqlx::query(
-                "UPDATE tide_docs SET seq = iif(j.value->>1 = 0, coalesce(tide_docs.seq, 0), j.value->>1), base = NULL \
-                 FROM json_each(?1) AS j CROSS JOIN tide_outbox AS o ON o.seq = j.value->>0 \
-                 WHERE tide_docs.collection = o.collection AND tide_docs.id = o.id \
-                 AND tide_docs.lamport = o.lamport AND tide_docs.node_id = o.node_id",
+                "WITH x AS MATERIALIZED (SELECT d.rowid AS rid, \
+                   iif(j.value->>1 = 0, coalesce(d.seq, 0), j.value->>1) AS seq \
+                   FROM json_each(?1) AS j CROSS JOIN tide_outbox AS o ON o.seq = j.value->>0 \
+                   CROSS JOIN tide_docs AS d ON d.collection = o.collection AND d.id = o.id \
+                   AND d.lamport = o.lamport AND d.node_id = o.node_id) \
+                 UPDATE tide_docs SET seq = x.seq, base = NULL FROM x WHERE tide_docs.rowid = x.rid",
             )
             .bind(serde_json::to_string(&stored).expect("acks serialize"))
             .execute(&mut *tx)

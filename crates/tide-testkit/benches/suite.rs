@@ -94,6 +94,11 @@ impl Table {
 
 /// A tide-server in this process on SQLite in `dir`, for `namespace` tokens.
 async fn server(dir: &std::path::Path, name: &str, config: ServerConfig) -> String {
+    server_with(dir, name, config).await.0
+}
+
+/// [`server`], and the server itself.
+async fn server_with(dir: &std::path::Path, name: &str, config: ServerConfig) -> (String, Server) {
     let backend: Arc<dyn tide_server::Backend> = match std::env::var("TIDE_BENCH_CHILD_POSTGRES") {
         Ok(url) => tide_server::PostgresBackend::open(&url, tide_server::Durability::Full, config.limits.clone())
             .await
@@ -112,8 +117,9 @@ async fn server(dir: &std::path::Path, name: &str, config: ServerConfig) -> Stri
     let server = Server::new(backend, Arc::new(tokens), config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
-    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
-    endpoint
+    let serving = server.clone();
+    tokio::spawn(async move { serving.serve(listener, std::future::pending()).await });
+    (endpoint, server)
 }
 
 /// Tokens of the load spread over namespaces: each is its own namespace.
@@ -424,6 +430,110 @@ async fn initial_sync_and_idle(t: &mut Table, dir: &std::path::Path) {
         Some(cost[1].as_secs_f64() / cost[0].as_secs_f64()),
         "ratio <= 1.5",
     );
+}
+
+/// A SQLite database's size: its file with its WAL, and its pages in use
+/// (what incremental vacuum gives back over the next writes is the rest).
+fn db_bytes(path: &std::path::Path) -> (u64, u64) {
+    let len = |p: &std::path::Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let file = len(path) + len(&std::path::PathBuf::from(format!("{}-wal", path.display())));
+    let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let pragma = |name: &str| -> u64 {
+        let n: i64 = conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get(0)).unwrap();
+        n.unsigned_abs()
+    };
+    (file, (pragma("page_count") - pragma("freelist_count")) * pragma("page_size"))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Syncs until a sync proves the store equal to the server.
+async fn settle(tide: &Tide) {
+    for _ in 0..20 {
+        let report = tide.sync_once().await.unwrap();
+        if report.verified {
+            return;
+        }
+        eprintln!("not yet verified: {report:?}");
+    }
+    panic!("the store never proved itself equal to the server");
+}
+
+/// Issue 16's churn: writes over a fixed set of keys, half of them
+/// deletes, by two clients syncing throughout; the server's and a client's
+/// database before and after collection against the live data alone, and
+/// what a new client's initial sync transfers.
+async fn churn(t: &mut Table, dir: &std::path::Path) {
+    let n = env_or("TIDE_BENCH_CHURN", 1_000_000);
+    let keys = env_or("TIDE_BENCH_CHURN_KEYS", 10_000) as u64;
+    let horizon = env_or("TIDE_BENCH_CHURN_HORIZON", 20_000) as u64;
+    let config =
+        ServerConfig { tombstone_horizon_seqs: horizon, collect_interval: Duration::MAX, ..Default::default() };
+    let (endpoint, server) = server_with(dir, "churn", config).await;
+    let (a, b) = (
+        client(dir, "churn-a", &endpoint, Durability::Normal).await,
+        client(dir, "churn-b", &endpoint, Durability::Normal).await,
+    );
+    let mut rng = tide_core::SplitMix64::new(16);
+    let start = Instant::now();
+    for (round, chunk) in (0..n).collect::<Vec<_>>().chunks(1_000).enumerate() {
+        let mut batch = Batch::default();
+        for &i in chunk {
+            let id = format!("k{}", rng.below(keys));
+            batch = if rng.below(2) == 0 { batch.delete("c", &id) } else { batch.put("c", &id, &doc(i)).unwrap() };
+        }
+        let writer = if round % 2 == 0 { &a } else { &b };
+        let t0 = Instant::now();
+        writer.commit(batch).await.unwrap();
+        let t1 = Instant::now();
+        let r = writer.sync_once().await.unwrap();
+        if std::env::var("TIDE_BENCH_TRACE").is_ok() {
+            eprintln!("commit {:?} sync {:?} {r:?}", t1 - t0, t1.elapsed());
+        }
+    }
+    for tide in [&a, &b, &a] {
+        settle(tide).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let live = a.collection::<Value>("c").list(None, 10_000).await.unwrap();
+    let live_bytes: u64 =
+        live.iter().map(|(id, d)| (1 + id.len() + serde_json::to_string(d).unwrap().len()) as u64).sum();
+    let server_path = dir.join("churn.db");
+    let client_path = dir.join("churn-a.db");
+    let (server_before, client_before) = (db_bytes(&server_path), db_bytes(&client_path));
+    let collected = server.collect().await.unwrap();
+    settle(&a).await;
+    let (server_after, client_after) = (db_bytes(&server_path), db_bytes(&client_path));
+    let fresh = client(dir, "churn-fresh", &endpoint, Durability::Normal).await;
+    let report = fresh.sync_once().await.unwrap();
+    let ratio = (server_after.1.max(client_after.1)) as f64 / live_bytes as f64;
+    t.row(
+        &format!("churn: {n} writes over {keys} keys, half deletes"),
+        format!(
+            "{:.0} writes/s; {} live docs ({:.2} MiB); server {:.2} -> {:.2} MiB in use ({:.2} -> {:.2} MiB file), \
+             client {:.2} -> {:.2} MiB in use; {} tombstones collected; a new client pulled {} changes",
+            n as f64 / secs,
+            live.len(),
+            mib(live_bytes),
+            mib(server_before.1),
+            mib(server_after.1),
+            mib(server_before.0),
+            mib(server_after.0),
+            mib(client_before.1),
+            mib(client_after.1),
+            collected.tombstones,
+            report.pulled,
+        ),
+        Some(format!("live data {:.2} MiB", mib(live_bytes))),
+        None,
+        Some(ratio),
+        "<= 2x live after collection; initial sync = live docs",
+    );
+    for tide in [a, b, fresh] {
+        tide.close().await;
+    }
 }
 
 /// Concurrent clients pushing 10 puts and pulling, each on its own connection.
@@ -871,6 +981,9 @@ async fn main() {
     }
     if run("live") {
         live(&mut t, dir.path()).await;
+    }
+    if run("churn") {
+        churn(&mut t, dir.path()).await;
     }
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-suite.json");
     std::fs::write(path, serde_json::to_string_pretty(&json!({"rows": t.rows})).unwrap()).unwrap();

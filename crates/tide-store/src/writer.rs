@@ -782,16 +782,23 @@ impl State {
     /// Removes the tombstones the server's horizon has passed (it removed
     /// them too) unless a pending op still refers to their key; returns how
     /// many went.
+    ///
+    /// The digest log is folded with it: its rows are history too.
     async fn collect(&mut self, horizon: u64) -> Result<u64> {
         let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
         let done = sqlx::query(
             "DELETE FROM tide_docs WHERE deleted = 1 AND seq <= ?1 \
              AND (collection, id) NOT IN (SELECT collection, id FROM tide_outbox)",
         )
         .bind(i64::try_from(horizon).unwrap_or(i64::MAX))
-        .execute(&mut *conn)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
+        if done.rows_affected() > 0 {
+            fold_digest_log(&mut tx).await?;
+        }
+        tx.commit().await.map_err(db)?;
         Ok(done.rows_affected())
     }
 

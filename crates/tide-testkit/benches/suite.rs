@@ -506,6 +506,14 @@ async fn churn(t: &mut Table, dir: &std::path::Path) {
     let collected = server.collect().await.unwrap();
     settle(&a).await;
     let (server_after, client_after) = (db_bytes(&server_path), db_bytes(&client_path));
+    if std::env::var("TIDE_BENCH_TRACE").is_ok() {
+        for path in [&server_path, &client_path] {
+            let conn = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let mut q = conn.prepare("SELECT name, sum(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC").unwrap();
+            let rows: Vec<(String, i64)> = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+            eprintln!("{}: {rows:?}", path.display());
+        }
+    }
     let fresh = client(dir, "churn-fresh", &endpoint, Durability::Normal).await;
     let report = fresh.sync_once().await.unwrap();
     let ratio = (server_after.1.max(client_after.1)) as f64 / live_bytes as f64;

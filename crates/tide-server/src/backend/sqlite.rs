@@ -630,6 +630,11 @@ impl Writer {
                 more: done.more || super::collect_upto(seq, upto, horizon_seqs).is_some(),
             };
         }
+        // The digest log is history too: folded with the tombstones.
+        if done.tombstones > 0 && self.logged > 0 {
+            fold_digests(&mut self.conn).await?;
+            self.logged = 0;
+        }
         sqlx::raw_sql("COMMIT").execute(&mut self.conn).await.map_err(unavailable)?;
         Ok(done)
     }

@@ -27,7 +27,7 @@ pub use backend::postgres::{
     PostgresBackend,
 };
 pub use backend::sqlite::{
-    Durability, SqliteBackend, VACUUM_CHECK_GROUPS, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
+    COLLECT_VACUUM_STEPS, Durability, SqliteBackend, VACUUM_CHECK_GROUPS, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
 };
 pub use backend::{Backend, BackendError, COLLECT_SEQS_PER_STEP, Collected, CommitCallback, Reply, Validator, Verdict};
 pub use http::{

@@ -799,6 +799,10 @@ impl State {
             fold_digest_log(&mut tx).await?;
         }
         tx.commit().await.map_err(db)?;
+        if done.rows_affected() > 0 {
+            // Look at the free pages after this batch, not 64 batches on.
+            self.batches_since_vacuum = VACUUM_CHECK_BATCHES - 1;
+        }
         Ok(done.rows_affected())
     }
 

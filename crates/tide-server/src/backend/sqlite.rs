@@ -225,6 +225,9 @@ fn unavailable(e: sqlx::Error) -> BackendError {
 
 /// Write groups between two looks at the database's free pages.
 pub const VACUUM_CHECK_GROUPS: u32 = 64;
+/// Most vacuum steps a collection step runs after removing tombstones
+/// (up to 16 MiB given back at once; the rest follows the write groups).
+pub const COLLECT_VACUUM_STEPS: u32 = 8;
 /// Free pages (4 KiB each) past which the writer gives space back: 4 MiB.
 pub const VACUUM_FREE_PAGES_MIN: i64 = 1_024;
 /// Most pages one step of `incremental_vacuum` gives back: 2 MiB.
@@ -555,7 +558,7 @@ impl Writer {
                             on_commit(ns.as_str());
                         }
                     }
-                    self.vacuum_now_and_then().await;
+                    let _ = self.vacuum_now_and_then().await;
                 }
                 Err(e) => {
                     // The group's transaction is the connection's own (not
@@ -636,6 +639,15 @@ impl Writer {
             self.logged = 0;
         }
         sqlx::raw_sql("COMMIT").execute(&mut self.conn).await.map_err(unavailable)?;
+        if done.tombstones > 0 {
+            // Give the space back now, a few steps at most, not 64 groups on.
+            for _ in 0..COLLECT_VACUUM_STEPS {
+                self.groups_since_vacuum = VACUUM_CHECK_GROUPS - 1;
+                if !self.vacuum_now_and_then().await {
+                    break;
+                }
+            }
+        }
         Ok(done)
     }
 
@@ -643,19 +655,22 @@ impl Writer {
     /// [`VACUUM_PAGES_PER_STEP`] free pages back to the file system when
     /// more than [`VACUUM_FREE_PAGES_MIN`] are free: a short step between
     /// groups, never a long stall. A failure only waits for the next check.
-    async fn vacuum_now_and_then(&mut self) {
+    /// Returns whether it gave pages back.
+    async fn vacuum_now_and_then(&mut self) -> bool {
         self.groups_since_vacuum += 1;
         if self.groups_since_vacuum < VACUUM_CHECK_GROUPS {
-            return;
+            return false;
         }
         self.groups_since_vacuum = 0;
         let free: Result<i64, _> = sqlx::query_scalar("PRAGMA freelist_count").fetch_one(&mut self.conn).await;
         if free.is_ok_and(|free| free > VACUUM_FREE_PAGES_MIN) {
             let step = format!("PRAGMA incremental_vacuum({VACUUM_PAGES_PER_STEP})");
-            if let Err(e) = sqlx::raw_sql(AssertSqlSafe(step)).execute(&mut self.conn).await {
-                tracing::warn!(error = %e, "incremental vacuum");
+            match sqlx::raw_sql(AssertSqlSafe(step)).execute(&mut self.conn).await {
+                Ok(_) => return true,
+                Err(e) => tracing::warn!(error = %e, "incremental vacuum"),
             }
         }
+        false
     }
 
     /// One transaction for a group, in two calls to SQLite: one reads what

@@ -149,7 +149,7 @@ struct Seen {
     resyncs: usize,
 }
 
-async fn run(seed: u64, postgres: Option<&str>, seen: &mut Seen) -> Result<(), String> {
+async fn run(seed: u64, postgres: Option<&str>, met: &mut Seen) -> Result<(), String> {
     let dir = tempfile::tempdir().unwrap();
     let limits = limits();
     let backends = backends(dir.path(), Durability::Normal, postgres).await;
@@ -202,8 +202,8 @@ async fn run(seed: u64, postgres: Option<&str>, seen: &mut Seen) -> Result<(), S
         }
         if let Ok(resp) = serde_json::from_str::<tide_core::SyncResponse>(&expected.1) {
             cursors.push(resp.cursor.seq());
-            seen.deleted += resp.results.iter().filter(|r| **r == tide_core::OpResult::Deleted).count();
-            seen.resyncs += usize::from(resp.resync);
+            met.deleted += resp.results.iter().filter(|r| **r == tide_core::OpResult::Deleted).count();
+            met.resyncs += usize::from(resp.resync);
         }
     }
     Ok(())

@@ -291,19 +291,7 @@ impl State {
                 let _ = reply.send(self.rekey(node_id).await);
             }
             Command::Lineage { token, reply } => {
-                let result = match conn::lock(&self.conn).await {
-                    Ok(mut held) => sqlx::query(
-                        "INSERT INTO tide_meta (key, value) VALUES ('lineage', ?1) \
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    )
-                    .bind(token)
-                    .execute(&mut *held)
-                    .await
-                    .map(|_| ())
-                    .map_err(db),
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.set_meta("lineage", &token).await);
             }
             Command::Settle { acked, rejected, reply } => {
                 let _ = reply.send(self.settle(&acked, &rejected).await);
@@ -315,19 +303,7 @@ impl State {
                 let _ = reply.send(self.forget(&versions).await);
             }
             Command::FromHead { head, reply } => {
-                let result = match conn::lock(&self.conn).await {
-                    Ok(mut held) => sqlx::query(
-                        "INSERT INTO tide_meta (key, value) VALUES ('from_head', ?1) \
-                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    )
-                    .bind(head.to_string())
-                    .execute(&mut *held)
-                    .await
-                    .map(|_| ())
-                    .map_err(db),
-                    Err(e) => Err(e),
-                };
-                let _ = reply.send(result);
+                let _ = reply.send(self.set_meta("from_head", &head.to_string()).await);
             }
             Command::Discard { seqs, reply } => {
                 let _ = reply.send(self.discard(&seqs).await);
@@ -767,6 +743,20 @@ impl State {
         tx.commit().await.map_err(db)?;
         self.tell(|| removed);
         Ok(())
+    }
+
+    /// Sets one `tide_meta` value.
+    async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        let mut held = conn::lock(&self.conn).await?;
+        sqlx::query(
+            "INSERT INTO tide_meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&mut *held)
+        .await
+        .map(|_| ())
+        .map_err(db)
     }
 
     /// Removes versions the server dropped as deleted, in one transaction.

@@ -9,7 +9,9 @@
 //! Sizes: `TIDE_BENCH_OPS` (local ops, default 2,000), `TIDE_BENCH_PUSH`
 //! (default 100,000), `TIDE_BENCH_DOCS` (initial sync, default 1,000,000),
 //! `TIDE_BENCH_IDLE` (idle clients for live sync, default 1,000),
-//! `TIDE_BENCH_SECS` (per load run, default 5). The table is printed and
+//! `TIDE_BENCH_SECS` (per load run, default 5), `TIDE_BENCH_CHURN` (churn
+//! writes, default 1,000,000) over `TIDE_BENCH_CHURN_KEYS` (10,000) with a
+//! horizon of `TIDE_BENCH_CHURN_HORIZON` changes (1,000). The table is printed and
 //! written as JSON to `target/bench-suite.json`.
 #![expect(clippy::cast_precision_loss, reason = "rates and latencies are shown to a few digits")]
 
@@ -468,7 +470,7 @@ async fn settle(tide: &Tide) {
 async fn churn(t: &mut Table, dir: &std::path::Path) {
     let n = env_or("TIDE_BENCH_CHURN", 1_000_000);
     let keys = env_or("TIDE_BENCH_CHURN_KEYS", 10_000) as u64;
-    let horizon = env_or("TIDE_BENCH_CHURN_HORIZON", 20_000) as u64;
+    let horizon = env_or("TIDE_BENCH_CHURN_HORIZON", 1_000) as u64;
     let config =
         ServerConfig { tombstone_horizon_seqs: horizon, collect_interval: Duration::MAX, ..Default::default() };
     let (endpoint, server) = server_with(dir, "churn", config).await;
@@ -512,9 +514,21 @@ async fn churn(t: &mut Table, dir: &std::path::Path) {
     }
     let fresh = client(dir, "churn-fresh", &endpoint, Durability::Normal).await;
     let report = fresh.sync_once().await.unwrap();
-    // The live documents alone, stored: a new client's store after its initial sync.
-    let alone = db_bytes(&dir.join("churn-fresh.db")).1;
-    let ratio = (server_after.1.max(client_after.1)) as f64 / alone as f64;
+    // The live documents alone, stored by each side: a new client's store
+    // after its initial sync, and a new server holding only them.
+    let client_alone = db_bytes(&dir.join("churn-fresh.db")).1;
+    let (alone_endpoint, _alone) = server_with(dir, "churn-alone", ServerConfig::default()).await;
+    let writer = client(dir, "churn-alone-writer", &alone_endpoint, Durability::Normal).await;
+    for chunk in live.chunks(1_000) {
+        let mut batch = Batch::default();
+        for (id, d) in chunk {
+            batch = batch.put("c", id, d).unwrap();
+        }
+        writer.commit(batch).await.unwrap();
+    }
+    settle(&writer).await;
+    let server_alone = db_bytes(&dir.join("churn-alone.db")).1;
+    let ratio = (server_after.1 as f64 / server_alone as f64).max(client_after.1 as f64 / client_alone as f64);
     t.row(
         &format!("churn: {n} writes over {keys} keys, half deletes"),
         format!(
@@ -532,12 +546,17 @@ async fn churn(t: &mut Table, dir: &std::path::Path) {
             collected.tombstones,
             report.pulled,
         ),
-        Some(format!("live docs {:.2} MiB; stored alone {:.2} MiB", mib(live_bytes), mib(alone))),
+        Some(format!(
+            "live docs {:.2} MiB; alone on a server {:.2} MiB, in a client {:.2} MiB",
+            mib(live_bytes),
+            mib(server_alone),
+            mib(client_alone)
+        )),
         None,
         Some(ratio),
         "<= 2x live (stored alone) after collection; initial sync = live docs",
     );
-    for tide in [phone, laptop, fresh] {
+    for tide in [phone, laptop, fresh, writer] {
         tide.close().await;
     }
 }

@@ -214,7 +214,8 @@ pub trait Backend: Send + Sync + 'static {
     /// removes the tombstones of at most [`COLLECT_SEQS_PER_STEP`] seqs
     /// above the horizon (but none of the last `horizon_seqs`), and raises
     /// the horizon over them. A short write, so writes go on between steps;
-    /// call again while [`Collected::more`] says so.
+    /// call again while [`Collected::more`] says so. A backend that wraps
+    /// another must pass it on (the default collects nothing).
     async fn collect(&self, horizon_seqs: u64) -> Result<Collected, BackendError> {
         let _ = horizon_seqs;
         Ok(Collected::default())
@@ -248,6 +249,20 @@ impl std::ops::AddAssign for Collected {
         self.bytes += other.bytes;
         self.more = other.more;
     }
+}
+
+/// A namespace's horizon after a collection step removed the tombstones up
+/// to `upto`: `before` as stored (seq, stamp's counter and node id), `top`
+/// the highest removed stamp as a JSON `[lamport, node_id]`.
+pub(crate) fn horizon_after(
+    (seq, lamport, node): (u64, Option<i64>, Option<String>),
+    upto: u64,
+    top: Option<&str>,
+) -> Result<Horizon, BackendError> {
+    let top: Option<(u64, String)> =
+        top.map(serde_json::from_str).transpose().map_err(|e| BackendError::Internal(format!("horizon: {e}")))?;
+    let stamp = lamport.zip(node).map(|(l, n)| Stamp::new(u64::try_from(l).unwrap_or(0), n));
+    Ok(Horizon { seq, stamp }.raised(upto, top.map(|(l, n)| Stamp::new(l, n)).as_ref()))
 }
 
 /// Where one namespace's collection step stops: `COLLECT_SEQS_PER_STEP`

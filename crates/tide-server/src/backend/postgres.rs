@@ -1142,10 +1142,7 @@ impl Backend for PostgresBackend {
             .fetch_one(&mut *tx)
             .await
             .map_err(unavailable)?;
-            let top: Option<(u64, String)> =
-                top.map(|t| serde_json::from_str(&t)).transpose().map_err(|e| BackendError::Internal(e.to_string()))?;
-            let before = Horizon { seq: horizon, stamp: lamport.zip(node).map(|(l, n)| Stamp::new(to_u64(l), n)) };
-            let after = before.raised(upto, top.map(|(l, n)| Stamp::new(l, n)).as_ref());
+            let after = super::horizon_after((horizon, lamport, node), upto, top.as_deref())?;
             let stamp = after.stamp.as_ref();
             sqlx::query(
                 "UPDATE tide_namespaces SET horizon = $2, horizon_lamport = $3, horizon_node = $4 WHERE namespace = $1",

@@ -197,6 +197,10 @@ impl tide_server::Backend for Counting {
     async fn listen(&self, on_commit: tide_server::CommitCallback) -> Result<(), tide_server::BackendError> {
         self.0.listen(on_commit).await
     }
+
+    async fn collect(&self, horizon_seqs: u64) -> Result<tide_server::Collected, tide_server::BackendError> {
+        self.0.collect(horizon_seqs).await
+    }
 }
 
 /// Polls woken by one commit at the same cursor share one read of the

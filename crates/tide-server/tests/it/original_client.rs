@@ -81,16 +81,28 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 /// and collected meanwhile (the closest safe behaviour it allows), and the
 /// server is left as it was.
 #[tokio::test]
-async fn an_original_client_away_past_the_horizon_is_sent_everything_again() {
+async fn an_original_client_away_past_the_horizon_is_sent_everything_again_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("server.db").to_str().unwrap().to_owned();
+    original_client_past_the_horizon(&["--db", &db], dir.path()).await;
+}
+
+#[tokio::test]
+async fn an_original_client_away_past_the_horizon_is_sent_everything_again_on_postgres() {
+    let Some(url) = crate::postgres::url() else { return };
+    let url = crate::postgres::fresh_schema(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    original_client_past_the_horizon(&["--database-url", &url], dir.path()).await;
+}
+
+async fn original_client_past_the_horizon(db: &[&str], dir: &std::path::Path) {
     let Some(python) = crate::service("TIDE_PYTHON", "the original Python client past the horizon") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("server.db");
-    let db_arg = db.to_str().unwrap().to_owned();
-    let (mut child, endpoint) =
-        spawn(&["--no-auth", "--db", &db_arg, "--tombstone-horizon-seqs", "3", "--collect-interval", "3600"]);
-    let old_store = dir.path().join("old.db").to_str().unwrap().to_owned();
+    let mut args = vec!["--no-auth", "--tombstone-horizon-seqs", "3", "--collect-interval", "3600"];
+    args.extend_from_slice(db);
+    let (mut child, endpoint) = spawn(&args);
+    let old_store = dir.join("old.db").to_str().unwrap().to_owned();
     let sync_old = || {
         let (python, endpoint, store) = (python.clone(), endpoint.clone(), old_store.clone());
         async move {
@@ -105,7 +117,7 @@ async fn an_original_client_away_past_the_horizon_is_sent_everything_again() {
         }
     };
     let ours = tide_client::Tide::builder()
-        .path(dir.path().join("ours.db"))
+        .path(dir.join("ours.db"))
         .endpoint(&endpoint)
         .long_poll(None)
         .open()
@@ -124,7 +136,8 @@ async fn an_original_client_away_past_the_horizon_is_sent_everything_again() {
     }
     ours.sync_once().await.unwrap();
     let out = Command::new(crate::binary::BIN)
-        .args(["--collect", "--tombstone-horizon-seqs", "3", "--db", &db_arg])
+        .args(["--collect", "--tombstone-horizon-seqs", "3"])
+        .args(db)
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
@@ -134,7 +147,7 @@ async fn an_original_client_away_past_the_horizon_is_sent_everything_again() {
     let live = ["k1", "k2", "k3", "later0", "later1", "later2", "later3"];
     assert_eq!(held, ["k0", "k1", "k2", "k3", "later0", "later1", "later2", "later3"], "all live, and its stale k0");
     let fresh = tide_client::Tide::builder()
-        .path(dir.path().join("fresh.db"))
+        .path(dir.join("fresh.db"))
         .endpoint(&endpoint)
         .long_poll(None)
         .open()

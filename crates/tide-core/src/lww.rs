@@ -71,14 +71,22 @@ pub struct Horizon {
 }
 
 impl Horizon {
-    /// Whether a put stamped `stamp` for a key with no stored version, edited
-    /// from the version stored under `base`, lost to a delete that has been
-    /// collected: its base is a version at or below the horizon (so the key
-    /// held it and has since lost every trace of it), and its stamp is not
-    /// above every collected tombstone (above them all, it would have beaten
-    /// the delete by [`decide`]).
-    pub fn deleted(&self, base: Option<u64>, stamp: &Stamp) -> bool {
-        base.is_some_and(|b| b <= self.seq) && self.stamp.as_ref().is_some_and(|h| stamp <= h)
+    /// Whether a put stamped `stamp`, edited from the version stored under
+    /// `base`, lost to a delete that has been collected. `born` is `None`
+    /// when the key has no stored version, else the horizon when its
+    /// current incarnation was created on an empty key (0 for one never
+    /// emptied). The base is from a gone incarnation when it is at or below
+    /// the horizon for an absent key (the key held it and has since lost
+    /// every trace of it), or at or below `born` for a key made again since
+    /// (a known seq: 0 is one the client does not know). And the stamp is
+    /// not above every collected tombstone (above them all, it would have
+    /// beaten the delete by [`decide`]).
+    pub fn deleted(&self, base: Option<u64>, stamp: &Stamp, born: Option<u64>) -> bool {
+        let gone = match born {
+            None => base.is_some_and(|b| b <= self.seq),
+            Some(born) => base.is_some_and(|b| b > 0 && b <= born),
+        };
+        gone && self.stamp.as_ref().is_some_and(|h| stamp <= h)
     }
 
     /// Whether a client at `cursor` may hold a version whose deletion is

@@ -47,6 +47,9 @@ pub struct Row {
     pub payload: Payload,
     /// The seq this version was stored under.
     pub seq: u64,
+    /// The horizon when this key was last written while it had no stored
+    /// version (its incarnation's start; 0 if never, PROTOCOL.md §14).
+    pub born: u64,
 }
 
 /// One page of changes after a cursor.
@@ -289,7 +292,7 @@ impl Model {
         self.lamport_max = self.lamport_max.max(op.stamp.lamport);
         let key = (op.collection.clone(), op.id.clone());
         let stored = self.rows.get(&key);
-        if stored.is_none() && op.payload.doc().is_some() && self.horizon.deleted(base, &op.stamp) {
+        if op.payload.doc().is_some() && self.horizon.deleted(base, &op.stamp, stored.map(|r| r.born)) {
             return OpResult::Deleted;
         }
         let decision = decide(stored.map(|r| (&r.stamp, &r.payload)), &op.stamp, &op.payload);
@@ -304,7 +307,8 @@ impl Model {
             };
             let old_live = stored.and_then(|r| live_hash(&r.stamp, &r.payload));
             self.digest.replace(&key.0, &key.1, old_live, live_hash(&op.stamp, &op.payload));
-            let row = Row { stamp: op.stamp.clone(), payload: op.payload.clone(), seq: self.seq };
+            let born = stored.map_or(self.horizon.seq, |r| r.born);
+            let row = Row { stamp: op.stamp.clone(), payload: op.payload.clone(), seq: self.seq, born };
             self.rows.insert(key.clone(), row);
         }
         let winner = self.rows.get(&key).map(|r| &r.stamp);

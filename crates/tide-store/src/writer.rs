@@ -1123,11 +1123,13 @@ async fn put_version(
     };
     let doc = v.payload.doc().map(|d| serde_json::to_string(d).expect("documents serialize"));
     let (bucket, vhash) = digest_columns(collection, id, &v.stamp, doc.as_deref());
+    // A version the server took: its seq is not known here (0), and it was
+    // edited from nothing local.
     sqlx::query(
-        "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+        "INSERT INTO tide_docs (collection, id, doc, lamport, node_id, deleted, bucket, vhash, seq) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 0) \
          ON CONFLICT (collection, id) DO UPDATE SET doc = excluded.doc, lamport = excluded.lamport, \
-         node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash",
+         node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash, seq = 0, base = NULL",
     )
     .bind(collection)
     .bind(id)

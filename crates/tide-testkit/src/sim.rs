@@ -46,9 +46,12 @@ pub struct SimConfig {
 
 impl SimConfig {
     /// The default run with tombstone collection: a short horizon, so
-    /// clients that go offline often come back past it.
+    /// clients that go offline often come back past it. Without server
+    /// restores: a backup restored while collection runs renumbers seqs the
+    /// clients collect by, and may give back versions whose deletes everyone
+    /// collected (PROTOCOL.md §14 says so); the default run covers restores.
     pub fn collecting() -> Self {
-        Self { collect_per_mille: 60, horizon_seqs: 3, ..Self::default() }
+        Self { collect_per_mille: 60, horizon_seqs: 3, restore_per_mille: 0, ..Self::default() }
     }
 }
 
@@ -209,8 +212,9 @@ pub async fn simulate(seed: u64, config: &SimConfig) -> Result<SimReport, String
                 report.restarts += 1;
             }
         }
-        let deleted = cluster.server().deleted_writes();
+        let deleted = deleted_as_read(&cluster, c, &last_read[c]).await?;
         let now = cluster.snapshot_keys(c, &keys).await.map_err(|e| e.to_string())?;
+        trace(&cluster, step, c).await?;
         history.observe(cluster.server().model(), restored > 0);
         never_back(&last_read[c], &now, (&deleted, &history.forgotten))
             .map_err(|e| format!("step {step}: c{c} {e}"))?;
@@ -251,6 +255,43 @@ async fn heal_and_check(
     }
     for (c, watch) in watches.iter_mut().enumerate() {
         check_watch(watch, cluster, c, &history.forgotten).await?;
+    }
+    Ok(())
+}
+
+/// The writes the server answered `deleted`, also under the stamps client
+/// `c` read them with before a re-key gave them new ones.
+async fn deleted_as_read(cluster: &Cluster, c: usize, read: &Snapshot) -> Result<DeletedWrites, String> {
+    let mut deleted = cluster.server().deleted_writes();
+    for (key, (stamp, _)) in read {
+        let current = cluster.client(c).current_stamp(stamp).await.map_err(|e| e.to_string())?;
+        if current != *stamp && deleted.contains(&(key.clone(), current)) {
+            deleted.insert((key.clone(), stamp.clone()));
+        }
+    }
+    Ok(deleted)
+}
+
+/// With `TIDE_SIM_TRACE=collection/id`, prints after every step the
+/// server's and every client's version of that key, the horizon, and the
+/// step's exchanges that carried it: for replaying a failed seed.
+async fn trace(cluster: &Cluster, step: usize, c: usize) -> Result<(), String> {
+    let Ok(traced) = std::env::var("TIDE_SIM_TRACE") else { return Ok(()) };
+    let (collection, id) = traced.split_once('/').unwrap_or((traced.as_str(), ""));
+    let model = cluster.server().model();
+    let mut held = Vec::new();
+    for i in 0..cluster.len() {
+        let v = cluster.client(i).version(collection, id).await.map_err(|e| e.to_string())?;
+        held.push(v.map(|v| (v.stamp.lamport, v.stamp.node_id, v.payload.doc().is_some())));
+    }
+    let row = model.row(collection, id).map(|r| (r.stamp.clone(), r.payload.doc().is_some(), r.seq));
+    eprintln!("step {step} c{c}: horizon {:?}, server {row:?}, clients {held:?}", model.horizon());
+    let traffic = cluster.server().traffic();
+    for e in traffic.iter().rev().take(8).rev() {
+        if e.request.ops.iter().any(|o| o.collection == collection && o.id == id) {
+            let ops: Vec<_> = e.request.ops.iter().map(|o| (&o.id, &o.stamp, o.payload.doc().is_some())).collect();
+            eprintln!("  {} repair={} fault={:?} ops={ops:?} -> {:?}", e.client, e.request.repair, e.fault, e.outcome);
+        }
     }
     Ok(())
 }
@@ -319,7 +360,7 @@ async fn check_watch(
         if let Some((prev, doc, false)) = last.get(&key)
             && e.stamp < *prev
             && e.source != Source::Reverted
-            && !(doc.is_none() && forgotten.contains(&(key.clone(), prev.clone())))
+            && !(doc.is_none() && forgot_since(forgotten, &key, prev))
         {
             return Err(format!("c{c}'s watcher saw {key:?} go from {prev:?} back to {:?} ({:?})", e.stamp, e.source));
         }
@@ -348,18 +389,26 @@ fn never_back(before: &Snapshot, now: &Snapshot, ends: (&DeletedWrites, &Deleted
     for (key, (stamp, payload)) in before {
         let refused = payload.doc().is_some_and(|d| d.to_map().contains_key("big"));
         let version = (key.clone(), stamp.clone());
-        // A collected deletion may be followed by an older new document.
-        let collected = payload.doc().is_none() && forgotten.contains(&version);
-        let dropped = payload.doc().is_none() || deleted.contains(&version);
+        // A collected deletion may be followed by an older new document;
+        // a version dropped as deleted by anything.
+        let collected = payload.doc().is_none() && forgot_since(forgotten, key, stamp);
+        let dropped = deleted.contains(&version);
         match now.get(key) {
             Some((s, _)) if s >= stamp => {}
-            _ if collected => {}
-            None if dropped => {}
+            _ if collected || dropped => {}
+            None if payload.doc().is_none() => {}
             _ if refused => {}
             other => return Err(format!("went back on {key:?}: had {stamp:?}, now {other:?}")),
         }
     }
     Ok(())
+}
+
+/// Whether the server collected a tombstone of `key` at least as new as
+/// `stamp` (a replica that held a deletion up to there may then take an
+/// older new document, PROTOCOL.md §14).
+fn forgot_since(forgotten: &DeletedWrites, key: &(String, String), stamp: &Stamp) -> bool {
+    forgotten.iter().any(|(k, s)| k == key && s >= stamp)
 }
 
 /// The server's live documents are exactly the highest write of every key
@@ -407,7 +456,9 @@ impl ServerHistory {
                 if row.payload.doc().is_some() && after.is_none_or(|r| r.payload.doc().is_none()) {
                     self.dead.insert((key.clone(), row.stamp.clone()));
                 }
-                if row.payload.doc().is_none() && after.is_none() {
+                // Collected (and perhaps written again in the same step).
+                let collected = row.seq <= now.horizon().seq && after.is_none_or(|a| a.seq != row.seq);
+                if row.payload.doc().is_none() && collected {
                     self.forgotten.insert((key.clone(), row.stamp.clone()));
                 }
             }

@@ -272,3 +272,26 @@ fn bases_are_one_per_op() {
     req.bases = vec![None];
     assert_eq!(m.exchange(&req).unwrap_err().code, ErrorCode::InvalidRequest);
 }
+
+#[test]
+fn an_edit_of_a_gone_incarnation_is_deleted_even_after_the_key_is_made_again() {
+    let mut m = with_a_deletion();
+    m.collect(3);
+    // x is made again from nothing: a new incarnation, begun at horizon 3.
+    let r = sync(&mut m, "c", Some(4), vec![put("x", 1, "c", 5)]);
+    assert_eq!(r.results, [OpResult::Applied { seq: 5 }]);
+    assert_eq!(m.row("c", "x").unwrap().born, 3);
+    let edit = |base, lamport| {
+        let mut req = SyncRequest::new("b", Some(Cursor(5)));
+        req.ops = vec![put("x", lamport, "b", 7)];
+        req.bases = vec![Some(base)];
+        req
+    };
+    // An edit of the version at seq 1 (deleted, collected) loses even
+    // though its stamp beats the new incarnation's.
+    assert_eq!(m.exchange(&edit(1, 2)).unwrap().results, [OpResult::Deleted]);
+    assert_eq!(m.row("c", "x").unwrap().stamp, Stamp::new(1, "c"));
+    // An edit of the new incarnation is decided as usual.
+    assert_eq!(m.exchange(&edit(5, 2)).unwrap().results, [OpResult::Applied { seq: 6 }]);
+    assert_eq!(m.row("c", "x").unwrap().born, 3, "the incarnation goes on");
+}

@@ -522,6 +522,8 @@ pub(crate) struct Current<'a> {
     /// The document text, when read (a stored version's is read only for
     /// a write that carries its stamp).
     pub(crate) doc: Option<Cow<'a, str>>,
+    /// The horizon when the key's incarnation began (PROTOCOL.md §14).
+    pub(crate) born: u64,
 }
 
 /// One op of a group as the backends decide it: its document's text (the
@@ -569,8 +571,8 @@ impl<'a> Incoming<'a> {
     }
 
     /// The version this op writes, to decide later ops of the group against.
-    pub(crate) fn current(&self) -> Current<'_> {
-        Current { stamp: self.op.stamp.clone(), hash: self.hash, doc: self.doc.as_deref().map(Cow::Borrowed) }
+    pub(crate) fn current(&self, born: u64) -> Current<'_> {
+        Current { stamp: self.op.stamp.clone(), hash: self.hash, doc: self.doc.as_deref().map(Cow::Borrowed), born }
     }
 
     /// The version hash stored with this op's version: of its document, or
@@ -610,13 +612,14 @@ pub(crate) fn decide_current(current: Option<&Current<'_>>, incoming: &Incoming<
 /// Decides a request's ops in order against `current` (updated as ops
 /// apply), numbering applied ops from `seq`: the results; per written key
 /// the group-wide index (`first` + position) of its last applied op and
-/// that op's seq go to `written`. A put edited from a version whose key's
-/// delete went past `horizon` is answered `deleted` (PROTOCOL.md §14).
+/// that op's seq and its key's incarnation start (`born`) go to
+/// `written`. A put edited from a version whose key's delete went past
+/// `horizon` is answered `deleted` (PROTOCOL.md §14).
 pub(crate) fn decide_request<'a>(
     (namespace, horizon): (&'a str, &Horizon),
     incoming: &'a [Incoming<'a>],
     current: &mut HashMap<GroupKey<'a>, Current<'a>>,
-    written: &mut HashMap<GroupKey<'a>, (usize, u64)>,
+    written: &mut HashMap<GroupKey<'a>, Written>,
     first: usize,
     seq: &mut u64,
 ) -> Vec<OpResult> {
@@ -627,21 +630,32 @@ pub(crate) fn decide_request<'a>(
             continue;
         }
         let key = (namespace, inc.op.collection.as_str(), inc.op.id.as_str());
-        if !current.contains_key(&key) && inc.doc.is_some() && horizon.deleted(inc.base, &inc.op.stamp) {
+        let born = current.get(&key).map(|c| c.born);
+        if inc.doc.is_some() && horizon.deleted(inc.base, &inc.op.stamp, born) {
             results.push(OpResult::Deleted);
             continue;
         }
         let decision = decide_current(current.get(&key), inc);
         if decision == Decision::Apply {
             *seq += 1;
-            current.insert(key, inc.current());
-            written.insert(key, (first + i, *seq));
+            let born = born.unwrap_or(horizon.seq);
+            current.insert(key, inc.current(born));
+            written.insert(key, (first + i, *seq, born));
         }
         let winner = current.get(&key).map(|c| &c.stamp);
         results.push(tide_core::model::op_result(decision, inc.op, winner, *seq));
     }
     results
 }
+
+/// A key a group wrote: the group-wide index of its last applied op, that
+/// op's seq, and the key's incarnation start.
+pub(crate) type Written = (usize, u64, u64);
+
+/// A stored version as a write group's read returns it: the op's place in
+/// the group, lamport, node id, deleted (as each database spells it), hash,
+/// rendering (for an op with its stamp), incarnation start.
+pub(crate) type StoredRow<D> = (usize, u64, String, D, i64, Option<String>, u64);
 
 /// A request waiting for the next write group.
 pub(crate) struct Pending {

@@ -87,6 +87,7 @@ const MIGRATE_V3: &[&str] = &[
 const MIGRATE_V4: &[&str] = &[
     r#"ALTER TABLE tide_namespaces ADD COLUMN horizon BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN horizon_lamport BIGINT, ADD COLUMN horizon_node TEXT COLLATE "C""#,
+    "ALTER TABLE tide_rows ADD COLUMN born BIGINT NOT NULL DEFAULT 0",
     "UPDATE tide_server_meta SET value = '4' WHERE key = 'schema_version'",
 ];
 
@@ -640,8 +641,9 @@ impl NamespaceWriter {
         }
         let (mut seq, mut lamport_max) = (to_u64(counters.seq), to_u64(counters.lamport_max));
         let mut current: HashMap<GroupKey<'_>, Current<'_>> = HashMap::with_capacity(stored.len());
-        for (key, (stamp, hash, doc)) in &stored {
-            current.insert(*key, Current { stamp: stamp.clone(), hash: *hash, doc: doc.as_deref().map(Into::into) });
+        for (key, (stamp, hash, doc, born)) in &stored {
+            let doc = doc.as_deref().map(Into::into);
+            current.insert(*key, Current { stamp: stamp.clone(), hash: *hash, doc, born: *born });
         }
         let before: HashMap<GroupKey<'_>, Hash64> = current.iter().filter_map(|(k, c)| Some((*k, c.hash?))).collect();
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -663,7 +665,7 @@ impl NamespaceWriter {
         }
         let flat: Vec<&Incoming<'_>> = incoming.iter().flatten().collect();
         let deltas = super::digest_deltas(
-            written.iter().map(|(&(n, c, id), &(i, _))| (n, c, id, before.get(&(n, c, id)).copied(), flat[i].hash)),
+            written.iter().map(|(&(n, c, id), &(i, ..))| (n, c, id, before.get(&(n, c, id)).copied(), flat[i].hash)),
         );
         let applied = !written.is_empty();
         let counters = Counters { seq: to_i64(seq), lamport_max: to_i64(lamport_max), ..counters };
@@ -720,8 +722,8 @@ fn bind_page<'q, O>(
 }
 
 /// A stored version as a write group reads it: stamp, hash if live,
-/// document if a write carries its stamp.
-type Stored = (Stamp, Option<Hash64>, Option<String>);
+/// document if a write carries its stamp, its key's incarnation start.
+type Stored = (Stamp, Option<Hash64>, Option<String>, u64);
 
 /// Reads the namespace's counters (`None` for a namespace made by another
 /// process after the statement's snapshot), binds the group's new node ids
@@ -761,7 +763,7 @@ async fn read_group<'a>(
            (SELECT coalesce(json_agg(json_build_array(node_id, principal, chain_last, chain_before, chain_height)), '[]') \
             FROM (SELECT * FROM bound UNION ALL SELECT * FROM known) b)::text, \
            (SELECT coalesce(json_agg(json_build_array(k.i - 1, r.lamport, r.node_id, r.deleted, r.vhash, \
-              CASE WHEN r.lamport = k.lamport AND r.node_id = k.node_id THEN r.wire END)), '[]') \
+              CASE WHEN r.lamport = k.lamport AND r.node_id = k.node_id THEN r.wire END, r.born)), '[]') \
             FROM UNNEST($4::text[], $5::text[], $6::bigint[], $7::text[]) WITH ORDINALITY AS k(collection, id, lamport, node_id, i) \
             JOIN tide_rows r ON r.namespace = $1 AND r.collection = k.collection AND r.id = k.id)::text",
     )
@@ -784,17 +786,17 @@ async fn read_group<'a>(
             last.map(|last| tide_core::Chain { last, before: before.unwrap_or_default(), height: height.unwrap_or(0) });
         nodes.insert(node, Node { principal, chain, moved: false });
     }
-    let read: Vec<(usize, u64, String, bool, i64, Option<String>)> =
+    let read: Vec<super::StoredRow<bool>> =
         serde_json::from_str(&stored_json).map_err(|e| bad("stored versions", e))?;
     let mut stored: HashMap<GroupKey<'a>, Stored> = HashMap::with_capacity(read.len());
-    for (i, lamport, node, deleted, hash, wire) in read {
+    for (i, lamport, node, deleted, hash, wire, born) in read {
         let doc = match wire {
             Some(wire) if !deleted => super::prefix_doc(&wire)?,
             _ => None,
         };
         let entry = stored
             .entry(keys[i])
-            .or_insert_with(|| (Stamp::new(lamport, node), (!deleted).then(|| Hash64::from_i64(hash)), None));
+            .or_insert_with(|| (Stamp::new(lamport, node), (!deleted).then(|| Hash64::from_i64(hash)), None, born));
         entry.2 = entry.2.take().or(doc);
     }
     let counters = match (seq, lamport_max, version, horizon_json) {
@@ -831,19 +833,19 @@ fn ns_of(p: &Pending) -> &str {
 async fn write_group(
     conn: &mut PgConnection,
     ns: &str,
-    (written, incoming): (&HashMap<GroupKey<'_>, (usize, u64)>, &[&Incoming<'_>]),
+    (written, incoming): (&HashMap<GroupKey<'_>, super::Written>, &[&Incoming<'_>]),
     deltas: &super::DigestDeltas<'_>,
     nodes: &HashMap<&str, Node>,
     (counters, applied): (&Counters, bool),
 ) -> Result<Option<i64>, BackendError> {
-    let mut order: Vec<(usize, u64)> = written.values().copied().collect();
-    order.sort_by_key(|&(_, seq)| seq);
-    let ops: Vec<&Incoming<'_>> = order.iter().map(|&(i, _)| incoming[i]).collect();
+    let mut order: Vec<super::Written> = written.values().copied().collect();
+    order.sort_by_key(|&(_, seq, _)| seq);
+    let ops: Vec<&Incoming<'_>> = order.iter().map(|&(i, ..)| incoming[i]).collect();
     let prefixes: Vec<String> = ops.iter().map(|i| i.prefix()).collect();
     let sizes: Vec<i64> = prefixes
         .iter()
         .zip(&order)
-        .map(|(p, &(_, seq))| i64::try_from(super::rendered_len(p, seq)).unwrap_or(i64::MAX))
+        .map(|(p, &(_, seq, _))| i64::try_from(super::rendered_len(p, seq)).unwrap_or(i64::MAX))
         .collect();
     let moved: Vec<(&str, &tide_core::Chain)> =
         nodes.iter().filter(|(_, n)| n.moved).filter_map(|(node, n)| Some((*node, n.chain.as_ref()?))).collect();
@@ -852,12 +854,12 @@ async fn write_group(
     let (done, logged): (bool, Option<i64>) = sqlx::query_as(
         "WITH n AS (UPDATE tide_namespaces SET seq = $21, lamport_max = $22, size_max = GREATEST(size_max, $25) \
            WHERE namespace = $1 AND xmin::text = $26 RETURNING 1), \
-         r AS (INSERT INTO tide_rows (namespace, collection, id, lamport, node_id, deleted, seq, bucket, vhash, size, wire) \
+         r AS (INSERT INTO tide_rows (namespace, collection, id, lamport, node_id, deleted, seq, bucket, vhash, size, wire, born) \
            SELECT $1, * FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::text[], $6::bool[], $7::bigint[], \
-           $8::int[], $9::bigint[], $10::bigint[], $11::text[]) WHERE EXISTS (SELECT 1 FROM n) \
+           $8::int[], $9::bigint[], $10::bigint[], $11::text[], $27::bigint[]) WHERE EXISTS (SELECT 1 FROM n) \
            ON CONFLICT (namespace, collection, id) DO UPDATE SET lamport = excluded.lamport, \
            node_id = excluded.node_id, deleted = excluded.deleted, seq = excluded.seq, vhash = excluded.vhash, \
-           size = excluded.size, wire = excluded.wire), \
+           size = excluded.size, wire = excluded.wire, born = excluded.born), \
          d AS (INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
            SELECT $1, 0, c, 0, h FROM UNNEST($12::text[], $13::bigint[]) AS u(c, h) WHERE EXISTS (SELECT 1 FROM n) \
            ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = tide_digest.hash # excluded.hash), \
@@ -875,7 +877,7 @@ async fn write_group(
     .bind(ops.iter().map(|i| to_i64(i.op.stamp.lamport)).collect::<Vec<_>>())
     .bind(ops.iter().map(|i| i.op.stamp.node_id.as_str()).collect::<Vec<_>>())
     .bind(ops.iter().map(|i| i.doc.is_none()).collect::<Vec<_>>())
-    .bind(order.iter().map(|&(_, seq)| to_i64(seq)).collect::<Vec<_>>())
+    .bind(order.iter().map(|&(_, seq, _)| to_i64(seq)).collect::<Vec<_>>())
     .bind(ops.iter().map(|i| i32::from(tide_core::digest::bucket(&i.op.collection, &i.op.id))).collect::<Vec<_>>())
     .bind(ops.iter().map(|i| i.stored_hash()).collect::<Vec<_>>())
     .bind(&sizes)
@@ -895,6 +897,7 @@ async fn write_group(
     .bind(COMMITS_CHANNEL)
     .bind(sizes.iter().copied().max().unwrap_or(0))
     .bind(&counters.version)
+    .bind(order.iter().map(|&(.., born)| to_i64(born)).collect::<Vec<_>>())
     .fetch_one(&mut *conn)
     .await
     .map_err(unavailable)?;

@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS tide_changes (
     vhash      INTEGER NOT NULL,
     size       INTEGER NOT NULL,
     wire       TEXT NOT NULL,
+    born       INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (namespace, seq)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS tide_changes_by_key ON tide_changes (namespace, collection, id);
@@ -102,6 +103,7 @@ CREATE TABLE IF NOT EXISTS tide_nodes (
 ";
 
 /// Version 3 to 4: each namespace's tombstone horizon (PROTOCOL.md §14).
+/// (`tide_changes`, made by version 3, also gets each key's `born`.)
 const MIGRATE_V4: &str = "ALTER TABLE tide_namespaces ADD COLUMN horizon INTEGER NOT NULL DEFAULT 0; \
      ALTER TABLE tide_namespaces ADD COLUMN horizon_lamport INTEGER; \
      ALTER TABLE tide_namespaces ADD COLUMN horizon_node TEXT;";
@@ -694,7 +696,10 @@ impl Writer {
         let (mut counters, mut nodes, stored) = read.parse(&rows)?;
         let mut current: HashMap<GroupKey<'_>, Current<'_>> = stored
             .iter()
-            .map(|(k, s)| (*k, Current { stamp: s.stamp.clone(), hash: s.hash, doc: s.doc.as_deref().map(Into::into) }))
+            .map(|(k, s)| {
+                let doc = s.doc.as_deref().map(Into::into);
+                (*k, Current { stamp: s.stamp.clone(), hash: s.hash, doc, born: s.born })
+            })
             .collect();
         let before: HashMap<GroupKey<'_>, Hash64> = current.iter().filter_map(|(k, c)| Some((*k, c.hash?))).collect();
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -713,7 +718,7 @@ impl Writer {
         }
         let flat: Vec<&Incoming<'_>> = incoming.iter().flatten().collect();
         let deltas = super::digest_deltas(
-            written.iter().map(|(&(ns, c, id), &(i, _))| (ns, c, id, before.get(&(ns, c, id)).copied(), flat[i].hash)),
+            written.iter().map(|(&(ns, c, id), &(i, ..))| (ns, c, id, before.get(&(ns, c, id)).copied(), flat[i].hash)),
         );
         let logged = self.logged + i64::try_from(deltas.buckets.len()).unwrap_or(i64::MAX);
         let fold = logged > self.digest_log_rows_max.load(Ordering::Relaxed);
@@ -773,7 +778,7 @@ const READ_GROUP: &str = "BEGIN IMMEDIATE; \
      SELECT json_group_array(json_array(j.key, n.principal, n.chain_last, n.chain_before, n.chain_height)) \
      FROM jsonb_each(?) AS j CROSS JOIN tide_nodes AS n ON n.namespace = j.value->>0 AND n.node_id = j.value->>1; \
      SELECT json_group_array(json_array(j.key, r.lamport, r.node_id, r.deleted, r.vhash, \
-       CASE WHEN r.lamport = j.value->>3 AND r.node_id = j.value->>4 THEN r.wire END)) \
+       CASE WHEN r.lamport = j.value->>3 AND r.node_id = j.value->>4 THEN r.wire END, r.born)) \
      FROM jsonb_each(?) AS j CROSS JOIN tide_changes AS r \
      ON r.namespace = j.value->>0 AND r.collection = j.value->>1 AND r.id = j.value->>2";
 
@@ -781,12 +786,12 @@ const READ_GROUP: &str = "BEGIN IMMEDIATE; \
 macro_rules! write_group {
     () => {
         "INSERT INTO tide_changes \
-       (namespace, seq, collection, id, lamport, node_id, deleted, bucket, vhash, size, wire) \
+       (namespace, seq, collection, id, lamport, node_id, deleted, bucket, vhash, size, wire, born) \
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, \
-       value->>9, value->>10 FROM jsonb_each(?) WHERE true \
+       value->>9, value->>10, value->>11 FROM jsonb_each(?) WHERE true \
      ON CONFLICT (namespace, collection, id) DO UPDATE SET seq = excluded.seq, lamport = excluded.lamport, \
        node_id = excluded.node_id, deleted = excluded.deleted, vhash = excluded.vhash, size = excluded.size, \
-       wire = excluded.wire; \
+       wire = excluded.wire, born = excluded.born; \
      INSERT INTO tide_digest (namespace, level, collection, ix, hash) \
      SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM jsonb_each(?) WHERE true \
      ON CONFLICT (namespace, level, collection, ix) DO UPDATE SET hash = (hash | excluded.hash) & ~(hash & excluded.hash); \
@@ -891,10 +896,9 @@ impl<'a> GroupRead<'a> {
                 last.map(|last| Chain { last, before: before.unwrap_or_default(), height: height.unwrap_or(0) });
             known.insert((self.nodes[i].0, self.nodes[i].1), Node { principal, chain, moved: false });
         }
-        let read: Vec<(usize, u64, String, u8, i64, Option<String>)> =
-            serde_json::from_str(stored).map_err(|e| bad("stored versions", e))?;
+        let read: Vec<super::StoredRow<u8>> = serde_json::from_str(stored).map_err(|e| bad("stored versions", e))?;
         let mut versions: HashMap<GroupKey<'a>, Stored> = HashMap::with_capacity(read.len());
-        for (i, lamport, node, deleted, hash, wire) in read {
+        for (i, lamport, node, deleted, hash, wire, born) in read {
             let doc = match wire {
                 Some(wire) if deleted == 0 => super::prefix_doc(&wire)?,
                 _ => None,
@@ -903,6 +907,7 @@ impl<'a> GroupRead<'a> {
                 stamp: Stamp::new(lamport, node),
                 hash: (deleted == 0).then(|| Hash64::from_i64(hash)),
                 doc: None,
+                born,
             });
             entry.doc = entry.doc.take().or(doc);
         }
@@ -916,6 +921,7 @@ struct Stored {
     stamp: Stamp,
     hash: Option<Hash64>,
     doc: Option<String>,
+    born: u64,
 }
 
 /// What a write group read: counters (seq, highest counter, horizon) per
@@ -1005,6 +1011,12 @@ async fn migrate(conn: &mut SqliteConnection) -> Result<(), BackendError> {
     if version.is_some_and(|v| v < 4) {
         sqlx::raw_sql(MIGRATE_V4).execute(&mut *tx).await.map_err(unavailable)?;
     }
+    if version == Some(3) {
+        sqlx::raw_sql("ALTER TABLE tide_changes ADD COLUMN born INTEGER NOT NULL DEFAULT 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+    }
     sqlx::query("INSERT OR REPLACE INTO tide_server_meta (key, value) VALUES ('schema_version', ?1)")
         .bind(super::SCHEMA_VERSION)
         .execute(&mut *tx)
@@ -1043,6 +1055,7 @@ async fn backfill(conn: &mut SqliteConnection) -> Result<(), BackendError> {
             stored_hash.to_i64(),
             size,
             prefix,
+            0,
         ));
     }
     for chunk in changes.chunks(10_000) {
@@ -1067,7 +1080,7 @@ type BackfillRow = (String, String, String, i64, String, bool, Option<String>, i
 
 /// One row of `tide_changes`, in column order.
 #[derive(Serialize)]
-struct Row<'a>(&'a str, i64, &'a str, &'a str, i64, &'a str, u8, u16, i64, u64, String);
+struct Row<'a>(&'a str, i64, &'a str, &'a str, i64, &'a str, u8, u16, i64, u64, String, u64);
 
 /// Inserts or replaces rows of `tide_changes` (by key), in one statement.
 async fn insert_changes(conn: &mut SqliteConnection, rows: &[Row<'_>]) -> Result<(), BackendError> {
@@ -1151,10 +1164,10 @@ fn bind_page<'q, O>(
 }
 
 /// The rows of `tide_changes` a group writes: the last applied op of each key.
-fn rows_written<'a>(written: &'a HashMap<GroupKey<'_>, (usize, u64)>, incoming: &[&'a Incoming<'_>]) -> Vec<Row<'a>> {
+fn rows_written<'a>(written: &'a HashMap<GroupKey<'_>, super::Written>, incoming: &[&'a Incoming<'_>]) -> Vec<Row<'a>> {
     let mut rows: Vec<Row<'_>> = written
         .iter()
-        .map(|(&(ns, collection, id), &(i, seq))| {
+        .map(|(&(ns, collection, id), &(i, seq, born))| {
             let inc = incoming[i];
             let prefix = inc.prefix();
             let size = super::rendered_len(&prefix, seq);
@@ -1173,6 +1186,7 @@ fn rows_written<'a>(written: &'a HashMap<GroupKey<'_>, (usize, u64)>, incoming: 
                 inc.stored_hash(),
                 size,
                 prefix,
+                born,
             )
         })
         .collect();

@@ -362,6 +362,40 @@ async fn servers_starting_together_migrate_safely() {
     }
 }
 
+/// A schema-3 database (before horizons) opens, writes go on, and it
+/// collects.
+#[tokio::test]
+async fn a_schema_3_database_is_migrated_and_collects() {
+    use sqlx::{ConnectOptions, Connection};
+    use tide_server::{Backend, Namespace, Principal};
+    let Some(base) = url() else { return };
+    let url = fresh_schema(&base).await;
+    let principal = Principal { id: "alice".into(), namespace: Namespace::new("pg") };
+    let open = || PostgresBackend::open(&url, tide_server::Durability::Full, tide_core::Limits::default());
+    let backend = open().await.unwrap();
+    let ops = vec![put("n1", "a", 1, 1), Op { payload: Payload::Delete, ..put("n1", "a", 2, 0) }, put("n1", "b", 3, 1)];
+    backend.exchange(&principal, Arc::new(req("n1", None, ops))).await.unwrap();
+    drop(backend);
+    let mut conn: sqlx::PgConnection =
+        url.parse::<sqlx::postgres::PgConnectOptions>().unwrap().connect().await.unwrap();
+    for statement in [
+        "ALTER TABLE tide_namespaces DROP COLUMN horizon, DROP COLUMN horizon_lamport, DROP COLUMN horizon_node",
+        "ALTER TABLE tide_rows DROP COLUMN born",
+        "UPDATE tide_server_meta SET value = '3' WHERE key = 'schema_version'",
+    ] {
+        sqlx::query(statement).execute(&mut conn).await.unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let backend = open().await.unwrap();
+    let page = backend.exchange(&principal, Arc::new(req("r", None, vec![]))).await.unwrap().to_response();
+    assert_eq!(page.changes.iter().map(|c| (c.id.as_str(), c.seq)).collect::<Vec<_>>(), [("a", 2), ("b", 3)]);
+    let collected = backend.collect(1).await.unwrap();
+    assert_eq!(collected.tombstones, 1, "a's tombstone is more than one change behind");
+    let page = backend.exchange(&principal, Arc::new(req("r", None, vec![]))).await.unwrap().to_response();
+    assert_eq!((page.changes.len(), page.horizon), (1, Some(2)));
+}
+
 /// A database written by tide 0.1 before digests (schema 1, frozen here)
 /// opens with every version served exactly as before, its digests computed
 /// from the versions, and writes going on from its seqs.

@@ -447,3 +447,73 @@ async fn a_schema_1_database_is_migrated_with_nothing_lost() {
         backend.exchange(&principal, Arc::new(req("n1", Some(Cursor(3)), vec![put("n1", "new", 8, 1)]))).await;
     assert_eq!(written.unwrap().results, [OpResult::Applied { seq: 4 }]);
 }
+
+/// Collection running beside concurrent write groups (lock-free ones
+/// conflict with it and go again under the row lock): every request is
+/// answered, the end state is each key's last applied op, and no tombstone
+/// at or below the horizon is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_beside_concurrent_writers_loses_nothing() {
+    use tide_server::{Backend, Namespace, Principal};
+    let Some(base) = url() else { return };
+    let url = fresh_schema(&base).await;
+    let backend =
+        PostgresBackend::open(&url, tide_server::Durability::Normal, tide_core::Limits::default()).await.unwrap();
+    let principal = Principal { id: "p".into(), namespace: Namespace::new("pg") };
+    let mut writers = Vec::new();
+    for w in 0..4u64 {
+        let (backend, principal) = (Arc::clone(&backend), principal.clone());
+        writers.push(tokio::spawn(async move {
+            let node = format!("w{w}");
+            let mut applied = Vec::new();
+            for i in 0..40u64 {
+                let id = format!("k{}", (i * 7 + w) % 10);
+                let lamport = 1 + i * 4 + w;
+                let op = if i % 3 == 0 {
+                    Op { payload: Payload::Delete, ..put(&node, &id, lamport, 0) }
+                } else {
+                    put(&node, &id, lamport, i)
+                };
+                let reply = backend.exchange(&principal, Arc::new(req(&node, None, vec![op.clone()]))).await.unwrap();
+                if let OpResult::Applied { seq } = reply.results[0] {
+                    applied.push((seq, op));
+                }
+            }
+            applied
+        }));
+    }
+    let collecting = {
+        let backend = Arc::clone(&backend);
+        tokio::spawn(async move {
+            let mut removed = 0;
+            for _ in 0..60 {
+                removed += backend.collect(5).await.unwrap().tombstones;
+                tokio::task::yield_now().await;
+            }
+            removed
+        })
+    };
+    let mut last: BTreeMap<String, (u64, Op)> = BTreeMap::new();
+    for w in writers {
+        for (seq, op) in w.await.unwrap() {
+            if last.get(&op.id).is_none_or(|(s, _)| *s < seq) {
+                last.insert(op.id.clone(), (seq, op));
+            }
+        }
+    }
+    let removed = collecting.await.unwrap() + backend.collect(5).await.unwrap().tombstones;
+    let mut read = req("reader", None, vec![]);
+    read.limit = Some(1_000);
+    let page = backend.exchange(&principal, Arc::new(read)).await.unwrap().to_response();
+    let horizon = page.horizon.unwrap_or(0);
+    for change in &page.changes {
+        assert!(change.payload.doc().is_some() || change.seq > horizon, "a tombstone below the horizon: {change:?}");
+        let (seq, op) = &last[&change.id];
+        assert_eq!((change.seq, &change.stamp), (*seq, &op.stamp), "the last applied op of {}", change.id);
+    }
+    for (id, (seq, op)) in &last {
+        let on_page = page.changes.iter().any(|c| &c.id == id);
+        assert!(on_page || (op.payload.doc().is_none() && *seq <= horizon), "{id} went missing");
+    }
+    assert!(removed > 0 && horizon > 0, "collection ran: {removed} removed, horizon {horizon}");
+}

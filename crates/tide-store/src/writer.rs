@@ -685,7 +685,11 @@ impl State {
             .collect();
         if !stored.is_empty() {
             // Still the op's version: now the server's, at that seq (0:
-            // the server held it under a seq it did not say).
+            // the server held it under a seq it did not say). Only where a
+            // later decision needs it: a tombstone (collected by its seq)
+            // and a version with no base of its own (a new document); an
+            // edit keeps the base it was edited from, which decides the
+            // same (PROTOCOL.md §14) and spares a row write per op.
             // Materialized first: in an UPDATE … FROM, SQLite would scan
             // the whole table for the rows to update.
             sqlx::query(
@@ -693,7 +697,8 @@ impl State {
                    iif(j.value->>1 = 0, coalesce(d.seq, 0), j.value->>1) AS seq \
                    FROM json_each(?1) AS j CROSS JOIN tide_outbox AS o ON o.seq = j.value->>0 \
                    CROSS JOIN tide_docs AS d ON d.collection = o.collection AND d.id = o.id \
-                   AND d.lamport = o.lamport AND d.node_id = o.node_id) \
+                   AND d.lamport = o.lamport AND d.node_id = o.node_id \
+                   WHERE o.kind = 'delete' OR o.base IS NULL) \
                  UPDATE tide_docs SET seq = x.seq, base = NULL FROM x WHERE tide_docs.rowid = x.rid",
             )
             .bind(serde_json::to_string(&stored).expect("acks serialize"))

@@ -246,7 +246,7 @@ impl Inner {
     ) -> Result<SyncRequest> {
         let mut req = SyncRequest::new(self.store.node_id(), cursor);
         req.live_below = live_below;
-        req.from_head = self.store.from_head().await?;
+        req.from_head = self.store.from_head();
         req.ops = pending.iter().map(|p| p.op.clone()).collect();
         if pending.iter().any(|p| p.base.is_some()) {
             req.bases = pending.iter().map(|p| p.base).collect();
@@ -436,7 +436,7 @@ impl Inner {
     async fn request(&self) -> Result<SyncRequest> {
         let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
         req.limit = Some(PULL_PAGE_CHANGES_MAX);
-        req.from_head = self.store.from_head().await?;
+        req.from_head = self.store.from_head();
         Ok(req)
     }
 
@@ -546,10 +546,7 @@ impl Inner {
         let mut req = SyncRequest::new(self.store.node_id(), cursor);
         req.limit = Some(PULL_PAGE_CHANGES_MAX);
         req.wait = Some(wait);
-        req.from_head = match self.store.from_head().await {
-            Ok(h) => h,
-            Err(e) => return Poll::Failed(e.into()),
-        };
+        req.from_head = self.store.from_head();
         let started = std::time::Instant::now();
         let resp = tokio::select! {
             biased;

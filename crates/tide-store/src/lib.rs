@@ -267,6 +267,13 @@ impl OpenOptions {
             writer::incremental_vacuum_on(&mut conn).await?;
         }
         let node_id = node_id(&mut conn, self.node_id).await?;
+        let from_head: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'from_head'")
+            .fetch_optional(&mut conn)
+            .await
+            .map_err(db)?;
+        let from_head = from_head
+            .map(|v| v.parse::<u64>().map_err(|_| Error::Corrupt { detail: format!("stored from_head {v:?}") }))
+            .transpose()?;
         let seed: i64 =
             sqlx::query_scalar("SELECT lamport FROM tide_clock WHERE id = 1").fetch_one(&mut conn).await.map_err(db)?;
         let clock = tide_core::LamportClock::new(u64::try_from(seed).unwrap_or(0))?;
@@ -289,6 +296,7 @@ impl OpenOptions {
                 writer,
                 readers: Readers::new(readers),
                 node_id: std::sync::RwLock::new(node_id),
+                from_head: std::sync::atomic::AtomicU64::new(from_head.unwrap_or(0)),
                 limits: Limits::default(),
             }),
         })
@@ -343,6 +351,9 @@ struct Inner {
     readers: Readers,
     /// Changes only when the store re-keys.
     node_id: std::sync::RwLock<String>,
+    /// The stored `from_head` (0: none; a resync's head is never 0), kept
+    /// here so a request does not read it from the file.
+    from_head: std::sync::atomic::AtomicU64,
     limits: Limits,
 }
 
@@ -669,17 +680,14 @@ impl Store {
     /// change stream when its head was `head` (after a `resync`,
     /// PROTOCOL.md §14); sent as `from_head` from then on.
     pub async fn set_from_head(&self, head: u64) -> Result<()> {
-        self.call(|reply| Command::FromHead { head, reply }).await
+        self.call(|reply| Command::FromHead { head, reply }).await?;
+        self.inner.from_head.store(head, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// The head recorded by [`Store::set_from_head`], if any.
-    pub async fn from_head(&self) -> Result<Option<u64>> {
-        let mut conn = self.inner.readers.get().await?;
-        let value: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'from_head'")
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db)?;
-        value.map(|v| v.parse().map_err(|_| Error::Corrupt { detail: format!("stored from_head {v:?}") })).transpose()
+    pub fn from_head(&self) -> Option<u64> {
+        Some(self.inner.from_head.load(std::sync::atomic::Ordering::Relaxed)).filter(|h| *h > 0)
     }
 
     /// The ops the server rejected, oldest first, at most [`READ_ROWS_MAX`].

@@ -451,9 +451,12 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// Most syncs [`settle`] makes before it gives up.
+const SETTLE_SYNCS_MAX: usize = 20;
+
 /// Syncs until a sync proves the store equal to the server.
 async fn settle(tide: &Tide) {
-    for _ in 0..20 {
+    for _ in 0..SETTLE_SYNCS_MAX {
         let report = tide.sync_once().await.unwrap();
         if report.verified {
             return;

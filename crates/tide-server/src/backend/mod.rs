@@ -247,7 +247,7 @@ impl std::ops::AddAssign for Collected {
         self.namespaces += other.namespaces;
         self.tombstones += other.tombstones;
         self.bytes += other.bytes;
-        self.more = other.more;
+        self.more |= other.more;
     }
 }
 
@@ -328,7 +328,7 @@ impl<'a> PageQuery<'a> {
 
     /// Whether the cursor is ahead of the namespace, whose highest seq is
     /// `namespace_seq`; the page then starts over from the beginning (`reset`).
-    pub(crate) fn ahead_of(&mut self, namespace_seq: u64) -> bool {
+    fn ahead_of(&mut self, namespace_seq: u64) -> bool {
         if self.from <= namespace_seq {
             return false;
         }
@@ -540,7 +540,7 @@ pub(crate) struct Incoming<'a> {
 }
 
 impl<'a> Incoming<'a> {
-    pub(crate) fn new(op: &'a tide_core::Op) -> Self {
+    fn new(op: &'a tide_core::Op) -> Self {
         Self::with_doc(op, digest::doc_text(&op.payload).map(Cow::Borrowed), None)
     }
 
@@ -553,7 +553,7 @@ impl<'a> Incoming<'a> {
     }
 
     /// The op as `validator` (if any) judges it for `principal`.
-    pub(crate) fn judged(op: &'a tide_core::Op, principal: &Principal, validator: Option<&dyn Validator>) -> Self {
+    fn judged(op: &'a tide_core::Op, principal: &Principal, validator: Option<&dyn Validator>) -> Self {
         match validator.map(|v| v.validate(principal, op)) {
             None | Some(Verdict::Accept) => Self::new(op),
             Some(Verdict::Reject(message)) => Self::with_doc(op, None, Some(message)),

@@ -1162,7 +1162,7 @@ impl Backend for PostgresBackend {
                 namespaces: 1,
                 tombstones: to_u64(count),
                 bytes: to_u64(bytes),
-                more: done.more || super::collect_upto(seq, upto, horizon_seqs).is_some(),
+                more: super::collect_upto(seq, upto, horizon_seqs).is_some(),
             };
         }
         Ok(done)

@@ -629,7 +629,7 @@ impl Writer {
                 namespaces: 1,
                 tombstones: to_u64(count),
                 bytes: to_u64(bytes),
-                more: done.more || super::collect_upto(seq, upto, horizon_seqs).is_some(),
+                more: super::collect_upto(seq, upto, horizon_seqs).is_some(),
             };
         }
         // The digest log is history too: folded with the tombstones.

@@ -116,13 +116,9 @@ async fn original_client_past_the_horizon(db: &[&str], dir: &std::path::Path) {
             serde_json::from_slice::<Vec<String>>(&out.stdout).unwrap()
         }
     };
-    let ours = tide_client::Tide::builder()
-        .path(dir.join("ours.db"))
-        .endpoint(&endpoint)
-        .long_poll(None)
-        .open()
-        .await
-        .unwrap();
+    let open =
+        |name: &str| tide_client::Tide::builder().path(dir.join(name)).endpoint(&endpoint).long_poll(None).open();
+    let ours = open("ours.db").await.unwrap();
     let notes = ours.collection::<serde_json::Value>("notes");
     for i in 0..4 {
         notes.put(&format!("k{i}"), &serde_json::json!({"i": i})).await.unwrap();
@@ -146,13 +142,7 @@ async fn original_client_past_the_horizon(db: &[&str], dir: &std::path::Path) {
     let held = sync_old().await;
     let live = ["k1", "k2", "k3", "later0", "later1", "later2", "later3"];
     assert_eq!(held, ["k0", "k1", "k2", "k3", "later0", "later1", "later2", "later3"], "all live, and its stale k0");
-    let fresh = tide_client::Tide::builder()
-        .path(dir.join("fresh.db"))
-        .endpoint(&endpoint)
-        .long_poll(None)
-        .open()
-        .await
-        .unwrap();
+    let fresh = open("fresh.db").await.unwrap();
     fresh.sync_once().await.unwrap();
     let on_server: Vec<String> = fresh
         .collection::<serde_json::Value>("notes")

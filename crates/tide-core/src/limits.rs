@@ -35,6 +35,9 @@ pub const VERIFY_GROUPS_MAX: usize = 256;
 pub const VERIFY_BUCKETS_MAX: usize = 4_096;
 /// Most keys one request may `fetch` (PROTOCOL.md §12): 1,000.
 pub const FETCH_KEYS_MAX: usize = 1_000;
+/// Most collections one request's subscription (`collections`, PROTOCOL.md
+/// §15) may name: 1,024.
+pub const SUBSCRIBED_COLLECTIONS_MAX: usize = 1_024;
 /// The deepest JSON nesting any message may have (`serde_json`'s fixed limit).
 pub const JSON_DEPTH_MAX: usize = 128;
 
@@ -127,6 +130,13 @@ impl Limits {
         let too_many = |what: &str, n: usize, max: usize| {
             Violation::new(ErrorCode::InvalidRequest, format!("{n} {what} in one request; the limit is {max}"))
         };
+        let subscribed = req.collections.as_deref().unwrap_or_default();
+        if subscribed.len() > SUBSCRIBED_COLLECTIONS_MAX {
+            return Err(too_many("subscribed collections", subscribed.len(), SUBSCRIBED_COLLECTIONS_MAX));
+        }
+        for collection in subscribed {
+            self.check_collection(collection)?;
+        }
         if req.fetch.len() > FETCH_KEYS_MAX {
             return Err(too_many("fetched keys", req.fetch.len(), FETCH_KEYS_MAX));
         }

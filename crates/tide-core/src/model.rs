@@ -185,7 +185,7 @@ impl Model {
             (requested, (requested > Cursor::START).then_some(req.node_id.as_str()))
         };
         let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, self.limits.changes_per_response_max);
-        let page = self.page_of(from, own, req.live_below, limit);
+        let page = self.page_of(from, own, (req.live_below, req.collections.as_deref()), limit);
         let settled = page.changes.is_empty() && !page.has_more && !reset && !resync;
         let mut resp = SyncResponse {
             cursor: page.cursor,
@@ -217,7 +217,13 @@ impl Model {
             .collect();
         fetched.sort_by(|a, b| (&a.collection, &a.id).cmp(&(&b.collection, &b.id)));
         match &req.verify {
-            Some(Verify::Roots) if settled => resp.roots = Some(self.digest.roots()),
+            Some(Verify::Roots) if settled => {
+                let mut roots = self.digest.roots();
+                if let Some(scope) = &req.collections {
+                    roots.retain(|c, _| scope.contains(c));
+                }
+                resp.roots = Some(roots);
+            }
             None | Some(Verify::Roots) => {}
             Some(Verify::Groups { collection }) => resp.groups = Some(self.digest.groups(collection)),
             Some(Verify::Buckets { collection, groups }) => {
@@ -321,20 +327,28 @@ impl Model {
     /// over. A page with more to come ends at its last change; a page that
     /// ends the log moves the cursor past everything, own changes included.
     pub fn page(&self, cursor: Cursor, skip_node: Option<&str>, limit: usize) -> Page {
-        self.page_of(cursor, skip_node, None, limit)
+        self.page_of(cursor, skip_node, (None, None), limit)
     }
 
     /// [`Model::page`], also passing over tombstones at or below
     /// `live_below` (deleted before a client that held nothing began its
-    /// sync, so it cannot hold them, §4.1).
-    pub fn page_of(&self, cursor: Cursor, skip_node: Option<&str>, live_below: Option<u64>, limit: usize) -> Page {
+    /// sync, so it cannot hold them, §4.1) and, when `scope` is given,
+    /// changes of collections not in it (§15).
+    pub fn page_of(
+        &self,
+        cursor: Cursor,
+        skip_node: Option<&str>,
+        (live_below, scope): (Option<u64>, Option<&[String]>),
+        limit: usize,
+    ) -> Page {
         let mut changes: Vec<Change> = Vec::new();
         let mut bytes = 0;
         let mut last = cursor.seq();
         for (&seq, key) in self.by_seq.range(cursor.seq() + 1..) {
             let row = &self.rows[key];
             let gone_before = live_below.is_some_and(|b| seq <= b) && row.payload.doc().is_none();
-            if skip_node == Some(row.stamp.node_id.as_str()) || gone_before {
+            let out_of_scope = scope.is_some_and(|s| !s.contains(&key.0));
+            if skip_node == Some(row.stamp.node_id.as_str()) || gone_before || out_of_scope {
                 last = seq;
                 continue;
             }

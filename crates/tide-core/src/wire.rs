@@ -84,6 +84,11 @@ pub struct SyncRequest {
     /// matters only once it passes this too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_head: Option<u64>,
+    /// Extension: the collections this request's page and digests cover
+    /// (the client's subscription, §15); absent for every collection the
+    /// principal may read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collections: Option<Vec<String>>,
 }
 
 /// A write exchange's link in its node's chain (§13): the token of the
@@ -204,6 +209,7 @@ impl SyncRequest {
             live_below: None,
             bases: Vec::new(),
             from_head: None,
+            collections: None,
         }
     }
 
@@ -391,6 +397,10 @@ pub struct SyncResponse {
     /// the beginning, and the client begins again from there (§14).
     #[serde(default, skip_serializing_if = "is_false")]
     pub resync: bool,
+    /// Extension: the collections the principal may read, when its access
+    /// rules limit them (§15); absent when it may read every collection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readable: Option<Vec<String>>,
     /// Extension: the request's `request_id`, echoed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
@@ -426,6 +436,7 @@ impl SyncResponse {
             head: None,
             horizon: None,
             resync: false,
+            readable: None,
             request_id: None,
             roots: None,
             groups: None,

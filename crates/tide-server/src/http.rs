@@ -229,9 +229,10 @@ impl Rates {
 #[derive(Default)]
 struct SharedReads(std::sync::Mutex<HashMap<PageKey, (u64, SharedPage)>>);
 
-/// Which page a poll wants: namespace, cursor, limit, and whether it asks
-/// for the roots.
-type PageKey = (String, u64, Option<u32>, bool);
+/// Which page a poll wants: namespace, principal (whose access rules
+/// shape the page), subscription, cursor, limit, and whether it asks for
+/// the roots.
+type PageKey = (String, String, Option<Vec<String>>, u64, Option<u32>, bool);
 
 /// A page read once for every poll that wants it.
 type SharedPage = Arc<tokio::sync::OnceCell<Option<Reply>>>;
@@ -266,7 +267,14 @@ impl SharedReads {
             return None;
         }
         let cursor = request.cursor.unwrap_or_default();
-        let key = (principal.namespace.as_str().to_owned(), cursor.seq(), request.limit, roots);
+        let key = (
+            principal.namespace.as_str().to_owned(),
+            principal.id.clone(),
+            request.collections.clone(),
+            cursor.seq(),
+            request.limit,
+            roots,
+        );
         let cell = {
             let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if map.len() >= SHARED_PAGES_MAX {
@@ -289,6 +297,7 @@ impl SharedReads {
                 let mut pull = SyncRequest::new(SHARED_READER, Some(cursor));
                 pull.limit = request.limit;
                 pull.verify = request.verify.clone();
+                pull.collections = request.collections.clone();
                 backend.exchange(principal, Arc::new(pull)).await.ok()
             })
             .await

@@ -14,6 +14,7 @@
 //!
 //! Layer rule: depends on tide-core only among tide crates.
 
+mod access;
 mod auth;
 pub mod backend;
 mod http;
@@ -21,6 +22,7 @@ mod hub;
 mod jwt;
 mod metrics;
 
+pub use access::{AccessRules, Readable, RulesError, RulesFile};
 pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError, token_principal};
 pub use backend::postgres::{
     POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT, POSTGRES_LOCK_TIMEOUT, POSTGRES_POOL_MAX, POSTGRES_STATEMENT_TIMEOUT,

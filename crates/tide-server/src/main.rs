@@ -13,7 +13,7 @@ use tide_server::{
     Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, COLLECT_INTERVAL_DEFAULT, CONNECTIONS_MAX_DEFAULT, Durability,
     HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, JWT_LEEWAY_DEFAULT,
     JWT_NAMESPACE_CLAIM_DEFAULT, JWT_PRINCIPAL_CLAIM_DEFAULT, JwtAuthenticator, JwtConfig, NoAuth,
-    PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, PostgresBackend, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT,
+    PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, PostgresBackend, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT, RulesFile,
     SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens, TOMBSTONE_HORIZON_SEQS_DEFAULT,
 };
 
@@ -45,6 +45,10 @@ struct Args {
     /// File of bearer tokens: one `TOKEN NAMESPACE [PRINCIPAL]` per line.
     #[arg(long, env = "TIDE_SERVER_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
+    /// Access rules (TOML): which collections each principal may read and
+    /// write. Without it every principal reads and writes its whole namespace.
+    #[arg(long, env = "TIDE_SERVER_RULES")]
+    rules: Option<PathBuf>,
     /// Bearer tokens as `TOKEN=NAMESPACE,TOKEN=NAMESPACE`.
     #[arg(long, env = "TIDE_SERVER_TOKENS", hide_env_values = true)]
     tokens: Option<String>,
@@ -234,13 +238,25 @@ async fn run(args: Args) -> Result<(), String> {
         collect_interval: seconds("collect-interval", args.collect_interval)?,
     };
     let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
-    let backend: Arc<dyn Backend> = match &args.database_url {
-        Some(url) => {
-            PostgresBackend::open(url, durability, limits).await.map_err(|e| format!("opening PostgreSQL: {e}"))?
+    let rules = match &args.rules {
+        Some(path) => Some(Arc::new(RulesFile::load(path).map_err(|e| e.to_string())?)),
+        None => None,
+    };
+    let backend: Arc<dyn Backend> = if let Some(url) = &args.database_url {
+        let backend =
+            PostgresBackend::open(url, durability, limits).await.map_err(|e| format!("opening PostgreSQL: {e}"))?;
+        if let Some(rules) = rules {
+            backend.set_access_rules(rules);
         }
-        None => SqliteBackend::open(&args.db, durability, limits)
+        backend
+    } else {
+        let backend = SqliteBackend::open(&args.db, durability, limits)
             .await
-            .map_err(|e| format!("opening {}: {e}", args.db.display()))?,
+            .map_err(|e| format!("opening {}: {e}", args.db.display()))?;
+        if let Some(rules) = rules {
+            backend.set_access_rules(rules);
+        }
+        backend
     };
     if args.collect {
         let server = Server::new(backend, auth, config);

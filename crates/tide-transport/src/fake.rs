@@ -295,7 +295,7 @@ impl Transport for FakeTransport {
                         .page_of(
                             from,
                             Some(&request.node_id).filter(|_| from.seq() > 0).map(String::as_str),
-                            request.live_below,
+                            (request.live_below, request.collections.as_deref()),
                             1,
                         )
                         .changes

@@ -13,6 +13,7 @@ use tide_core::{
     SyncResponse, Violation,
 };
 
+use crate::access::{AccessRules, Scope};
 use crate::auth::Principal;
 
 /// Why a backend could not answer.
@@ -69,6 +70,9 @@ pub struct Reply {
     /// Whether the request's cursor was below the horizon, so the page
     /// starts from the beginning (PROTOCOL.md §14).
     pub resync: bool,
+    /// The collections the principal may read, when its access rules limit
+    /// them (PROTOCOL.md §15).
+    pub readable: Option<Vec<String>>,
     /// The request's `request_id`, echoed.
     pub request_id: Option<String>,
     /// The answers to the digest and fetch extensions (PROTOCOL.md §12).
@@ -106,6 +110,7 @@ impl Reply {
             head: page.head,
             horizon: page.horizon,
             resync: page.resync,
+            readable: page.readable,
             request_id,
             verify,
         }
@@ -146,6 +151,9 @@ impl Reply {
             out.extend_from_slice(name);
             value.write(&mut out);
         };
+        if let Some(readable) = &self.readable {
+            field(br#","readable":"#, readable);
+        }
         if let Some(id) = &self.request_id {
             field(br#","request_id":"#, id);
         }
@@ -294,12 +302,14 @@ pub(crate) struct PageQuery<'a> {
     pub(crate) resync: bool,
     /// The namespace's horizon as the page statement read it.
     pub(crate) horizon: u64,
+    /// The collections the page covers and the principal may read.
+    pub(crate) scope: Scope,
 }
 
 impl<'a> PageQuery<'a> {
-    /// The page a request asks for: after its cursor, skipping its own
-    /// changes unless it starts from the beginning.
-    pub(crate) fn new(req: &'a SyncRequest, limits: &tide_core::Limits) -> Self {
+    /// The page a request asks for: after its cursor, in its scope,
+    /// skipping its own changes unless it starts from the beginning.
+    pub(crate) fn new(req: &'a SyncRequest, limits: &tide_core::Limits, scope: Scope) -> Self {
         let from = req.cursor.unwrap_or_default();
         let skip_node = (from > Cursor::START).then_some(req.node_id.as_str());
         let limit = req.limit.map_or(usize::MAX, |l| l as usize).clamp(1, limits.changes_per_response_max);
@@ -315,6 +325,7 @@ impl<'a> PageQuery<'a> {
             fresh_at,
             resync: false,
             horizon: 0,
+            scope,
         }
     }
 
@@ -437,6 +448,7 @@ impl<'a> PageQuery<'a> {
             head,
             horizon: (self.horizon > 0).then_some(self.horizon),
             resync: self.resync,
+            readable: self.scope.readable.to_wire(),
         }
     }
 }
@@ -477,6 +489,8 @@ pub(crate) struct Page {
     pub(crate) head: Option<u64>,
     pub(crate) horizon: Option<u64>,
     pub(crate) resync: bool,
+    /// The collections the principal may read, when rules limit them.
+    pub(crate) readable: Option<Vec<String>>,
 }
 
 impl Page {
@@ -513,6 +527,53 @@ pub enum Verdict {
     Rewrite(tide_core::Doc),
 }
 
+/// What an embedding application decides about requests, set once before
+/// serving: its access rules and its validator (each optional).
+#[derive(Default)]
+pub(crate) struct Policy {
+    pub(crate) validator: std::sync::OnceLock<Arc<dyn Validator>>,
+    pub(crate) rules: std::sync::OnceLock<Arc<dyn AccessRules>>,
+}
+
+impl Policy {
+    /// The access rules, if set.
+    pub(crate) fn rules(&self) -> Option<&dyn AccessRules> {
+        self.rules.get().map(|r| &**r)
+    }
+
+    /// What a request from `principal` may read.
+    pub(crate) fn scope(&self, principal: &Principal, req: &SyncRequest) -> Scope {
+        Scope::of(self.rules(), principal, req.collections.as_deref())
+    }
+}
+
+/// Refuses (`forbidden`, before anything is applied) a request that
+/// compares digests of, or fetches, a collection its principal may not
+/// read (PROTOCOL.md §15). Unsubscribed but readable collections may be
+/// compared: a subscription narrows pages and roots only.
+pub(crate) fn check_readable(scope: &Scope, req: &SyncRequest) -> Result<(), Violation> {
+    let compared = match &req.verify {
+        None | Some(tide_core::Verify::Roots) => None,
+        Some(
+            tide_core::Verify::Groups { collection }
+            | tide_core::Verify::Buckets { collection, .. }
+            | tide_core::Verify::Keys { collection, .. },
+        ) => Some(collection),
+    };
+    let fetched = req.fetch.iter().map(|k| &k.0);
+    match compared.into_iter().chain(fetched).find(|c| !scope.readable.contains(c)) {
+        None => Ok(()),
+        Some(c) => Err(Violation::new(ErrorCode::Forbidden, format!("collection {c:?} is not readable here"))),
+    }
+}
+
+/// Leaves out of `verify`'s roots the collections outside `scope` (`None`: all).
+pub(crate) fn roots_in_scope(verify: &mut VerifyReply, scope: Option<&[String]>) {
+    if let (Some(roots), Some(scope)) = (&mut verify.roots, scope) {
+        roots.retain(|c, _| scope.contains(c));
+    }
+}
+
 /// What is stored for a key, as deciding a write needs it.
 #[derive(Debug, Clone)]
 pub(crate) struct Current<'a> {
@@ -534,7 +595,7 @@ pub(crate) struct Incoming<'a> {
     pub(crate) op: &'a tide_core::Op,
     pub(crate) doc: Option<Cow<'a, str>>,
     pub(crate) hash: Option<Hash64>,
-    pub(crate) refused: Option<String>,
+    pub(crate) refused: Option<(ErrorCode, String)>,
     /// The seq of the version the op was edited from (PROTOCOL.md §14).
     pub(crate) base: Option<u64>,
 }
@@ -544,19 +605,23 @@ impl<'a> Incoming<'a> {
         Self::with_doc(op, digest::doc_text(&op.payload).map(Cow::Borrowed), None)
     }
 
-    /// The ops of a request as `validator` (if any) judges them, with their bases.
-    pub(crate) fn of_request(p: &'a Pending, validator: Option<&dyn Validator>) -> Vec<Self> {
+    /// The ops of a request as `policy` judges them, with their bases.
+    pub(crate) fn of_request(p: &'a Pending, policy: &Policy) -> Vec<Self> {
         let bases = &p.request.bases;
         let ops = p.request.ops.iter().enumerate();
-        ops.map(|(i, op)| Self { base: bases.get(i).copied().flatten(), ..Self::judged(op, &p.principal, validator) })
+        ops.map(|(i, op)| Self { base: bases.get(i).copied().flatten(), ..Self::judged(op, &p.principal, policy) })
             .collect()
     }
 
-    /// The op as `validator` (if any) judges it for `principal`.
-    fn judged(op: &'a tide_core::Op, principal: &Principal, validator: Option<&dyn Validator>) -> Self {
-        match validator.map(|v| v.validate(principal, op)) {
+    /// The op as `policy` judges it for `principal`: its access rules
+    /// first, then its validator.
+    fn judged(op: &'a tide_core::Op, principal: &Principal, policy: &Policy) -> Self {
+        if let Some(Err(reason)) = policy.rules().map(|r| r.may_write(principal, op)) {
+            return Self::with_doc(op, None, Some((ErrorCode::Forbidden, reason)));
+        }
+        match policy.validator.get().map(|v| v.validate(principal, op)) {
             None | Some(Verdict::Accept) => Self::new(op),
-            Some(Verdict::Reject(message)) => Self::with_doc(op, None, Some(message)),
+            Some(Verdict::Reject(message)) => Self::with_doc(op, None, Some((ErrorCode::ValidationFailed, message))),
             Some(Verdict::Rewrite(doc)) => match op.payload {
                 Payload::Put(_) => Self::with_doc(op, Some(Cow::Owned(doc.as_str().to_owned())), None),
                 // A delete has no document to rewrite.
@@ -565,7 +630,7 @@ impl<'a> Incoming<'a> {
         }
     }
 
-    fn with_doc(op: &'a tide_core::Op, doc: Option<Cow<'a, str>>, refused: Option<String>) -> Self {
+    fn with_doc(op: &'a tide_core::Op, doc: Option<Cow<'a, str>>, refused: Option<(ErrorCode, String)>) -> Self {
         let hash = doc.as_deref().map(|d| digest::version_hash(&op.collection, &op.id, &op.stamp, Some(d)));
         Self { op, doc, hash, refused, base: None }
     }
@@ -625,8 +690,8 @@ pub(crate) fn decide_request<'a>(
 ) -> Vec<OpResult> {
     let mut results = Vec::with_capacity(incoming.len());
     for (i, inc) in incoming.iter().enumerate() {
-        if let Some(message) = &inc.refused {
-            results.push(OpResult::Rejected { code: tide_core::ErrorCode::ValidationFailed, message: message.clone() });
+        if let Some((code, message)) = &inc.refused {
+            results.push(OpResult::Rejected { code: *code, message: message.clone() });
             continue;
         }
         let key = (namespace, inc.op.collection.as_str(), inc.op.id.as_str());

@@ -34,10 +34,11 @@ use tokio::sync::{mpsc, oneshot};
 use super::sqlite::Durability;
 use super::{
     Backend, BackendError, Bindings, COLLECT_NAMESPACES_PER_STEP, Collected, CommitCallback, Current, GroupKey,
-    Incoming, Node, Page, PageQuery, PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow,
+    Incoming, Node, Page, PageQuery, PageRead, Pending, Policy, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow,
     StoredVersion, Validator, VerifyReply, WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit,
     check_schema_version, decide_request,
 };
+use crate::access::{AccessRules, Scope};
 use crate::auth::{Namespace, Principal};
 
 /// Connections in the PostgreSQL pool of one server process.
@@ -133,8 +134,8 @@ pub struct PostgresBackend {
     writers: Arc<Writers>,
     /// Told of every commit of this process that applied ops (see [`Backend::listen`]).
     on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
-    /// The embedding application's judge of each op, if it set one.
-    validator: Arc<std::sync::OnceLock<Arc<dyn Validator>>>,
+    /// The embedding application's access rules and validator, if set.
+    policy: Arc<Policy>,
 }
 
 impl std::fmt::Debug for PostgresBackend {
@@ -242,8 +243,8 @@ impl PostgresBackend {
         tx.commit().await.map_err(unavailable)?;
         let digest_log_rows_max = Arc::new(std::sync::atomic::AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
         let (bindings, writers) = (Arc::default(), Arc::default());
-        let (on_commit, validator) = (Arc::default(), Arc::default());
-        Ok(Arc::new(Self { pool, limits, bindings, digest_log_rows_max, writers, on_commit, validator }))
+        let (on_commit, policy) = (Arc::default(), Arc::default());
+        Ok(Arc::new(Self { pool, limits, bindings, digest_log_rows_max, writers, on_commit, policy }))
     }
 
     /// Applies a request's ops in its namespace's next write group.
@@ -266,7 +267,7 @@ impl PostgresBackend {
                             digest_log_rows_max: Arc::clone(&self.digest_log_rows_max),
                             contended: std::sync::Mutex::new(None),
                             on_commit: Arc::clone(&self.on_commit),
-                            validator: Arc::clone(&self.validator),
+                            policy: Arc::clone(&self.policy),
                         };
                         tokio::spawn(writer.run(work, Arc::downgrade(&self.writers)));
                         queue
@@ -292,12 +293,23 @@ impl PostgresBackend {
     /// Has `validator` judge every op from now on, inside its write group
     /// (see [`Validator`]). Set once, before serving; whether it was set.
     pub fn set_validator(&self, validator: Arc<dyn Validator>) -> bool {
-        self.validator.set(validator).is_ok()
+        self.policy.validator.set(validator).is_ok()
+    }
+
+    /// Limits what each principal reads and writes by `rules` from now on
+    /// (see [`AccessRules`]). Set once, before serving; whether it was set.
+    pub fn set_access_rules(&self, rules: Arc<dyn AccessRules>) -> bool {
+        self.policy.rules.set(rules).is_ok()
     }
 
     /// The page after the request's cursor and the answers to its digest
     /// and fetch extensions, read in one snapshot when there are any.
-    async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<(Page, VerifyReply), BackendError> {
+    async fn read(
+        &self,
+        principal: &Principal,
+        req: &SyncRequest,
+        scope: Scope,
+    ) -> Result<(Page, VerifyReply), BackendError> {
         let ns = &principal.namespace;
         if self.bindings.get(ns.as_str(), &req.node_id).is_none() {
             let owner: Option<String> =
@@ -313,20 +325,28 @@ impl PostgresBackend {
         if req.verify.is_none() && req.fetch.is_empty() {
             // One statement: a snapshot of its own.
             let mut conn = self.pool.acquire().await.map_err(unavailable)?;
-            return Ok((self.page(&mut conn, ns, req).await?, VerifyReply::default()));
+            return Ok((self.page(&mut conn, ns, req, scope).await?, VerifyReply::default()));
         }
         let mut tx =
             self.pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await.map_err(unavailable)?;
-        let page = self.page(&mut tx, ns, req).await?;
-        let verify = self.verify(&mut tx, ns, req, page.settled()).await?;
+        let roots = scope.collections.clone();
+        let page = self.page(&mut tx, ns, req, scope).await?;
+        let mut verify = self.verify(&mut tx, ns, req, page.settled()).await?;
+        super::roots_in_scope(&mut verify, roots.as_deref());
         tx.commit().await.map_err(unavailable)?;
         Ok((page, verify))
     }
 
     /// The page a request asks for: one statement, unless the cursor is
     /// ahead of the namespace or the changes run past the byte budget.
-    async fn page(&self, conn: &mut PgConnection, ns: &Namespace, req: &SyncRequest) -> Result<Page, BackendError> {
-        let mut query = PageQuery::new(req, &self.limits);
+    async fn page(
+        &self,
+        conn: &mut PgConnection,
+        ns: &Namespace,
+        req: &SyncRequest,
+        scope: Scope,
+    ) -> Result<Page, BackendError> {
+        let mut query = PageQuery::new(req, &self.limits, scope);
         loop {
             // Most namespaces hold small changes: their pages need no sizes summed.
             let small: Option<SmallPageRow> = bind_page(sqlx::query_as(SMALL_PAGE), ns, &query)
@@ -425,28 +445,29 @@ impl PostgresBackend {
 }
 
 /// The page statement: the namespace's seq, the byte total and count of the
-/// first `$6 + 1` changes (read from `size`, not from the renderings), and,
-/// only if that total fits the budget `$5`, the first `$6` renderings
-/// joined and the seq of the last.
+/// first `$7 + 1` changes (read from `size`, not from the renderings), and,
+/// only if that total fits the budget `$6`, the first `$7` renderings
+/// joined and the seq of the last. `$5` names the collections in scope
+/// (NULL: every one).
 const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::bigint AS total, count(*) AS n \
-       FROM (SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) \
-       ORDER BY seq LIMIT $6 + 1) s) \
+       FROM (SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) \
+       ORDER BY seq LIMIT $7 + 1) s) \
      SELECT ns.seq, ns.horizon, g.total, g.n, p.text, p.last \
      FROM g LEFT JOIN tide_namespaces AS ns ON ns.namespace = $1, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, max(seq) AS last \
-       FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) \
-       ORDER BY seq LIMIT $6) w WHERE (SELECT total FROM g) <= $5) p";
+       FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) \
+       ORDER BY seq LIMIT $7) w WHERE (SELECT total FROM g) <= $6) p";
 
 /// The page statement for a namespace whose largest rendering ever stored
 /// (`size_max`) times the limit fits the budget: no sizes summed; the
-/// namespace's seq and `size_max`, the first `$6` renderings joined (only if
+/// namespace's seq and `size_max`, the first `$7` renderings joined (only if
 /// they are sure to fit), their count, the last seq, and whether a change
 /// follows. No row without the namespace.
-const SMALL_PAGE: &str = "SELECT ns.seq, ns.horizon, ns.size_max, p.text, p.n, p.last, p.n = $6 AND EXISTS (SELECT 1 FROM tide_rows \
-       WHERE namespace = $1 AND seq > p.last AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1))) \
+const SMALL_PAGE: &str = "SELECT ns.seq, ns.horizon, ns.size_max, p.text, p.n, p.last, p.n = $7 AND EXISTS (SELECT 1 FROM tide_rows \
+       WHERE namespace = $1 AND seq > p.last AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5))) \
      FROM tide_namespaces AS ns, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, count(*) AS n, \
        max(seq) AS last FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 \
-       AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) ORDER BY seq LIMIT $6) w \
-       WHERE (SELECT (size_max + 1) * $6 FROM tide_namespaces WHERE namespace = $1) <= $5) AS p \
+       AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) ORDER BY seq LIMIT $7) w \
+       WHERE (SELECT (size_max + 1) * $7 FROM tide_namespaces WHERE namespace = $1) <= $6) AS p \
      WHERE ns.namespace = $1";
 
 /// What the page statement returns: the namespace's seq and horizon, the
@@ -473,7 +494,7 @@ async fn over_budget_in(
 ) -> Result<PageRead, BackendError> {
     let sizes: Vec<(i64,)> = bind_page(
         sqlx::query_as(
-            "SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) ORDER BY seq LIMIT $5",
+            "SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) ORDER BY seq LIMIT $6",
         ),
         ns,
         query,
@@ -487,7 +508,7 @@ async fn over_budget_in(
     let (text, last): (Option<String>, Option<i64>) = bind_page(
         sqlx::query_as(
             "SELECT string_agg(wire || seq || '}', ',' ORDER BY seq), max(seq) FROM (SELECT seq, wire FROM tide_rows \
-         WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) ORDER BY seq LIMIT $5) w",
+         WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) ORDER BY seq LIMIT $6) w",
         ),
         ns,
         query,
@@ -517,7 +538,7 @@ struct NamespaceWriter {
     /// Until when the namespace's groups take the lock first.
     contended: std::sync::Mutex<Option<std::time::Instant>>,
     on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
-    validator: Arc<std::sync::OnceLock<Arc<dyn Validator>>>,
+    policy: Arc<Policy>,
 }
 
 /// How long a namespace's write groups take its row lock from the start
@@ -631,8 +652,7 @@ impl NamespaceWriter {
         locked: bool,
     ) -> Result<Option<(Vec<Result<Vec<OpResult>, BackendError>>, bool)>, BackendError> {
         let ns = self.namespace.as_str();
-        let judge = self.validator.get().map(|v| &**v);
-        let incoming: Vec<Vec<Incoming<'_>>> = batch.iter().map(|p| Incoming::of_request(p, judge)).collect();
+        let incoming: Vec<Vec<Incoming<'_>>> = batch.iter().map(|p| Incoming::of_request(p, &self.policy)).collect();
         let (counters, mut nodes, stored) = read_group(conn, ns, batch).await?;
         // A namespace another process made after this read's snapshot began.
         let Some(counters) = counters else { return Ok(None) };
@@ -711,14 +731,19 @@ async fn lock_namespace(tx: &mut Transaction<'_, Postgres>, ns: &str) -> Result<
 }
 
 /// Binds the arguments every page statement begins with: `$1` the
-/// namespace, `$2` the cursor, `$3` the node whose changes are skipped and
-/// `$4` what is skipped (`PageQuery::skips`).
+/// namespace, `$2` the cursor, `$3` the node whose changes are skipped,
+/// `$4` what is skipped (`PageQuery::skips`) and `$5` the collections in scope.
 fn bind_page<'q, O>(
     statement: sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments>,
     ns: &'q Namespace,
-    query: &PageQuery<'q>,
+    query: &'q PageQuery<'q>,
 ) -> sqlx::query::QueryAs<'q, Postgres, O, sqlx::postgres::PgArguments> {
-    statement.bind(ns.as_str()).bind(to_i64(query.from)).bind(query.skip_node.unwrap_or("")).bind(query.skips())
+    statement
+        .bind(ns.as_str())
+        .bind(to_i64(query.from))
+        .bind(query.skip_node.unwrap_or(""))
+        .bind(query.skips())
+        .bind(query.scope.collections.as_deref())
 }
 
 /// A stored version as a write group reads it: stamp, hash if live,
@@ -1103,9 +1128,11 @@ async fn backfill(tx: &mut Transaction<'_, Postgres>) -> Result<(), BackendError
 #[async_trait::async_trait]
 impl Backend for PostgresBackend {
     async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
+        let scope = self.policy.scope(principal, &request);
+        super::check_readable(&scope, &request)?;
         let results =
             if request.ops.is_empty() { Vec::new() } else { self.apply(principal, Arc::clone(&request)).await? };
-        let (page, verify) = self.read(principal, &request).await?;
+        let (page, verify) = self.read(principal, &request, scope).await?;
         Ok(Reply::new(results, page, request.request_id.clone(), verify))
     }
 

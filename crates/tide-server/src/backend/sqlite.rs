@@ -34,10 +34,11 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
     Backend, BackendError, Bindings, COLLECT_NAMESPACES_PER_STEP, Collected, CommitCallback, Current, GroupKey,
-    Incoming, Node, NodeRow, Page, PageQuery, PageRead, Pending, Reply, SELECT_SCHEMA_VERSION, SmallPage, SmallPageRow,
-    StoredVersion, Validator, VerifyReply, WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit,
+    Incoming, Node, NodeRow, Page, PageQuery, PageRead, Pending, Policy, Reply, SELECT_SCHEMA_VERSION, SmallPage,
+    SmallPageRow, StoredVersion, Validator, VerifyReply, WRITE_GROUP_REQUESTS_MAX, WRITE_QUEUE_REQUESTS_MAX, admit,
     check_schema_version, decide_request,
 };
+use crate::access::{AccessRules, Scope};
 use crate::auth::{Namespace, Principal};
 
 /// A namespace as collection reads it: name, head, horizon and its stamp.
@@ -127,28 +128,30 @@ pub enum Durability {
 }
 
 /// The rows a page reads: a namespace's changes after a seq, without the
-/// caller's own when asked (`?4 & 1`) and without tombstones at or below
-/// `?4 >> 1` (`PageQuery::skips`).
+/// caller's own when asked (`?4 & 1`), without tombstones at or below
+/// `?4 >> 1` (`PageQuery::skips`), and only of the collections in `?5` (a
+/// JSON array; NULL for every one).
 const PAGE_ROWS: &str = "FROM tide_changes WHERE namespace = ?1 AND seq > ?2 AND ((?4 & 1) = 0 OR node_id <> ?3) \
-     AND (deleted = 0 OR seq > (?4 >> 1)) ORDER BY seq";
+     AND (deleted = 0 OR seq > (?4 >> 1)) AND (?5 IS NULL OR collection IN (SELECT value FROM json_each(?5))) \
+     ORDER BY seq";
 
 /// The page statement for a page of `limit` changes (`None`: the limit is
-/// bound as `?6`). It returns the namespace's seq, the byte total and count
+/// bound as `?7`). It returns the namespace's seq, the byte total and count
 /// of the first `limit + 1` changes (read from `size`, not from the
-/// renderings), and, only if that total fits the budget `?5`, the first
+/// renderings), and, only if that total fits the budget `?6`, the first
 /// `limit` renderings joined and the seq of the last. The limit is a literal
 /// where it can be: a bound `LIMIT` makes SQLite re-plan the statement on
 /// every run.
 fn page_statement(limit: Option<usize>) -> Arc<str> {
     let (n, n1) =
-        limit.map_or_else(|| ("?6".to_owned(), "?6 + 1".to_owned()), |l| (l.to_string(), (l + 1).to_string()));
+        limit.map_or_else(|| ("?7".to_owned(), "?7 + 1".to_owned()), |l| (l.to_string(), (l + 1).to_string()));
     format!(
         "WITH g(total, n) AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0), count(*) \
            FROM (SELECT size {PAGE_ROWS} LIMIT {n1})) \
          SELECT ns.seq, ns.horizon, g.total, g.n, p.text, p.last \
          FROM g LEFT JOIN tide_namespaces AS ns ON ns.namespace = ?1, \
            (SELECT group_concat(wire || seq || '}}', ',') AS text, max(seq) AS last \
-           FROM (SELECT seq, wire {PAGE_ROWS} LIMIT {n}) WHERE (SELECT total FROM g) <= ?5) AS p"
+           FROM (SELECT seq, wire {PAGE_ROWS} LIMIT {n}) WHERE (SELECT total FROM g) <= ?6) AS p"
     )
     .into()
 }
@@ -160,13 +163,14 @@ fn page_statement(limit: Option<usize>) -> Arc<str> {
 /// if they are sure to fit), their count, the seq of the last, and whether a
 /// change follows. Without a row for the namespace, it returns none.
 fn small_page_statement(limit: Option<usize>) -> Arc<str> {
-    let n = limit.map_or_else(|| "?6".to_owned(), |l| l.to_string());
+    let n = limit.map_or_else(|| "?7".to_owned(), |l| l.to_string());
     format!(
         "SELECT ns.seq, ns.horizon, ns.size_max, p.text, p.n, p.last, p.n = {n} AND EXISTS (SELECT 1 FROM tide_changes \
-           WHERE namespace = ?1 AND seq > p.last AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1))) \
+           WHERE namespace = ?1 AND seq > p.last AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1)) \
+           AND (?5 IS NULL OR collection IN (SELECT value FROM json_each(?5)))) \
          FROM tide_namespaces AS ns, (SELECT group_concat(wire || seq || '}}', ',') AS text, count(*) AS n, \
            max(seq) AS last FROM (SELECT seq, wire {PAGE_ROWS} LIMIT {n}) \
-           WHERE (SELECT (size_max + 1) * {n} FROM tide_namespaces WHERE namespace = ?1) <= ?5) AS p \
+           WHERE (SELECT (size_max + 1) * {n} FROM tide_namespaces WHERE namespace = ?1) <= ?6) AS p \
          WHERE ns.namespace = ?1"
     )
     .into()
@@ -190,15 +194,15 @@ pub struct SqliteBackend {
     small_bound: Arc<str>,
     /// Told of every commit that applied ops (see [`Backend::listen`]).
     on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
-    /// The embedding application's judge of each op, if it set one.
-    validator: Arc<std::sync::OnceLock<Arc<dyn Validator>>>,
+    /// The embedding application's access rules and validator, if set.
+    policy: Arc<Policy>,
 }
 
 /// The writer task's state: the one connection that writes.
 struct Writer {
     conn: SqliteConnection,
     on_commit: Arc<std::sync::OnceLock<CommitCallback>>,
-    validator: Arc<std::sync::OnceLock<Arc<dyn Validator>>>,
+    policy: Arc<Policy>,
     limits: Limits,
     bindings: Arc<Bindings>,
     digest_log_rows_max: Arc<AtomicI64>,
@@ -279,11 +283,11 @@ impl SqliteBackend {
         let bindings = Arc::new(Bindings::default());
         let digest_log_rows_max = Arc::new(AtomicI64::new(super::DIGEST_LOG_ROWS_MAX));
         let on_commit = Arc::new(std::sync::OnceLock::new());
-        let validator = Arc::new(std::sync::OnceLock::new());
+        let policy = Arc::new(Policy::default());
         let writer = Writer {
             conn,
             on_commit: Arc::clone(&on_commit),
-            validator: Arc::clone(&validator),
+            policy: Arc::clone(&policy),
             limits: limits.clone(),
             bindings: Arc::clone(&bindings),
             digest_log_rows_max: Arc::clone(&digest_log_rows_max),
@@ -306,14 +310,20 @@ impl SqliteBackend {
             bindings,
             digest_log_rows_max,
             on_commit,
-            validator,
+            policy,
         }))
     }
 
     /// Has `validator` judge every op from now on, inside its write group
     /// (see [`Validator`]). Set once, before serving; whether it was set.
     pub fn set_validator(&self, validator: Arc<dyn Validator>) -> bool {
-        self.validator.set(validator).is_ok()
+        self.policy.validator.set(validator).is_ok()
+    }
+
+    /// Limits what each principal reads and writes by `rules` from now on
+    /// (see [`AccessRules`]). Set once, before serving; whether it was set.
+    pub fn set_access_rules(&self, rules: Arc<dyn AccessRules>) -> bool {
+        self.policy.rules.set(rules).is_ok()
     }
 
     /// Folds logged bucket deltas once more than `rows` wait (default
@@ -334,7 +344,12 @@ impl SqliteBackend {
 
     /// The page after the request's cursor and the answers to its digest
     /// and fetch extensions, read in one snapshot.
-    async fn read(&self, principal: &Principal, req: &SyncRequest) -> Result<(Page, VerifyReply), BackendError> {
+    async fn read(
+        &self,
+        principal: &Principal,
+        req: &SyncRequest,
+        scope: Scope,
+    ) -> Result<(Page, VerifyReply), BackendError> {
         let ns = &principal.namespace;
         let _permit = self.free.acquire().await.map_err(|e| BackendError::Internal(e.to_string()))?;
         let reader = self.readers.iter().find_map(|r| r.try_lock().ok());
@@ -360,19 +375,27 @@ impl SqliteBackend {
         self.bindings.check(principal, &req.node_id)?;
         if req.verify.is_none() && req.fetch.is_empty() {
             // One statement: a snapshot of its own.
-            return Ok((self.page(&mut conn, ns, req).await?, VerifyReply::default()));
+            return Ok((self.page(&mut conn, ns, req, scope).await?, VerifyReply::default()));
         }
         let mut tx = conn.begin().await.map_err(unavailable)?;
-        let page = self.page(&mut tx, ns, req).await?;
-        let verify = self.verify(&mut tx, ns, req, page.settled()).await?;
+        let roots = scope.collections.clone();
+        let page = self.page(&mut tx, ns, req, scope).await?;
+        let mut verify = self.verify(&mut tx, ns, req, page.settled()).await?;
+        super::roots_in_scope(&mut verify, roots.as_deref());
         tx.commit().await.map_err(unavailable)?;
         Ok((page, verify))
     }
 
     /// The page a request asks for: one statement, unless the cursor is
     /// ahead of the namespace or the changes run past the byte budget.
-    async fn page(&self, conn: &mut SqliteConnection, ns: &Namespace, req: &SyncRequest) -> Result<Page, BackendError> {
-        let mut query = PageQuery::new(req, &self.limits);
+    async fn page(
+        &self,
+        conn: &mut SqliteConnection,
+        ns: &Namespace,
+        req: &SyncRequest,
+        scope: Scope,
+    ) -> Result<Page, BackendError> {
+        let mut query = PageQuery::new(req, &self.limits, scope);
         loop {
             let default = query.limit == self.limits.changes_per_response_max;
             // Most namespaces hold small changes: their pages need no sizes summed.
@@ -481,7 +504,8 @@ async fn over_budget(
     let (sizes,): (Option<String>,) = bind_page(
         sqlx::query_as(
             "SELECT group_concat(size) FROM (SELECT size FROM tide_changes \
-         WHERE namespace = ?1 AND seq > ?2 AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1)) ORDER BY seq LIMIT ?5)",
+         WHERE namespace = ?1 AND seq > ?2 AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1)) \
+         AND (?5 IS NULL OR collection IN (SELECT value FROM json_each(?5))) ORDER BY seq LIMIT ?6)",
         ),
         ns,
         query,
@@ -495,7 +519,8 @@ async fn over_budget(
     let (text, last): (Option<String>, Option<i64>) = bind_page(
         sqlx::query_as(
             "SELECT group_concat(wire || seq || '}', ','), max(seq) FROM (SELECT seq, wire FROM tide_changes \
-         WHERE namespace = ?1 AND seq > ?2 AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1)) ORDER BY seq LIMIT ?5)",
+         WHERE namespace = ?1 AND seq > ?2 AND ((?4 & 1) = 0 OR node_id <> ?3) AND (deleted = 0 OR seq > (?4 >> 1)) \
+         AND (?5 IS NULL OR collection IN (SELECT value FROM json_each(?5))) ORDER BY seq LIMIT ?6)",
         ),
         ns,
         query,
@@ -682,8 +707,7 @@ impl Writer {
     async fn run_group(&mut self, batch: &[Pending]) -> Result<Vec<Result<Vec<OpResult>, BackendError>>, BackendError> {
         #[cfg(test)]
         assert!(!batch.iter().any(|p| p.request.node_id == tests::PANIC_NODE), "a write group fails (test)");
-        let judge = self.validator.get().map(|v| &**v);
-        let incoming: Vec<Vec<Incoming<'_>>> = batch.iter().map(|p| Incoming::of_request(p, judge)).collect();
+        let incoming: Vec<Vec<Incoming<'_>>> = batch.iter().map(|p| Incoming::of_request(p, &self.policy)).collect();
         let read = GroupRead::new(&self.bindings, batch);
         let rows: Vec<String> = sqlx::query_scalar(READ_GROUP)
             .bind(read.names_json())
@@ -1153,14 +1177,19 @@ async fn fold_digests(conn: &mut SqliteConnection) -> Result<(), BackendError> {
 }
 
 /// Binds the arguments every page statement begins with: `?1` the
-/// namespace, `?2` the cursor, `?3` the node whose changes are skipped and
-/// `?4` what is skipped (`PageQuery::skips`).
+/// namespace, `?2` the cursor, `?3` the node whose changes are skipped,
+/// `?4` what is skipped (`PageQuery::skips`) and `?5` the collections in scope.
 fn bind_page<'q, O>(
     statement: sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments>,
     ns: &'q Namespace,
     query: &PageQuery<'q>,
 ) -> sqlx::query::QueryAs<'q, sqlx::Sqlite, O, sqlx::sqlite::SqliteArguments> {
-    statement.bind(ns.as_str()).bind(to_i64(query.from)).bind(query.skip_node.unwrap_or("")).bind(query.skips())
+    statement
+        .bind(ns.as_str())
+        .bind(to_i64(query.from))
+        .bind(query.skip_node.unwrap_or(""))
+        .bind(query.skips())
+        .bind(query.scope.json())
 }
 
 /// The rows of `tide_changes` a group writes: the last applied op of each key.
@@ -1205,9 +1234,11 @@ fn to_i64(v: u64) -> i64 {
 #[async_trait::async_trait]
 impl Backend for SqliteBackend {
     async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
+        let scope = self.policy.scope(principal, &request);
+        super::check_readable(&scope, &request)?;
         let results =
             if request.ops.is_empty() { Vec::new() } else { self.apply(principal, Arc::clone(&request)).await? };
-        let (page, verify) = self.read(principal, &request).await?;
+        let (page, verify) = self.read(principal, &request, scope).await?;
         Ok(Reply::new(results, page, request.request_id.clone(), verify))
     }
 

@@ -56,6 +56,13 @@ fn random_request(rng: &mut SplitMix64, cursors: &[u64]) -> SyncRequest {
         req.bases = req.ops.iter().map(|_| (rng.below(2) == 0).then(|| rng.below(30))).collect();
     }
     req.from_head = (rng.below(6) == 0).then(|| rng.below(40));
+    // A subscription (PROTOCOL.md §15): one collection, both, a stranger, or none.
+    req.collections = match rng.below(6) {
+        0 => Some(vec!["c0".into()]),
+        1 => Some(vec!["c1".into(), "c9".into()]),
+        2 => Some(Vec::new()),
+        _ => None,
+    };
     req
 }
 

@@ -1,6 +1,7 @@
 //! tide-server's integration tests, one binary.
 
 mod abuse;
+mod access;
 mod behaviour;
 mod binary;
 mod crash;

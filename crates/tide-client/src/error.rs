@@ -46,6 +46,13 @@ pub enum Error {
         /// How long it waited.
         waited: std::time::Duration,
     },
+    /// A subscription the client cannot take: an invalid collection name,
+    /// or unsubscribing from one collection while subscribed to every one.
+    #[error("subscription: {message}")]
+    Subscription {
+        /// Why.
+        message: String,
+    },
     /// The server refused writes that were waited for; they are in
     /// [`crate::Tide::rejected`] and their documents were put back.
     #[error("{count} write(s) rejected by the server")]

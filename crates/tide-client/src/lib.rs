@@ -40,6 +40,7 @@
 
 mod collection;
 mod error;
+mod subscription;
 mod sync;
 mod tide;
 mod watch;

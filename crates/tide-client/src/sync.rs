@@ -12,6 +12,7 @@ use tide_store::{Ack, Acked, PendingOp, Refused, Rejection};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::subscription::CatchUp;
 use crate::tide::Inner;
 
 /// Most ops pushed in one exchange: the protocol's default cap (the
@@ -138,6 +139,7 @@ impl Inner {
         // read at, which the server says, and later ones those at or below
         // that head; until the store has an op of its own to push.
         // (The cursor read for this serves the first request too.)
+        self.catch_up(transport, &mut report).await?;
         let mut first_cursor = Some(self.store.cursor().await?);
         let mut live_below =
             (first_cursor.is_some_and(|c| c.is_none()) && self.store.is_empty().await?).then_some(u64::MAX);
@@ -229,6 +231,8 @@ impl Inner {
             }
         }
         let Some(last) = last.filter(|r| r.protocol.is_some()) else { return Ok(report) };
+        // Collections the server let it read since this sync began.
+        self.catch_up(transport, &mut report).await?;
         self.revert_rejected(transport, &mut report).await?;
         if let Some(roots) = last.roots {
             self.verify(transport, &roots, &mut report).await?;
@@ -247,6 +251,7 @@ impl Inner {
         let mut req = SyncRequest::new(self.store.node_id(), cursor);
         req.live_below = live_below;
         req.from_head = self.store.from_head();
+        req.collections = self.subscription.lock().await.main();
         req.ops = pending.iter().map(|p| p.op.clone()).collect();
         if pending.iter().any(|p| p.base.is_some()) {
             req.bases = pending.iter().map(|p| p.base).collect();
@@ -307,6 +312,89 @@ impl Inner {
     async fn round(
         &self,
         transport: &dyn tide_transport::Transport,
+        req: SyncRequest,
+        report: &mut SyncReport,
+    ) -> Result<SyncResponse> {
+        let cursor = req.cursor;
+        let mut resp = self.send(transport, req, report).await?;
+        let restarted = resp.reset || resp.resync;
+        let cursor = resp.cursor.max(if restarted { Cursor::START } else { cursor.unwrap_or_default() });
+        // The page goes to the store; the response keeps the rest.
+        let applied = self.store.apply_page(std::mem::take(&mut resp.changes), cursor).await?;
+        report.applied += applied.len();
+        if resp.resync {
+            // Deletes past the server's horizon are gone: this store begins
+            // again from the start, keeping what it holds; what the server
+            // no longer has, the digest check that ends the sync finds, and
+            // the server answers it `deleted` (PROTOCOL.md §14).
+            let head = resp.head.unwrap_or(resp.cursor.seq());
+            tracing::info!(head, "away past the server's tombstone horizon; pulling everything again");
+            self.store.set_from_head(head).await?;
+            report.resynced = true;
+        }
+        self.observe_readable(&resp).await?;
+        Ok(resp)
+    }
+
+    /// What the server says the principal may read: collections it may no
+    /// longer read leave the subscription, and ones it may read again are
+    /// caught up (PROTOCOL.md §15).
+    async fn observe_readable(&self, resp: &SyncResponse) -> Result<()> {
+        let mut subscription = self.subscription.lock().await;
+        let mut changed = subscription.clone();
+        changed.observe_readable(resp.readable.as_deref());
+        if changed != *subscription {
+            self.store.set_subscription(changed.to_text()).await?;
+            *subscription = changed;
+        }
+        Ok(())
+    }
+
+    /// Pulls the collections added to the subscription from the beginning,
+    /// each catch-up on its own cursor, until it reaches the main cursor
+    /// and joins it (PROTOCOL.md §15). Each page is saved with the
+    /// catch-up's new cursor in one transaction.
+    async fn catch_up(&self, transport: &dyn tide_transport::Transport, report: &mut SyncReport) -> Result<()> {
+        while report.exchanges < SYNC_EXCHANGES_MAX {
+            let Some((collections, cursor, live_below)) =
+                self.subscription.lock().await.catching_up().map(|c| (c.names(), c.cursor, c.live_below))
+            else {
+                return Ok(());
+            };
+            let mut req = SyncRequest::new(self.store.node_id(), cursor.map(Cursor));
+            req.limit = Some(PULL_PAGE_CHANGES_MAX);
+            req.collections.clone_from(&collections);
+            // It held nothing of these when it began (or the digest check
+            // that follows finds what it held): tombstones up to the head
+            // its first page was read at are left out.
+            req.live_below = Some(live_below.unwrap_or(u64::MAX));
+            let resp = self.send(transport, req, report).await?;
+            let main = self.store.cursor().await?.unwrap_or_default().seq();
+            let mut subscription = self.subscription.lock().await;
+            if subscription.catching_up().map(CatchUp::names) != Some(collections.clone()) {
+                // The application changed the subscription meanwhile.
+                continue;
+            }
+            let mut next = subscription.clone();
+            next.advance(resp.cursor.seq(), resp.head, !resp.has_more, main);
+            next.observe_readable(resp.readable.as_deref());
+            let applied = self.store.apply_catch_up(resp.changes, next.to_text()).await?;
+            report.applied += applied.len();
+            let stalled = !resp.has_more && next.catching_up().map(CatchUp::names) == Some(collections);
+            *subscription = next;
+            if stalled {
+                // At the server's head yet behind the main cursor (a server
+                // that began again): the main pass moves first; next sync.
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `req` and checks that the response answers it.
+    async fn send(
+        &self,
+        transport: &dyn tide_transport::Transport,
         mut req: SyncRequest,
         report: &mut SyncReport,
     ) -> Result<SyncResponse> {
@@ -333,22 +421,6 @@ impl Inner {
             .into());
         }
         report.pulled += resp.changes.len();
-        let restarted = resp.reset || resp.resync;
-        let cursor = resp.cursor.max(if restarted { Cursor::START } else { req.cursor.unwrap_or_default() });
-        // The page goes to the store; the response keeps the rest.
-        let mut resp = resp;
-        let applied = self.store.apply_page(std::mem::take(&mut resp.changes), cursor).await?;
-        report.applied += applied.len();
-        if resp.resync {
-            // Deletes past the server's horizon are gone: this store begins
-            // again from the start, keeping what it holds; what the server
-            // no longer has, the digest check that ends the sync finds, and
-            // the server answers it `deleted` (PROTOCOL.md §14).
-            let head = resp.head.unwrap_or(resp.cursor.seq());
-            tracing::info!(head, "away past the server's tombstone horizon; pulling everything again");
-            self.store.set_from_head(head).await?;
-            report.resynced = true;
-        }
         Ok(resp)
     }
 
@@ -378,11 +450,23 @@ impl Inner {
         targets: Vec<Refused>,
         report: &mut SyncReport,
     ) -> Result<()> {
+        // A write to a collection it may not read (refused `forbidden`) has
+        // no server version to see: it is taken back to what was there.
+        let (readable, unreadable): (Vec<Refused>, Vec<Refused>) = {
+            let subscription = self.subscription.lock().await;
+            targets.into_iter().partition(|t| subscription.may_read(&t.key.0))
+        };
+        if !unreadable.is_empty() {
+            report.reverted += self.store.revert(unreadable, Vec::new()).await?.len();
+        }
+        if readable.is_empty() {
+            return Ok(());
+        }
         let mut req = self.request().await?;
-        req.fetch = targets.iter().map(|t| t.key.clone()).collect();
+        req.fetch = readable.iter().map(|t| t.key.clone()).collect();
         let resp = self.round(transport, req, report).await?;
         // The store tells the watchers what it put back.
-        report.reverted += self.store.revert(targets, resp.fetched).await?.len();
+        report.reverted += self.store.revert(readable, resp.fetched).await?.len();
         Ok(())
     }
 
@@ -396,7 +480,11 @@ impl Inner {
         report: &mut SyncReport,
     ) -> Result<()> {
         let Some(local) = self.store.settled_roots().await? else { return Ok(()) };
-        let mut collections: Vec<&String> = local.keys().chain(server.keys()).collect();
+        // Only what the main cursor covers: a collection being caught up,
+        // unsubscribed or unreadable is not the server's answer to compare.
+        let subscription = self.subscription.lock().await.clone();
+        let mut collections: Vec<&String> =
+            local.keys().chain(server.keys()).filter(|c| subscription.covers(c)).collect();
         collections.sort_unstable();
         collections.dedup();
         let differing: Vec<&String> = collections.into_iter().filter(|c| local.get(*c) != server.get(*c)).collect();
@@ -437,6 +525,7 @@ impl Inner {
         let mut req = SyncRequest::new(self.store.node_id(), self.store.cursor().await?);
         req.limit = Some(PULL_PAGE_CHANGES_MAX);
         req.from_head = self.store.from_head();
+        req.collections = self.subscription.lock().await.main();
         Ok(req)
     }
 
@@ -547,6 +636,7 @@ impl Inner {
         req.limit = Some(PULL_PAGE_CHANGES_MAX);
         req.wait = Some(wait);
         req.from_head = self.store.from_head();
+        req.collections = self.subscription.lock().await.main();
         let started = std::time::Instant::now();
         let resp = tokio::select! {
             biased;

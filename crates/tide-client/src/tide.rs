@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::collection::Collection;
 use crate::error::{Error, Result};
+use crate::subscription::{Set, Subscription};
 use crate::sync::{SyncReport, SyncStatus, run_forever};
 use crate::watch::{ChangeEvent, Filter, Hub, Source, Watch};
 
@@ -32,6 +33,8 @@ pub(crate) struct Inner {
     pub(crate) sync_lock: Mutex<()>,
     /// The highest tombstone horizon a server reported (PROTOCOL.md §14).
     pub(crate) horizon: std::sync::atomic::AtomicU64,
+    /// What this store syncs (PROTOCOL.md §15), as saved in it.
+    pub(crate) subscription: Mutex<Subscription>,
     closed: AtomicBool,
     /// Set when the Tide closes: background loops end, exchanges in flight are cancelled.
     pub(crate) stop: watch::Sender<bool>,
@@ -94,6 +97,7 @@ pub struct TideBuilder {
     exchange_timeout: Duration,
     connect_timeout: Duration,
     push_batch_ops: usize,
+    collections: Option<Set>,
 }
 
 impl std::fmt::Debug for TideBuilder {
@@ -178,6 +182,22 @@ impl TideBuilder {
         self
     }
 
+    /// Sync only these collections (partial sync, PROTOCOL.md §15) rather
+    /// than every collection the server lets this user read. A store that
+    /// synced others keeps their documents (see [`Tide::unsubscribe`] to
+    /// free them); one added later is pulled from the beginning without
+    /// pulling the rest again. Change it at run time with
+    /// [`Tide::subscribe`], [`Tide::unsubscribe`] and
+    /// [`Tide::set_collections`]. Writes to any collection still sync.
+    pub fn collections<I, S>(mut self, collections: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.collections = Some(Some(collections.into_iter().map(Into::into).collect()));
+        self
+    }
+
     /// Opens the store and, if a transport or endpoint was given, readies
     /// sync. No background sync runs until [`Tide::sync_forever`].
     ///
@@ -232,6 +252,7 @@ impl TideBuilder {
             Some(path) => options.open(path).await?,
             None => options.open_in_memory().await?,
         };
+        let subscription = load_subscription(&store, self.collections).await?;
         let status = SyncStatus {
             pending: store.pending_count().await?,
             rejected: store.rejected().await?.len() as u64,
@@ -247,12 +268,51 @@ impl TideBuilder {
             wake: Notify::new(),
             sync_lock: Mutex::new(()),
             horizon: std::sync::atomic::AtomicU64::new(0),
+            subscription: Mutex::new(subscription),
             closed: AtomicBool::new(false),
             stop: watch::channel(false).0,
             loops: Mutex::new(Vec::new()),
         });
         Ok(Tide { _last: Arc::new(LastHandle(Arc::clone(&inner))), inner })
     }
+}
+
+/// The subscription saved in `store`, changed to `wanted` if the builder
+/// named one. A store that has pulled nothing yet covers `wanted` from the
+/// start; one with no saved subscription has synced every collection.
+async fn load_subscription(store: &Store, wanted: Option<Set>) -> Result<Subscription> {
+    if let Some(Some(names)) = &wanted {
+        check_names(names.iter())?;
+    }
+    let saved = match store.subscription().await? {
+        Some(text) => Some(
+            serde_json::from_str::<Subscription>(&text)
+                .map_err(|e| tide_store::Error::Corrupt { detail: format!("saved subscription: {e}") })?,
+        ),
+        None => None,
+    };
+    let fresh = store.cursor().await?.is_none();
+    let subscription = match (saved, wanted) {
+        (Some(saved), None) => return Ok(saved),
+        (_, Some(wanted)) if fresh => Subscription::new(wanted),
+        (saved, Some(wanted)) => {
+            let mut subscription = saved.unwrap_or_default();
+            subscription.set_wanted(wanted);
+            subscription
+        }
+        (None, None) => return Ok(Subscription::default()),
+    };
+    store.set_subscription(subscription.to_text()).await?;
+    Ok(subscription)
+}
+
+/// Checks collection names given for a subscription.
+fn check_names<'a>(names: impl Iterator<Item = &'a String>) -> Result<()> {
+    let limits = tide_core::Limits::default();
+    for name in names {
+        limits.check_collection(name).map_err(|v| Error::Subscription { message: v.message })?;
+    }
+    Ok(())
 }
 
 /// Runs background syncs until dropped (or until the Tide closes): keep it
@@ -316,6 +376,7 @@ impl Tide {
             exchange_timeout: tide_transport::EXCHANGE_TIMEOUT_DEFAULT,
             connect_timeout: tide_transport::CONNECT_TIMEOUT_DEFAULT,
             push_batch_ops: crate::PUSH_BATCH_OPS_MAX,
+            collections: None,
         }
     }
 
@@ -402,6 +463,89 @@ impl Tide {
             return Err(Error::Closed);
         }
         self.inner.sync_once().await
+    }
+
+    /// The collections this store syncs (`None`: every one the server lets
+    /// it read; PROTOCOL.md §15).
+    pub async fn collections(&self) -> Option<Vec<String>> {
+        self.inner.subscription.lock().await.wanted.as_ref().map(|s| s.iter().cloned().collect())
+    }
+
+    /// Syncs `collections` from now on (`None`: every readable one). Added
+    /// collections are pulled from the beginning by the next sync, without
+    /// pulling the others again; removed ones stop syncing and keep their
+    /// local documents. Saved in the store.
+    ///
+    /// # Errors
+    /// [`Error::Subscription`] for an invalid collection name, or a store error.
+    pub async fn set_collections<I, S>(&self, collections: Option<I>) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let wanted: Set = collections.map(|c| c.into_iter().map(Into::into).collect());
+        self.change_subscription(|_| Ok(wanted)).await
+    }
+
+    /// Adds `collection` to what this store syncs (nothing changes when it
+    /// syncs every collection): the next sync pulls it from the beginning.
+    ///
+    /// # Errors
+    /// [`Error::Subscription`] for an invalid name, or a store error.
+    pub async fn subscribe(&self, collection: &str) -> Result<()> {
+        check_names(std::iter::once(&collection.to_owned()))?;
+        self.change_subscription(|wanted| {
+            Ok(wanted.clone().map(|mut set| {
+                set.insert(collection.to_owned());
+                set
+            }))
+        })
+        .await
+    }
+
+    /// Stops syncing `collection`. With `free`, its local documents go too
+    /// (without ops: the server keeps them; documents with writes still
+    /// pending stay, and watchers are not told); returns how many went.
+    ///
+    /// # Errors
+    /// [`Error::Subscription`] while subscribed to every collection (name
+    /// the ones to keep with [`Tide::set_collections`]), or a store error.
+    pub async fn unsubscribe(&self, collection: &str, free: bool) -> Result<u64> {
+        self.change_subscription(|wanted| match wanted {
+            None => Err(Error::Subscription {
+                message: format!(
+                    "cannot unsubscribe from {collection:?} while syncing every collection; name the ones to keep                      with set_collections"
+                ),
+            }),
+            Some(set) => {
+                let mut set = set.clone();
+                set.remove(collection);
+                Ok(Some(set))
+            }
+        })
+        .await?;
+        if free { Ok(self.inner.store.free_collection(collection).await?) } else { Ok(0) }
+    }
+
+    /// Changes what is wanted to `change(wanted)`, saves it and wakes the
+    /// background sync.
+    async fn change_subscription(&self, change: impl FnOnce(&Set) -> Result<Set>) -> Result<()> {
+        if self.inner.closed() {
+            return Err(Error::Closed);
+        }
+        let mut subscription = self.inner.subscription.lock().await;
+        let wanted = change(&subscription.wanted)?;
+        if let Some(names) = &wanted {
+            check_names(names.iter())?;
+        }
+        let mut changed = subscription.clone();
+        changed.set_wanted(wanted);
+        if changed != *subscription {
+            self.inner.store.set_subscription(changed.to_text()).await?;
+            *subscription = changed;
+            self.inner.wake.notify_one();
+        }
+        Ok(())
     }
 
     /// Syncs in the background: at once, on every local write (even one

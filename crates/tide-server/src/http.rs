@@ -610,18 +610,26 @@ impl Server {
             Some(reply) => Ok(reply),
             None => self.run_exchange(&principal, &request, &span).await,
         };
-        if let (Some(wait), Some(hold), Ok(reply)) = (wait, held.as_mut(), &result)
-            && reply.change_count == 0
-            && !reply.has_more
-            && !reply.reset
-        {
+        if let (Some(wait), Some(hold)) = (wait, held.as_mut()) {
+            let deadline = tokio::time::Instant::now() + wait;
             let mut stopping = app.stopping.subscribe();
-            let woken = tokio::select! {
-                changed = hold.commits.changed() => changed.is_ok(),
-                () = tokio::time::sleep(wait) => false,
-                _ = stopping.wait_for(|s| *s) => false,
-            };
-            if woken {
+            // Held until a commit brings something this poll may see: a
+            // commit to collections outside its scope (PROTOCOL.md §15)
+            // leaves it waiting.
+            while let Ok(reply) = &result
+                && reply.change_count == 0
+                && !reply.has_more
+                && !reply.reset
+                && !reply.resync
+            {
+                let woken = tokio::select! {
+                    changed = hold.commits.changed() => changed.is_ok(),
+                    () = tokio::time::sleep_until(deadline) => false,
+                    _ = stopping.wait_for(|s| *s) => false,
+                };
+                if !woken {
+                    break;
+                }
                 let version = *hold.commits.borrow_and_update();
                 result = match app.wakes.page(&app.backend, &principal, &request, version).await {
                     Some(reply) => Ok(reply),

@@ -756,7 +756,45 @@ impl Store {
             self.inner.limits.check_collection(&c.collection)?;
             self.inner.limits.check_id(&c.id)?;
         }
-        self.call(|reply| Command::Apply { changes, cursor, reply }).await
+        self.call(|reply| Command::Apply { changes, save: ("cursor", cursor.to_string()), reply }).await
+    }
+
+    /// Applies a page of remote changes read outside the main change
+    /// stream (a subscription's catch-up, PROTOCOL.md §15) and saves
+    /// `subscription` (the client's record of it, with the catch-up's new
+    /// cursor) in the same transaction; the main cursor stays.
+    pub async fn apply_catch_up(&self, changes: Vec<Change>, subscription: String) -> Result<Vec<Change>> {
+        for c in &changes {
+            self.inner.limits.check_collection(&c.collection)?;
+            self.inner.limits.check_id(&c.id)?;
+        }
+        self.call(|reply| Command::Apply { changes, save: ("subscription", subscription), reply }).await
+    }
+
+    /// Saves the client's record of what it subscribes to (opaque text to
+    /// the store; see [`Store::apply_catch_up`]).
+    pub async fn set_subscription(&self, subscription: String) -> Result<()> {
+        self.call(|reply| Command::Subscription { text: subscription, reply }).await
+    }
+
+    /// The text saved by [`Store::set_subscription`] or
+    /// [`Store::apply_catch_up`], if any.
+    pub async fn subscription(&self) -> Result<Option<String>> {
+        let mut conn = self.inner.readers.get().await?;
+        sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'subscription'")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)
+    }
+
+    /// Removes a collection's local documents and tombstones without
+    /// writing ops (an unsubscribed collection's data, freed), except keys
+    /// with pending ops; returns how many versions went. Watchers are not
+    /// told.
+    pub async fn free_collection(&self, collection: &str) -> Result<u64> {
+        self.inner.limits.check_collection(collection)?;
+        let collection = collection.to_owned();
+        self.call(|reply| Command::Free { collection, reply }).await
     }
 
     /// Applies versions fetched outside the change stream (a repair or a

@@ -13,7 +13,7 @@ use serde::Serialize;
 use sqlx::Connection;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use tide_core::{Change, Cursor, DocKey, ErrorCode, LAMPORT_MAX, LamportClock, Payload, Stamp};
+use tide_core::{Change, DocKey, ErrorCode, LAMPORT_MAX, LamportClock, Payload, Stamp};
 
 use tokio::sync::{Mutex, oneshot};
 
@@ -60,21 +60,76 @@ pub struct Ack {
 }
 
 pub(crate) enum Command {
-    Write { writes: Vec<Write>, reply: Reply<Vec<Stamp>> },
-    Apply { changes: Vec<Change>, cursor: Cursor, reply: Reply<Vec<Change>> },
-    Fetched { changes: Vec<Change>, reply: Reply<Vec<Change>> },
-    Revert { targets: Vec<Refused>, server: Vec<Change>, reply: Reply<Vec<Reverted>> },
-    Rekey { node_id: String, reply: Reply<()> },
-    Lineage { token: String, reply: Reply<()> },
-    Settle { acked: Vec<Ack>, rejected: Vec<Rejection>, reply: Reply<()> },
-    Collect { horizon: u64, reply: Reply<u64> },
-    Forget { versions: Vec<(DocKey, Stamp)>, reply: Reply<()> },
-    FromHead { head: u64, reply: Reply<()> },
-    Discard { seqs: Vec<u64>, reply: Reply<u64> },
-    Retry { seq: u64, reply: Reply<Option<Stamp>> },
-    MaxPages { pages: u64, reply: Reply<u64> },
-    Settings { reply: Reply<ConnectionSettings> },
-    Close { reply: Reply<()> },
+    Write {
+        writes: Vec<Write>,
+        reply: Reply<Vec<Stamp>>,
+    },
+    /// A page, saved with the `tide_meta` value (the cursor, or a catch-up's state) it moves.
+    Apply {
+        changes: Vec<Change>,
+        save: (&'static str, String),
+        reply: Reply<Vec<Change>>,
+    },
+    Fetched {
+        changes: Vec<Change>,
+        reply: Reply<Vec<Change>>,
+    },
+    Revert {
+        targets: Vec<Refused>,
+        server: Vec<Change>,
+        reply: Reply<Vec<Reverted>>,
+    },
+    Rekey {
+        node_id: String,
+        reply: Reply<()>,
+    },
+    Lineage {
+        token: String,
+        reply: Reply<()>,
+    },
+    Settle {
+        acked: Vec<Ack>,
+        rejected: Vec<Rejection>,
+        reply: Reply<()>,
+    },
+    Collect {
+        horizon: u64,
+        reply: Reply<u64>,
+    },
+    Forget {
+        versions: Vec<(DocKey, Stamp)>,
+        reply: Reply<()>,
+    },
+    FromHead {
+        head: u64,
+        reply: Reply<()>,
+    },
+    Subscription {
+        text: String,
+        reply: Reply<()>,
+    },
+    Free {
+        collection: String,
+        reply: Reply<u64>,
+    },
+    Discard {
+        seqs: Vec<u64>,
+        reply: Reply<u64>,
+    },
+    Retry {
+        seq: u64,
+        reply: Reply<Option<Stamp>>,
+    },
+    MaxPages {
+        pages: u64,
+        reply: Reply<u64>,
+    },
+    Settings {
+        reply: Reply<ConnectionSettings>,
+    },
+    Close {
+        reply: Reply<()>,
+    },
 }
 
 /// The write side of a store: a queue of commands and the state that only
@@ -278,8 +333,8 @@ impl State {
         }
         match cmd {
             Command::Write { .. } => unreachable!("writes are grouped"),
-            Command::Apply { changes, cursor, reply } => {
-                let _ = reply.send(self.apply(changes, Some(cursor)).await);
+            Command::Apply { changes, save, reply } => {
+                let _ = reply.send(self.apply(changes, Some(save)).await);
             }
             Command::Fetched { changes, reply } => {
                 let _ = reply.send(self.apply(changes, None).await);
@@ -304,6 +359,12 @@ impl State {
             }
             Command::FromHead { head, reply } => {
                 let _ = reply.send(self.set_meta("from_head", &head.to_string()).await);
+            }
+            Command::Subscription { text, reply } => {
+                let _ = reply.send(self.set_meta("subscription", &text).await);
+            }
+            Command::Free { collection, reply } => {
+                let _ = reply.send(self.free(&collection).await);
             }
             Command::Discard { seqs, reply } => {
                 let _ = reply.send(self.discard(&seqs).await);
@@ -413,9 +474,10 @@ impl State {
         Ok(())
     }
 
-    /// Applies a page of remote changes and its cursor in one transaction;
-    /// returns the changes that altered local state, in page order.
-    async fn apply(&mut self, changes: Vec<Change>, cursor: Option<Cursor>) -> Result<Vec<Change>> {
+    /// Applies a page of remote changes and the `tide_meta` value it moves
+    /// (its cursor) in one transaction; returns the changes that altered
+    /// local state, in page order.
+    async fn apply(&mut self, changes: Vec<Change>, save: Option<(&'static str, String)>) -> Result<Vec<Change>> {
         let lamport_max = changes.iter().map(|c| c.stamp.lamport).max().unwrap_or(0);
         if lamport_max > LAMPORT_MAX {
             return Err(tide_core::Error::LamportOutOfRange { lamport: lamport_max }.into());
@@ -486,12 +548,13 @@ impl State {
             .await
             .map_err(db)?;
         }
-        if let Some(cursor) = cursor {
+        if let Some((key, value)) = save {
             sqlx::query(
-                "INSERT INTO tide_meta (key, value) VALUES ('cursor', ?1) \
+                "INSERT INTO tide_meta (key, value) VALUES (?1, ?2) \
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             )
-            .bind(cursor.to_string())
+            .bind(key)
+            .bind(value)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
@@ -772,6 +835,31 @@ impl State {
         tx.commit().await.map_err(db)?;
         self.tell(|| removed);
         Ok(())
+    }
+
+    /// Removes a collection's documents and tombstones, without ops, except
+    /// those a pending op still writes; returns how many went. Watchers are
+    /// not told: the application asked for it.
+    async fn free(&mut self, collection: &str) -> Result<u64> {
+        let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let text: String = sqlx::query_scalar(
+            "SELECT json_group_array(json_array(id, lamport, node_id)) FROM tide_docs \
+             WHERE collection = ?1 AND id NOT IN (SELECT id FROM tide_outbox WHERE collection = ?1)",
+        )
+        .bind(collection)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let held: Vec<(String, u64, String)> =
+            serde_json::from_str(&text).map_err(|e| Error::Corrupt { detail: format!("freed versions: {e}") })?;
+        let versions: Vec<(DocKey, Stamp)> = held
+            .into_iter()
+            .map(|(id, lamport, node_id)| (DocKey(collection.to_owned(), id), Stamp::new(lamport, node_id)))
+            .collect();
+        let freed = forget_versions(&mut tx, &versions).await?.len();
+        tx.commit().await.map_err(db)?;
+        Ok(freed as u64)
     }
 
     /// Removes the tombstones the server's horizon has passed (it removed
@@ -1257,6 +1345,7 @@ fn refuse(cmd: Command) {
         | Command::Lineage { reply, .. }
         | Command::Settle { reply, .. }
         | Command::FromHead { reply, .. }
+        | Command::Subscription { reply, .. }
         | Command::Forget { reply, .. }
         | Command::Close { reply } => {
             let _ = reply.send(Err(Error::Closed));
@@ -1264,7 +1353,10 @@ fn refuse(cmd: Command) {
         Command::Retry { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
-        Command::Discard { reply, .. } | Command::MaxPages { reply, .. } | Command::Collect { reply, .. } => {
+        Command::Discard { reply, .. }
+        | Command::MaxPages { reply, .. }
+        | Command::Collect { reply, .. }
+        | Command::Free { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Settings { reply } => {

@@ -5,6 +5,7 @@ mod behaviour;
 mod convergence;
 mod crash;
 mod interop;
+mod subscriptions;
 mod watching;
 
 use std::sync::Arc;

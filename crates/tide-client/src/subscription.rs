@@ -167,7 +167,10 @@ mod tests {
         names.iter().map(|s| (*s).to_owned()).collect()
     }
 
-    fn first(sub: &Subscription) -> Option<(Option<Vec<String>>, Option<u64>, Option<u64>)> {
+    /// The first catch-up's collections, cursor and `live_below`.
+    type First = Option<(Option<Vec<String>>, Option<u64>, Option<u64>)>;
+
+    fn first(sub: &Subscription) -> First {
         sub.catching_up().map(|c: &CatchUp| (c.names(), c.cursor, c.live_below))
     }
 

@@ -61,6 +61,20 @@ async fn bad_requests_get_their_status_and_code_and_change_nothing(storage: Stor
             "invalid_collection",
         ),
         ("a newer protocol", r#"{"node_id":"a","protocol":99}"#.into(), 400, "unsupported_protocol"),
+        ("a subscription that is not a list", r#"{"node_id":"a","collections":"c"}"#.into(), 400, "invalid_request"),
+        ("a subscription to a bad name", r#"{"node_id":"a","collections":["a/b"]}"#.into(), 400, "invalid_collection"),
+        (
+            "a subscription past its limit",
+            format!(
+                r#"{{"node_id":"a","collections":[{}]}}"#,
+                (0..=tide_core::limits::SUBSCRIBED_COLLECTIONS_MAX)
+                    .map(|i| format!(r#""c{i}""#))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+            400,
+            "invalid_request",
+        ),
     ];
     for (name, body, status, code) in cases {
         // Ops go inside a request; whole requests go as they are.

@@ -290,3 +290,101 @@ async fn the_binary_enforces_its_rules_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("rules.toml") && stderr.contains("rule 1"), "{stderr}");
 }
+
+/// Rules the test changes while the server runs.
+struct Switchable(std::sync::Mutex<RulesFile>);
+
+impl Switchable {
+    fn set(&self, text: &str) {
+        *self.0.lock().unwrap() = RulesFile::parse(text).unwrap();
+    }
+}
+
+impl tide_server::AccessRules for Switchable {
+    fn readable(&self, principal: &Principal) -> tide_server::Readable {
+        self.0.lock().unwrap().readable(principal)
+    }
+
+    fn may_write(&self, principal: &Principal, op: &Op) -> Result<(), String> {
+        self.0.lock().unwrap().may_write(principal, op)
+    }
+}
+
+/// The bearer token is the principal's id, in one shared namespace.
+struct TokenIsPrincipal;
+
+#[async_trait::async_trait]
+impl tide_server::Authenticator for TokenIsPrincipal {
+    async fn authenticate(&self, token: Option<&str>) -> Result<Principal, tide_server::AuthError> {
+        token.map(who).ok_or(tide_server::AuthError::Missing)
+    }
+}
+
+const WIDE: &str = r#"
+[[rule]]
+principal = "admin"
+read = ["*"]
+write = ["*"]
+"#;
+
+/// The tide client under changing rules: a write it may not make lands in
+/// its rejected list and is taken back; a collection it may read from now
+/// on is pulled from the beginning; one it may no longer read stops
+/// syncing; and its digest checks pass throughout.
+#[tokio::test]
+async fn a_client_follows_its_rules_as_they_change() {
+    use tide_client::Tide;
+    let dir = tempfile::tempdir().unwrap();
+    let backend =
+        tide_server::SqliteBackend::open(&dir.path().join("s.db"), Durability::Full, tide_core::Limits::default())
+            .await
+            .unwrap();
+    let rules = Arc::new(Switchable(std::sync::Mutex::new(RulesFile::parse(&format!("{RULES}{WIDE}")).unwrap())));
+    backend.set_access_rules(Arc::clone(&rules) as Arc<dyn tide_server::AccessRules>);
+    let server = tide_server::Server::new(backend, Arc::new(TokenIsPrincipal), tide_server::ServerConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
+    tokio::spawn(async move { server.serve(listener, std::future::pending()).await });
+    let open = |user: &str| {
+        Tide::builder()
+            .endpoint(&endpoint)
+            .node_id(format!("{user}-phone"))
+            .headers(tide_client::Headers::Static(vec![("authorization".into(), format!("Bearer {user}"))]))
+            .open()
+    };
+    let admin = open("admin").await.unwrap();
+    for (c, id) in [("reports", "r1"), ("reports", "r2"), ("public", "p1"), ("private-bob", "y")] {
+        admin.collection::<serde_json::Value>(c).put(id, &json!({ "by": "admin" })).await.unwrap();
+    }
+    admin.sync_once().await.unwrap();
+
+    let ann = open("ann").await.unwrap();
+    ann.collection::<serde_json::Value>("private-bob").put("planted", &json!({})).await.unwrap();
+    let report = ann.sync_once().await.unwrap();
+    assert!(report.verified, "{report:?}");
+    assert_eq!(report.rejected, 1);
+    let rejected = ann.rejected().await.unwrap();
+    assert_eq!((rejected[0].op.collection.as_str(), rejected[0].code), ("private-bob", ErrorCode::Forbidden));
+    assert_eq!(ann.collection::<serde_json::Value>("private-bob").count().await.unwrap(), 0, "taken back");
+    assert_eq!(ann.collection::<serde_json::Value>("public").count().await.unwrap(), 1);
+    assert_eq!(ann.collection::<serde_json::Value>("reports").count().await.unwrap(), 0);
+
+    // Ann may read the reports from now on: they arrive from the beginning.
+    rules.set(&format!("{RULES}{WIDE}[[rule]]\nprincipal = \"ann\"\nread = [\"reports\"]\n"));
+    let report = ann.sync_once().await.unwrap();
+    assert_eq!(report.pulled, 2, "the reports, and nothing it held: {report:?}");
+    assert_eq!(ann.collection::<serde_json::Value>("reports").count().await.unwrap(), 2);
+    assert!(ann.sync_once().await.unwrap().verified);
+
+    // And no longer the public collection: its new changes stop coming.
+    rules.set(&format!("{WIDE}[[rule]]\nprincipal = \"ann\"\nread = [\"reports\", \"private-ann\"]\n"));
+    admin.collection::<serde_json::Value>("public").put("p2", &json!({})).await.unwrap();
+    admin.collection::<serde_json::Value>("reports").put("r3", &json!({})).await.unwrap();
+    admin.sync_once().await.unwrap();
+    let report = ann.sync_once().await.unwrap();
+    assert!(report.verified, "{report:?}");
+    assert_eq!(ann.collection::<serde_json::Value>("reports").count().await.unwrap(), 3);
+    assert_eq!(ann.collection::<serde_json::Value>("public").get("p2").await.unwrap(), None);
+    ann.close().await;
+    admin.close().await;
+}

@@ -388,3 +388,20 @@ async fn a_client_follows_its_rules_as_they_change() {
     ann.close().await;
     admin.close().await;
 }
+
+/// The rules file README.md shows means what README.md says of it.
+#[test]
+fn the_readme_rules_mean_what_the_readme_says() {
+    use tide_server::{AccessRules, Readable};
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let toml = readme.split("```toml\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a toml block");
+    let rules = RulesFile::parse(toml).unwrap();
+    let names = |list: &[&str]| Readable::Only(list.iter().map(|s| (*s).to_owned()).collect());
+    assert_eq!(rules.readable(&who("ann")), names(&["board", "notes-ann", "posts"]));
+    let write = |c: &str, id: &str| rules.may_write(&who("ann"), &put(c, id, 1, "n"));
+    assert_eq!(write("board", "x"), Ok(()));
+    assert_eq!(write("notes-ann", "x"), Ok(()));
+    assert_eq!(write("posts", "ann/1"), Ok(()));
+    assert!(write("posts", "bob/1").is_err());
+    assert!(write("notes-bob", "x").is_err());
+}

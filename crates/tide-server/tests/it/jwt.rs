@@ -213,3 +213,57 @@ async fn a_jwks_url_is_fetched_again_for_an_unknown_key_so_rotated_keys_work_wit
     assert_eq!(fetched.load(Ordering::SeqCst), 1, "at most once a minute");
     assert!(JwtAuthenticator::from_jwks_url("ftp://x/jwks", config()).await.is_err());
 }
+
+/// The bad-input battery's tokens: each bad one, carrying a write, is
+/// answered 401 with its code, the server stays up, and nothing is stored.
+#[tokio::test]
+async fn bad_tokens_are_refused_and_store_nothing() {
+    let auth = Arc::new(JwtAuthenticator::hs256(b"s3cret", config()));
+    let running =
+        crate::support::start_on_with(crate::support::Storage::Sqlite, tide_server::ServerConfig::default(), auth)
+            .await;
+    let key = EncodingKey::from_secret(b"s3cret");
+    let good = sign(Algorithm::HS256, None, &key, &claims("alice", "team"));
+    // {"alg":"none","typ":"JWT"} . valid claims (expiring in 2100) . no signature
+    let unsigned = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsInRpZGVfbmFtZXNwYWNlIjoidGVhbSIsImV4cCI6NDEwMjQ0NDgwMCwiYXVkIjoidGlkZSIsImlzcyI6Imh0dHBzOi8vaWQuZXhhbXBsZSJ9.".to_owned();
+    let mut wrong_audience = claims("alice", "team");
+    wrong_audience["aud"] = json!("someone-else");
+    let mut no_subject = claims("alice", "team");
+    no_subject.as_object_mut().unwrap().remove("sub");
+    let mut tampered = good.clone();
+    tampered.insert(good.len() / 2, 'x');
+    let cases: Vec<(&str, String, tide_core::ErrorCode)> = vec![
+        ("garbage", "not.a.jwt".into(), tide_core::ErrorCode::Unauthorized),
+        ("alg none", unsigned, tide_core::ErrorCode::Unauthorized),
+        (
+            "another secret",
+            sign(Algorithm::HS256, None, &EncodingKey::from_secret(b"guess"), &claims("alice", "team")),
+            tide_core::ErrorCode::Unauthorized,
+        ),
+        ("wrong audience", sign(Algorithm::HS256, None, &key, &wrong_audience), tide_core::ErrorCode::Unauthorized),
+        ("no subject", sign(Algorithm::HS256, None, &key, &no_subject), tide_core::ErrorCode::Unauthorized),
+        ("tampered", tampered, tide_core::ErrorCode::Unauthorized),
+        ("empty", String::new(), tide_core::ErrorCode::Unauthorized),
+    ];
+    let endpoint = running.endpoint();
+    let with = |token: &str| {
+        tide_transport::HttpTransport::builder(&endpoint)
+            .header("authorization", format!("Bearer {token}"))
+            .build()
+            .unwrap()
+    };
+    let mut write = tide_core::SyncRequest::new("n", None);
+    write.ops = vec![tide_core::Op {
+        collection: "c".into(),
+        id: "planted".into(),
+        stamp: tide_core::Stamp::new(1, "n"),
+        payload: tide_core::Payload::Put(tide_core::Doc::from_value(&json!({})).unwrap()),
+        op_id: None,
+    }];
+    for (name, token, code) in cases {
+        let err = tide_transport::Transport::exchange(&with(&token), &write).await.unwrap_err();
+        assert_eq!(err.code(), Some(code), "{name}: {err}");
+    }
+    let after = tide_transport::Transport::exchange(&with(&good), &tide_core::SyncRequest::new("n", None)).await;
+    assert_eq!(after.expect("the server is still up").changes, vec![], "nothing was stored");
+}

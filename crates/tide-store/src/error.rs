@@ -42,6 +42,13 @@ pub enum Error {
     /// A collection, id, document or change breaks the protocol's rules.
     #[error("invalid input: {0}")]
     Invalid(#[from] Violation),
+    /// A query or index that cannot run: a bad field path, a comparison
+    /// with an array, too many terms, a cursor of another query.
+    #[error("invalid query: {message}")]
+    InvalidQuery {
+        /// What is wrong.
+        message: String,
+    },
     /// A connection setting did not take effect (read back after connecting).
     #[error("connection setting {name} is {found}, expected {expected}")]
     Setting {

@@ -29,6 +29,7 @@
 
 mod conn;
 mod error;
+mod query;
 mod schema;
 mod writer;
 
@@ -46,6 +47,10 @@ use tokio::sync::{Mutex, oneshot};
 
 pub use conn::{ConnectionSettings, Durability};
 pub use error::{Error, Result};
+pub use query::{
+    Field, Filter, PATH_SEGMENT_BYTES_MAX, PATH_SEGMENTS_MAX, QUERY_LIMIT_DEFAULT, QUERY_LIMIT_MAX,
+    QUERY_ORDER_FIELDS_MAX, QUERY_TERMS_MAX, Query, QueryCursor, QueryPage, field,
+};
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
     Ack, Acked, DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection, VACUUM_CHECK_BATCHES, VACUUM_FREE_PAGES_MIN,
@@ -274,6 +279,7 @@ impl OpenOptions {
         let from_head = from_head
             .map(|v| v.parse::<u64>().map_err(|_| Error::Corrupt { detail: format!("stored from_head {v:?}") }))
             .transpose()?;
+        let indexed = IndexedState::read(&mut conn).await?;
         let seed: i64 =
             sqlx::query_scalar("SELECT lamport FROM tide_clock WHERE id = 1").fetch_one(&mut conn).await.map_err(db)?;
         let clock = tide_core::LamportClock::new(u64::try_from(seed).unwrap_or(0))?;
@@ -298,6 +304,7 @@ impl OpenOptions {
                 node_id: std::sync::RwLock::new(node_id),
                 from_head: std::sync::atomic::AtomicU64::new(from_head.unwrap_or(0)),
                 limits: Limits::default(),
+                indexed: std::sync::RwLock::new(indexed),
             }),
         })
     }
@@ -346,6 +353,33 @@ async fn node_id(conn: &mut sqlx::SqliteConnection, requested: Option<String>) -
     }
 }
 
+/// What the file holds of local queries' indexes (schema v5), as queries need it.
+#[derive(Debug, Default)]
+pub(crate) struct IndexedState {
+    /// Each indexed field path's generated column.
+    columns: std::collections::HashMap<String, String>,
+    /// Per collection, its declared indexes: name and paths.
+    indexes: std::collections::HashMap<String, Vec<(String, Vec<String>)>>,
+}
+
+impl IndexedState {
+    pub(crate) async fn read(conn: &mut sqlx::SqliteConnection) -> Result<Self> {
+        let columns: Vec<(String, String)> =
+            sqlx::query_as("SELECT path, col FROM tide_fields").fetch_all(&mut *conn).await.map_err(db)?;
+        let rows: Vec<(String, String, String)> =
+            sqlx::query_as("SELECT collection, paths, name FROM tide_indexes ORDER BY collection, paths")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db)?;
+        let mut indexes: std::collections::HashMap<String, Vec<(String, Vec<String>)>> =
+            std::collections::HashMap::default();
+        for (collection, paths, name) in rows {
+            indexes.entry(collection).or_default().push((name, parse_json(&paths)?));
+        }
+        Ok(Self { columns: columns.into_iter().collect(), indexes })
+    }
+}
+
 struct Inner {
     writer: Writer,
     readers: Readers,
@@ -355,6 +389,9 @@ struct Inner {
     /// here so a request does not read it from the file.
     from_head: std::sync::atomic::AtomicU64,
     limits: Limits,
+    /// Each indexed field path's generated column, and each collection's
+    /// declared indexes (name, paths).
+    indexed: std::sync::RwLock<IndexedState>,
 }
 
 /// The durable local store. Cheap to clone; all clones share one store.
@@ -515,6 +552,171 @@ impl Store {
         .map_err(db)?;
         let rows: Vec<(String, String)> = parse_json(&rows)?;
         rows.into_iter().map(|(id, doc)| Ok((id, parse_doc(doc)?))).collect()
+    }
+
+    /// The documents `query` finds, in its order, with the cursor of the
+    /// next page when this one is full; read in one snapshot (a page of
+    /// remote changes is seen whole or not at all).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tide_store::{Query, field};
+    /// let store = tide_store::Store::open_in_memory().await?;
+    /// for (id, status, due) in [("a", "open", 3), ("b", "done", 1), ("c", "open", 2)] {
+    ///     let doc = tide_core::Doc::from_value(&serde_json::json!({"status": status, "due": due}))?;
+    ///     store.put("tasks", id, doc).await?;
+    /// }
+    /// let open = Query::new("tasks").filter(field("status").eq("open")).order_by(field("due"));
+    /// let page = store.query(&open).await?;
+    /// let ids: Vec<&str> = page.docs.iter().map(|(id, _)| id.as_str()).collect();
+    /// assert_eq!(ids, ["c", "a"]);
+    /// assert_eq!(store.query_count(&open).await?, 2);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidQuery`] for a query that cannot run (checked before
+    /// anything is read), or a database error.
+    pub async fn query(&self, query: &Query) -> Result<QueryPage<Doc>> {
+        use sqlx::{Row as _, TypeInfo as _, ValueRef as _};
+        let rows = self.run(query, str::to_owned).await?;
+        let full = rows.len() >= query.limit_of();
+        let mut docs = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for (n, row) in rows.iter().enumerate() {
+            let id: String = row.try_get(0).map_err(db)?;
+            let doc: String = row.try_get(1).map_err(db)?;
+            if full && n + 1 == rows.len() {
+                let mut values = Vec::new();
+                for i in 2..row.len() {
+                    let raw = row.try_get_raw(i).map_err(db)?;
+                    let value = if raw.is_null() {
+                        query::SqlValue::Null
+                    } else {
+                        match raw.type_info().name() {
+                            "INTEGER" => query::SqlValue::Int(row.try_get(i).map_err(db)?),
+                            "REAL" => query::SqlValue::Real(row.try_get(i).map_err(db)?),
+                            _ => query::SqlValue::Text(row.try_get(i).map_err(db)?),
+                        }
+                    };
+                    values.push(value);
+                }
+                last = Some(query::encode_cursor(values, id.clone()));
+            }
+            docs.push((id, parse_doc(doc)?));
+        }
+        Ok(QueryPage { docs, next: last })
+    }
+
+    /// How many live documents match `query`'s filter (its order, limit and
+    /// cursor aside).
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::query`].
+    pub async fn query_count(&self, query: &Query) -> Result<u64> {
+        use sqlx::Row as _;
+        let rows = self.run_with(query, true, str::to_owned).await?;
+        let n: i64 = rows.first().map_or(Ok(0), |r| r.try_get(0)).map_err(db)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// SQLite's plan for `query` (`EXPLAIN QUERY PLAN`, one line per step),
+    /// to see whether an index serves it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::query`].
+    pub async fn query_plan(&self, query: &Query) -> Result<Vec<String>> {
+        use sqlx::Row as _;
+        let rows = self.run(query, |sql| format!("EXPLAIN QUERY PLAN {sql}")).await?;
+        rows.iter().map(|r| r.try_get::<String, _>(3).map_err(db)).collect()
+    }
+
+    /// Declares an index on `fields` of `collection`, so queries filtering
+    /// on them (equal, ranges, `is_in`, `starts_with`) or ordering by them
+    /// read the index instead of every document. Kept in the file across
+    /// restarts; declaring one again is harmless. Building it reads the
+    /// whole table once, during which local writes and page applies wait
+    /// (BENCHMARKS.md measures it per 100,000 documents).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidQuery`] for a bad path or more than
+    /// [`QUERY_ORDER_FIELDS_MAX`] fields, or a database error.
+    pub async fn create_index(&self, collection: &str, fields: &[Field]) -> Result<()> {
+        self.index(collection, fields, true).await
+    }
+
+    /// Drops the index declared on `fields` of `collection`, if any.
+    ///
+    /// # Errors
+    ///
+    /// As [`Store::create_index`].
+    pub async fn drop_index(&self, collection: &str, fields: &[Field]) -> Result<()> {
+        self.index(collection, fields, false).await
+    }
+
+    /// The declared indexes: collection and field paths.
+    pub async fn indexes(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let mut conn = self.inner.readers.get().await?;
+        let rows: Vec<(String, String)> = sqlx::query_as("SELECT collection, paths FROM tide_indexes ORDER BY 1, 2")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+        rows.into_iter()
+            .map(|(c, paths)| {
+                let paths: Vec<String> = parse_json(&paths)?;
+                // Shown as the app wrote them: `$."a"."b"` is `a.b`.
+                Ok((c, paths.iter().map(|p| query::field_name(p)).collect()))
+            })
+            .collect()
+    }
+
+    async fn index(&self, collection: &str, fields: &[Field], create: bool) -> Result<()> {
+        self.inner.limits.check_collection(collection)?;
+        if fields.is_empty() || fields.len() > QUERY_ORDER_FIELDS_MAX {
+            return Err(Error::InvalidQuery {
+                message: format!("an index names 1 to {QUERY_ORDER_FIELDS_MAX} fields, not {}", fields.len()),
+            });
+        }
+        let paths = fields.iter().map(query::json_path).collect::<Result<Vec<_>>>()?;
+        let collection = collection.to_owned();
+        let indexed = self.call(|reply| Command::Index { collection, paths, create, reply }).await?;
+        *self.inner.indexed.write().unwrap_or_else(std::sync::PoisonError::into_inner) = indexed;
+        Ok(())
+    }
+
+    fn compile(&self, query: &Query, count: bool, hint: bool) -> Result<query::Sql> {
+        let state = self.inner.indexed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let indexes = state.indexes.get(query.collection()).map_or(&[][..], Vec::as_slice);
+        query::select(query, &query::Indexed { columns: &state.columns, indexes }, count, hint)
+    }
+
+    async fn run(&self, query: &Query, wrap: impl Fn(&str) -> String) -> Result<Vec<sqlx::sqlite::SqliteRow>> {
+        self.run_with(query, false, wrap).await
+    }
+
+    /// Runs `query` compiled (and `wrap`ped) in one statement on a reader.
+    /// An index hint SQLite cannot follow (a filter it folds to a constant)
+    /// is dropped and the statement run again.
+    async fn run_with(
+        &self,
+        query: &Query,
+        count: bool,
+        wrap: impl Fn(&str) -> String,
+    ) -> Result<Vec<sqlx::sqlite::SqliteRow>> {
+        let mut conn = self.inner.readers.get().await?;
+        for hint in [true, false] {
+            let sql = self.compile(query, count, hint)?;
+            match bind_all(sqlx::query(sqlx::AssertSqlSafe(wrap(&sql.text))), sql.binds).fetch_all(&mut *conn).await {
+                Err(sqlx::Error::Database(e)) if hint && e.message().contains("no query solution") => {}
+                rows => return rows.map_err(db),
+            }
+        }
+        unreachable!("the second run has no hint")
     }
 
     /// How many live documents a collection holds.
@@ -1050,3 +1252,19 @@ fn parse_doc(text: String) -> Result<Doc> {
 
 /// Folded digest rows and logged bucket deltas, as read together.
 type DigestEntries = (Vec<(u16, i64)>, Vec<(u16, i64)>);
+
+/// Binds a compiled query's values in order.
+fn bind_all(
+    mut statement: sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>,
+    binds: Vec<query::Bind>,
+) -> sqlx::query::Query<'_, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    for b in binds {
+        statement = match b {
+            query::Bind::Text(t) => statement.bind(t),
+            query::Bind::Int(i) => statement.bind(i),
+            query::Bind::Real(r) => statement.bind(r),
+            query::Bind::Null => statement.bind(None::<i64>),
+        };
+    }
+    statement
+}

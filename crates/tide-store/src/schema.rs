@@ -10,7 +10,7 @@ use tide_core::digest;
 use crate::error::{Error, Result, db};
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// The migrations, in order; `MIGRATIONS[i]` takes version `i` to `i + 1`.
 const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
@@ -199,6 +199,20 @@ const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [
         UPDATE tide_clock SET lamport = max(lamport, NEW.lamport) WHERE id = 1;
     END;
     UPDATE tide_meta SET value = '4' WHERE key = 'schema_version';
+    ",
+    // v5: local queries' indexes. Each indexed field path is a virtual
+    // generated column of tide_docs (`col`, named by the store, never by
+    // the app); each index the app declared is a row here and one SQLite
+    // index over (collection, its columns, id) of the live documents.
+    r"
+    CREATE TABLE tide_fields (path TEXT PRIMARY KEY, col TEXT NOT NULL UNIQUE) WITHOUT ROWID;
+    CREATE TABLE tide_indexes (
+        collection TEXT NOT NULL,
+        paths      TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        PRIMARY KEY (collection, paths)
+    ) WITHOUT ROWID;
+    UPDATE tide_meta SET value = '5' WHERE key = 'schema_version';
     ",
 ];
 

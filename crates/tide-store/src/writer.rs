@@ -112,6 +112,14 @@ pub(crate) enum Command {
         collection: String,
         reply: Reply<u64>,
     },
+    /// Declares (or, with `create` false, drops) an index of `collection`
+    /// on field `paths` (checked JSON paths); answers every indexed path's column.
+    Index {
+        collection: String,
+        paths: Vec<String>,
+        create: bool,
+        reply: Reply<crate::IndexedState>,
+    },
     Discard {
         seqs: Vec<u64>,
         reply: Reply<u64>,
@@ -365,6 +373,9 @@ impl State {
             }
             Command::Free { collection, reply } => {
                 let _ = reply.send(self.free(&collection).await);
+            }
+            Command::Index { collection, paths, create, reply } => {
+                let _ = reply.send(self.index(&collection, &paths, create).await);
             }
             Command::Discard { seqs, reply } => {
                 let _ = reply.send(self.discard(&seqs).await);
@@ -811,6 +822,88 @@ impl State {
         tx.commit().await.map_err(db)?;
         self.tell(|| removed);
         Ok(())
+    }
+
+    /// Declares an index on `paths` of `collection` (each path a virtual
+    /// generated column, made once; the index over the live documents'
+    /// `(collection, columns…, id)`), or drops the declaration and, when no
+    /// other collection's declaration uses it, the index. The generated
+    /// columns' definitions are the only SQL built from the app's text:
+    /// checked paths as quoted literals. Returns every indexed path's column.
+    async fn index(&mut self, collection: &str, paths: &[String], create: bool) -> Result<crate::IndexedState> {
+        let mut conn = conn::lock(&self.conn).await?;
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(db)?;
+        let key = serde_json::to_string(paths).expect("paths serialize");
+        if create {
+            let mut columns = Vec::with_capacity(paths.len());
+            for path in paths {
+                let known: Option<String> = sqlx::query_scalar("SELECT col FROM tide_fields WHERE path = ?1")
+                    .bind(path)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                let column = if let Some(column) = known {
+                    column
+                } else {
+                    let n: i64 = sqlx::query_scalar("SELECT count(*) + 1 FROM tide_fields")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    let column = format!("tide_f{n}");
+                    let literal = format!("'{}'", path.replace('\'', "''"));
+                    let ddl = format!(
+                        "ALTER TABLE tide_docs ADD COLUMN {column} GENERATED ALWAYS AS (json_extract(doc, {literal})) VIRTUAL"
+                    );
+                    sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&mut *tx).await.map_err(db)?;
+                    sqlx::query("INSERT INTO tide_fields (path, col) VALUES (?1, ?2)")
+                        .bind(path)
+                        .bind(&column)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                    column
+                };
+                columns.push(column);
+            }
+            let name = format!("tide_ix_{}", columns.join("_"));
+            let ddl = format!(
+                "CREATE INDEX IF NOT EXISTS {name} ON tide_docs (collection, {}, id) WHERE deleted = 0",
+                columns.join(", ")
+            );
+            sqlx::query(sqlx::AssertSqlSafe(ddl)).execute(&mut *tx).await.map_err(db)?;
+            sqlx::query("INSERT OR IGNORE INTO tide_indexes (collection, paths, name) VALUES (?1, ?2, ?3)")
+                .bind(collection)
+                .bind(&key)
+                .bind(&name)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        } else {
+            let name: Option<String> =
+                sqlx::query_scalar("DELETE FROM tide_indexes WHERE collection = ?1 AND paths = ?2 RETURNING name")
+                    .bind(collection)
+                    .bind(&key)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if let Some(name) = name {
+                let used: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tide_indexes WHERE name = ?1)")
+                    .bind(&name)
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                // `name` is the store's own (tide_ix_ and column numbers).
+                if !used && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DROP INDEX IF EXISTS {name}")))
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+            }
+        }
+        let indexed = crate::IndexedState::read(&mut tx).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(indexed)
     }
 
     /// Sets one `tide_meta` value.
@@ -1357,6 +1450,9 @@ fn refuse(cmd: Command) {
         | Command::MaxPages { reply, .. }
         | Command::Collect { reply, .. }
         | Command::Free { reply, .. } => {
+            let _ = reply.send(Err(Error::Closed));
+        }
+        Command::Index { reply, .. } => {
             let _ = reply.send(Err(Error::Closed));
         }
         Command::Settings { reply } => {

@@ -5,6 +5,7 @@ mod crash;
 mod faults;
 mod horizon;
 mod outbox;
+mod query;
 mod schema;
 mod store;
 

@@ -61,6 +61,10 @@ impl<T> Collection<T> {
         &self.name
     }
 
+    pub(crate) fn tide(&self) -> &Tide {
+        &self.tide
+    }
+
     /// Deletes a document (a tombstone syncs, so the delete reaches every replica).
     ///
     /// # Errors

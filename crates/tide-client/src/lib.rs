@@ -7,6 +7,9 @@
 //!
 //! - [`Tide::collection`]: typed [`Collection`]s over serde types (or
 //!   `serde_json::Value`): `get`, `put`, `delete`, `list`, `count`.
+//! - [`Collection::query`]: find documents by their fields (filters,
+//!   order, limit, keyset pages, count), served by indexes the app declares
+//!   ([`Collection::create_index`]); [`Query::watch`] follows the result.
 //! - [`Tide::commit`]: several writes atomically, as a [`Batch`].
 //! - [`Tide::watch`], [`Collection::watch`], [`Collection::watch_doc`]:
 //!   streams of local and remote changes, bounded, with lag reported.
@@ -40,6 +43,7 @@
 
 mod collection;
 mod error;
+mod query;
 mod subscription;
 mod sync;
 mod tide;
@@ -47,6 +51,7 @@ mod watch;
 
 pub use collection::{Collection, LIST_LIMIT_DEFAULT};
 pub use error::{Error, Result};
+pub use query::{Field, Filter, LiveQuery, Query, QueryCursor, QueryPage, QueryUpdate, field};
 pub use sync::{
     BACKOFF_BASE, BACKOFF_MAX, LONG_POLL_HOLD_MIN, PULL_PAGE_CHANGES_MAX, PUSH_BATCH_OPS_MAX, REKEYS_PER_SYNC_MAX,
     SYNC_EXCHANGES_MAX, SyncReport, SyncStatus, TOKEN_REFRESHES_PER_SYNC_MAX, VERIFY_EXCHANGES_MAX,

@@ -146,6 +146,15 @@ impl Watch {
         std::future::poll_fn(|cx| self.poll_event(cx)).await
     }
 
+    /// The next event if one is queued now.
+    pub(crate) fn try_next(&mut self) -> Option<WatchEvent> {
+        let missed = self.missed.swap(0, Ordering::Relaxed);
+        if missed > 0 {
+            return Some(WatchEvent::Lagged { missed });
+        }
+        self.rx.try_recv().ok().map(WatchEvent::Change)
+    }
+
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Option<WatchEvent>> {
         let missed = self.missed.swap(0, Ordering::Relaxed);
         if missed > 0 {

@@ -5,6 +5,7 @@ mod behaviour;
 mod convergence;
 mod crash;
 mod interop;
+mod queries;
 mod subscriptions;
 mod watching;
 

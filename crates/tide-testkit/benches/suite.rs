@@ -11,7 +11,8 @@
 //! `TIDE_BENCH_IDLE` (idle clients for live sync, default 1,000),
 //! `TIDE_BENCH_SECS` (per load run, default 5), `TIDE_BENCH_CHURN` (churn
 //! writes, default 1,000,000) over `TIDE_BENCH_CHURN_KEYS` (10,000) with a
-//! horizon of `TIDE_BENCH_CHURN_HORIZON` changes (1,000). The table is printed and
+//! horizon of `TIDE_BENCH_CHURN_HORIZON` changes (1,000), `TIDE_BENCH_QUERY_DOCS`
+//! (local queries, default 100,000). The table is printed and
 //! written as JSON to `target/bench-suite.json`.
 #![expect(clippy::cast_precision_loss, reason = "rates and latencies are shown to a few digits")]
 
@@ -959,6 +960,174 @@ async fn digest_check_and_repair(t: &mut Table, tide: &Tide, endpoint: &str, n: 
     );
 }
 
+/// A query document of about 200 bytes: 50 share each `group`.
+fn query_doc(i: usize) -> Value {
+    json!({"title": format!("item {i:06}"), "group": i % 2_000, "score": i % 1_000, "body": "y".repeat(120)})
+}
+
+/// Local queries on `TIDE_BENCH_QUERY_DOCS` documents: building an index,
+/// an indexed equality returning 50, an unindexed filter over all of them,
+/// each beside the same statement hand-written on rusqlite; and how soon a
+/// live query's update follows a remote page's commit.
+async fn queries(t: &mut Table, dir: &std::path::Path) {
+    use tide_client::field;
+    let n = env_or("TIDE_BENCH_QUERY_DOCS", 100_000);
+    let server = tide_transport::FakeServer::new();
+    let path = dir.join("queries.db");
+    let tide = Tide::builder()
+        .path(&path)
+        .node_id("reader")
+        .long_poll(None)
+        .transport(Arc::new(server.connect("reader")))
+        .open()
+        .await
+        .unwrap();
+    let items = tide.collection::<Value>("items");
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1_000) {
+        let batch =
+            chunk.iter().fold(Batch::default(), |b, i| b.put("items", &format!("i{i:06}"), &query_doc(*i)).unwrap());
+        tide.commit(batch).await.unwrap();
+    }
+    tide.sync_once().await.unwrap();
+    let start = Instant::now();
+    items.create_index([field("group")]).await.unwrap();
+    let build = start.elapsed();
+    t.row(
+        &format!("create_index on {n} docs (writes wait)"),
+        format!("{:.0} ms", ms(build)),
+        None,
+        None,
+        None,
+        "(documented bound)",
+    );
+
+    query_latencies(t, &items, &path, n).await;
+    live_query_latency(t, &tide, &server).await;
+    tide.close().await;
+}
+
+/// Indexed and unindexed queries beside rusqlite on the same file.
+async fn query_latencies(t: &mut Table, items: &tide_client::Collection<Value>, path: &std::path::Path, n: usize) {
+    use tide_client::field;
+    let raw = rusqlite::Connection::open(path).unwrap();
+    let runs = 200;
+    let (mut lat, mut raw_lat) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for r in 0..runs {
+        let group = (r * 7) % 2_000;
+        let q = items.query().filter(field("group").eq(group));
+        let s = Instant::now();
+        let found = q.fetch().await.unwrap().docs.len();
+        lat.push(s.elapsed());
+        assert_eq!(found, n / 2_000);
+        let s = Instant::now();
+        let mut stmt = raw
+            .prepare_cached(
+                "SELECT id, doc FROM tide_docs INDEXED BY tide_ix_tide_f1 WHERE collection = 'items' AND deleted = 0 \
+                 AND tide_f1 = ?1 ORDER BY id LIMIT 1000",
+            )
+            .unwrap();
+        let rows: Vec<(String, String)> = stmt
+            .query_map([i64::try_from(group).unwrap()], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let _: Vec<Value> = rows.iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+        raw_lat.push(s.elapsed());
+    }
+    lat.sort();
+    raw_lat.sort();
+    t.row(
+        &format!("indexed equality query, 50 of {n} docs"),
+        format!("p50 {:.3} p99 {:.3} ms", pct(&lat, 500), pct(&lat, 990)),
+        Some(format!("p50 {:.3} ms (rusqlite)", pct(&raw_lat, 500))),
+        None,
+        Some(pct(&lat, 500) / pct(&raw_lat, 500)),
+        "p50 <= 1 ms",
+    );
+
+    let runs = 10;
+    let (mut lat, mut raw_lat) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    for r in 0..runs {
+        let prefix = format!("item {:02}", r * 9);
+        let q = items.query().filter(field("title").starts_with(prefix.clone()));
+        let s = Instant::now();
+        let found = q.fetch().await.unwrap().docs.len();
+        lat.push(s.elapsed());
+        let s = Instant::now();
+        let mut stmt = raw
+            .prepare_cached(
+                "SELECT id, doc FROM tide_docs WHERE collection = 'items' AND deleted = 0 \
+                 AND json_extract(doc, '$.title') >= ?1 AND json_extract(doc, '$.title') < ?2 ORDER BY id LIMIT 1000",
+            )
+            .unwrap();
+        let rows: Vec<(String, String)> = stmt
+            .query_map([&prefix, &format!("{prefix}\u{10FFFF}")], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let _: Vec<Value> = rows.iter().map(|(_, d)| serde_json::from_str(d).unwrap()).collect();
+        raw_lat.push(s.elapsed());
+        assert_eq!(found, rows.len());
+    }
+    lat.sort();
+    raw_lat.sort();
+    t.row(
+        &format!("unindexed filter over {n} docs"),
+        format!("p50 {:.1} max {:.1} ms", pct(&lat, 500), pct(&lat, 1000)),
+        Some(format!("p50 {:.1} ms (rusqlite)", pct(&raw_lat, 500))),
+        None,
+        Some(pct(&lat, 500) / pct(&raw_lat, 500)),
+        "<= 50 ms",
+    );
+    drop(raw);
+}
+
+/// From a remote page's commit to the live query's update.
+async fn live_query_latency(t: &mut Table, tide: &Tide, server: &tide_transport::FakeServer) {
+    use tide_client::field;
+    let items = tide.collection::<Value>("items");
+    // A live query on one group; another client's page of 100 changes to
+    // it lands: from the page's commit (a watcher's first event) to the
+    // update, read as JSON values.
+    let writer = Tide::builder().node_id("writer").transport(Arc::new(server.connect("writer"))).open().await.unwrap();
+    // What a screen shows: the group's 50 highest scores.
+    let mut live =
+        items.query().filter(field("group").eq(7)).order_by_desc(field("score")).limit(50).watch().await.unwrap();
+    live.next().await.unwrap().unwrap();
+    let mut lat = Vec::new();
+    for round in 0..20usize {
+        let batch = (0..100).fold(Batch::default(), |b, k| {
+            let mut d = query_doc(7);
+            d["score"] = json!(round * 1_000 + k);
+            b.put("items", &format!("w{round:02}-{k:03}"), &d).unwrap()
+        });
+        writer.commit(batch).await.unwrap();
+        writer.sync_once().await.unwrap();
+        let mut watch = tide.watch();
+        let syncing = tide.clone();
+        let sync = tokio::spawn(async move { syncing.sync_once().await.unwrap() });
+        let committed = loop {
+            if let Some(WatchEvent::Change(_)) = watch.next().await {
+                break Instant::now();
+            }
+        };
+        let update = live.next().await.unwrap().unwrap();
+        lat.push(committed.elapsed());
+        assert_eq!(update.docs[0].1["score"], json!(round * 1_000 + 99));
+        sync.await.unwrap();
+    }
+    lat.sort();
+    t.row(
+        "live query (top 50) after a remote page of 100",
+        format!("p50 {:.2} p99 {:.2} ms", pct(&lat, 500), pct(&lat, 990)),
+        None,
+        None,
+        None,
+        "<= 5 ms after the commit",
+    );
+    writer.close().await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("server") {
@@ -1012,6 +1181,9 @@ async fn main() {
     }
     if run("churn") {
         churn(&mut t, dir.path()).await;
+    }
+    if run("query") {
+        queries(&mut t, dir.path()).await;
     }
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench-suite.json");
     std::fs::write(path, serde_json::to_string_pretty(&json!({"rows": t.rows})).unwrap()).unwrap();

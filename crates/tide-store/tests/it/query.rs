@@ -15,7 +15,8 @@ fn scalar() -> impl Strategy<Value = Value> {
     prop_oneof![
         (-3i64..4).prop_map(Value::from),
         prop_oneof![Just(1.5), Just(-0.5), Just(2.0)].prop_map(Value::from),
-        prop_oneof![Just(""), Just("a"), Just("ab"), Just("b"), Just("é"), Just("a\u{10FFFF}")].prop_map(Value::from),
+        prop_oneof![Just(""), Just("a"), Just("ab"), Just("b"), Just("é"), Just("a\u{10FFFF}"), Just("[1]"), Just("[")]
+            .prop_map(Value::from),
         any::<bool>().prop_map(Value::from),
         Just(Value::Null),
     ]

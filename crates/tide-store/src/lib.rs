@@ -639,8 +639,9 @@ impl Store {
     /// on them (equal, ranges, `is_in`, `starts_with`) or ordering by them
     /// read the index instead of every document. Kept in the file across
     /// restarts; declaring one again is harmless. Building it reads the
-    /// whole table once, during which local writes and page applies wait
-    /// (BENCHMARKS.md measures it per 100,000 documents).
+    /// whole table once, during which local writes and page applies wait:
+    /// about 1.7 ms per 1,000 documents on the reference machines (168 ms
+    /// for 100,000; BENCHMARKS.md).
     ///
     /// # Errors
     ///

@@ -29,7 +29,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-/// Most changes one live query or page may return when no limit is given.
+/// How many documents a query returns when no limit is given.
 pub const QUERY_LIMIT_DEFAULT: usize = 1_000;
 /// The most documents one query may return ([`Query::limit`] is capped).
 pub const QUERY_LIMIT_MAX: usize = crate::READ_ROWS_MAX;

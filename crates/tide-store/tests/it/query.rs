@@ -243,3 +243,42 @@ async fn bad_queries_say_what_is_wrong() {
     let index = store.create_index("c", &[field("bad\"name")]).await.unwrap_err();
     assert!(index.to_string().contains("invalid query"), "{index}");
 }
+
+/// A query while pages of remote changes apply sees each page whole or not
+/// at all: every page sets all 200 documents to its own number, and no
+/// query ever finds two numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_sees_a_page_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("s.db")).await.unwrap();
+    let page = |k: u64| -> Vec<tide_core::Change> {
+        (0..200u64)
+            .map(|i| tide_core::Change {
+                collection: "c".into(),
+                id: format!("d{i:03}"),
+                stamp: tide_core::Stamp::new(k, "server"),
+                payload: tide_core::Payload::Put(tide_core::Doc::from_value(&json!({ "v": k })).unwrap()),
+                seq: (k - 1) * 200 + i + 1,
+            })
+            .collect()
+    };
+    store.apply_page(page(1), tide_core::Cursor(200)).await.unwrap();
+    let writer = store.clone();
+    let pages = tokio::spawn(async move {
+        for k in 2..=60 {
+            writer.apply_page(page(k), tide_core::Cursor(k * 200)).await.unwrap();
+        }
+    });
+    let all = Query::new("c").limit(1_000);
+    let mut reads = 0;
+    while !pages.is_finished() || reads == 0 {
+        let found = store.query(&all).await.unwrap().docs;
+        assert_eq!(found.len(), 200);
+        let numbers: std::collections::BTreeSet<String> =
+            found.iter().map(|(_, d)| serde_json::from_str::<Value>(d.as_str()).unwrap()["v"].to_string()).collect();
+        assert_eq!(numbers.len(), 1, "a query saw part of a page: {numbers:?}");
+        reads += 1;
+    }
+    pages.await.unwrap();
+    assert_eq!(store.query_count(&Query::new("c").filter(field("v").eq(60))).await.unwrap(), 200);
+}

@@ -684,6 +684,30 @@ impl Server {
     /// Never for accept failures (they are logged and retried); the result
     /// is for future use.
     pub async fn serve(&self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
+        self.serve_on(listener, None, shutdown).await
+    }
+
+    /// [`Server::serve`] over HTTPS with `tls`'s certificate (which
+    /// [`crate::Tls::reload`] can replace while serving). A client gets
+    /// [`ServerConfig::header_read_timeout`] for its handshake.
+    ///
+    /// # Errors
+    /// As [`Server::serve`].
+    pub async fn serve_tls(
+        &self,
+        listener: TcpListener,
+        tls: &crate::Tls,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        self.serve_on(listener, Some(tls.acceptor()), shutdown).await
+    }
+
+    async fn serve_on(
+        &self,
+        listener: TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
         let config = &self.app.config;
         let graceful = GracefulShutdown::new();
         let permits = Arc::new(Semaphore::new(config.connections_max));
@@ -716,11 +740,28 @@ impl Server {
                 let server = server.clone();
                 async move { Ok::<_, Infallible>(server.handle(req).await) }
             });
-            let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
             let app = Arc::clone(&self.app);
             app.metrics.connection_opened();
+            let Some(tls) = &tls else {
+                let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    app.metrics.connection_closed();
+                    drop(permit);
+                });
+                continue;
+            };
+            // The handshake runs in the connection's task, bounded like headers.
+            let (watcher, builder, handshake) = (graceful.watcher(), builder.clone(), tls.accept(stream));
+            let timeout = config.header_read_timeout;
             tokio::spawn(async move {
-                let _ = conn.await;
+                match tokio::time::timeout(timeout, handshake).await {
+                    Ok(Ok(stream)) => {
+                        let _ = watcher.watch(builder.serve_connection(TokioIo::new(stream), service)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!("TLS handshake timed out"),
+                }
                 app.metrics.connection_closed();
                 drop(permit);
             });

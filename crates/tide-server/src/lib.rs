@@ -21,6 +21,7 @@ mod http;
 mod hub;
 mod jwt;
 mod metrics;
+mod tls;
 
 pub use access::{AccessRules, Readable, RulesError, RulesFile};
 pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError, token_principal};
@@ -30,6 +31,7 @@ pub use backend::postgres::{
 };
 pub use backend::sqlite::{
     COLLECT_VACUUM_STEPS, Durability, SqliteBackend, VACUUM_CHECK_GROUPS, VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
+    backup_sqlite,
 };
 pub use backend::{Backend, BackendError, COLLECT_SEQS_PER_STEP, Collected, CommitCallback, Reply, Validator, Verdict};
 pub use http::{
@@ -42,6 +44,7 @@ pub use jwt::{
     JWKS_BYTES_MAX, JWKS_FETCH_TIMEOUT, JWKS_REFETCH_MIN_DEFAULT, JWT_LEEWAY_DEFAULT, JWT_NAMESPACE_CLAIM_DEFAULT,
     JWT_PRINCIPAL_CLAIM_DEFAULT, JwksError, JwtAuthenticator, JwtConfig,
 };
+pub use tls::{Tls, TlsError};
 
 /// glibc allocator settings for a server's large short-lived buffers, as
 /// a `GLIBC_TUNABLES` value.

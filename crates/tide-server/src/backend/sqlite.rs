@@ -176,6 +176,38 @@ fn small_page_statement(limit: Option<usize>) -> Arc<str> {
     .into()
 }
 
+/// Writes a consistent snapshot of the SQLite server database `db` to
+/// `dest` (which must not exist) with `VACUUM INTO`, beside a server that
+/// may be serving it: the snapshot is one read transaction, and the
+/// server's writers go on meanwhile. Returns the snapshot's size in bytes.
+///
+/// To restore, stop the server and put the snapshot in the database's
+/// place (removing its `-wal` and `-shm` files). Clients that synced past
+/// the snapshot find their cursors ahead (a `reset`), pull from the
+/// beginning, and their digest checks give back what they hold that the
+/// snapshot lacks (PROTOCOL.md §8, §12).
+///
+/// # Errors
+/// `dest` exists, `db` cannot be opened, or the copy fails.
+pub async fn backup_sqlite(db: &Path, dest: &Path) -> Result<u64, BackendError> {
+    if dest.exists() {
+        return Err(BackendError::Internal(format!("{} exists; a backup never overwrites", dest.display())));
+    }
+    let options = SqliteConnectOptions::new()
+        .filename(db)
+        .create_if_missing(false)
+        .busy_timeout(Duration::from_secs(30))
+        .log_statements(tracing::log::LevelFilter::Off);
+    let mut conn = options.connect().await.map_err(unavailable)?;
+    sqlx::query("VACUUM INTO ?1")
+        .bind(dest.to_string_lossy().into_owned())
+        .execute(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    conn.close().await.map_err(unavailable)?;
+    std::fs::metadata(dest).map(|m| m.len()).map_err(|e| BackendError::Internal(e.to_string()))
+}
+
 /// The SQLite backend.
 pub struct SqliteBackend {
     writes: mpsc::Sender<Pending>,

@@ -9,6 +9,7 @@ mod differential;
 mod fuzz_twin;
 mod jwt;
 mod live;
+mod ops;
 mod original_client;
 mod postgres;
 mod recovery;

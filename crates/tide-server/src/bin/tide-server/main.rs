@@ -1,5 +1,7 @@
-//! The `tide-server` binary: flags and environment in, the library's
-//! server out.
+//! The `tide-server` binary: flags, environment and a configuration file
+//! in, the library's server out.
+
+mod config;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,7 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use tide_core::limits;
 use tide_server::{
     Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, COLLECT_INTERVAL_DEFAULT, CONNECTIONS_MAX_DEFAULT, Durability,
@@ -20,8 +22,19 @@ use tide_server::{
 /// tide's sync server: clients POST their pending writes and pull what
 /// changed, over one endpoint. SQLite is the default storage.
 #[derive(Parser, Debug)]
-#[command(name = "tide-server", version, about, long_about = None)]
+#[command(name = "tide-server", version, about, long_about = None, args_override_self = true)]
 struct Args {
+    /// A configuration file (TOML): each setting's flag name is its key.
+    /// Flags and environment variables win over it.
+    #[arg(long, env = config::CONFIG_ENV)]
+    config: Option<PathBuf>,
+    /// Serve HTTPS with the certificate chain in this PEM file (with
+    /// --tls-key); SIGHUP reads both files again.
+    #[arg(long, env = "TIDE_SERVER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "TIDE_SERVER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, env = "TIDE_SERVER_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
@@ -157,6 +170,40 @@ struct Args {
     /// Log filter, as in `RUST_LOG` (`info`, `tide_server=debug`, ...).
     #[arg(long, env = "TIDE_LOG", default_value = "info")]
     log: String,
+    /// Log lines as `text` or as `json` (one object a line).
+    #[arg(long, env = "TIDE_SERVER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+/// What to do instead of serving.
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Takes a consistent snapshot of the SQLite database (--db) into
+    /// PATH while a server may be serving it; restore by stopping the
+    /// server and putting the file in its place (clients then repair,
+    /// PROTOCOL.md §12).
+    Backup {
+        /// Where to write the snapshot (must not exist).
+        path: PathBuf,
+    },
+    /// The configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Checks the settings (file, environment, flags) and prints the
+    /// effective ones, secrets masked.
+    Check {
+        /// Print them as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 async fn authenticator(args: &Args) -> Result<Arc<dyn Authenticator>, String> {
@@ -209,8 +256,40 @@ fn seconds(name: &str, secs: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("--{name} {secs}: {e}"))
 }
 
-async fn run(args: Args) -> Result<(), String> {
-    let auth = authenticator(&args).await?;
+/// `config check`: the settings must make a server (limits, durations,
+/// rules, TLS files); prints the effective ones.
+fn check_config(args: &Args, settings: &[(String, String, &'static str)], json: bool) -> ExitCode {
+    let mut problems = Vec::new();
+    if let Err(e) = limits_and_config(args) {
+        problems.push(e);
+    }
+    if let Some(path) = &args.rules
+        && let Err(e) = RulesFile::load(path)
+    {
+        problems.push(e.to_string());
+    }
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key)
+        && let Err(e) = tide_server::Tls::from_pem_files(cert, key)
+    {
+        problems.push(e.to_string());
+    }
+    if json {
+        let map: serde_json::Map<String, serde_json::Value> =
+            settings.iter().map(|(k, v, from)| (k.clone(), serde_json::json!({ "value": v, "from": from }))).collect();
+        println!("{}", serde_json::json!({ "ok": problems.is_empty(), "problems": problems, "settings": map }));
+    } else {
+        for (k, v, from) in settings {
+            println!("{k} = {v:?}  # {from}");
+        }
+        for p in &problems {
+            eprintln!("tide-server: {p}");
+        }
+    }
+    if problems.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// The limits and the server configuration the flags make.
+fn limits_and_config(args: &Args) -> Result<(limits::Limits, ServerConfig), String> {
     let limits = limits::Limits {
         request_bytes_max: args.request_bytes_max,
         ops_per_request_max: args.ops_per_request_max,
@@ -237,6 +316,20 @@ async fn run(args: Args) -> Result<(), String> {
         tombstone_horizon_seqs: args.tombstone_horizon_seqs,
         collect_interval: seconds("collect-interval", args.collect_interval)?,
     };
+    Ok((limits, config))
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    if let Some(Cmd::Backup { path }) = &args.command {
+        if args.database_url.is_some() {
+            return Err("backup copies a SQLite database; back PostgreSQL up with its own tools (pg_dump)".into());
+        }
+        let bytes = tide_server::backup_sqlite(&args.db, path).await.map_err(|e| format!("backup: {e}"))?;
+        println!("tide-server: {} -> {} ({bytes} bytes)", args.db.display(), path.display());
+        return Ok(());
+    }
+    let auth = authenticator(&args).await?;
+    let (limits, config) = limits_and_config(&args)?;
     let durability = if args.durability == "normal" { Durability::Normal } else { Durability::Full };
     let rules = match &args.rules {
         Some(path) => Some(Arc::new(RulesFile::load(path).map_err(|e| e.to_string())?)),
@@ -267,14 +360,46 @@ async fn run(args: Args) -> Result<(), String> {
         );
         return Ok(());
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tide_server::Tls::from_pem_files(cert, key).map_err(|e| e.to_string())?),
+        _ => None,
+    };
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.map_err(|e| format!("listening on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let server = Server::new(backend, auth, config);
+    let scheme = if tls.is_some() { "https" } else { "http" };
     // The first line on stdout tells scripts and tests where to connect.
-    println!("tide-server listening on http://{addr}{}", args.path);
-    tracing::info!(%addr, db = %args.db.display(), no_auth = args.no_auth, "serving");
-    server.serve(listener, shutdown_signal()).await.map_err(|e| e.to_string())
+    println!("tide-server listening on {scheme}://{addr}{}", args.path);
+    tracing::info!(%addr, db = %args.db.display(), no_auth = args.no_auth, tls = tls.is_some(), "serving");
+    match tls {
+        Some(tls) => {
+            reload_on_sighup(tls.clone());
+            server.serve_tls(listener, &tls, shutdown_signal()).await.map_err(|e| e.to_string())
+        }
+        None => server.serve(listener, shutdown_signal()).await.map_err(|e| e.to_string()),
+    }
+}
+
+/// Reads the certificate and key again on every SIGHUP; open connections
+/// keep theirs, a file that does not load leaves the old one in use.
+fn reload_on_sighup(tls: tide_server::Tls) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hangups.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!("TLS certificate reloaded");
+                    // Scripts and tests see it on stdout too.
+                    println!("tide-server: TLS certificate reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "TLS certificate not reloaded; the old one stays"),
+            }
+        }
+    });
+    #[cfg(not(unix))]
+    drop(tls);
 }
 
 async fn shutdown_signal() {
@@ -317,12 +442,29 @@ fn tune_allocator() {
 
 fn main() -> ExitCode {
     tune_allocator();
-    let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let command = Args::command();
+    let (arguments, from_file) = match config::argv(&command) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("tide-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let matches = command.clone().get_matches_from(arguments);
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    if let Some(Cmd::Config { action: ConfigCmd::Check { json } }) = &args.command {
+        return check_config(&args, &config::effective(&command, &matches, &from_file), *json);
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

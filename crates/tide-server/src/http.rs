@@ -488,7 +488,12 @@ impl Server {
                 ("sync", resp)
             }
         } else if req.method() == Method::GET && path == "/healthz" {
-            ("healthz", json_response(StatusCode::OK, br#"{"status":"ok"}"#.to_vec()))
+            let body = format!(
+                r#"{{"status":"ok","version":"{}","protocol":{}}}"#,
+                env!("CARGO_PKG_VERSION"),
+                tide_core::PROTOCOL_VERSION
+            );
+            ("healthz", json_response(StatusCode::OK, body.into_bytes()))
         } else if req.method() == Method::GET && path == "/readyz" {
             let resp = match app.backend.ready().await {
                 Ok(()) => json_response(StatusCode::OK, br#"{"status":"ready"}"#.to_vec()),

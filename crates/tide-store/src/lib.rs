@@ -940,6 +940,29 @@ impl Store {
         }
     }
 
+    /// When a page from the server was last applied (any answer to a
+    /// main-cursor request), if ever.
+    pub async fn synced_at(&self) -> Result<Option<std::time::SystemTime>> {
+        let mut conn = self.inner.readers.get().await?;
+        let value: Option<String> = sqlx::query_scalar("SELECT value FROM tide_meta WHERE key = 'synced_at'")
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(db)?;
+        Ok(value.and_then(|v| v.parse::<u64>().ok()).map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)))
+    }
+
+    /// Every collection holding live documents, with how many.
+    pub async fn collections(&self) -> Result<Vec<(String, u64)>> {
+        let mut conn = self.inner.readers.get().await?;
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT collection, count(*) FROM tide_docs WHERE deleted = 0 GROUP BY collection ORDER BY collection",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        Ok(rows.into_iter().map(|(c, n)| (c, u64::try_from(n).unwrap_or(0))).collect())
+    }
+
     /// The persisted Lamport counter: the largest issued or observed.
     pub async fn lamport(&self) -> Result<u64> {
         let mut conn = self.inner.readers.get().await?;

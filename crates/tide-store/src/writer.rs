@@ -560,15 +560,7 @@ impl State {
             .map_err(db)?;
         }
         if let Some((key, value)) = save {
-            sqlx::query(
-                "INSERT INTO tide_meta (key, value) VALUES (?1, ?2) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(key)
-            .bind(value)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            save_meta(&mut tx, key, value).await?;
         }
         sqlx::query("UPDATE tide_clock SET lamport = max(lamport, ?1) WHERE id = 1")
             .bind(i64::try_from(lamport_max).expect("bounded by LAMPORT_MAX"))
@@ -1222,6 +1214,25 @@ async fn forget_versions(conn: &mut sqlx::SqliteConnection, versions: &[(DocKey,
             origin: Origin::Reverted,
         })
         .collect())
+}
+
+/// Saves the `tide_meta` value a page moves (its cursor, or a catch-up's
+/// state); a main page also records when the store last heard from its
+/// server (`synced_at`).
+async fn save_meta(conn: &mut sqlx::SqliteConnection, key: &str, value: String) -> Result<()> {
+    // A main page also records when the store last heard from its server.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    sqlx::query(
+        "INSERT INTO tide_meta (key, value) SELECT ?1, ?2 UNION ALL SELECT 'synced_at', ?3 WHERE ?1 = 'cursor' \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .bind(key)
+    .bind(value)
+    .bind(now.as_millis().to_string())
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 /// Which of `stamps` are ops still in the outbox.

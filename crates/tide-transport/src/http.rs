@@ -198,6 +198,38 @@ impl HttpTransport {
         Ok(req)
     }
 
+    /// The server's health: `GET /healthz` beside the endpoint, with this
+    /// transport's headers, as JSON (tide-server answers its status, version
+    /// and protocol).
+    ///
+    /// # Errors
+    /// The network's, a timeout, a non-2xx status or a body that is not JSON.
+    pub async fn health(&self) -> Result<serde_json::Value, Error> {
+        let mut parts = self.endpoint.clone().into_parts();
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/healthz"));
+        let uri = http::Uri::from_parts(parts).map_err(|e| Error::Config { message: format!("endpoint: {e}") })?;
+        let mut req = http::Request::get(uri).body(Full::new(Bytes::new())).expect("a valid request");
+        let extra = self.headers.resolve().await.map_err(|source| Error::Headers { source })?;
+        for (name, value) in extra {
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+                req.headers_mut().insert(n, v);
+            }
+        }
+        let (status, _, body) = tokio::time::timeout(self.exchange_timeout, self.send(req))
+            .await
+            .map_err(|_| Error::Timeout { after: self.exchange_timeout })??;
+        if !status.is_success() {
+            return Err(Error::Status {
+                status: status.as_u16(),
+                code: None,
+                message: String::from_utf8_lossy(&body).into_owned(),
+                op: None,
+                retry_after: None,
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| Error::MalformedResponse { message: format!("/healthz: {e}") })
+    }
+
     async fn send(&self, req: http::Request<Full<Bytes>>) -> Result<(http::StatusCode, http::HeaderMap, Bytes), Error> {
         let resp = self.client.request(req).await.map_err(|e| Error::network("request failed", e))?;
         let (parts, body) = resp.into_parts();

@@ -154,20 +154,20 @@ async fn export_then_import_round_trips_every_document() {
         store.close().await;
     }
     let dump = dir.path().join("dump.jsonl");
-    let (f, t, d) = (from.to_str().unwrap(), to.to_str().unwrap(), dump.to_str().unwrap());
-    assert_eq!(one(&["export", f, "--out", d, "--json"])["exported"], n);
-    assert_eq!(one(&["import", t, d, "--json"])["imported"], n);
+    let (source, target, d) = (from.to_str().unwrap(), to.to_str().unwrap(), dump.to_str().unwrap());
+    assert_eq!(one(&["export", source, "--out", d, "--json"])["exported"], n);
+    assert_eq!(one(&["import", target, d, "--json"])["imported"], n);
     let again = dir.path().join("again.jsonl");
-    one(&["export", t, "--out", again.to_str().unwrap(), "--json"]);
+    one(&["export", target, "--out", again.to_str().unwrap(), "--json"]);
     assert_eq!(std::fs::read(&dump).unwrap(), std::fs::read(&again).unwrap(), "the same documents, byte for byte");
-    let b = tide(&["export", f, "--collection", "b"]);
+    let b = tide(&["export", source, "--collection", "b"]);
     assert_eq!(String::from_utf8(b.stdout).unwrap().lines().count(), n / 2);
 
     // A bad line stops the import at it, naming it; what came before stays.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"collection\":\"c\",\"id\":\"1\",\"doc\":{}}\n{\"collection\":\"c\",\"id\":\"2\"}\n")
         .unwrap();
-    let (code, err) = failing(&["import", t, bad.to_str().unwrap()]);
+    let (code, err) = failing(&["import", target, bad.to_str().unwrap()]);
     assert_eq!(code, 1);
     assert!(err.contains("bad.jsonl:2") && err.contains("expected"), "{err}");
 }

@@ -502,7 +502,10 @@ impl Server {
             ("readyz", resp)
         } else if req.method() == Method::GET && path == "/metrics" {
             let mut resp = http::Response::new(Full::new(Bytes::from(app.metrics.render(app.hub.held()))));
-            resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
             ("metrics", resp)
         } else {
             ("other", plain(ErrorCode::NotFound, format!("no route for {path}")))
@@ -616,7 +619,8 @@ impl Server {
             None => self.run_exchange(&principal, &request, &span).await,
         };
         if let (Some(wait), Some(hold)) = (wait, held.as_mut()) {
-            let deadline = tokio::time::Instant::now() + wait;
+            let holding = tokio::time::Instant::now();
+            let deadline = holding + wait;
             let mut stopping = app.stopping.subscribe();
             // Held until a commit brings something this poll may see: a
             // commit to collections outside its scope (PROTOCOL.md §15)
@@ -641,10 +645,12 @@ impl Server {
                     None => self.run_exchange(&principal, &request, &span).await,
                 };
             }
+            app.metrics.held_for(holding.elapsed());
         }
         drop(held);
         let resp = match result {
             Ok(reply) => {
+                app.metrics.exchange(principal.namespace.as_str());
                 app.metrics.results(&reply.results);
                 app.metrics.changes(reply.change_count);
                 span.record("changes", reply.change_count);

@@ -44,6 +44,7 @@ pub use jwt::{
     JWKS_BYTES_MAX, JWKS_FETCH_TIMEOUT, JWKS_REFETCH_MIN_DEFAULT, JWT_LEEWAY_DEFAULT, JWT_NAMESPACE_CLAIM_DEFAULT,
     JWT_PRINCIPAL_CLAIM_DEFAULT, JwksError, JwtAuthenticator, JwtConfig,
 };
+pub use metrics::METRICS_NAMESPACES_MAX;
 pub use tls::{Tls, TlsError};
 
 /// glibc allocator settings for a server's large short-lived buffers, as

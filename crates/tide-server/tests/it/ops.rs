@@ -328,3 +328,35 @@ async fn https_serves_and_reloads_its_certificate_on_sighup_while_a_poll_is_held
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// `/metrics` is `OpenMetrics`: per-namespace counters stop naming new
+/// namespaces past `METRICS_NAMESPACES_MAX` (the rest count as "other"),
+/// and long-poll holds have their own histogram.
+#[tokio::test]
+async fn metrics_bound_their_namespaces_and_time_long_poll_holds() {
+    let n = tide_server::METRICS_NAMESPACES_MAX + 6;
+    let tokens: Vec<(String, String)> = (0..n).map(|i| (format!("token-{i}"), format!("ns-{i}"))).collect();
+    let auth = Arc::new(tide_server::StaticTokens::new(tokens.clone()));
+    let running =
+        crate::support::start_on_with(crate::support::Storage::Sqlite, tide_server::ServerConfig::default(), auth)
+            .await;
+    let endpoint = running.endpoint();
+    for (token, _) in &tokens {
+        let t = HttpTransport::builder(&endpoint).header("authorization", format!("Bearer {token}")).build().unwrap();
+        let first = t.exchange(&SyncRequest::new("n", None)).await.unwrap();
+        if token == "token-0" {
+            let mut poll = SyncRequest::new("n", Some(first.cursor));
+            poll.wait = Some(Duration::from_millis(50));
+            t.exchange(&poll).await.unwrap();
+        }
+    }
+    let (status, body) =
+        crate::support::raw(running.addr, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+    assert_eq!(status, 200);
+    let series = body.lines().filter(|l| l.starts_with("tide_namespace_exchanges_total{")).count();
+    assert_eq!(series, tide_server::METRICS_NAMESPACES_MAX + 1, "64 named and one \"other\"");
+    assert!(body.contains(r#"tide_namespace_exchanges_total{namespace="ns-0"} 2"#), "{body}");
+    assert!(body.contains(r#"tide_namespace_exchanges_total{namespace="other"} 6"#), "{body}");
+    assert!(body.contains("tide_long_poll_hold_seconds_count 1"), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"));
+}

@@ -310,6 +310,10 @@ impl SharedReads {
     }
 }
 
+/// The response header naming an exchange (its `request_id`, or one the
+/// server made), as its log lines do.
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// The node id of a shared read: empty, which no client's is, so no
 /// change is skipped as its own.
 const SHARED_READER: &str = "";
@@ -511,6 +515,12 @@ impl Server {
             ("other", plain(ErrorCode::NotFound, format!("no route for {path}")))
         };
         app.metrics.request(route, resp.status().as_u16(), start.elapsed());
+        let mut resp = resp;
+        if route == "sync" && !resp.headers().contains_key(REQUEST_ID) {
+            // Refused before its body was read: an id all the same.
+            let id = HeaderValue::from_str(&ulid::Ulid::generate().to_string()).expect("a ULID is a header value");
+            resp.headers_mut().insert(REQUEST_ID, id);
+        }
         resp
     }
 
@@ -594,8 +604,12 @@ impl Server {
             Err(resp) => return *resp,
         };
         // 5. Apply and read the page; a caught-up long-poll waits for a commit.
+        // The exchange's id: the client's `request_id`, else a fresh one;
+        // in every log line of the exchange and in `x-request-id`.
+        let request_id = request.request_id.clone().unwrap_or_else(|| ulid::Ulid::generate().to_string());
         let span = tracing::info_span!(
             "sync",
+            request_id = %request_id,
             namespace = %principal.namespace,
             principal = %principal.id,
             node_id = %request.node_id,
@@ -667,6 +681,10 @@ impl Server {
             }
         };
         tracing::info!(parent: &span, status = resp.status().as_u16(), micros = started.elapsed().as_micros(), "exchange");
+        let mut resp = resp;
+        if let Ok(id) = HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert(REQUEST_ID, id);
+        }
         resp
     }
 

@@ -360,3 +360,55 @@ async fn metrics_bound_their_namespaces_and_time_long_poll_holds() {
     assert!(body.contains("tide_long_poll_hold_seconds_count 1"), "{body}");
     assert!(body.trim_end().ends_with("# EOF"));
 }
+
+/// Every exchange has an id, in its response (`x-request-id`) and in its
+/// log lines, which `--log-format json` writes as JSON objects.
+#[tokio::test]
+async fn an_exchange_id_is_in_the_response_and_in_the_json_logs() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--no-auth", "--log-format", "json", "--db"])
+        .arg(dir.path().join("s.db"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr =
+        line.trim().strip_prefix("tide-server listening on http://").unwrap().trim_end_matches("/sync").to_owned();
+    let exchange = |body: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+            let req = format!(
+                "POST /sync HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out.lines()
+                .find_map(|l| l.strip_prefix("x-request-id: ").map(str::to_owned))
+                .expect("an x-request-id header")
+        }
+    };
+    assert_eq!(exchange(r#"{"node_id":"a","request_id":"abc-123"}"#).await, "abc-123");
+    let made = exchange(r#"{"node_id":"a"}"#).await;
+    assert_eq!(made.len(), 26, "a ULID: {made}");
+    let refused = exchange("{not json").await;
+    assert_eq!(refused.len(), 26, "a refused request has one too");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let logged = loop {
+        let mut l = String::new();
+        assert!(stderr.read_line(&mut l).unwrap() > 0, "the exchange is logged");
+        let entry: Value = serde_json::from_str(&l).expect("every log line is JSON");
+        if entry["span"]["request_id"] == "abc-123" {
+            break entry;
+        }
+    };
+    assert_eq!(logged["fields"]["message"], "exchange", "{logged}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

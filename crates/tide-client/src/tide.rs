@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tide_core::{Doc, Payload, Stamp};
 use tide_store::{Durability, OpenOptions, RejectedOp, Store, Write};
-use tide_transport::{Headers, HttpTransport, Transport};
+use tide_transport::{Headers, Transport};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::collection::Collection;
@@ -218,12 +218,7 @@ impl TideBuilder {
                     }
                     .into());
                 }
-                let http = HttpTransport::builder(&endpoint)
-                    .headers(self.headers)
-                    .exchange_timeout(self.exchange_timeout)
-                    .connect_timeout(self.connect_timeout)
-                    .build()?;
-                Some(Arc::new(http) as Arc<dyn Transport>)
+                Some(http_transport(&endpoint, self.headers, self.exchange_timeout, self.connect_timeout)?)
             }
             (None, None) => None,
         };
@@ -275,6 +270,31 @@ impl TideBuilder {
         });
         Ok(Tide { _last: Arc::new(LastHandle(Arc::clone(&inner))), inner })
     }
+}
+
+/// The HTTP(S) transport to `endpoint`.
+#[cfg(feature = "http")]
+fn http_transport(
+    endpoint: &str,
+    headers: Headers,
+    exchange_timeout: Duration,
+    connect_timeout: Duration,
+) -> Result<Arc<dyn Transport>> {
+    let http = tide_transport::HttpTransport::builder(endpoint)
+        .headers(headers)
+        .exchange_timeout(exchange_timeout)
+        .connect_timeout(connect_timeout)
+        .build()?;
+    Ok(Arc::new(http))
+}
+
+/// Built without HTTP: an endpoint cannot be reached.
+#[cfg(not(feature = "http"))]
+fn http_transport(endpoint: &str, _: Headers, _: Duration, _: Duration) -> Result<Arc<dyn Transport>> {
+    Err(tide_transport::Error::Config {
+        message: format!("tide-client was built without its `http` feature: cannot reach {endpoint}; give a transport"),
+    }
+    .into())
 }
 
 /// The subscription saved in `store`, changed to `wanted` if the builder

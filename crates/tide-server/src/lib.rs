@@ -25,6 +25,7 @@ mod tls;
 
 pub use access::{AccessRules, Readable, RulesError, RulesFile};
 pub use auth::{AuthError, Authenticator, Namespace, NoAuth, Principal, StaticTokens, TokensError, token_principal};
+#[cfg(feature = "postgres")]
 pub use backend::postgres::{
     POSTGRES_IDLE_IN_TRANSACTION_TIMEOUT, POSTGRES_LOCK_TIMEOUT, POSTGRES_POOL_MAX, POSTGRES_STATEMENT_TIMEOUT,
     PostgresBackend,

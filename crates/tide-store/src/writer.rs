@@ -1344,7 +1344,7 @@ async fn put_version(
 
 /// Default for [`crate::OpenOptions::digest_log_rows_max`]: most bucket
 /// deltas kept in `tide_digest_log` before they are folded into the group and
-/// bucket rows (see [`add_to_digests`]): 262,144.
+/// bucket rows (updating random bucket rows on every page costs more than the page): 262,144.
 pub const DIGEST_LOG_ROWS_MAX: i64 = 1 << 18;
 
 /// XORs `(collection, bucket, delta)` into the digests: the roots at once,

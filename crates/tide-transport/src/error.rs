@@ -101,6 +101,7 @@ impl Error {
         Self::Status { status, code: None, message, op: None, retry_after }
     }
 
+    #[cfg(feature = "http")]
     pub(crate) fn network(
         message: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,

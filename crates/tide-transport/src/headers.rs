@@ -74,7 +74,12 @@ impl Headers {
         Self::Provider(Arc::new(Async(Box::new(move || Box::pin(f())))))
     }
 
-    pub(crate) async fn resolve(&self) -> Result<Vec<(String, String)>, BoxError> {
+    /// The headers for the next request: the static ones, or the
+    /// provider's answer now (for a transport of your own).
+    ///
+    /// # Errors
+    /// The provider's.
+    pub async fn resolve(&self) -> Result<Vec<(String, String)>, BoxError> {
         match self {
             Self::None => Ok(Vec::new()),
             Self::Static(h) => Ok(h.clone()),

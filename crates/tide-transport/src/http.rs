@@ -16,11 +16,7 @@ use tide_core::{SyncRequest, SyncResponse};
 
 use crate::{Error, Headers, Transport};
 
-/// Default for [`HttpTransportBuilder::connect_timeout`].
-pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
-/// Default for [`HttpTransportBuilder::exchange_timeout`]: longer than the
-/// protocol's longest long-poll (`tide_core::limits::WAIT_MAX`, 30 s).
-pub const EXCHANGE_TIMEOUT_DEFAULT: Duration = Duration::from_mins(1);
+use crate::{CONNECT_TIMEOUT_DEFAULT, EXCHANGE_TIMEOUT_DEFAULT};
 /// Default for [`HttpTransportBuilder::response_bytes_max`]: 64 MiB, after
 /// decompression.
 pub const RESPONSE_BYTES_MAX_DEFAULT: usize = 64 << 20;

@@ -2,7 +2,7 @@
 //!
 //! - [`Transport`]: one object-safe trait, one method: a request in, a
 //!   response or an [`Error`] out. Errors say whether a retry can help.
-//! - [`HttpTransport`]: `POST` over hyper, HTTP/1.1 with connection reuse,
+//! - `HttpTransport` (cargo feature `http`, on by default): `POST` over hyper, HTTP/1.1 with connection reuse,
 //!   HTTPS through rustls (no OpenSSL), static or provided headers, gzip both
 //!   ways, and every wait and size bounded.
 //! - [`FakeServer`] and [`FakeTransport`]: an in-memory sync server built on
@@ -36,17 +36,24 @@
 mod error;
 mod fake;
 mod headers;
+#[cfg(feature = "http")]
 mod http;
 
 pub use error::Error;
 pub use fake::{Exchange, FakeServer, FakeTransport, Fault, FaultRates, Outcome};
 pub use headers::{BoxError, HeaderProvider, Headers};
+#[cfg(feature = "http")]
 pub use http::{
-    CONNECT_TIMEOUT_DEFAULT, EXCHANGE_TIMEOUT_DEFAULT, GZIP_REQUEST_BYTES_MIN, HttpTransport, HttpTransportBuilder,
-    RESPONSE_BYTES_MAX_DEFAULT, decode_response,
+    GZIP_REQUEST_BYTES_MIN, HttpTransport, HttpTransportBuilder, RESPONSE_BYTES_MAX_DEFAULT, decode_response,
 };
 
 use tide_core::{SyncRequest, SyncResponse};
+
+/// Default for `HttpTransportBuilder::connect_timeout`.
+pub const CONNECT_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Default for `HttpTransportBuilder::exchange_timeout`: longer than the
+/// protocol's longest long-poll (`tide_core::limits::WAIT_MAX`, 30 s).
+pub const EXCHANGE_TIMEOUT_DEFAULT: std::time::Duration = std::time::Duration::from_mins(1);
 
 /// Carries one sync exchange to a server.
 ///

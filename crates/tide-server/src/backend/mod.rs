@@ -1,5 +1,6 @@
 //! Storage behind the handler: one trait, one call per exchange.
 
+#[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sqlite;
 

@@ -15,8 +15,8 @@ use tide_server::{
     Authenticator, BODY_READ_TIMEOUT_DEFAULT, Backend, COLLECT_INTERVAL_DEFAULT, CONNECTIONS_MAX_DEFAULT, Durability,
     HEADER_READ_TIMEOUT_DEFAULT, HELD_PER_NAMESPACE_MAX_DEFAULT, HELD_REQUESTS_MAX_DEFAULT, JWT_LEEWAY_DEFAULT,
     JWT_NAMESPACE_CLAIM_DEFAULT, JWT_PRINCIPAL_CLAIM_DEFAULT, JwtAuthenticator, JwtConfig, NoAuth,
-    PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, PostgresBackend, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT, RulesFile,
-    SHUTDOWN_GRACE_DEFAULT, Server, ServerConfig, SqliteBackend, StaticTokens, TOMBSTONE_HORIZON_SEQS_DEFAULT,
+    PRINCIPAL_REQUESTS_PER_SECOND_MAX_DEFAULT, REQUEST_BYTES_IN_FLIGHT_MAX_DEFAULT, RulesFile, SHUTDOWN_GRACE_DEFAULT,
+    Server, ServerConfig, SqliteBackend, StaticTokens, TOMBSTONE_HORIZON_SEQS_DEFAULT,
 };
 
 /// tide's sync server: clients POST their pending writes and pull what
@@ -336,12 +336,7 @@ async fn run(args: Args) -> Result<(), String> {
         None => None,
     };
     let backend: Arc<dyn Backend> = if let Some(url) = &args.database_url {
-        let backend =
-            PostgresBackend::open(url, durability, limits).await.map_err(|e| format!("opening PostgreSQL: {e}"))?;
-        if let Some(rules) = rules {
-            backend.set_access_rules(rules);
-        }
-        backend
+        postgres(url, durability, limits, rules).await?
     } else {
         let backend = SqliteBackend::open(&args.db, durability, limits)
             .await
@@ -379,6 +374,35 @@ async fn run(args: Args) -> Result<(), String> {
         }
         None => server.serve(listener, shutdown_signal()).await.map_err(|e| e.to_string()),
     }
+}
+
+/// The PostgreSQL backend at `url`.
+#[cfg(feature = "postgres")]
+async fn postgres(
+    url: &str,
+    durability: Durability,
+    limits: limits::Limits,
+    rules: Option<Arc<RulesFile>>,
+) -> Result<Arc<dyn Backend>, String> {
+    let backend = tide_server::PostgresBackend::open(url, durability, limits)
+        .await
+        .map_err(|e| format!("opening PostgreSQL: {e}"))?;
+    if let Some(rules) = rules {
+        backend.set_access_rules(rules);
+    }
+    Ok(backend)
+}
+
+/// Built without PostgreSQL.
+#[cfg(not(feature = "postgres"))]
+#[expect(clippy::unused_async, reason = "the same signature as with the feature")]
+async fn postgres(
+    _: &str,
+    _: Durability,
+    _: limits::Limits,
+    _: Option<Arc<RulesFile>>,
+) -> Result<Arc<dyn Backend>, String> {
+    Err("this tide-server was built without its `postgres` feature; --database-url needs it".into())
 }
 
 /// Reads the certificate and key again on every SIGHUP; open connections

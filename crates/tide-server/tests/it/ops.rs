@@ -16,7 +16,7 @@ use crate::binary::{BIN, spawn};
 
 /// A value for every setting, unlike its default. A setting added without
 /// one here fails `every_setting_can_come_from_the_file`.
-const SAMPLES: [(&str, &str); 42] = [
+const SAMPLES: [(&str, &str); 43] = [
     ("tls-cert", "\"/etc/tide/cert.pem\""),
     ("tls-key", "\"/etc/tide/key.pem\""),
     ("listen", "\"0.0.0.0:8443\""),
@@ -58,6 +58,7 @@ const SAMPLES: [(&str, &str); 42] = [
     ("collect-interval", "90.5"),
     ("shutdown-grace", "3.5"),
     ("log", "\"debug\""),
+    ("otlp-endpoint", "\"http://127.0.0.1:4318/v1/traces\""),
     ("log-format", "\"json\""),
 ];
 
@@ -410,5 +411,55 @@ async fn an_exchange_id_is_in_the_response_and_in_the_json_logs() {
     };
     assert_eq!(logged["fields"]["message"], "exchange", "{logged}");
     child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// With the `otel` feature, `--otlp-endpoint` sends each exchange's span,
+/// with its id, to an OpenTelemetry collector (here a stand-in that keeps
+/// what is posted to it); the last spans are flushed on shutdown.
+#[cfg(feature = "otel")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_go_to_an_opentelemetry_collector() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let collector = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/v1/traces", collector.local_addr().unwrap());
+    let received = tokio::spawn(async move {
+        let mut posted = Vec::new();
+        loop {
+            let (mut s, _) = collector.accept().await.unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n = 0;
+            // Headers, then as many body bytes as content-length says.
+            loop {
+                n += s.read(&mut buf[n..]).await.unwrap();
+                let text = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+                if let Some(end) = text.find("\r\n\r\n") {
+                    let length: usize = text
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                        .unwrap_or(0);
+                    if n >= end + 4 + length {
+                        break;
+                    }
+                }
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+            posted.extend_from_slice(&buf[..n]);
+            if posted.windows(7).any(|w| w == b"otel-42") {
+                return String::from_utf8_lossy(&posted).into_owned();
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("s.db");
+    let (mut child, sync) = spawn(&["--no-auth", "--db", db.to_str().unwrap(), "--otlp-endpoint", &endpoint]);
+    let mut req = SyncRequest::new("a", None);
+    req.request_id = Some("otel-42".into());
+    HttpTransport::new(&sync).unwrap().exchange(&req).await.unwrap();
+    let term = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let posted = tokio::time::timeout(Duration::from_secs(30), received).await.expect("spans arrive").unwrap();
+    assert!(posted.starts_with("POST /v1/traces"), "{posted}");
+    assert!(posted.contains("sync"), "the exchange's span");
     child.wait().unwrap();
 }

@@ -170,6 +170,11 @@ struct Args {
     /// Log filter, as in `RUST_LOG` (`info`, `tide_server=debug`, ...).
     #[arg(long, env = "TIDE_LOG", default_value = "info")]
     log: String,
+    /// Export the server's spans (one per exchange, with its id) to this
+    /// OpenTelemetry collector, over OTLP/HTTP (e.g.
+    /// `http://127.0.0.1:4318/v1/traces`). Needs the `otel` cargo feature.
+    #[arg(long, env = "TIDE_SERVER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// Log lines as `text` or as `json` (one object a line).
     #[arg(long, env = "TIDE_SERVER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -254,6 +259,78 @@ async fn authenticator(args: &Args) -> Result<Arc<dyn Authenticator>, String> {
 
 fn seconds(name: &str, secs: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("--{name} {secs}: {e}"))
+}
+
+/// Log lines to stderr (text or JSON, filtered by --log), and spans to an
+/// OpenTelemetry collector when --otlp-endpoint is given; the guard flushes
+/// the spans when dropped.
+fn logging(args: &Args) -> Result<Option<otel::Guard>, String> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into());
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let lines = if args.log_format == "json" {
+        lines.json().boxed()
+    } else {
+        lines.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).boxed()
+    };
+    let (spans, guard) = match &args.otlp_endpoint {
+        Some(endpoint) => {
+            let (layer, guard) = otel::layer(endpoint)?;
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(spans).with(filter).with(lines).init();
+    Ok(guard)
+}
+
+/// OpenTelemetry export (the `otel` feature).
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+
+    /// Flushes and stops the exporter when dropped.
+    pub(crate) struct Guard(opentelemetry_sdk::trace::SdkTracerProvider);
+
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.shutdown();
+        }
+    }
+
+    pub(crate) type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+    /// A layer that sends every span to the collector at `endpoint`.
+    pub(crate) fn layer(endpoint: &str) -> Result<(Boxed, Guard), String> {
+        use tracing_subscriber::Layer as _;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_endpoint(endpoint)
+            .with_headers(std::collections::HashMap::new())
+            .build()
+            .map_err(|e| format!("--otlp-endpoint {endpoint}: {e}"))?;
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name("tide-server").build();
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer("tide-server");
+        Ok((tracing_opentelemetry::layer().with_tracer(tracer).boxed(), Guard(provider)))
+    }
+}
+
+/// Without the `otel` feature: --otlp-endpoint is refused.
+#[cfg(not(feature = "otel"))]
+mod otel {
+    pub(crate) struct Guard;
+    pub(crate) type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
+
+    pub(crate) fn layer(endpoint: &str) -> Result<(Boxed, Guard), String> {
+        Err(format!("--otlp-endpoint {endpoint}: this tide-server was built without its `otel` feature"))
+    }
 }
 
 /// `config check`: the settings must make a server (limits, durations,
@@ -482,13 +559,14 @@ fn main() -> ExitCode {
     if let Some(Cmd::Config { action: ConfigCmd::Check { json } }) = &args.command {
         return check_config(&args, &config::effective(&command, &matches, &from_file), *json);
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log).unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if args.log_format == "json" {
-        logs.json().init();
-    } else {
-        logs.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
-    }
+    // Held to the end: exported spans are flushed when it goes.
+    let _spans = match logging(&args) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("tide-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

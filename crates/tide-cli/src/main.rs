@@ -82,11 +82,14 @@ enum Cmd {
     /// Documents from JSON Lines (as `export` writes them) as local writes,
     /// which the next sync pushes.
     Import { store: PathBuf, file: PathBuf },
-    /// Syncs the store with a server until caught up.
+    /// Syncs the store with a server until caught up (or one exchange).
     Sync {
         store: PathBuf,
         #[command(flatten)]
         server: ServerArgs,
+        /// Only one exchange: push a batch, pull a page.
+        #[arg(long)]
+        once: bool,
     },
     /// A server's health, version and protocol.
     Check {
@@ -178,7 +181,7 @@ async fn run(cli: Cli) -> Out {
             export(&open(&store).await?, collection.as_deref(), out.as_deref(), json).await
         }
         Cmd::Import { store, file } => import(&open_or_create(&store).await?, &file, json).await,
-        Cmd::Sync { store, server } => sync(&store, &server, json).await,
+        Cmd::Sync { store, server, once } => sync(&store, &server, once, json).await,
         Cmd::Check { server } => check(&server, json).await,
         Cmd::Verify { store, server } => verify(&open(&store).await?, &server, json).await,
     }
@@ -431,7 +434,7 @@ fn transport(server: &ServerArgs) -> Result<HttpTransport, Failure> {
     Ok(HttpTransport::builder(&server.endpoint).headers(headers(server)).build()?)
 }
 
-async fn sync(path: &Path, server: &ServerArgs, json: bool) -> Out {
+async fn sync(path: &Path, server: &ServerArgs, once: bool, json: bool) -> Out {
     if !path.exists() {
         return Err(Failure(format!("{}: no such store file", path.display()), 1));
     }
@@ -439,7 +442,7 @@ async fn sync(path: &Path, server: &ServerArgs, json: bool) -> Out {
         tide_client::Tide::builder().path(path).endpoint(&server.endpoint).headers(headers(server)).open().await?;
     let bar = progress(None, "sync", json);
     bar.enable_steady_tick(Duration::from_millis(200));
-    let report = tide.sync_once().await;
+    let report = if once { tide.sync_one_exchange().await } else { tide.sync_once().await };
     bar.finish_and_clear();
     tide.close().await;
     let r = report?;

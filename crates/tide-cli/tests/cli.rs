@@ -96,9 +96,17 @@ async fn every_command_on_a_store_and_a_server() {
     assert_eq!(run(s(&["count", "tasks", "--where", "due>=4", "--json"]))["count"], 3);
     assert_eq!(run(s(&["count", "tasks", "--where", "status^=o", "--where", "due<5", "--json"]))["count"], 2);
 
-    let sync = run(vec!["sync".into(), store_arg.clone(), "--endpoint".into(), endpoint.clone(), "--json".into()]);
-    assert_eq!(sync["pushed"], 2, "{sync}");
-    assert_eq!(sync["rejected"], 1, "the retried op is refused again");
+    let sync = |more: &[&str]| {
+        let mut args =
+            vec!["sync".to_owned(), store_arg.clone(), "--endpoint".into(), endpoint.clone(), "--json".into()];
+        args.extend(more.iter().map(|a| (*a).to_owned()));
+        run(args)
+    };
+    let once = sync(&["--once"]);
+    assert_eq!((once["exchanges"].as_u64(), once["pushed"].as_u64()), (Some(1), Some(2)), "{once}");
+    assert_eq!(once["rejected"], 1, "the retried op is refused again");
+    let rest = sync(&[]);
+    assert_eq!((rest["pushed"].as_u64(), rest["verified"].as_bool()), (Some(0), Some(true)), "{rest}");
     let check = one(&["check", "--endpoint", &endpoint, "--json"]);
     assert_eq!((check["healthy"].as_bool(), check["protocol"].as_u64()), (Some(true), Some(1)), "{check}");
     assert_eq!(check["version"], env!("CARGO_PKG_VERSION"));

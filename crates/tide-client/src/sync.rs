@@ -93,10 +93,16 @@ pub struct SyncStatus {
 impl Inner {
     /// Pushes the outbox in batches and pulls until caught up.
     pub(crate) async fn sync_once(&self) -> Result<SyncReport> {
+        self.sync(SYNC_EXCHANGES_MAX).await
+    }
+
+    /// At most `max` exchanges of pushing and pulling (1: one exchange and
+    /// nothing else: no catch-ups, put-backs or digest check).
+    pub(crate) async fn sync(&self, max: usize) -> Result<SyncReport> {
         let transport = self.transport.as_ref().ok_or(Error::NoTransport)?;
         let _one_at_a_time = self.sync_lock.lock().await;
         self.status.send_modify(|s| s.syncing = true);
-        let result = self.exchanges(transport.as_ref()).await;
+        let result = self.exchanges(transport.as_ref(), max.clamp(1, SYNC_EXCHANGES_MAX)).await;
         // A sync the Tide's closing cut short (its store closed under it, or
         // its exchange cancelled) says so plainly.
         let result = if result.is_err() && self.closed() { Err(Error::Closed) } else { result };
@@ -126,7 +132,7 @@ impl Inner {
         result
     }
 
-    async fn exchanges(&self, transport: &dyn tide_transport::Transport) -> Result<SyncReport> {
+    async fn exchanges(&self, transport: &dyn tide_transport::Transport, max: usize) -> Result<SyncReport> {
         let mut report = SyncReport::default();
         // Halved when a server takes fewer ops or bytes per request than we send.
         let mut batch = self.push_batch_ops;
@@ -139,11 +145,14 @@ impl Inner {
         // read at, which the server says, and later ones those at or below
         // that head; until the store has an op of its own to push.
         // (The cursor read for this serves the first request too.)
-        self.catch_up(transport, &mut report).await?;
+        let single = max == 1;
+        if !single {
+            self.catch_up(transport, &mut report).await?;
+        }
         let mut first_cursor = Some(self.store.cursor().await?);
         let mut live_below =
             (first_cursor.is_some_and(|c| c.is_none()) && self.store.is_empty().await?).then_some(u64::MAX);
-        while report.exchanges < SYNC_EXCHANGES_MAX {
+        while report.exchanges < max {
             let pending = self.store.pending(batch).await?;
             let cursor = match first_cursor.take() {
                 Some(cursor) => cursor,
@@ -230,7 +239,7 @@ impl Inner {
                 break;
             }
         }
-        let Some(last) = last.filter(|r| r.protocol.is_some()) else { return Ok(report) };
+        let Some(last) = last.filter(|r| r.protocol.is_some() && !single) else { return Ok(report) };
         // Collections the server let it read since this sync began.
         self.catch_up(transport, &mut report).await?;
         self.revert_rejected(transport, &mut report).await?;

@@ -568,6 +568,19 @@ impl Tide {
         Ok(())
     }
 
+    /// Exactly one exchange: pushes a batch of the outbox and pulls one
+    /// page (no catch-ups, put-backs or digest check); the report says
+    /// what it did. For stepping through a sync by hand (`tide sync --once`).
+    ///
+    /// # Errors
+    /// As [`Tide::sync_once`].
+    pub async fn sync_one_exchange(&self) -> Result<SyncReport> {
+        if self.inner.closed() {
+            return Err(Error::Closed);
+        }
+        self.inner.sync(1).await
+    }
+
     /// Syncs in the background: at once, on every local write (even one
     /// made during an exchange or a long-poll), on every remote change (a
     /// long-poll held by the server answers when one commits; against a

@@ -37,6 +37,11 @@ pub(crate) struct CatchUp {
     /// The head its first page was read at: tombstones up to it are left
     /// out, as in an initial sync (PROTOCOL.md §4.1).
     pub(crate) live_below: Option<u64>,
+    /// The store held live documents of these collections when it began
+    /// (kept from an earlier subscription): it needs every tombstone, so
+    /// none is left out.
+    #[serde(default)]
+    pub(crate) held: bool,
 }
 
 impl CatchUp {
@@ -126,7 +131,7 @@ impl Subscription {
         self.catch_ups.retain(|c| c.collections.as_ref().is_none_or(|s| !s.is_empty()));
         let covered = self.catch_ups.iter().fold(self.synced.clone(), |all, c| union(&all, &c.collections));
         if let Some(collections) = missing(&desired, &covered) {
-            self.catch_ups.push(CatchUp { collections, cursor: None, live_below: None });
+            self.catch_ups.push(CatchUp { collections, cursor: None, live_below: None, held: false });
         }
     }
 

@@ -365,18 +365,23 @@ impl Inner {
     /// catch-up's new cursor in one transaction.
     async fn catch_up(&self, transport: &dyn tide_transport::Transport, report: &mut SyncReport) -> Result<()> {
         while report.exchanges < SYNC_EXCHANGES_MAX {
-            let Some((collections, cursor, live_below)) =
-                self.subscription.lock().await.catching_up().map(|c| (c.names(), c.cursor, c.live_below))
+            let Some((collections, cursor, live_below, mut held)) =
+                self.subscription.lock().await.catching_up().map(|c| (c.names(), c.cursor, c.live_below, c.held))
             else {
                 return Ok(());
             };
+            if cursor.is_none() {
+                // Documents kept from an earlier subscription need the
+                // deletes made since: no tombstone may be left out.
+                let holding = self.store.collections().await?;
+                held = holding.iter().any(|(c, _)| collections.as_ref().is_none_or(|names| names.contains(c)));
+            }
             let mut req = SyncRequest::new(self.store.node_id(), cursor.map(Cursor));
             req.limit = Some(PULL_PAGE_CHANGES_MAX);
             req.collections.clone_from(&collections);
-            // It held nothing of these when it began (or the digest check
-            // that follows finds what it held): tombstones up to the head
-            // its first page was read at are left out.
-            req.live_below = Some(live_below.unwrap_or(u64::MAX));
+            // Holding nothing of these, it needs no tombstone up to the head
+            // its first page was read at (PROTOCOL.md §4.1).
+            req.live_below = (!held).then(|| live_below.unwrap_or(u64::MAX));
             let resp = self.send(transport, req, report).await?;
             let main = self.store.cursor().await?.unwrap_or_default().seq();
             let mut subscription = self.subscription.lock().await;
@@ -385,7 +390,10 @@ impl Inner {
                 continue;
             }
             let mut next = subscription.clone();
-            next.advance(resp.cursor.seq(), resp.head, !resp.has_more, main);
+            if let Some(first) = next.catch_ups.first_mut() {
+                first.held = held;
+            }
+            next.advance(resp.cursor.seq(), resp.head.filter(|_| !held), !resp.has_more, main);
             next.observe_readable(resp.readable.as_deref());
             let applied = self.store.apply_catch_up(resp.changes, next.to_text()).await?;
             report.applied += applied.len();

@@ -218,3 +218,87 @@ async fn one_run(seed: u64) {
     }
     reader.close().await;
 }
+
+/// The same under faults (dropped requests, lost responses, duplicates,
+/// 503s, garbage) and restarts: syncs may fail, but once the faults stop,
+/// a sync ends where the server stands, for every collection subscribed to.
+#[tokio::test]
+async fn subscriptions_changed_under_faults_and_restarts_lose_nothing() {
+    let seeds: Vec<u64> = match std::env::var("TIDE_SEED") {
+        Ok(s) => vec![s.parse().unwrap()],
+        Err(_) => (0..std::env::var("TIDE_SEEDS").map_or(8, |s| s.parse().unwrap())).collect(),
+    };
+    for seed in seeds {
+        println!(
+            "seed {seed} (replay: TIDE_SEED={seed} cargo test -p tide-client --test it subscriptions_changed_under)"
+        );
+        faulty_run(seed).await;
+    }
+}
+
+async fn faulty_run(seed: u64) {
+    let server = FakeServer::with_limits(Limits { changes_per_response_max: 3, ..Limits::default() });
+    let rates = tide_transport::FaultRates {
+        drop: 6,
+        lose_response: 6,
+        duplicate: 6,
+        unavailable: 4,
+        rate_limited: 0,
+        garbage: 3,
+    };
+    let transport = Arc::new(Interleaved {
+        inner: server.connect("reader"),
+        writer: server.connect("writer"),
+        rng: std::sync::Mutex::new(SplitMix64::new(seed)),
+        lamport: AtomicU64::new(1),
+        quiet: AtomicBool::new(false),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let open = |first: bool| {
+        let mut builder = Tide::builder()
+            .path(dir.path().join("reader.db"))
+            .node_id("reader")
+            .transport(Arc::clone(&transport) as Arc<dyn Transport>);
+        if first {
+            builder = builder.collections(["c0"]);
+        }
+        builder.open()
+    };
+    let mut rng = SplitMix64::new(seed ^ 0xfa17);
+    let mut reader = open(true).await.unwrap();
+    let mut wanted: BTreeSet<&str> = BTreeSet::from(["c0"]);
+    for round in 0..10 {
+        server.chaos(Some((seed + round, rates)));
+        for _ in 0..4 {
+            let c = COLLECTIONS[rng.below(4) as usize];
+            match rng.below(6) {
+                0 | 1 => {
+                    reader.subscribe(c).await.unwrap();
+                    wanted.insert(c);
+                }
+                2 => {
+                    reader.unsubscribe(c, rng.below(2) == 0).await.unwrap();
+                    wanted.remove(c);
+                }
+                3 => {
+                    reader.close().await;
+                    reader = open(false).await.unwrap();
+                    assert_eq!(reader.collections().await.map(|c| c.len()), Some(wanted.len()), "seed {seed}: saved");
+                }
+                _ => {}
+            }
+            // Errors are expected under faults: what a sync did is kept.
+            let _ = reader.sync_once().await;
+        }
+        // The writer's own exchanges go through the faults too; then quiet.
+        server.chaos(None);
+        transport.quiet.store(true, Ordering::SeqCst);
+        let report = reader.sync_once().await.unwrap();
+        assert!(report.verified, "seed {seed} round {round}: {report:?}");
+        for c in &wanted {
+            assert_eq!(client_docs(&reader, c).await, server_docs(&server, c), "seed {seed} round {round}: {c}");
+        }
+        transport.quiet.store(false, Ordering::SeqCst);
+    }
+    reader.close().await;
+}

@@ -43,7 +43,9 @@
 
 mod collection;
 mod error;
+mod inner;
 mod query;
+mod status;
 mod subscription;
 mod sync;
 mod tide;
@@ -52,9 +54,10 @@ mod watch;
 pub use collection::{Collection, LIST_LIMIT_DEFAULT};
 pub use error::{Error, Result};
 pub use query::{Field, Filter, LiveQuery, Query, QueryCursor, QueryPage, QueryUpdate, field};
+pub use status::SyncStatus;
 pub use sync::{
     BACKOFF_BASE, BACKOFF_MAX, LONG_POLL_HOLD_MIN, PULL_PAGE_CHANGES_MAX, PUSH_BATCH_OPS_MAX, REKEYS_PER_SYNC_MAX,
-    SYNC_EXCHANGES_MAX, SyncReport, SyncStatus, TOKEN_REFRESHES_PER_SYNC_MAX, VERIFY_EXCHANGES_MAX,
+    SYNC_EXCHANGES_MAX, SyncReport, TOKEN_REFRESHES_PER_SYNC_MAX, VERIFY_EXCHANGES_MAX,
 };
 pub use tide::{Batch, LONG_POLL_WAIT_DEFAULT, StatusWatch, SyncHandle, Tide, TideBuilder, WATCH_BUFFER_CHANGES};
 pub use tide_store::{Durability, RejectedOp, Version};

@@ -12,8 +12,8 @@ use tide_store::{Ack, Acked, PendingOp, Refused, Rejection};
 use tokio::sync::watch;
 
 use crate::error::{Error, Result};
+use crate::inner::Inner;
 use crate::subscription::CatchUp;
-use crate::tide::Inner;
 
 /// Most ops pushed in one exchange: the protocol's default cap (the
 /// original pushed at most 500). A server with a lower cap refuses with
@@ -71,23 +71,6 @@ pub struct SyncReport {
     /// Whether the store was away past the server's tombstone horizon and
     /// began again from the start (PROTOCOL.md §14).
     pub resynced: bool,
-}
-
-/// The sync state an application can show.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SyncStatus {
-    /// Ops waiting in the outbox.
-    pub pending: u64,
-    /// Ops the server rejected, waiting for the application to retry or discard them.
-    pub rejected: u64,
-    /// When the last sync completed.
-    pub last_success: Option<SystemTime>,
-    /// The last sync error, cleared by the next success.
-    pub last_error: Option<String>,
-    /// Whether the server answered the last exchange (`None` before any).
-    pub reachable: Option<bool>,
-    /// Whether an exchange is running now.
-    pub syncing: bool,
 }
 
 impl Inner {

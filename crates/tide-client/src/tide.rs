@@ -12,8 +12,10 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::collection::Collection;
 use crate::error::{Error, Result};
+use crate::inner::Inner;
+use crate::status::SyncStatus;
 use crate::subscription::{Set, Subscription};
-use crate::sync::{SyncReport, SyncStatus, run_forever};
+use crate::sync::{SyncReport, run_forever};
 use crate::watch::{ChangeEvent, Filter, Hub, Source, Watch};
 
 /// How many changes a watcher may fall behind before it is told it lagged.
@@ -21,44 +23,6 @@ pub const WATCH_BUFFER_CHANGES: usize = 1_024;
 /// Default for [`TideBuilder::long_poll`]: below the server's 30 s cap and
 /// the HTTP transport's 60 s exchange timeout.
 pub const LONG_POLL_WAIT_DEFAULT: Duration = Duration::from_secs(25);
-
-pub(crate) struct Inner {
-    pub(crate) store: Store,
-    pub(crate) transport: Option<Arc<dyn Transport>>,
-    pub(crate) long_poll: Option<Duration>,
-    pub(crate) push_batch_ops: usize,
-    pub(crate) hub: Arc<Hub>,
-    pub(crate) status: watch::Sender<SyncStatus>,
-    pub(crate) wake: Notify,
-    pub(crate) sync_lock: Mutex<()>,
-    /// The highest tombstone horizon a server reported (PROTOCOL.md §14).
-    pub(crate) horizon: std::sync::atomic::AtomicU64,
-    /// What this store syncs (PROTOCOL.md §15), as saved in it.
-    pub(crate) subscription: Mutex<Subscription>,
-    closed: AtomicBool,
-    /// Set when the Tide closes: background loops end, exchanges in flight are cancelled.
-    pub(crate) stop: watch::Sender<bool>,
-    loops: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-}
-
-impl Inner {
-    pub(crate) fn closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    pub(crate) async fn write(&self, writes: Vec<Write>) -> Result<Vec<Stamp>> {
-        if self.closed() {
-            return Err(Error::Closed);
-        }
-        // The store tells the watchers, in commit order (see `open`).
-        let stamps = self.store.write(writes).await?;
-        self.status.send_modify(|s| s.pending += stamps.len() as u64);
-        // Wakes the background sync, even if it is in the middle of an
-        // exchange: the permit is kept until it next waits.
-        self.wake.notify_one();
-        Ok(stamps)
-    }
-}
 
 /// Stops the background syncs when the application drops its last handle.
 struct LastHandle(Arc<Inner>);

@@ -2,8 +2,8 @@
 //! laptop) that sync through a tide-server running on its embedded SQLite.
 //!
 //! ```text
-//! cargo run -p tide-client --example todo            # type commands
-//! cargo run -p tide-client --example todo -- --demo  # a scripted session
+//! cargo run -p tide-testkit --example todo            # type commands
+//! cargo run -p tide-testkit --example todo -- --demo  # a scripted session
 //! ```
 //!
 //! Commands: `phone add buy bread`, `laptop done 1`, `phone rm 2`, `list`,

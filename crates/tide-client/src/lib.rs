@@ -60,6 +60,6 @@ pub use sync::{
     SYNC_EXCHANGES_MAX, SyncReport, TOKEN_REFRESHES_PER_SYNC_MAX, VERIFY_EXCHANGES_MAX,
 };
 pub use tide::{Batch, LONG_POLL_WAIT_DEFAULT, StatusWatch, SyncHandle, Tide, TideBuilder, WATCH_BUFFER_CHANGES};
-pub use tide_store::{Durability, RejectedOp, Version};
+pub use tide_store::{Durability, PendingOp, RejectedOp, Version};
 pub use tide_transport::{HeaderProvider, Headers};
 pub use watch::{ChangeEvent, Changed, Source, TypedEvent, TypedWatch, Watch, WatchEvent};

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tide_core::{Doc, Payload, Stamp};
-use tide_store::{Durability, OpenOptions, RejectedOp, Store, Write};
+use tide_store::{Durability, OpenOptions, PendingOp, RejectedOp, Store, Write};
 use tide_transport::{Headers, Transport};
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -682,6 +682,15 @@ impl Tide {
             }
         };
         tokio::time::timeout(timeout, wait).await.unwrap_or(Err(Error::Timeout { waited: timeout }))
+    }
+
+    /// The ops waiting in the outbox, oldest first, at most `limit`
+    /// (capped at `tide_store::READ_ROWS_MAX`).
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn pending(&self, limit: usize) -> Result<Vec<PendingOp>> {
+        Ok(self.inner.store.pending(limit).await?)
     }
 
     /// The ops the server rejected, with why.

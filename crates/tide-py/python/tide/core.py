@@ -1,0 +1,199 @@
+"""`Tide` and `Collection`: tide 0.2.1's API over tide's Rust engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from tide._engine import Engine
+from dataclasses import dataclass
+
+from tide.errors import NotOpenError
+from tide.protocol import Op
+from tide.events import ChangeEvent
+from tide.store import _TideStore
+
+log = logging.getLogger("tide")
+
+
+@dataclass(frozen=True)
+class SyncStatus:
+    """What an application can show of the sync."""
+
+    pending: int
+    rejected: int
+    last_success: float | None
+    last_error: str | None
+    reachable: bool | None
+
+
+@dataclass(frozen=True)
+class RejectedOp:
+    """A write the server refused for good."""
+
+    seq: int
+    op: Op
+    code: str
+    message: str
+
+
+class Collection:
+    """The documents of one collection, as dicts."""
+
+    def __init__(self, tide: Tide, name: str) -> None:
+        self._tide = tide
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    async def get(self, id: str) -> dict[str, Any] | None:
+        text = await self._tide._engine_or_raise(RuntimeError).get(self._name, id)
+        return None if text is None else json.loads(text)
+
+    async def put(self, id: str, doc: Mapping[str, Any]) -> None:
+        await self._tide._engine_or_raise(NotOpenError).put(self._name, id, json.dumps(dict(doc)))
+
+    async def delete(self, id: str) -> None:
+        await self._tide._engine_or_raise(NotOpenError).delete(self._name, id)
+
+    async def scan(self) -> list[tuple[str, dict[str, Any]]]:
+        rows = await self._tide._engine_or_raise(RuntimeError).scan(self._name)
+        return [(id, json.loads(text)) for id, text in rows]
+
+    def watch(self) -> AsyncIterator[ChangeEvent]:
+        """This collection's changes from the first iteration on."""
+        return self._tide._watch(self._name)
+
+    async def query(
+        self,
+        where: list[tuple[str, str, Any]] | None = None,
+        order_by: list[str] | None = None,
+        limit: int = 1000,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Documents by their fields: `where` holds `(field, op, value)`
+        (op one of `==`, `!=`, `<`, `<=`, `>`, `>=`, `in`, `startswith`,
+        `contains`, `exists`; a dotted field reaches into objects), all of
+        which must hold; `order_by` names fields, `-field` descending (ties
+        by id)."""
+        conditions = [(f, op, json.dumps(v)) for f, op, v in (where or [])]
+        rows = await self._tide._engine_or_raise(NotOpenError).query(self._name, conditions, order_by or [], limit)
+        return [(id, json.loads(text)) for id, text in rows]
+
+
+class Tide:
+    """A local store that syncs with a server: open it, write, sync."""
+
+    def __init__(
+        self,
+        *,
+        db_path: str | Path,
+        endpoint: str | None = None,
+        transport: Any = None,
+        headers: Any = None,
+        node_id: str | None = None,
+    ) -> None:
+        if endpoint is not None and transport is not None:
+            raise ValueError("pass either endpoint= or transport=, not both")
+        self._db_path = Path(db_path)
+        self._endpoint = endpoint
+        self._transport = transport
+        self._headers = headers
+        self._node_id = node_id
+        self._engine: Engine | None = None
+
+    async def open(self) -> Tide:
+        if self._engine is None:
+            headers = self._headers() if callable(self._headers) else self._headers
+            if hasattr(headers, "__await__"):
+                headers = await headers
+            pairs = list(dict(headers).items()) if headers else None
+            self._engine = await Engine.open(
+                str(self._db_path), self._node_id, self._endpoint, pairs, self._transport
+            )
+            self._store = _TideStore(self._engine)
+        return self
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.close()
+
+    async def __aenter__(self) -> Tide:
+        return await self.open()
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    @property
+    def node_id(self) -> str:
+        return self._engine_or_raise(NotOpenError).node_id()
+
+    def collection(self, name: str) -> Collection:
+        if not name or "/" in name:
+            raise ValueError("collection name must be non-empty and not contain '/'")
+        return Collection(self, name)
+
+    async def sync_once(self) -> int:
+        if self._engine is None or (self._endpoint is None and self._transport is None):
+            raise RuntimeError("no transport configured; pass endpoint= or transport= to Tide()")
+        return await self._engine.sync_once()
+
+    @contextlib.asynccontextmanager
+    async def sync_forever(self, *, interval: float = 5.0, on_error: str = "log") -> AsyncIterator[None]:
+        if self._endpoint is None and self._transport is None:
+            raise RuntimeError("no transport configured; pass endpoint= or transport= to Tide()")
+
+        async def loop() -> None:
+            while True:
+                try:
+                    await self.sync_once()
+                except Exception:
+                    if on_error == "raise":
+                        raise
+                    log.warning("tide sync failed; retrying", exc_info=True)
+                await asyncio.sleep(interval)
+
+        task = asyncio.create_task(loop())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    async def _watch(self, collection: str | None) -> AsyncIterator[ChangeEvent]:
+        watcher = self._engine_or_raise(NotOpenError).watch(collection)
+        while True:
+            event = await watcher.next()
+            if event is None:
+                return
+            name, id, kind, doc, source = event
+            yield ChangeEvent(name, id, kind, None if doc is None else json.loads(doc), source)
+
+    def status(self) -> SyncStatus:
+        """The sync state: pending and rejected ops, the last success and error."""
+        pending, rejected, last_success, last_error, reachable = self._engine_or_raise(NotOpenError).status()
+        return SyncStatus(pending, rejected, last_success, last_error, reachable)
+
+    async def rejected(self) -> list[RejectedOp]:
+        """The writes the server refused, oldest first, with why."""
+        rows = await self._engine_or_raise(NotOpenError).rejected()
+        return [RejectedOp(seq, Op.from_json(json.loads(op)), code, message) for seq, op, code, message in rows]
+
+    async def commit(self, writes: list[tuple[str, str, Mapping[str, Any] | None]]) -> None:
+        """Several writes at once, all or none: `(collection, id, doc)`,
+        a `None` doc deleting."""
+        rows = [(c, id, None if doc is None else json.dumps(dict(doc))) for c, id, doc in writes]
+        await self._engine_or_raise(NotOpenError).commit(rows)
+
+    def _engine_or_raise(self, error: type[Exception]) -> Engine:
+        if self._engine is None:
+            raise error("Tide is not open; await tide.open() first")
+        return self._engine

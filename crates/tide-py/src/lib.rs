@@ -1,0 +1,351 @@
+//! `tide._engine`: tide's Rust store and sync engine for the Python package
+//! (`python/tide`), which keeps the original 0.2.1 API. Documents cross as
+//! JSON text; every method that waits returns an awaitable.
+
+use std::sync::Arc;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use tide_client::Tide;
+use tide_core::{SyncRequest, SyncResponse};
+
+/// A transport written in Python (an object with `async exchange(request)`
+/// taking and returning `tide.protocol` types), called on the event loop
+/// the Tide was opened on.
+struct PyTransport {
+    transport: Py<PyAny>,
+    locals: pyo3_async_runtimes::TaskLocals,
+}
+
+#[async_trait::async_trait]
+impl tide_transport::Transport for PyTransport {
+    async fn exchange(&self, request: &SyncRequest) -> Result<SyncResponse, tide_transport::Error> {
+        let text = serde_json::to_string(request).expect("requests serialize");
+        let awaited = Python::attach(|py| -> PyResult<_> {
+            let data = py.import("json")?.call_method1("loads", (text,))?;
+            let request = py.import("tide.protocol")?.getattr("SyncRequest")?.call_method1("from_json", (data,))?;
+            let coroutine = self.transport.bind(py).call_method1("exchange", (request,))?;
+            pyo3_async_runtimes::into_future_with_locals(&self.locals, coroutine)
+        })
+        .map_err(|e| python_error(&e))?;
+        let response = awaited.await.map_err(|e| python_error(&e))?;
+        let text = Python::attach(|py| -> PyResult<String> {
+            let data = response.bind(py).call_method0("to_json")?;
+            py.import("json")?.call_method1("dumps", (data,))?.extract()
+        })
+        .map_err(|e| python_error(&e))?;
+        tide_transport::decode_response(200, None, text.as_bytes())
+    }
+}
+
+/// A Python transport's exception as the sync sees it: `TransportError`
+/// is retryable (the outbox waits), anything else is not.
+fn python_error(e: &PyErr) -> tide_transport::Error {
+    Python::attach(|py| {
+        let value = e.value(py);
+        let status: Option<u16> = value.getattr("status").ok().and_then(|s| s.extract().ok());
+        if let Some(status) = status {
+            let body: Vec<u8> = value.getattr("body").ok().and_then(|b| b.extract().ok()).unwrap_or_default();
+            return tide_transport::Error::from_status(status, &body, None);
+        }
+        let retryable = py
+            .import("tide.errors")
+            .and_then(|m| m.getattr("TransportError"))
+            .is_ok_and(|class| e.is_instance(py, &class));
+        let message = e.to_string();
+        if retryable {
+            tide_transport::Error::Network { message, source: None }
+        } else {
+            tide_transport::Error::MalformedResponse { message }
+        }
+    })
+}
+
+/// A client error as the Python exception tide 0.2.1 raises for it.
+fn raise(e: &tide_client::Error) -> PyErr {
+    Python::attach(|py| {
+        let (name, message) = match e {
+            tide_client::Error::Transport(t) if t.is_retryable() => ("TransportError", t.to_string()),
+            tide_client::Error::Transport(t) => ("ProtocolError", t.to_string()),
+            tide_client::Error::Closed => ("NotOpenError", e.to_string()),
+            other => ("TideError", other.to_string()),
+        };
+        match py.import("tide.errors").and_then(|m| m.getattr(name)) {
+            Ok(class) => PyErr::from_value(
+                class.call1((message,)).unwrap_or_else(|err| err.into_value(py).into_bound(py).into_any()),
+            ),
+            Err(_) => PyRuntimeError::new_err(message),
+        }
+    })
+}
+
+/// The engine behind one `tide.Tide`.
+#[pyclass]
+struct Engine {
+    tide: Tide,
+}
+
+fn err(e: impl std::fmt::Display) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
+
+#[pymethods]
+impl Engine {
+    /// Opens the store at `db_path` (syncing with `endpoint`, if given,
+    /// with static `headers`).
+    #[staticmethod]
+    #[pyo3(signature = (db_path, node_id=None, endpoint=None, headers=None, transport=None))]
+    fn open(
+        py: Python<'_>,
+        db_path: String,
+        node_id: Option<String>,
+        endpoint: Option<String>,
+        headers: Option<Vec<(String, String)>>,
+        transport: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let transport = match transport {
+            Some(t) => Some(PyTransport { transport: t, locals: pyo3_async_runtimes::tokio::get_current_locals(py)? }),
+            None => None,
+        };
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let mut builder = Tide::builder().path(db_path);
+            if let Some(id) = node_id {
+                builder = builder.node_id(id);
+            }
+            if let Some(endpoint) = endpoint {
+                builder = builder.endpoint(endpoint);
+            }
+            if let Some(headers) = headers {
+                builder = builder.headers(tide_client::Headers::Static(headers));
+            }
+            if let Some(t) = transport {
+                builder = builder.transport(Arc::new(t));
+            }
+            // The original polls; its tests sync by hand.
+            builder = builder.long_poll(None);
+            let tide = builder.open().await.map_err(|e| raise(&e))?;
+            Ok(Engine { tide })
+        })
+    }
+
+    /// The store's node id.
+    fn node_id(&self) -> String {
+        self.tide.node_id()
+    }
+
+    /// Puts a document given as JSON text.
+    fn put<'py>(&self, py: Python<'py>, collection: String, id: String, doc: String) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let value: serde_json::Value =
+                serde_json::from_str(&doc).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            tide.collection::<serde_json::Value>(&collection).put(&id, &value).await.map_err(err)?;
+            Ok(())
+        })
+    }
+
+    /// The document as JSON text, or None.
+    fn get<'py>(&self, py: Python<'py>, collection: String, id: String) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let doc = tide.collection::<serde_json::Value>(&collection).get(&id).await.map_err(err)?;
+            Ok(doc.map(|d| d.to_string()))
+        })
+    }
+
+    /// Deletes a document.
+    fn delete<'py>(&self, py: Python<'py>, collection: String, id: String) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            tide.collection::<serde_json::Value>(&collection).delete(&id).await.map_err(err)?;
+            Ok(())
+        })
+    }
+
+    /// Every live document of a collection as `(id, JSON text)`, by id.
+    fn scan<'py>(&self, py: Python<'py>, collection: String) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let docs = tide.collection::<serde_json::Value>(&collection);
+            let mut out = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = docs.list(after.as_deref(), 1_000).await.map_err(err)?;
+                let full = page.len() == 1_000;
+                after = page.last().map(|(id, _)| id.clone());
+                out.extend(page.into_iter().map(|(id, v)| (id, v.to_string())));
+                if !full {
+                    return Ok(out);
+                }
+            }
+        })
+    }
+
+    /// One sync; returns how many remote changes it applied.
+    fn sync_once<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let report = tide.sync_once().await.map_err(|e| raise(&e))?;
+            Ok(report.applied)
+        })
+    }
+
+    /// The sync state: `(pending, rejected, seconds since the epoch of the
+    /// last success or None, last error or None, reachable or None)`.
+    fn status(&self) -> (u64, u64, Option<f64>, Option<String>, Option<bool>) {
+        let s = self.tide.status();
+        let at = s.last_success.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64());
+        (s.pending, s.rejected, at, s.last_error, s.reachable)
+    }
+
+    /// The ops the server rejected: `(seq, op JSON, code, message)`.
+    fn rejected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let rejected = tide.rejected().await.map_err(|e| raise(&e))?;
+            Ok(rejected
+                .into_iter()
+                .map(|r| (r.seq, serde_json::to_string(&r.op).expect("ops serialize"), r.code.as_str(), r.message))
+                .collect::<Vec<_>>())
+        })
+    }
+
+    /// Writes several documents atomically: `(collection, id, doc JSON or
+    /// None for a delete)` each.
+    fn commit<'py>(
+        &self,
+        py: Python<'py>,
+        writes: Vec<(String, String, Option<String>)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let mut batch = tide_client::Batch::default();
+            for (collection, id, doc) in writes {
+                batch = match doc {
+                    Some(text) => {
+                        let value: serde_json::Value =
+                            serde_json::from_str(&text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+                        batch.put(&collection, &id, &value).map_err(|e| raise(&e))?
+                    }
+                    None => batch.delete(&collection, &id),
+                };
+            }
+            tide.commit(batch).await.map_err(|e| raise(&e))?;
+            Ok(())
+        })
+    }
+
+    /// The documents a query finds, as `(id, JSON)`: `conditions` are
+    /// `(field, op, value JSON)` with op one of `==`, `!=`, `<`, `<=`, `>`,
+    /// `>=`, `in`, `startswith`, `contains`, `exists`; `order` is field
+    /// names, `-field` descending.
+    #[pyo3(signature = (collection, conditions, order, limit))]
+    fn query<'py>(
+        &self,
+        py: Python<'py>,
+        collection: &str,
+        conditions: Vec<(String, String, String)>,
+        order: Vec<String>,
+        limit: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        use tide_client::field;
+        let mut query = self.tide.collection::<serde_json::Value>(collection).query().limit(limit);
+        for (name, op, value) in conditions {
+            let value: serde_json::Value =
+                serde_json::from_str(&value).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let f = field(name);
+            let filter = match op.as_str() {
+                "==" => f.eq(value),
+                "!=" => f.ne(value),
+                "<" => f.lt(value),
+                "<=" => f.le(value),
+                ">" => f.gt(value),
+                ">=" => f.ge(value),
+                "in" => f.is_in(value.as_array().cloned().unwrap_or_default()),
+                "startswith" => f.starts_with(value.as_str().unwrap_or_default()),
+                "contains" => f.contains(value),
+                "exists" => f.exists(),
+                other => return Err(PyValueError::new_err(format!("unknown operator {other:?}"))),
+            };
+            query = query.filter(filter);
+        }
+        for o in order {
+            query = match o.strip_prefix('-') {
+                Some(name) => query.order_by_desc(field(name)),
+                None => query.order_by(field(o)),
+            };
+        }
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let page = query.fetch().await.map_err(|e| raise(&e))?;
+            Ok(page.docs.into_iter().map(|(id, v)| (id, v.to_string())).collect::<Vec<_>>())
+        })
+    }
+
+    /// The ops waiting in the outbox, oldest first, as `(seq, op JSON)`.
+    fn pending_ops<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let pending = tide.pending(tide_store::READ_ROWS_MAX).await.map_err(|e| raise(&e))?;
+            Ok(pending
+                .into_iter()
+                .map(|p| (p.seq, serde_json::to_string(&p.op).expect("ops serialize")))
+                .collect::<Vec<_>>())
+        })
+    }
+
+    /// Changes from now on (of `collection`, or all): a `Watcher`.
+    #[pyo3(signature = (collection=None))]
+    fn watch(&self, collection: Option<String>) -> Watcher {
+        Watcher { watch: Arc::new(tokio::sync::Mutex::new(self.tide.watch())), collection }
+    }
+
+    /// Closes the store.
+    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            tide.close().await;
+            Ok(())
+        })
+    }
+}
+
+/// Local and remote changes, in commit order.
+#[pyclass]
+struct Watcher {
+    watch: Arc<tokio::sync::Mutex<tide_client::Watch>>,
+    collection: Option<String>,
+}
+
+#[pymethods]
+impl Watcher {
+    /// The next change as `(collection, id, kind, doc JSON or None,
+    /// source)`, or None once the Tide is closed.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (watch, collection) = (Arc::clone(&self.watch), self.collection.clone());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let mut watch = watch.lock().await;
+            loop {
+                let Some(event) = watch.next().await else { return Ok(None) };
+                let tide_client::WatchEvent::Change(change) = event else { continue };
+                if collection.as_ref().is_some_and(|c| *c != change.collection) {
+                    continue;
+                }
+                let kind = if change.doc.is_some() { "put" } else { "delete" };
+                let source = match change.source {
+                    tide_client::Source::Local => "local",
+                    _ => "remote",
+                };
+                let doc = change.doc.map(|d| d.as_str().to_owned());
+                return Ok(Some((change.collection, change.id, kind, doc, source)));
+            }
+        })
+    }
+}
+
+/// The module.
+#[pymodule]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Engine>()?;
+    m.add_class::<Watcher>()?;
+    Ok(())
+}

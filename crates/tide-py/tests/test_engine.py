@@ -1,0 +1,91 @@
+"""tide for Python beyond the original's own tests: a 0.2.1 store file
+opens and syncs, and tide's extras (status, rejected ops, batches, queries)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from tide import Tide
+from tide.server import ServerStore
+
+
+class InProcess:
+    def __init__(self, server: ServerStore) -> None:
+        self._server = server
+
+    async def exchange(self, request):
+        return await self._server.exchange(request)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def original_store(path: Path) -> None:
+    """A store file as tide 0.2.1 leaves it: one document, one pending op."""
+    with sqlite3.connect(path) as db:
+        db.executescript(
+            """
+            CREATE TABLE tide_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE tide_docs (collection TEXT NOT NULL, id TEXT NOT NULL, doc TEXT,
+                lamport INTEGER NOT NULL, node_id TEXT NOT NULL, deleted INTEGER NOT NULL DEFAULT 0,
+                PRIMARY KEY (collection, id));
+            CREATE INDEX tide_docs_by_collection ON tide_docs (collection, deleted);
+            CREATE TABLE tide_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL,
+                id TEXT NOT NULL, kind TEXT NOT NULL, doc TEXT, lamport INTEGER NOT NULL, node_id TEXT NOT NULL);
+            INSERT INTO tide_meta VALUES ('schema_version', '1'), ('node_id', 'old-phone'), ('lamport', '3');
+            INSERT INTO tide_docs VALUES ('notes', 'n1', '{"title": "from 0.2.1"}', 3, 'old-phone', 0);
+            INSERT INTO tide_outbox (collection, id, kind, doc, lamport, node_id)
+                VALUES ('notes', 'n1', 'put', '{"title": "from 0.2.1"}', 3, 'old-phone');
+            """
+        )
+
+
+async def test_a_0_2_1_store_file_opens_and_syncs(tmp_path: Path) -> None:
+    server = ServerStore(tmp_path / "server.db")
+    try:
+        original_store(tmp_path / "old.db")
+        async with Tide(db_path=tmp_path / "old.db", transport=InProcess(server)) as old:
+            assert old.node_id == "old-phone"
+            assert await old.collection("notes").get("n1") == {"title": "from 0.2.1"}
+            assert old.status().pending == 1
+            await old.sync_once()
+            assert old.status().pending == 0
+        async with Tide(db_path=tmp_path / "new.db", transport=InProcess(server)) as new:
+            await new.sync_once()
+            assert await new.collection("notes").scan() == [("n1", {"title": "from 0.2.1"})]
+    finally:
+        server.close()
+
+
+async def test_batches_and_queries(tmp_path: Path) -> None:
+    async with Tide(db_path=tmp_path / "a.db") as tide:
+        await tide.commit(
+            [
+                ("tasks", "a", {"status": "open", "due": 3}),
+                ("tasks", "b", {"status": "done", "due": 1}),
+                ("tasks", "c", {"status": "open", "due": 2}),
+                ("tasks", "gone", None),
+            ]
+        )
+        tasks = tide.collection("tasks")
+        open_ones = await tasks.query(where=[("status", "==", "open")], order_by=["due"])
+        assert [id for id, _ in open_ones] == ["c", "a"]
+        late = await tasks.query(where=[("due", ">=", 2)], order_by=["-due"], limit=1)
+        assert late == [("a", {"status": "open", "due": 3})]
+        assert tide.status().pending == 4
+
+
+async def test_rejected_writes_are_listed(tmp_path: Path) -> None:
+    # A server that takes documents of at most 100 bytes refuses a larger one.
+    server = ServerStore(tmp_path / "server.db", "--doc-bytes-max", "100")
+    try:
+        async with Tide(db_path=tmp_path / "a.db", transport=InProcess(server), node_id="a") as tide:
+            await tide.collection("notes").put("ok", {"v": 1})
+            await tide.collection("notes").put("big", {"text": "x" * 200})
+            await tide.sync_once()
+            rejected = await tide.rejected()
+            assert [(r.op.id, r.code) for r in rejected] == [("big", "doc_too_large")]
+            assert tide.status().rejected == 1
+    finally:
+        server.close()

@@ -38,6 +38,38 @@ impl tide_transport::Transport for PyTransport {
     }
 }
 
+/// Headers asked of a Python callable (sync, or async on the Tide's event
+/// loop) before every exchange, as 0.2.1 does for short-lived tokens.
+struct PyHeaders {
+    provider: Py<PyAny>,
+    locals: pyo3_async_runtimes::TaskLocals,
+}
+
+#[async_trait::async_trait]
+impl tide_transport::HeaderProvider for PyHeaders {
+    async fn headers(&self) -> Result<Vec<(String, String)>, tide_transport::BoxError> {
+        let (ready, pending) = Python::attach(|py| -> PyResult<_> {
+            let result = self.provider.bind(py).call0()?;
+            if result.hasattr("__await__")? {
+                Ok((None, Some(pyo3_async_runtimes::into_future_with_locals(&self.locals, result)?)))
+            } else {
+                Ok((Some(result.unbind()), None))
+            }
+        })?;
+        let mapping = match (ready, pending) {
+            (_, Some(awaited)) => awaited.await?,
+            (Some(value), None) => value,
+            (None, None) => unreachable!("one of the two"),
+        };
+        Ok(Python::attach(|py| pairs(mapping.bind(py)))?)
+    }
+}
+
+/// A mapping's items as header pairs.
+fn pairs(mapping: &Bound<'_, PyAny>) -> PyResult<Vec<(String, String)>> {
+    mapping.call_method0("items")?.try_iter()?.map(|item| item?.extract()).collect()
+}
+
 /// A Python transport's exception as the sync sees it: `TransportError`
 /// is retryable (the outbox waits), anything else is not.
 fn python_error(e: &PyErr) -> tide_transport::Error {
@@ -91,8 +123,9 @@ fn err(e: impl std::fmt::Display) -> PyErr {
 
 #[pymethods]
 impl Engine {
-    /// Opens the store at `db_path` (syncing with `endpoint`, if given,
-    /// with static `headers`).
+    /// Opens the store at `db_path`, syncing with `endpoint` (with
+    /// `headers`: a mapping, or a callable returning one, sync or async) or
+    /// through a Python `transport`, if given.
     #[staticmethod]
     #[pyo3(signature = (db_path, node_id=None, endpoint=None, headers=None, transport=None))]
     fn open(
@@ -100,9 +133,18 @@ impl Engine {
         db_path: String,
         node_id: Option<String>,
         endpoint: Option<String>,
-        headers: Option<Vec<(String, String)>>,
+        headers: Option<Py<PyAny>>,
         transport: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'_, PyAny>> {
+        // A mapping is sent as it is; a callable is asked before every exchange.
+        let headers = match headers {
+            Some(h) if h.bind(py).is_callable() => Some(tide_client::Headers::Provider(Arc::new(PyHeaders {
+                provider: h,
+                locals: pyo3_async_runtimes::tokio::get_current_locals(py)?,
+            }))),
+            Some(h) => Some(tide_client::Headers::Static(pairs(h.bind(py))?)),
+            None => None,
+        };
         let transport = match transport {
             Some(t) => Some(PyTransport { transport: t, locals: pyo3_async_runtimes::tokio::get_current_locals(py)? }),
             None => None,
@@ -116,7 +158,7 @@ impl Engine {
                 builder = builder.endpoint(endpoint);
             }
             if let Some(headers) = headers {
-                builder = builder.headers(tide_client::Headers::Static(headers));
+                builder = builder.headers(headers);
             }
             if let Some(t) = transport {
                 builder = builder.transport(Arc::new(t));

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from tide import Tide
+from tide import ProtocolError, Tide
 from tide.server import ServerStore
 
 
@@ -87,5 +87,34 @@ async def test_rejected_writes_are_listed(tmp_path: Path) -> None:
             rejected = await tide.rejected()
             assert [(r.op.id, r.code) for r in rejected] == [("big", "doc_too_large")]
             assert tide.status().rejected == 1
+    finally:
+        server.close()
+
+
+async def test_headers_are_asked_before_every_exchange(tmp_path: Path) -> None:
+    server = ServerStore(tmp_path / "server.db", "--tokens", "secret=default")
+    try:
+        asked = []
+
+        async def token() -> dict[str, str]:
+            asked.append(1)
+            return {"authorization": "Bearer secret"}
+
+        async with Tide(db_path=tmp_path / "a.db", endpoint=server.endpoint, headers=token) as a:
+            await a.collection("notes").put("n1", {"v": 1})
+            await a.sync_once()
+            await a.sync_once()
+        assert len(asked) >= 2, "a callable is asked again for each exchange"
+        static = {"authorization": "Bearer secret"}
+        async with Tide(db_path=tmp_path / "b.db", endpoint=server.endpoint, headers=static) as b:
+            await b.sync_once()
+            assert await b.collection("notes").get("n1") == {"v": 1}
+        async with Tide(db_path=tmp_path / "c.db", endpoint=server.endpoint, headers=lambda: {}) as c:
+            try:
+                await c.sync_once()
+            except ProtocolError:
+                pass
+            else:
+                raise AssertionError("an exchange without the token is refused")
     finally:
         server.close()

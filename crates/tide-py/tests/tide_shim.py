@@ -19,14 +19,20 @@ from tide.protocol import SyncRequest, SyncResponse
 
 class ServerStore:
     def __init__(self, db_path, *flags: str) -> None:
+        auth = [] if any(f.startswith("--tokens") for f in flags) else ["--no-auth"]
         self._process = subprocess.Popen(
-            [os.environ["TIDE_SERVER_BIN"], "--listen", "127.0.0.1:0", "--no-auth", "--db", str(db_path), *flags],
+            [os.environ["TIDE_SERVER_BIN"], "--listen", "127.0.0.1:0", *auth, "--db", str(db_path), *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
         )
         line = self._process.stdout.readline().strip()
         self._endpoint = line.removeprefix("tide-server listening on ")
+
+    @property
+    def endpoint(self) -> str:
+        """The server's sync endpoint (for `Tide(endpoint=...)`)."""
+        return self._endpoint
 
     def _post(self, body: bytes) -> dict:
         req = urllib.request.Request(self._endpoint, data=body, headers={"content-type": "application/json"})

@@ -11,7 +11,7 @@ class Engine:
         db_path: str,
         node_id: str | None = None,
         endpoint: str | None = None,
-        headers: list[tuple[str, str]] | None = None,
+        headers: Any = None,
         transport: Any = None,
     ) -> Awaitable[Engine]: ...
     def node_id(self) -> str: ...

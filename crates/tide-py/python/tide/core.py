@@ -110,12 +110,10 @@ class Tide:
 
     async def open(self) -> Tide:
         if self._engine is None:
-            headers = self._headers() if callable(self._headers) else self._headers
-            if hasattr(headers, "__await__"):
-                headers = await headers
-            pairs = list(dict(headers).items()) if headers else None
+            # A mapping, or a callable (sync or async) asked before every exchange.
+            headers = self._headers if self._endpoint is not None else None
             self._engine = await Engine.open(
-                str(self._db_path), self._node_id, self._endpoint, pairs, self._transport
+                str(self._db_path), self._node_id, self._endpoint, headers, self._transport
             )
             self._store = _TideStore(self._engine)
         return self

@@ -93,6 +93,12 @@ fn python_error(e: &PyErr) -> tide_transport::Error {
     })
 }
 
+/// Runs a local store call to its end on the engine's runtime, from the
+/// calling (Python) thread.
+fn now<T>(call: impl std::future::Future<Output = T>) -> T {
+    pyo3_async_runtimes::tokio::get_runtime().block_on(call)
+}
+
 /// A client error as the Python exception tide 0.2.1 raises for it.
 fn raise(e: &tide_client::Error) -> PyErr {
     Python::attach(|py| {
@@ -127,7 +133,7 @@ impl Engine {
     /// `headers`: a mapping, or a callable returning one, sync or async) or
     /// through a Python `transport`, if given.
     #[staticmethod]
-    #[pyo3(signature = (db_path, node_id=None, endpoint=None, headers=None, transport=None))]
+    #[pyo3(signature = (db_path, node_id=None, endpoint=None, headers=None, transport=None, durable=false))]
     fn open(
         py: Python<'_>,
         db_path: String,
@@ -135,6 +141,7 @@ impl Engine {
         endpoint: Option<String>,
         headers: Option<Py<PyAny>>,
         transport: Option<Py<PyAny>>,
+        durable: bool,
     ) -> PyResult<Bound<'_, PyAny>> {
         // A mapping is sent as it is; a callable is asked before every exchange.
         let headers = match headers {
@@ -150,7 +157,9 @@ impl Engine {
             None => None,
         };
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let mut builder = Tide::builder().path(db_path);
+            // 0.2.1's store commits at `synchronous=NORMAL`; `durable` asks for FULL.
+            let durability = if durable { tide_client::Durability::Full } else { tide_client::Durability::Normal };
+            let mut builder = Tide::builder().path(db_path).durability(durability);
             if let Some(id) = node_id {
                 builder = builder.node_id(id);
             }
@@ -221,6 +230,15 @@ impl Engine {
                 }
             }
         })
+    }
+
+    /// `get`, done before returning: one read on a reader connection (which
+    /// never waits for writes) takes microseconds, less than handing it to
+    /// another thread and back; the GIL is released meanwhile.
+    fn get_now(&self, py: Python<'_>, collection: &str, id: &str) -> PyResult<Option<String>> {
+        let tide = &self.tide;
+        let doc = py.detach(|| now(tide.collection::<serde_json::Value>(collection).get(id))).map_err(|e| raise(&e))?;
+        Ok(doc.map(|d| d.to_string()))
     }
 
     /// One sync; returns how many remote changes it applied.

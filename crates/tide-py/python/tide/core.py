@@ -54,7 +54,11 @@ class Collection:
         return self._name
 
     async def get(self, id: str) -> dict[str, Any] | None:
-        text = await self._tide._engine_or_raise(RuntimeError).get(self._name, id)
+        # A read of one document runs in the call: it takes microseconds on
+        # a reader connection that never waits for writes, less than a hop
+        # to another thread and back. Writes, which may wait behind a page
+        # being applied, run off the event loop.
+        text = self._tide._engine_or_raise(RuntimeError).get_now(self._name, id)
         return None if text is None else json.loads(text)
 
     async def put(self, id: str, doc: Mapping[str, Any]) -> None:

@@ -110,10 +110,20 @@ impl Subscription {
         self.plan();
     }
 
+    /// Whether `readable` (absent: everything) differs from what the server
+    /// last said.
+    pub(crate) fn readable_differs(&self, readable: Option<&[String]>) -> bool {
+        match (readable, &self.readable) {
+            (None, None) => false,
+            (Some(now), Some(before)) => now.len() != before.len() || now.iter().any(|c| !before.contains(c)),
+            _ => true,
+        }
+    }
+
     /// The server said what the principal may read (absent: everything).
     pub(crate) fn observe_readable(&mut self, readable: Option<&[String]>) {
-        let readable: Set = readable.map(|r| r.iter().cloned().collect());
-        if readable != self.readable {
+        if self.readable_differs(readable) {
+            let readable: Set = readable.map(|r| r.iter().cloned().collect());
             self.readable = readable;
             self.plan();
         }

@@ -333,6 +333,10 @@ impl Inner {
     /// caught up (PROTOCOL.md §15).
     async fn observe_readable(&self, resp: &SyncResponse) -> Result<()> {
         let mut subscription = self.subscription.lock().await;
+        if !subscription.readable_differs(resp.readable.as_deref()) {
+            // Every answer says it; only a change costs anything.
+            return Ok(());
+        }
         let mut changed = subscription.clone();
         changed.observe_readable(resp.readable.as_deref());
         if changed != *subscription {

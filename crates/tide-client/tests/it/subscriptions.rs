@@ -153,6 +153,35 @@ async fn client_docs(tide: &Tide, collection: &str) -> BTreeMap<String, String> 
     docs.into_iter().map(|(id, v)| (id, tide_core::Doc::from_value(&v).unwrap().as_str().to_owned())).collect()
 }
 
+fn interleaved(server: &FakeServer, seed: u64) -> Arc<Interleaved> {
+    Arc::new(Interleaved {
+        inner: server.connect("reader"),
+        writer: server.connect("writer"),
+        rng: std::sync::Mutex::new(SplitMix64::new(seed)),
+        lamport: AtomicU64::new(1),
+        quiet: AtomicBool::new(false),
+    })
+}
+
+/// A sync with no other writer and no fault ends where the server stands:
+/// its digest check passes, and every subscribed collection equals the
+/// server's, whatever was written or failed before.
+async fn ends_where_the_server_stands(
+    reader: &Tide,
+    transport: &Interleaved,
+    server: &FakeServer,
+    wanted: &BTreeSet<&str>,
+    what: &str,
+) {
+    transport.quiet.store(true, Ordering::SeqCst);
+    let report = reader.sync_once().await.unwrap();
+    assert!(report.verified, "{what}: digests in scope match: {report:?}");
+    for c in wanted {
+        assert_eq!(client_docs(reader, c).await, server_docs(server, c), "{what}: collection {c} of {wanted:?}");
+    }
+    transport.quiet.store(false, Ordering::SeqCst);
+}
+
 #[tokio::test]
 async fn subscriptions_changed_mid_run_lose_nothing() {
     let seeds: Vec<u64> = match std::env::var("TIDE_SEED") {
@@ -168,13 +197,7 @@ async fn subscriptions_changed_mid_run_lose_nothing() {
 async fn one_run(seed: u64) {
     // Small pages, so a catch-up takes several exchanges with writes between.
     let server = FakeServer::with_limits(Limits { changes_per_response_max: 3, ..Limits::default() });
-    let transport = Arc::new(Interleaved {
-        inner: server.connect("reader"),
-        writer: server.connect("writer"),
-        rng: std::sync::Mutex::new(SplitMix64::new(seed)),
-        lamport: AtomicU64::new(1),
-        quiet: AtomicBool::new(false),
-    });
+    let transport = interleaved(&server, seed);
     let mut rng = SplitMix64::new(seed ^ 0x5eed);
     let reader = Tide::builder()
         .node_id("reader")
@@ -202,19 +225,8 @@ async fn one_run(seed: u64) {
             _ => {}
         }
         reader.sync_once().await.unwrap();
-        // A quiet sync ends where the server stands: every subscribed
-        // collection equals the server's, whatever was written meanwhile.
-        transport.quiet.store(true, Ordering::SeqCst);
-        let report = reader.sync_once().await.unwrap();
-        assert!(report.verified, "seed {seed} round {round}: digests in scope match");
-        for c in &wanted {
-            assert_eq!(
-                client_docs(&reader, c).await,
-                server_docs(&server, c),
-                "seed {seed} round {round}: collection {c}, subscribed to {wanted:?}"
-            );
-        }
-        transport.quiet.store(false, Ordering::SeqCst);
+        ends_where_the_server_stands(&reader, &transport, &server, &wanted, &format!("seed {seed} round {round}"))
+            .await;
     }
     reader.close().await;
 }
@@ -246,13 +258,7 @@ async fn faulty_run(seed: u64) {
         rate_limited: 0,
         garbage: 3,
     };
-    let transport = Arc::new(Interleaved {
-        inner: server.connect("reader"),
-        writer: server.connect("writer"),
-        rng: std::sync::Mutex::new(SplitMix64::new(seed)),
-        lamport: AtomicU64::new(1),
-        quiet: AtomicBool::new(false),
-    });
+    let transport = interleaved(&server, seed);
     let dir = tempfile::tempdir().unwrap();
     let open = |first: bool| {
         let mut builder = Tide::builder()
@@ -290,15 +296,9 @@ async fn faulty_run(seed: u64) {
             // Errors are expected under faults: what a sync did is kept.
             let _ = reader.sync_once().await;
         }
-        // The writer's own exchanges go through the faults too; then quiet.
         server.chaos(None);
-        transport.quiet.store(true, Ordering::SeqCst);
-        let report = reader.sync_once().await.unwrap();
-        assert!(report.verified, "seed {seed} round {round}: {report:?}");
-        for c in &wanted {
-            assert_eq!(client_docs(&reader, c).await, server_docs(&server, c), "seed {seed} round {round}: {c}");
-        }
-        transport.quiet.store(false, Ordering::SeqCst);
+        ends_where_the_server_stands(&reader, &transport, &server, &wanted, &format!("seed {seed} round {round}"))
+            .await;
     }
     reader.close().await;
 }

@@ -269,6 +269,29 @@ fn trusting(endpoint: &str, cert: &std::path::Path) -> HttpTransport {
         .unwrap()
 }
 
+/// `tide_held_requests` from `/metrics` at `addr`, over TLS trusting `ca`.
+async fn held_requests(addr: &str, ca: &std::path::Path) -> u64 {
+    use rustls::pki_types::pem::PemObject as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut body = String::new();
+    let _ = tls.read_to_string(&mut body).await;
+    body.lines().find_map(|l| l.strip_prefix("tide_held_requests ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_serves_and_reloads_its_certificate_on_sighup_while_a_poll_is_held() {
     let dir = tempfile::tempdir().unwrap();
@@ -300,7 +323,10 @@ async fn https_serves_and_reloads_its_certificate_on_sighup_while_a_poll_is_held
     let mut poll = SyncRequest::new("poller", Some(first.cursor));
     poll.wait = Some(Duration::from_secs(10));
     let held = tokio::spawn(async move { old.exchange(&poll).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let addr = endpoint.trim_start_matches("https://").trim_end_matches("/sync").to_owned();
+    while held_requests(&addr, &old_ca).await != 1 {
+        tokio::task::yield_now().await;
+    }
 
     std::fs::copy(&new_cert, &cert).unwrap();
     std::fs::copy(&new_key, &key).unwrap();

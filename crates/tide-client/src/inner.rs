@@ -47,10 +47,27 @@ impl Inner {
         }
         // The store tells the watchers, in commit order (see `open`).
         let stamps = self.store.write(writes).await?;
+        Ok(self.written(stamps))
+    }
+
+    /// [`Inner::write`] unless another write or page apply is queued or
+    /// running: `None` then, with nothing written.
+    pub(crate) async fn write_if_idle(&self, writes: Vec<Write>) -> Result<Option<Vec<Stamp>>> {
+        if self.closed() {
+            return Err(Error::Closed);
+        }
+        match self.store.write_if_idle(writes).await {
+            Some(stamps) => Ok(Some(self.written(stamps?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Counts committed writes as pending and wakes the background sync,
+    /// even if it is in the middle of an exchange (the permit is kept until
+    /// it next waits).
+    fn written(&self, stamps: Vec<Stamp>) -> Vec<Stamp> {
         self.status.send_modify(|s| s.pending += stamps.len() as u64);
-        // Wakes the background sync, even if it is in the middle of an
-        // exchange: the permit is kept until it next waits.
         self.wake.notify_one();
-        Ok(stamps)
+        stamps
     }
 }

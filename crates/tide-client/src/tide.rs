@@ -412,6 +412,33 @@ impl Tide {
         self.inner.write(batch.writes).await
     }
 
+    /// [`Tide::commit`], but only if no other write or page of remote
+    /// changes is being committed or waiting to be: then the batch commits
+    /// on the calling task without waiting behind anything, else `Ok(None)`
+    /// comes back at once and nothing is written (commit it with
+    /// [`Tide::commit`] instead). For a caller that must not wait behind
+    /// the sync, such as a thread driving a UI.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tide_client::Error> {
+    /// use tide_client::{Batch, Tide};
+    /// let tide = Tide::builder().open().await?;
+    /// let batch = Batch::default().put("notes", "n1", &serde_json::json!({"title": "Hi"}))?;
+    /// match tide.try_commit(&batch).await? {
+    ///     Some(stamps) => assert_eq!(stamps.len(), 1),
+    ///     None => { tide.commit(batch).await?; } // busy: wait after all
+    /// }
+    /// assert_eq!(tide.status().pending, 1);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Tide::commit`].
+    pub async fn try_commit(&self, batch: &Batch) -> Result<Option<Vec<Stamp>>> {
+        self.inner.write_if_idle(batch.writes.clone()).await
+    }
+
     /// Every change from now on, local and remote.
     ///
     /// ```

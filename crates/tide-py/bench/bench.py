@@ -2,17 +2,22 @@
 in whichever `tide` this interpreter imports (run it once in each venv):
 
     python bench.py ENDPOINT N      # prints one JSON object of rates
+    python bench.py raw N           # the raw limit of put and get
 
 Workloads: `put` and `get` (N local writes and reads, one at a time),
 `push` (N pending writes sent by syncs until none is left), `initial` (a
 new store pulling N documents someone else wrote). Every sync goes to the
-tide-server at ENDPOINT (no authentication).
+tide-server at ENDPOINT (no authentication). The raw limit is Python's own
+`sqlite3` doing the original's put transaction (outbox row, document,
+clock; `synchronous=NORMAL`, WAL) and its get in the calling thread: no
+event loop, no thread, nothing but the SQLite work a put or get needs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import sys
 import tempfile
 import time
@@ -63,5 +68,40 @@ async def main(endpoint: str, n: int) -> None:
     print(json.dumps(rates))
 
 
+def raw(n: int) -> None:
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as d:
+        db = sqlite3.connect(Path(d) / "raw.db", isolation_level=None)
+        db.executescript(
+            """
+            PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+            CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+            CREATE TABLE docs (collection TEXT NOT NULL, id TEXT NOT NULL, doc TEXT, lamport INTEGER NOT NULL,
+                node_id TEXT NOT NULL, deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (collection, id));
+            CREATE INDEX docs_by_collection ON docs (collection, deleted);
+            CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, collection TEXT NOT NULL, id TEXT NOT NULL,
+                kind TEXT NOT NULL, doc TEXT, lamport INTEGER NOT NULL, node_id TEXT NOT NULL);
+            """
+        )
+        start = time.perf_counter()
+        for i in range(n):
+            text = json.dumps(doc(i))
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT INTO outbox (collection, id, kind, doc, lamport, node_id) VALUES ('c', ?, 'put', ?, ?, 'n')", (f"{i:08}", text, i))
+            db.execute("INSERT OR REPLACE INTO docs VALUES ('c', ?, ?, ?, 'n', 0)", (f"{i:08}", text, i))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('lamport', ?)", (str(i),))
+            db.execute("COMMIT")
+        rates["put"] = n / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for i in range(n):
+            row = db.execute("SELECT doc, deleted FROM docs WHERE collection = 'c' AND id = ?", (f"{i:08}",)).fetchone()
+            json.loads(row[0])
+        rates["get"] = n / (time.perf_counter() - start)
+    print(json.dumps(rates))
+
+
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+    if sys.argv[1] == "raw":
+        raw(int(sys.argv[2]))
+    else:
+        asyncio.run(main(sys.argv[1], int(sys.argv[2])))

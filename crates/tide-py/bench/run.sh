@@ -2,7 +2,9 @@
 # tide for Python beside the original tide 0.2.1, in one run: local put and
 # get, push and initial sync of N documents (default 5,000), each client in
 # its own venv against its own fresh tide-server (release build). Prints the
-# rates and tide's ratio to the original.
+# rates, tide's ratio to the original, and for put and get the raw limit
+# (Python's sqlite3 doing the original's SQL in the calling thread, the
+# least any Python call can take).
 #
 #   bash crates/tide-py/bench/run.sh [N]
 set -euo pipefail
@@ -33,10 +35,12 @@ run() {
 }
 run ours
 run original
-python3 - "$work/ours.json" "$work/original.json" "$n" <<'PY'
+"$work/original/bin/python" "$root/crates/tide-py/bench/bench.py" raw "$n" >"$work/raw.json"
+python3 - "$work/ours.json" "$work/original.json" "$work/raw.json" "$n" <<'PY'
 import json, sys
-ours, original = (json.load(open(p)) for p in sys.argv[1:3])
-print(f"{sys.argv[3]} documents      tide (Rust engine)     original 0.2.1     ratio")
+ours, original, raw = (json.load(open(p)) for p in sys.argv[1:4])
+print(f"{sys.argv[4]} documents   tide (Rust engine)   original 0.2.1   ratio   raw limit   original to raw")
 for k in ["put", "get", "push", "initial"]:
-    print(f"{k:<18} {ours[k]:>14,.0f}/s {original[k]:>14,.0f}/s {ours[k] / original[k]:>8.1f}x")
+    limit = f"{raw[k]:>9,.0f}/s {original[k] / raw[k]:>12.2f}" if k in raw else f"{'-':>11} {'-':>12}"
+    print(f"{k:<14} {ours[k]:>14,.0f}/s {original[k]:>14,.0f}/s {ours[k] / original[k]:>6.1f}x {limit}")
 PY

@@ -93,10 +93,57 @@ fn python_error(e: &PyErr) -> tide_transport::Error {
     })
 }
 
-/// Runs a local store call to its end on the engine's runtime, from the
-/// calling (Python) thread.
-fn now<T>(call: impl std::future::Future<Output = T>) -> T {
-    pyo3_async_runtimes::tokio::get_runtime().block_on(call)
+/// How long a call run in place waits for another thread's answer by
+/// yielding the CPU before it sleeps: a SQLite connection's worker thread
+/// answers a read or a commit at `synchronous=NORMAL` well within it, and a
+/// sleeping thread woken on an idle virtual CPU costs tens of microseconds.
+const SPIN_BEFORE_PARK: std::time::Duration = std::time::Duration::from_micros(250);
+
+/// Wakes the thread running [`now`].
+struct ThreadWaker {
+    woken: std::sync::atomic::AtomicBool,
+    thread: std::thread::Thread,
+}
+
+impl std::task::Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.unpark();
+    }
+}
+
+/// Runs a local store call to its end on the calling (Python) thread, in
+/// the engine's runtime. Unlike `Runtime::block_on` it does not sleep as
+/// soon as the call waits: for up to [`SPIN_BEFORE_PARK`] it yields the CPU
+/// and looks again, so an answer from a connection's worker thread is taken
+/// without a wake-up.
+fn now<F: std::future::Future>(call: F) -> F::Output {
+    use std::sync::atomic::Ordering;
+    use std::task::{Context, Poll};
+
+    let _runtime = pyo3_async_runtimes::tokio::get_runtime().enter();
+    let waker =
+        Arc::new(ThreadWaker { woken: std::sync::atomic::AtomicBool::new(false), thread: std::thread::current() });
+    let task_waker = std::task::Waker::from(Arc::clone(&waker));
+    let mut cx = Context::from_waker(&task_waker);
+    let mut call = std::pin::pin!(call);
+    loop {
+        if let Poll::Ready(out) = call.as_mut().poll(&mut cx) {
+            return out;
+        }
+        let since = std::time::Instant::now();
+        while !waker.woken.swap(false, Ordering::Acquire) {
+            if since.elapsed() < SPIN_BEFORE_PARK {
+                std::thread::yield_now();
+            } else {
+                std::thread::park();
+            }
+        }
+    }
 }
 
 /// A client error as the Python exception tide 0.2.1 raises for it.
@@ -117,10 +164,28 @@ fn raise(e: &tide_client::Error) -> PyErr {
     })
 }
 
+/// Writes from Python, `(collection, id, doc JSON or None for a delete)`,
+/// as one batch; a document that is not a JSON object is a `ValueError`.
+fn batch(writes: Vec<(String, String, Option<String>)>) -> PyResult<tide_client::Batch> {
+    let mut batch = tide_client::Batch::default();
+    for (collection, id, doc) in writes {
+        batch = match doc {
+            Some(text) => {
+                let doc = tide_core::Doc::parse(&text).map_err(|e| PyValueError::new_err(e.to_string()))?;
+                batch.put(&collection, &id, &doc).map_err(|e| raise(&e))?
+            }
+            None => batch.delete(&collection, &id),
+        };
+    }
+    Ok(batch)
+}
+
 /// The engine behind one `tide.Tide`.
 #[pyclass]
 struct Engine {
     tide: Tide,
+    /// Commits at `synchronous=FULL` (they wait for the disk).
+    durable: bool,
 }
 
 fn err(e: impl std::fmt::Display) -> PyErr {
@@ -175,7 +240,7 @@ impl Engine {
             // The original polls; its tests sync by hand.
             builder = builder.long_poll(None);
             let tide = builder.open().await.map_err(|e| raise(&e))?;
-            Ok(Engine { tide })
+            Ok(Engine { tide, durable })
         })
     }
 
@@ -184,31 +249,35 @@ impl Engine {
         self.tide.node_id()
     }
 
-    /// Puts a document given as JSON text.
-    fn put<'py>(&self, py: Python<'py>, collection: String, id: String, doc: String) -> PyResult<Bound<'py, PyAny>> {
-        let tide = self.tide.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let value: serde_json::Value =
-                serde_json::from_str(&doc).map_err(|e| PyValueError::new_err(e.to_string()))?;
-            tide.collection::<serde_json::Value>(&collection).put(&id, &value).await.map_err(err)?;
-            Ok(())
-        })
+    /// Commits writes (`(collection, id, doc JSON or None for a delete)`,
+    /// all or none) before returning, if nothing else is being written: the
+    /// commit at `synchronous=NORMAL` takes microseconds, less than handing
+    /// it to another thread and back. Returns False, having written nothing,
+    /// when another write or a page of remote changes is in progress or
+    /// queued (the caller then awaits [`Engine::write`]), and always for a
+    /// durable store, whose commits wait for the disk. The GIL is released
+    /// meanwhile.
+    fn write_now(&self, py: Python<'_>, writes: Vec<(String, String, Option<String>)>) -> PyResult<bool> {
+        if self.durable {
+            return Ok(false);
+        }
+        let batch = batch(writes)?;
+        let tide = &self.tide;
+        let done = py.detach(|| now(tide.try_commit(&batch))).map_err(|e| raise(&e))?;
+        Ok(done.is_some())
     }
 
-    /// The document as JSON text, or None.
-    fn get<'py>(&self, py: Python<'py>, collection: String, id: String) -> PyResult<Bound<'py, PyAny>> {
+    /// Commits writes (as [`Engine::write_now`]'s), waiting for any write
+    /// in progress; an awaitable.
+    fn write<'py>(
+        &self,
+        py: Python<'py>,
+        writes: Vec<(String, String, Option<String>)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let batch = batch(writes)?;
         let tide = self.tide.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let doc = tide.collection::<serde_json::Value>(&collection).get(&id).await.map_err(err)?;
-            Ok(doc.map(|d| d.to_string()))
-        })
-    }
-
-    /// Deletes a document.
-    fn delete<'py>(&self, py: Python<'py>, collection: String, id: String) -> PyResult<Bound<'py, PyAny>> {
-        let tide = self.tide.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            tide.collection::<serde_json::Value>(&collection).delete(&id).await.map_err(err)?;
+            tide.commit(batch).await.map_err(|e| raise(&e))?;
             Ok(())
         })
     }
@@ -217,14 +286,14 @@ impl Engine {
     fn scan<'py>(&self, py: Python<'py>, collection: String) -> PyResult<Bound<'py, PyAny>> {
         let tide = self.tide.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let docs = tide.collection::<serde_json::Value>(&collection);
+            let docs = tide.collection::<tide_core::Doc>(&collection);
             let mut out = Vec::new();
             let mut after: Option<String> = None;
             loop {
                 let page = docs.list(after.as_deref(), 1_000).await.map_err(err)?;
                 let full = page.len() == 1_000;
                 after = page.last().map(|(id, _)| id.clone());
-                out.extend(page.into_iter().map(|(id, v)| (id, v.to_string())));
+                out.extend(page.into_iter().map(|(id, doc)| (id, doc.as_str().to_owned())));
                 if !full {
                     return Ok(out);
                 }
@@ -237,8 +306,8 @@ impl Engine {
     /// another thread and back; the GIL is released meanwhile.
     fn get_now(&self, py: Python<'_>, collection: &str, id: &str) -> PyResult<Option<String>> {
         let tide = &self.tide;
-        let doc = py.detach(|| now(tide.collection::<serde_json::Value>(collection).get(id))).map_err(|e| raise(&e))?;
-        Ok(doc.map(|d| d.to_string()))
+        let doc = py.detach(|| now(tide.collection::<tide_core::Doc>(collection).get(id))).map_err(|e| raise(&e))?;
+        Ok(doc.map(|d| d.as_str().to_owned()))
     }
 
     /// One sync; returns how many remote changes it applied.
@@ -267,31 +336,6 @@ impl Engine {
                 .into_iter()
                 .map(|r| (r.seq, serde_json::to_string(&r.op).expect("ops serialize"), r.code.as_str(), r.message))
                 .collect::<Vec<_>>())
-        })
-    }
-
-    /// Writes several documents atomically: `(collection, id, doc JSON or
-    /// None for a delete)` each.
-    fn commit<'py>(
-        &self,
-        py: Python<'py>,
-        writes: Vec<(String, String, Option<String>)>,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let tide = self.tide.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let mut batch = tide_client::Batch::default();
-            for (collection, id, doc) in writes {
-                batch = match doc {
-                    Some(text) => {
-                        let value: serde_json::Value =
-                            serde_json::from_str(&text).map_err(|e| PyValueError::new_err(e.to_string()))?;
-                        batch.put(&collection, &id, &value).map_err(|e| raise(&e))?
-                    }
-                    None => batch.delete(&collection, &id),
-                };
-            }
-            tide.commit(batch).await.map_err(|e| raise(&e))?;
-            Ok(())
         })
     }
 

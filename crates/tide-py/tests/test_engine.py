@@ -3,6 +3,7 @@ opens and syncs, and tide's extras (status, rejected ops, batches, queries)."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -116,5 +117,35 @@ async def test_headers_are_asked_before_every_exchange(tmp_path: Path) -> None:
                 pass
             else:
                 raise AssertionError("an exchange without the token is refused")
+    finally:
+        server.close()
+
+
+async def test_writes_during_a_sync_all_land(tmp_path: Path) -> None:
+    # A write commits in the call when the store is idle, and waits off the
+    # event loop behind pages of remote changes being applied: either way
+    # every write lands once, and the pulled documents too. (The Python
+    # transport relays tide's extensions, so one sync pulls every page.)
+    server = ServerStore(tmp_path / "server.db")
+    try:
+        async with Tide(db_path=tmp_path / "a.db", transport=InProcess(server)) as a:
+            await a.commit([("remote", f"r{i:04}", {"i": i}) for i in range(3000)])
+            await a.sync_once()
+        async with Tide(db_path=tmp_path / "b.db", transport=InProcess(server)) as b:
+            notes = b.collection("notes")
+            sync = asyncio.create_task(b.sync_once())
+            for i in range(300):
+                await notes.put(f"n{i:03}", {"i": i})
+                if i % 3 == 0:
+                    await notes.delete(f"n{i:03}")
+            await sync
+            expected = [(f"n{i:03}", {"i": i}) for i in range(300) if i % 3]
+            assert len(await b.collection("remote").scan()) == 3000
+            assert await notes.scan() == expected
+            await b.sync_once()
+            assert b.status().pending == 0
+        async with Tide(db_path=tmp_path / "c.db", transport=InProcess(server)) as c:
+            await c.sync_once()
+            assert await c.collection("notes").scan() == expected
     finally:
         server.close()

@@ -486,6 +486,27 @@ impl Store {
         if writes.is_empty() {
             return Ok(Vec::new());
         }
+        self.check_writes(&writes)?;
+        self.call(|reply| Command::Write { writes, reply }).await
+    }
+
+    /// [`Store::write`], but only when no other write or page apply is
+    /// queued or running: the writes commit on the calling task, never
+    /// waiting behind another command, or `None` comes back and nothing was
+    /// written. For a caller that must not wait long, such as an event
+    /// loop's thread (tide for Python runs its writes so).
+    pub async fn write_if_idle(&self, writes: Vec<Write>) -> Option<Result<Vec<Stamp>>> {
+        if writes.is_empty() {
+            return Some(Ok(Vec::new()));
+        }
+        if let Err(e) = self.check_writes(&writes) {
+            return Some(Err(e));
+        }
+        self.inner.writer.call_if_idle(|reply| Command::Write { writes, reply }).await
+    }
+
+    /// The limits every batch of writes meets.
+    fn check_writes(&self, writes: &[Write]) -> Result<()> {
         if writes.len() > GROUP_OPS_MAX {
             return Err(tide_core::Violation::new(
                 ErrorCode::TooManyOps,
@@ -493,12 +514,12 @@ impl Store {
             )
             .into());
         }
-        for w in &writes {
+        for w in writes {
             self.inner.limits.check_collection(&w.collection)?;
             self.inner.limits.check_id(&w.id)?;
             self.inner.limits.check_payload(&w.payload)?;
         }
-        self.call(|reply| Command::Write { writes, reply }).await
+        Ok(())
     }
 
     /// The live document under `(collection, id)`, if any.

@@ -215,6 +215,22 @@ impl Writer {
         }
         rx.await.map_err(|_| Error::Closed)?
     }
+
+    /// Runs a command on the calling task if nothing else is queued or
+    /// running, so it never waits behind another command (a page of remote
+    /// changes being applied, say); gives back `None`, having run nothing,
+    /// otherwise. Commands queued meanwhile are handed on as by [`Writer::call`].
+    pub(crate) async fn call_if_idle<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Option<Result<T>> {
+        if self.shared.draining.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let drainer = Drainer(Arc::clone(&self.shared));
+        let (reply, rx) = oneshot::channel();
+        let me = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        self.shared.state.lock().await.run(vec![(me, make(reply))]).await;
+        drop(drainer);
+        Some(rx.await.map_err(|_| Error::Closed).and_then(|reply| reply))
+    }
 }
 
 impl Core {

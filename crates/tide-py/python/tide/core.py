@@ -21,6 +21,12 @@ from tide.store import _TideStore
 log = logging.getLogger("tide")
 
 
+def _dumps(doc: Mapping[str, Any]) -> str:
+    # Compact, as tide stores documents: such text is kept as it is rather
+    # than encoded again.
+    return json.dumps(dict(doc), separators=(",", ":"))
+
+
 @dataclass(frozen=True)
 class SyncStatus:
     """What an application can show of the sync."""
@@ -56,16 +62,15 @@ class Collection:
     async def get(self, id: str) -> dict[str, Any] | None:
         # A read of one document runs in the call: it takes microseconds on
         # a reader connection that never waits for writes, less than a hop
-        # to another thread and back. Writes, which may wait behind a page
-        # being applied, run off the event loop.
+        # to another thread and back.
         text = self._tide._engine_or_raise(RuntimeError).get_now(self._name, id)
         return None if text is None else json.loads(text)
 
     async def put(self, id: str, doc: Mapping[str, Any]) -> None:
-        await self._tide._engine_or_raise(NotOpenError).put(self._name, id, json.dumps(dict(doc)))
+        await self._tide._write([(self._name, id, _dumps(doc))])
 
     async def delete(self, id: str) -> None:
-        await self._tide._engine_or_raise(NotOpenError).delete(self._name, id)
+        await self._tide._write([(self._name, id, None)])
 
     async def scan(self) -> list[tuple[str, dict[str, Any]]]:
         rows = await self._tide._engine_or_raise(RuntimeError).scan(self._name)
@@ -192,8 +197,15 @@ class Tide:
     async def commit(self, writes: list[tuple[str, str, Mapping[str, Any] | None]]) -> None:
         """Several writes at once, all or none: `(collection, id, doc)`,
         a `None` doc deleting."""
-        rows = [(c, id, None if doc is None else json.dumps(dict(doc))) for c, id, doc in writes]
-        await self._engine_or_raise(NotOpenError).commit(rows)
+        await self._write([(c, id, None if doc is None else _dumps(doc)) for c, id, doc in writes])
+
+    async def _write(self, writes: list[tuple[str, str, str | None]]) -> None:
+        # A write commits in the call when nothing else is being written
+        # (microseconds at synchronous=NORMAL); behind a page of remote
+        # changes being applied, it waits off the event loop instead.
+        engine = self._engine_or_raise(NotOpenError)
+        if not engine.write_now(writes):
+            await engine.write(writes)
 
     def _engine_or_raise(self, error: type[Exception]) -> Engine:
         if self._engine is None:

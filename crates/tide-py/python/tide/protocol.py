@@ -86,16 +86,26 @@ class Change:
         )
 
 
+def _extensions(data: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k not in known}
+
+
 @dataclass(frozen=True)
 class SyncRequest:
-    """The client's side of an exchange."""
+    """The client's side of an exchange.
+
+    `extensions` holds the fields tide adds to 0.2.1's (PROTOCOL.md): a
+    transport that relays a request through `to_json`/`from_json` relays
+    them too."""
 
     node_id: str
     cursor: str | None
     ops: list[Op]
+    extensions: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"node_id": self.node_id, "cursor": self.cursor, "ops": [op.to_json() for op in self.ops]}
+        data = {"node_id": self.node_id, "cursor": self.cursor, "ops": [op.to_json() for op in self.ops]}
+        return {**self.extensions, **data}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SyncRequest:
@@ -104,19 +114,30 @@ class SyncRequest:
             node_id=data["node_id"],
             cursor=None if cursor is None else str(cursor),
             ops=[Op.from_json(o) for o in data.get("ops") or []],
+            extensions=_extensions(data, ("node_id", "cursor", "ops")),
         )
 
 
 @dataclass(frozen=True)
 class SyncResponse:
-    """The server's side of an exchange."""
+    """The server's side of an exchange.
+
+    `extensions` holds the fields tide adds to 0.2.1's (per-op results,
+    whether more changes wait, digests...): a transport that builds its
+    response with `from_json` passes them on."""
 
     cursor: str
     changes: list[Change]
+    extensions: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"cursor": self.cursor, "changes": [c.to_json() for c in self.changes]}
+        data = {"cursor": self.cursor, "changes": [c.to_json() for c in self.changes]}
+        return {**self.extensions, **data}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> SyncResponse:
-        return cls(cursor=str(data["cursor"]), changes=[Change.from_json(c) for c in data.get("changes") or []])
+        return cls(
+            cursor=str(data["cursor"]),
+            changes=[Change.from_json(c) for c in data.get("changes") or []],
+            extensions=_extensions(data, ("cursor", "changes")),
+        )

@@ -61,3 +61,55 @@ async fn writes_made_after_a_batch_was_read_are_not_settled_with_it() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].op.payload, Payload::Put(doc(json!({"newer": true}))));
 }
+
+/// A write that must not wait (an event loop's) is refused at once, writing
+/// nothing, while another command holds the writer; once the writer is
+/// idle it commits on the caller's task like any write, and a write queued
+/// the usual way meanwhile still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_if_idle_never_waits_behind_another_command() {
+    use std::sync::{Arc, Mutex, mpsc};
+    use tide_store::{CommitListener, Committed, OpenOptions, Write};
+
+    let (entered_tx, entered) = mpsc::channel::<()>();
+    let (release_tx, release) = mpsc::channel::<()>();
+    let release = Mutex::new(release);
+    // The listener runs inside the writer: while it waits, the writer is busy.
+    let listener: CommitListener = Arc::new(move |changes: Vec<Committed>| {
+        if changes.iter().any(|c| c.collection == "slow") {
+            entered_tx.send(()).unwrap();
+            release.lock().unwrap().recv().unwrap();
+        }
+    });
+    let (_dir, _path, store) = crate::temp_store(OpenOptions::new().on_commit(listener)).await;
+    let busy = tokio::spawn({
+        let store = store.clone();
+        async move { store.put("slow", "a", doc(json!({}))).await }
+    });
+    tokio::task::spawn_blocking(move || entered.recv().unwrap()).await.unwrap();
+
+    let write =
+        |id: &str| Write { collection: "c".into(), id: id.into(), payload: Payload::Put(doc(json!({"id": id}))) };
+    // (A write that waited here would wait forever: the listener holds on.)
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(30), store.write_if_idle(vec![write("x")]))
+        .await
+        .expect("write_if_idle waited behind the busy writer");
+    assert!(refused.is_none(), "refused while the writer is busy");
+    assert_eq!(store.version("c", "x").await.unwrap(), None, "nothing was written");
+    let queued = tokio::spawn({
+        let store = store.clone();
+        async move { store.write(vec![write("y")]).await }
+    });
+    release_tx.send(()).unwrap();
+    busy.await.unwrap().unwrap();
+    let queued = queued.await.unwrap().unwrap();
+
+    let now = store.write_if_idle(vec![write("x")]).await.expect("the writer is idle").unwrap();
+    assert!(now[0] > queued[0], "stamped after every earlier write");
+    assert_eq!(store.get("c", "x").await.unwrap(), Some(doc(json!({"id": "x"}))));
+    let pending: Vec<_> = store.pending(10).await.unwrap().into_iter().map(|p| p.op.id).collect();
+    assert_eq!(pending, ["a", "y", "x"], "all three are in the outbox, in commit order");
+    // The limits apply as to any write.
+    let empty_id = Write { collection: "c".into(), id: String::new(), payload: Payload::Delete };
+    assert!(store.write_if_idle(vec![empty_id]).await.expect("idle").is_err());
+}

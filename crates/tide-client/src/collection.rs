@@ -4,7 +4,7 @@ use std::marker::PhantomData;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tide_core::{Payload, Stamp};
+use tide_core::{Doc, Payload, Stamp};
 use tide_store::Write;
 
 use crate::error::{Error, Result};
@@ -83,6 +83,24 @@ impl<T> Collection<T> {
         Ok(crate::tide::store(&self.tide).has_pending(&self.name, id).await?)
     }
 
+    /// The document `id` as stored (its canonical JSON text), or `None` if
+    /// absent or deleted: [`Collection::get`] without decoding it.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn get_doc(&self, id: &str) -> Result<Option<Doc>> {
+        Ok(store(&self.tide).get(&self.name, id).await?)
+    }
+
+    /// Live documents as stored, ordered by id: [`Collection::list`]
+    /// without decoding them.
+    ///
+    /// # Errors
+    /// A store failure.
+    pub async fn list_docs(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, Doc)>> {
+        Ok(store(&self.tide).list(&self.name, after, limit).await?)
+    }
+
     /// How many live documents the collection holds.
     ///
     /// # Errors
@@ -126,7 +144,7 @@ impl<T: DeserializeOwned> Collection<T> {
     /// # Errors
     /// [`Error::Decode`] if it does not fit `T`; a store failure.
     pub async fn get(&self, id: &str) -> Result<Option<T>> {
-        match store(&self.tide).get(&self.name, id).await? {
+        match self.get_doc(id).await? {
             Some(doc) => Ok(Some(self.decode(id, &doc)?)),
             None => Ok(None),
         }
@@ -138,7 +156,7 @@ impl<T: DeserializeOwned> Collection<T> {
     /// # Errors
     /// [`Error::Decode`] if one does not fit `T`; a store failure.
     pub async fn list(&self, after: Option<&str>, limit: usize) -> Result<Vec<(String, T)>> {
-        let rows = store(&self.tide).list(&self.name, after, limit).await?;
+        let rows = self.list_docs(after, limit).await?;
         rows.into_iter().map(|(id, doc)| Ok((id.clone(), self.decode(&id, &doc)?))).collect()
     }
 }

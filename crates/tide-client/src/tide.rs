@@ -326,10 +326,15 @@ impl Batch {
     ///
     /// # Errors
     /// [`Error::Encode`] if `value` is not a JSON object.
-    pub fn put<T: serde::Serialize + ?Sized>(mut self, collection: &str, id: &str, value: &T) -> Result<Self> {
+    pub fn put<T: serde::Serialize + ?Sized>(self, collection: &str, id: &str, value: &T) -> Result<Self> {
         let doc = to_doc(collection, id, value)?;
+        Ok(self.put_doc(collection, id, doc))
+    }
+
+    /// Adds a put of a document already held as one (no encoding).
+    pub fn put_doc(mut self, collection: &str, id: &str, doc: Doc) -> Self {
         self.writes.push(Write { collection: collection.into(), id: id.into(), payload: Payload::Put(doc) });
-        Ok(self)
+        self
     }
 
     /// Adds a delete.

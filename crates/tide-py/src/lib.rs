@@ -172,7 +172,7 @@ fn batch(writes: Vec<(String, String, Option<String>)>) -> PyResult<tide_client:
         batch = match doc {
             Some(text) => {
                 let doc = tide_core::Doc::parse(&text).map_err(|e| PyValueError::new_err(e.to_string()))?;
-                batch.put(&collection, &id, &doc).map_err(|e| raise(&e))?
+                batch.put_doc(&collection, &id, doc)
             }
             None => batch.delete(&collection, &id),
         };
@@ -290,7 +290,7 @@ impl Engine {
             let mut out = Vec::new();
             let mut after: Option<String> = None;
             loop {
-                let page = docs.list(after.as_deref(), 1_000).await.map_err(err)?;
+                let page = docs.list_docs(after.as_deref(), 1_000).await.map_err(err)?;
                 let full = page.len() == 1_000;
                 after = page.last().map(|(id, _)| id.clone());
                 out.extend(page.into_iter().map(|(id, doc)| (id, doc.as_str().to_owned())));
@@ -306,7 +306,8 @@ impl Engine {
     /// another thread and back; the GIL is released meanwhile.
     fn get_now(&self, py: Python<'_>, collection: &str, id: &str) -> PyResult<Option<String>> {
         let tide = &self.tide;
-        let doc = py.detach(|| now(tide.collection::<tide_core::Doc>(collection).get(id))).map_err(|e| raise(&e))?;
+        let doc =
+            py.detach(|| now(tide.collection::<tide_core::Doc>(collection).get_doc(id))).map_err(|e| raise(&e))?;
         Ok(doc.map(|d| d.as_str().to_owned()))
     }
 

@@ -16,13 +16,13 @@ pub(crate) fn spawn(args: &[&str]) -> (std::process::Child, String) {
 
 /// Starts the binary listening on `listen`; returns the child and its endpoint.
 pub(crate) fn spawn_on(listen: &str, args: &[&str]) -> (std::process::Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["--listen", listen])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    spawn_with(listen, args, Stdio::null())
+}
+
+/// [`spawn_on`] with the child's stderr (its log) going to `stderr`.
+pub(crate) fn spawn_with(listen: &str, args: &[&str], stderr: Stdio) -> (std::process::Child, String) {
+    let mut child =
+        Command::new(BIN).args(["--listen", listen]).args(args).stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let endpoint = line.trim().strip_prefix("tide-server listening on ").expect("the ready line").to_owned();

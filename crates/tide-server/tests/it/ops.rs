@@ -394,17 +394,10 @@ async fn metrics_bound_their_namespaces_and_time_long_poll_holds() {
 async fn an_exchange_id_is_in_the_response_and_in_the_json_logs() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--no-auth", "--log-format", "json", "--db"])
-        .arg(dir.path().join("s.db"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr =
-        line.trim().strip_prefix("tide-server listening on http://").unwrap().trim_end_matches("/sync").to_owned();
+    let db = dir.path().join("s.db");
+    let args = ["--no-auth", "--log-format", "json", "--db", db.to_str().unwrap()];
+    let (mut child, endpoint) = crate::binary::spawn_with("127.0.0.1:0", &args, Stdio::piped());
+    let addr = endpoint.strip_prefix("http://").unwrap().trim_end_matches("/sync").to_owned();
     let exchange = |body: &'static str| {
         let addr = addr.clone();
         async move {

@@ -149,3 +149,30 @@ async def test_writes_during_a_sync_all_land(tmp_path: Path) -> None:
             assert await c.collection("notes").scan() == expected
     finally:
         server.close()
+
+
+async def test_calls_that_finish_at_once_still_let_other_tasks_run(tmp_path: Path) -> None:
+    # Gets, and writes to an idle store, finish in the call; a loop of them
+    # must still yield to the event loop's other tasks (every YIELD_INTERVAL).
+    async with Tide(db_path=tmp_path / "a.db") as tide:
+        notes = tide.collection("notes")
+        ran = 0
+        stop = asyncio.Event()
+
+        async def other_task() -> None:
+            nonlocal ran
+            while not stop.is_set():
+                ran += 1
+                await asyncio.sleep(0)
+
+        await tide.commit([("notes", f"n{i}", {"i": i}) for i in range(100)])
+        other = asyncio.create_task(other_task())
+        await asyncio.sleep(0)
+        started = ran
+        # Reads only: a write may wait (behind a checkpoint), and waiting yields.
+        for i in range(5000):
+            assert await notes.get(f"n{i % 100}") == {"i": i % 100}
+        during = ran - started
+        stop.set()
+        await other
+        assert during > 0, "the other task never ran while 5,000 gets were made"

@@ -82,7 +82,9 @@ impl Settings {
         // spilling to the WAL in the middle of the transaction.
         let mut options = self.options().pragma("cache_size", WRITER_CACHE_KIB_PRAGMA);
         if let Location::File(_) = self.location {
-            options = options.journal_mode(SqliteJournalMode::Wal);
+            // The writer checkpoints between batches (`writer::CHECKPOINT_OPS`),
+            // not inside whichever commit crosses SQLite's line.
+            options = options.journal_mode(SqliteJournalMode::Wal).pragma("wal_autocheckpoint", "0");
         }
         options.connect().await.map_err(db)
     }

@@ -53,8 +53,8 @@ pub use query::{
 };
 pub use schema::SCHEMA_VERSION;
 pub use writer::{
-    Ack, Acked, DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection, VACUUM_CHECK_BATCHES, VACUUM_FREE_PAGES_MIN,
-    VACUUM_PAGES_PER_STEP,
+    Ack, Acked, CHECKPOINT_OPS, DIGEST_LOG_ROWS_MAX, GROUP_OPS_MAX, Rejection, VACUUM_CHECK_BATCHES,
+    VACUUM_FREE_PAGES_MIN, VACUUM_PAGES_PER_STEP,
 };
 
 use conn::{Location, Readers, Settings};
@@ -296,7 +296,8 @@ impl OpenOptions {
             }
             readers
         };
-        let writer = Writer::new(writer_conn, clock, node_id.clone(), self.on_commit, self.digest_log_rows_max);
+        let writer =
+            Writer::new(writer_conn, clock, node_id.clone(), self.on_commit, self.digest_log_rows_max, !memory);
         Ok(Store {
             inner: Arc::new(Inner {
                 writer,

@@ -171,6 +171,11 @@ pub(crate) struct State {
     pub(crate) digest_log_rows_max: i64,
     /// Batches run since the free pages were last looked at.
     batches_since_vacuum: u32,
+    /// Ops committed since the write-ahead log was last checkpointed; `None`
+    /// without one (in memory). The writer connection never checkpoints
+    /// on its own (`wal_autocheckpoint` is off): SQLite would do it inside
+    /// whichever commit crossed the line, on that caller's time.
+    unchecked: Option<u64>,
 }
 
 impl Writer {
@@ -180,9 +185,18 @@ impl Writer {
         node_id: String,
         on_commit: Option<CommitListener>,
         digest_log_rows_max: i64,
+        wal: bool,
     ) -> Self {
-        let state =
-            State { conn, clock, node_id, closed: false, on_commit, digest_log_rows_max, batches_since_vacuum: 0 };
+        let state = State {
+            conn,
+            clock,
+            node_id,
+            closed: false,
+            on_commit,
+            digest_log_rows_max,
+            batches_since_vacuum: 0,
+            unchecked: wal.then_some(0),
+        };
         Self {
             shared: Arc::new(Core {
                 queue: std::sync::Mutex::new(Vec::new()),
@@ -199,19 +213,15 @@ impl Writer {
         let me = self.shared.next.fetch_add(1, Ordering::Relaxed);
         self.shared.push(me, make(reply));
         if !self.shared.draining.swap(true, Ordering::AcqRel) {
-            let drainer = Drainer(Arc::clone(&self.shared));
+            let drainer = Drainer(Some(Arc::clone(&self.shared)));
             let batch = self.shared.take();
             if let [(id, Command::Write { .. })] = batch.as_slice()
                 && *id == me
             {
-                self.shared.state.lock().await.run(batch).await;
+                drainer.run_inline(batch).await;
             } else if !batch.is_empty() {
-                let shared = Arc::clone(&self.shared);
-                std::mem::forget(drainer);
-                tokio::spawn(drain(shared, batch));
-                return rx.await.map_err(|_| Error::Closed)?;
+                tokio::spawn(drain(drainer.hand_on(), batch));
             }
-            drop(drainer);
         }
         rx.await.map_err(|_| Error::Closed)?
     }
@@ -224,11 +234,10 @@ impl Writer {
         if self.shared.draining.swap(true, Ordering::AcqRel) {
             return None;
         }
-        let drainer = Drainer(Arc::clone(&self.shared));
+        let drainer = Drainer(Some(Arc::clone(&self.shared)));
         let (reply, rx) = oneshot::channel();
         let me = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        self.shared.state.lock().await.run(vec![(me, make(reply))]).await;
-        drop(drainer);
+        drainer.run_inline(vec![(me, make(reply))]).await;
         Some(rx.await.map_err(|_| Error::Closed).and_then(|reply| reply))
     }
 }
@@ -264,12 +273,36 @@ impl Core {
 
 /// The drainer's duty, handed on when it ends: whoever drops it (normally
 /// or by cancellation) spawns a task for anything still queued.
-struct Drainer(Arc<Core>);
+struct Drainer(Option<Arc<Core>>);
+
+impl Drainer {
+    /// Runs a batch on the calling task. Upkeep that falls due (a
+    /// checkpoint) is not done here but in a task of its own, which keeps
+    /// the drainer's duty meanwhile: a caller waits for its own commands only.
+    async fn run_inline(self, batch: Vec<(u64, Command)>) {
+        let core = self.0.as_ref().expect("a drainer holds its queue until it ends");
+        let due = {
+            let mut state = core.state.lock().await;
+            state.run(batch).await;
+            state.upkeep_due()
+        };
+        if due {
+            tokio::spawn(drain(self.hand_on(), Vec::new()));
+        }
+    }
+
+    /// The queue, for a task that goes on draining it.
+    fn hand_on(mut self) -> Arc<Core> {
+        self.0.take().expect("a drainer holds its queue until it ends")
+    }
+}
 
 impl Drop for Drainer {
     fn drop(&mut self) {
-        if let Some(batch) = self.0.release() {
-            tokio::spawn(drain(Arc::clone(&self.0), batch));
+        if let Some(core) = self.0.take()
+            && let Some(batch) = core.release()
+        {
+            tokio::spawn(drain(core, batch));
         }
     }
 }
@@ -278,7 +311,7 @@ async fn drain(shared: Arc<Core>, mut batch: Vec<(u64, Command)>) {
     let mut state = shared.state.lock().await;
     loop {
         state.run(batch).await;
-        state.vacuum_now_and_then().await;
+        state.upkeep().await;
         // Let the callers just answered queue their next commands, so the
         // next group is large rather than one command long.
         tokio::task::yield_now().await;
@@ -288,6 +321,13 @@ async fn drain(shared: Arc<Core>, mut batch: Vec<(u64, Command)>) {
         }
     }
 }
+
+/// Ops committed between two checkpoints of the write-ahead log: about
+/// 1,000 pages (SQLite's own default, 4 MiB) at the eight or so pages a
+/// local write dirties. A page of remote changes counts each change; a
+/// command that may touch every row (collecting tombstones, freeing a
+/// collection, building an index, re-keying) counts as this many alone.
+pub const CHECKPOINT_OPS: u64 = 128;
 
 /// Batches of commands between two looks at the store's free pages.
 pub const VACUUM_CHECK_BATCHES: u32 = 64;
@@ -308,6 +348,26 @@ pub(crate) async fn incremental_vacuum_on(conn: &mut sqlx::SqliteConnection) -> 
 }
 
 impl State {
+    /// Whether upkeep is due: a checkpoint of the write-ahead log.
+    fn upkeep_due(&self) -> bool {
+        !self.closed && self.unchecked.is_some_and(|ops| ops >= CHECKPOINT_OPS)
+    }
+
+    /// Upkeep between batches, never inside a caller's own command: the
+    /// checkpoint once due, free pages given back now and then.
+    async fn upkeep(&mut self) {
+        if self.upkeep_due() {
+            self.unchecked = Some(0);
+            // Nothing else writes meanwhile, so every frame no reader's
+            // snapshot still needs is copied back, and the next write starts
+            // the log from its beginning again. A failure waits for the next.
+            if let Ok(mut held) = conn::lock(&self.conn).await {
+                let _ = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut *held).await;
+            }
+        }
+        self.vacuum_now_and_then().await;
+    }
+
     /// Every [`VACUUM_CHECK_BATCHES`] batches, gives up to
     /// [`VACUUM_PAGES_PER_STEP`] free pages back to the file system when
     /// more than [`VACUUM_FREE_PAGES_MIN`] are free: a short step between
@@ -328,6 +388,9 @@ impl State {
 
     /// Runs a batch in order, committing runs of consecutive writes together.
     async fn run(&mut self, batch: Vec<(u64, Command)>) {
+        if let Some(unchecked) = &mut self.unchecked {
+            *unchecked += batch.iter().map(|(_, cmd)| cmd.ops()).sum::<u64>();
+        }
         let mut group = Vec::new();
         let mut ops = 0;
         for (_, cmd) in batch {
@@ -1450,6 +1513,30 @@ pub(crate) fn digest_columns(collection: &str, id: &str, stamp: &Stamp, doc: Opt
 }
 
 /// Answers a command that arrives after the store closed.
+impl Command {
+    /// The ops a command commits, as [`CHECKPOINT_OPS`] counts them.
+    fn ops(&self) -> u64 {
+        let n = match self {
+            Command::Write { writes, .. } => writes.len(),
+            Command::Apply { changes, .. } | Command::Fetched { changes, .. } => changes.len(),
+            Command::Revert { targets, server, .. } => targets.len() + server.len(),
+            Command::Settle { acked, rejected, .. } => acked.len() + rejected.len(),
+            Command::Forget { versions, .. } => versions.len(),
+            Command::Discard { seqs, .. } => seqs.len(),
+            Command::Collect { .. } | Command::Free { .. } | Command::Index { .. } | Command::Rekey { .. } => {
+                return CHECKPOINT_OPS;
+            }
+            Command::Lineage { .. }
+            | Command::FromHead { .. }
+            | Command::Subscription { .. }
+            | Command::Retry { .. }
+            | Command::MaxPages { .. } => 1,
+            Command::Settings { .. } | Command::Close { .. } => 0,
+        };
+        n as u64
+    }
+}
+
 fn refuse(cmd: Command) {
     match cmd {
         Command::Write { reply, .. } => {

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,12 @@ from tide.events import ChangeEvent
 from tide.store import _TideStore
 
 log = logging.getLogger("tide")
+
+#: The longest a run of calls that finish without waiting (gets, and writes
+#: to an idle store, which run in the call) keeps the event loop to itself:
+#: past it, the next such call yields to the loop's other tasks once, as
+#: an `await` that waited would have.
+YIELD_INTERVAL = 0.002
 
 
 def _dumps(doc: Mapping[str, Any]) -> str:
@@ -64,6 +71,7 @@ class Collection:
         # a reader connection that never waits for writes, less than a hop
         # to another thread and back.
         text = self._tide._engine_or_raise(RuntimeError).get_now(self._name, id)
+        await self._tide._yield_now_and_then()
         return None if text is None else json.loads(text)
 
     async def put(self, id: str, doc: Mapping[str, Any]) -> None:
@@ -116,6 +124,7 @@ class Tide:
         self._headers = headers
         self._node_id = node_id
         self._engine: Engine | None = None
+        self._yielded = time.monotonic()
 
     async def open(self) -> Tide:
         if self._engine is None:
@@ -204,8 +213,18 @@ class Tide:
         # (microseconds at synchronous=NORMAL); behind a page of remote
         # changes being applied, it waits off the event loop instead.
         engine = self._engine_or_raise(NotOpenError)
-        if not engine.write_now(writes):
+        if engine.write_now(writes):
+            await self._yield_now_and_then()
+        else:
             await engine.write(writes)
+
+    async def _yield_now_and_then(self) -> None:
+        # A call that finished without waiting does not let the loop run
+        # anything else; a loop of them would hold it for as long as it ran.
+        now = time.monotonic()
+        if now - self._yielded >= YIELD_INTERVAL:
+            await asyncio.sleep(0)
+            self._yielded = time.monotonic()
 
     def _engine_or_raise(self, error: type[Exception]) -> Engine:
         if self._engine is None:

@@ -113,3 +113,27 @@ async fn a_write_if_idle_never_waits_behind_another_command() {
     let empty_id = Write { collection: "c".into(), id: String::new(), payload: Payload::Delete };
     assert!(store.write_if_idle(vec![empty_id]).await.expect("idle").is_err());
 }
+
+/// The writer connection never checkpoints inside a commit (SQLite's
+/// automatic checkpoint would run on whichever caller crossed its line);
+/// the writer checkpoints between batches every `CHECKPOINT_OPS` ops, in a
+/// task of its own when the batch ran on a caller's task. So the log stays
+/// about one checkpoint's worth: 2,000 writes without one fill ~60 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_is_checkpointed_between_batches() {
+    use tide_store::{Durability, OpenOptions, Write};
+
+    let (_dir, path, store) = crate::temp_store(OpenOptions::new().durability(Durability::Normal)).await;
+    for i in 0..2_000 {
+        let id = format!("k{i:05}");
+        let write =
+            vec![Write { collection: "c".into(), id, payload: Payload::Put(doc(json!({"body": "x".repeat(200)}))) }];
+        match store.write_if_idle(write.clone()).await {
+            Some(done) => drop(done.unwrap()),
+            None => drop(store.write(write).await.unwrap()),
+        }
+    }
+    let log = std::fs::metadata(path.with_extension("db-wal")).unwrap().len();
+    assert!(log < 16 << 20, "the log grew to {log} bytes");
+    assert_eq!(store.count("c").await.unwrap(), 2_000);
+}

@@ -340,10 +340,7 @@ impl Engine {
         })
     }
 
-    /// The documents a query finds, as `(id, JSON)`: `conditions` are
-    /// `(field, op, value JSON)` with op one of `==`, `!=`, `<`, `<=`, `>`,
-    /// `>=`, `in`, `startswith`, `contains`, `exists`; `order` is field
-    /// names, `-field` descending.
+    /// The documents a query finds, as `(id, JSON)` (see [`query_of`]).
     #[pyo3(signature = (collection, conditions, order, limit))]
     fn query<'py>(
         &self,
@@ -353,36 +350,60 @@ impl Engine {
         order: Vec<String>,
         limit: usize,
     ) -> PyResult<Bound<'py, PyAny>> {
-        use tide_client::field;
-        let mut query = self.tide.collection::<serde_json::Value>(collection).query().limit(limit);
-        for (name, op, value) in conditions {
-            let value: serde_json::Value =
-                serde_json::from_str(&value).map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let f = field(name);
-            let filter = match op.as_str() {
-                "==" => f.eq(value),
-                "!=" => f.ne(value),
-                "<" => f.lt(value),
-                "<=" => f.le(value),
-                ">" => f.gt(value),
-                ">=" => f.ge(value),
-                "in" => f.is_in(value.as_array().cloned().unwrap_or_default()),
-                "startswith" => f.starts_with(value.as_str().unwrap_or_default()),
-                "contains" => f.contains(value),
-                "exists" => f.exists(),
-                other => return Err(PyValueError::new_err(format!("unknown operator {other:?}"))),
-            };
-            query = query.filter(filter);
-        }
-        for o in order {
-            query = match o.strip_prefix('-') {
-                Some(name) => query.order_by_desc(field(name)),
-                None => query.order_by(field(o)),
-            };
-        }
+        let query = query_of(&self.tide, collection, conditions, order, limit)?;
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let page = query.fetch().await.map_err(|e| raise(&e))?;
-            Ok(page.docs.into_iter().map(|(id, v)| (id, v.to_string())).collect::<Vec<_>>())
+            Ok(texts(page.docs))
+        })
+    }
+
+    /// A live query (see [`query_of`]): a `QueryWatcher`, awaited.
+    #[pyo3(signature = (collection, conditions, order, limit))]
+    fn watch_query<'py>(
+        &self,
+        py: Python<'py>,
+        collection: &str,
+        conditions: Vec<(String, String, String)>,
+        order: Vec<String>,
+        limit: usize,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let query = query_of(&self.tide, collection, conditions, order, limit)?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let live = query.watch().await.map_err(|e| raise(&e))?;
+            Ok(QueryWatcher { live: Arc::new(tokio::sync::Mutex::new(live)) })
+        })
+    }
+
+    /// Declares (`create`) or drops an index of a collection on `fields`.
+    fn index<'py>(
+        &self,
+        py: Python<'py>,
+        collection: String,
+        fields: Vec<String>,
+        create: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let docs = tide.collection::<tide_core::Doc>(&collection);
+            let fields = fields.into_iter().map(tide_client::field);
+            let done = if create { docs.create_index(fields).await } else { docs.drop_index(fields).await };
+            done.map_err(|e| raise(&e))
+        })
+    }
+
+    /// Forgets a rejected op (the local document stays as it is).
+    fn discard_rejected<'py>(&self, py: Python<'py>, seq: u64) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            tide.discard_rejected(seq).await.map_err(|e| raise(&e))
+        })
+    }
+
+    /// Writes a rejected op again with a fresh stamp; whether `seq` was one.
+    fn retry_rejected<'py>(&self, py: Python<'py>, seq: u64) -> PyResult<Bound<'py, PyAny>> {
+        let tide = self.tide.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(tide.retry_rejected(seq).await.map_err(|e| raise(&e))?.is_some())
         })
     }
 
@@ -410,6 +431,72 @@ impl Engine {
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             tide.close().await;
             Ok(())
+        })
+    }
+}
+
+/// A query from Python: `conditions` are `(field, op, value JSON)` with op
+/// one of `==`, `!=`, `<`, `<=`, `>`, `>=`, `in`, `startswith`, `contains`,
+/// `exists`; `order` is field names, `-field` descending.
+fn query_of(
+    tide: &Tide,
+    collection: &str,
+    conditions: Vec<(String, String, String)>,
+    order: Vec<String>,
+    limit: usize,
+) -> PyResult<tide_client::Query<tide_core::Doc>> {
+    use tide_client::field;
+    let mut query = tide.collection::<tide_core::Doc>(collection).query().limit(limit);
+    for (name, op, value) in conditions {
+        let value: serde_json::Value =
+            serde_json::from_str(&value).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let f = field(name);
+        let filter = match op.as_str() {
+            "==" => f.eq(value),
+            "!=" => f.ne(value),
+            "<" => f.lt(value),
+            "<=" => f.le(value),
+            ">" => f.gt(value),
+            ">=" => f.ge(value),
+            "in" => f.is_in(value.as_array().cloned().unwrap_or_default()),
+            "startswith" => f.starts_with(value.as_str().unwrap_or_default()),
+            "contains" => f.contains(value),
+            "exists" => f.exists(),
+            other => return Err(PyValueError::new_err(format!("unknown operator {other:?}"))),
+        };
+        query = query.filter(filter);
+    }
+    for o in order {
+        query = match o.strip_prefix('-') {
+            Some(name) => query.order_by_desc(field(name)),
+            None => query.order_by(field(o)),
+        };
+    }
+    Ok(query)
+}
+
+/// Documents as `(id, JSON text)`.
+fn texts(docs: Vec<(String, tide_core::Doc)>) -> Vec<(String, String)> {
+    docs.into_iter().map(|(id, doc)| (id, doc.as_str().to_owned())).collect()
+}
+
+/// A live query's results.
+#[pyclass]
+struct QueryWatcher {
+    live: Arc<tokio::sync::Mutex<tide_client::LiveQuery<tide_core::Doc>>>,
+}
+
+#[pymethods]
+impl QueryWatcher {
+    /// The next result as `(id, doc JSON)` pairs: at once the first time,
+    /// then when a change alters it; None once the Tide is closed.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let live = Arc::clone(&self.live);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            match live.lock().await.next().await {
+                Some(update) => Ok(Some(texts(update.map_err(|e| raise(&e))?.docs))),
+                None => Ok(None),
+            }
         })
     }
 }
@@ -452,5 +539,6 @@ impl Watcher {
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Engine>()?;
     m.add_class::<Watcher>()?;
+    m.add_class::<QueryWatcher>()?;
     Ok(())
 }

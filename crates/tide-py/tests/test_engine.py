@@ -88,6 +88,17 @@ async def test_rejected_writes_are_listed(tmp_path: Path) -> None:
             rejected = await tide.rejected()
             assert [(r.op.id, r.code) for r in rejected] == [("big", "doc_too_large")]
             assert tide.status().rejected == 1
+            # Retried, it is written again (and refused again); discarded, it goes.
+            assert await tide.retry_rejected(rejected[0].seq)
+            assert (tide.status().pending, tide.status().rejected) == (1, 0)
+            await tide.sync_once()
+            again = await tide.rejected()
+            assert [(r.op.id, r.code) for r in again] == [("big", "doc_too_large")]
+            await tide.discard_rejected(again[0].seq)
+            assert await tide.rejected() == [] and tide.status().rejected == 0
+            assert not await tide.retry_rejected(again[0].seq), "no longer a rejected write"
+            # The refused write was taken back: the document is as the server has it.
+            assert await tide.collection("notes").get("big") is None
     finally:
         server.close()
 
@@ -176,3 +187,21 @@ async def test_calls_that_finish_at_once_still_let_other_tasks_run(tmp_path: Pat
         stop.set()
         await other
         assert during > 0, "the other task never ran while 5,000 gets were made"
+
+
+async def test_live_queries_and_indexes(tmp_path: Path) -> None:
+    async with Tide(db_path=tmp_path / "a.db") as tide:
+        tasks = tide.collection("tasks")
+        await tasks.create_index("status", "due")
+        await tide.commit([("tasks", "a", {"status": "open", "due": 3}), ("tasks", "b", {"status": "done", "due": 1})])
+        live = tasks.watch_query(where=[("status", "==", "open")], order_by=["due"])
+        assert await anext(live) == [("a", {"status": "open", "due": 3})], "the result at once"
+        await tasks.put("c", {"status": "open", "due": 0})
+        assert [id for id, _ in await anext(live)] == ["c", "a"]
+        # A change that cannot alter the result gives no update; the next one does.
+        await tasks.put("b", {"status": "done", "due": 2})
+        await tasks.put("a", {"status": "done", "due": 3})
+        assert [id for id, _ in await anext(live)] == ["c"]
+        await live.aclose()
+        await tasks.drop_index("status", "due")
+        assert [id for id, _ in await tasks.query(where=[("status", "==", "done")], order_by=["due"])] == ["b", "a"]

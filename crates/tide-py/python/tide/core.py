@@ -99,9 +99,41 @@ class Collection:
         `contains`, `exists`; a dotted field reaches into objects), all of
         which must hold; `order_by` names fields, `-field` descending (ties
         by id)."""
-        conditions = [(f, op, json.dumps(v)) for f, op, v in (where or [])]
-        rows = await self._tide._engine_or_raise(NotOpenError).query(self._name, conditions, order_by or [], limit)
-        return [(id, json.loads(text)) for id, text in rows]
+        rows = await self._tide._engine_or_raise(NotOpenError).query(self._name, _conditions(where), order_by or [], limit)
+        return _docs(rows)
+
+    async def watch_query(
+        self,
+        where: list[tuple[str, str, Any]] | None = None,
+        order_by: list[str] | None = None,
+        limit: int = 1000,
+    ) -> AsyncIterator[list[tuple[str, dict[str, Any]]]]:
+        """A live query (`where`, `order_by`, `limit` as in `query`): its
+        result at once, then again each time a local or remote change alters
+        it (a burst of changes, such as a page pulled by a sync, gives one
+        result). Ends when the Tide closes."""
+        engine = self._tide._engine_or_raise(NotOpenError)
+        live = await engine.watch_query(self._name, _conditions(where), order_by or [], limit)
+        while (rows := await live.next()) is not None:
+            yield _docs(rows)
+
+    async def create_index(self, *fields: str) -> None:
+        """Indexes the collection on `fields` (dotted paths), so queries
+        that filter on them, or order by the first, read only what matches.
+        Kept in the store file; declaring it again does nothing."""
+        await self._tide._engine_or_raise(NotOpenError).index(self._name, list(fields), True)
+
+    async def drop_index(self, *fields: str) -> None:
+        """Drops the index `create_index(*fields)` made."""
+        await self._tide._engine_or_raise(NotOpenError).index(self._name, list(fields), False)
+
+
+def _conditions(where: list[tuple[str, str, Any]] | None) -> list[tuple[str, str, str]]:
+    return [(f, op, json.dumps(v)) for f, op, v in (where or [])]
+
+
+def _docs(rows: list[tuple[str, str]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(id, json.loads(text)) for id, text in rows]
 
 
 class Tide:
@@ -202,6 +234,15 @@ class Tide:
         """The writes the server refused, oldest first, with why."""
         rows = await self._engine_or_raise(NotOpenError).rejected()
         return [RejectedOp(seq, Op.from_json(json.loads(op)), code, message) for seq, op, code, message in rows]
+
+    async def discard_rejected(self, seq: int) -> None:
+        """Forgets a rejected write; the local document stays as it is."""
+        await self._engine_or_raise(NotOpenError).discard_rejected(seq)
+
+    async def retry_rejected(self, seq: int) -> bool:
+        """Writes a rejected write again with a new stamp, which wins over
+        what the server holds; False if `seq` is not a rejected write."""
+        return await self._engine_or_raise(NotOpenError).retry_rejected(seq)
 
     async def commit(self, writes: list[tuple[str, str, Mapping[str, Any] | None]]) -> None:
         """Several writes at once, all or none: `(collection, id, doc)`,

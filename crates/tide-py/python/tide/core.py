@@ -70,8 +70,10 @@ class Collection:
         # A read of one document runs in the call: it takes microseconds on
         # a reader connection that never waits for writes, less than a hop
         # to another thread and back.
-        text = self._tide._engine_or_raise(RuntimeError).get_now(self._name, id)
-        await self._tide._yield_now_and_then()
+        tide = self._tide
+        text = tide._engine_or_raise(RuntimeError).get_now(self._name, id)
+        if time.monotonic() - tide._yielded >= YIELD_INTERVAL:
+            await tide._yield()
         return None if text is None else json.loads(text)
 
     async def put(self, id: str, doc: Mapping[str, Any]) -> None:
@@ -254,18 +256,17 @@ class Tide:
         # (microseconds at synchronous=NORMAL); behind a page of remote
         # changes being applied, it waits off the event loop instead.
         engine = self._engine_or_raise(NotOpenError)
-        if engine.write_now(writes):
-            await self._yield_now_and_then()
-        else:
+        if not engine.write_now(writes):
             await engine.write(writes)
+        elif time.monotonic() - self._yielded >= YIELD_INTERVAL:
+            await self._yield()
 
-    async def _yield_now_and_then(self) -> None:
-        # A call that finished without waiting does not let the loop run
-        # anything else; a loop of them would hold it for as long as it ran.
-        now = time.monotonic()
-        if now - self._yielded >= YIELD_INTERVAL:
-            await asyncio.sleep(0)
-            self._yielded = time.monotonic()
+    async def _yield(self) -> None:
+        # A call that finished without waiting did not let the loop run
+        # anything else; a loop of them would hold it for as long as it ran
+        # (the callers check YIELD_INTERVAL first: no coroutine per call).
+        await asyncio.sleep(0)
+        self._yielded = time.monotonic()
 
     def _engine_or_raise(self, error: type[Exception]) -> Engine:
         if self._engine is None:

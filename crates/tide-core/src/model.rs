@@ -203,6 +203,28 @@ impl Model {
         Ok(resp)
     }
 
+    /// The answer of a server that read the request's page before it
+    /// applied the ops, as PROTOCOL.md §4.2 allows for a request where
+    /// [`SyncRequest::page_beside_ops`] holds: the page of the state before
+    /// them, and, when it ended the log, its cursor moved past the
+    /// request's own writes if they are all that came after. A page that
+    /// starts over from the beginning is read after them. The state moves
+    /// on exactly as with [`Model::exchange`].
+    pub fn exchange_beside(&mut self, req: &SyncRequest) -> Result<SyncResponse, Violation> {
+        if !req.page_beside_ops() {
+            return self.exchange(req);
+        }
+        let mut before = self.clone();
+        let after = self.exchange(req)?;
+        let read = SyncRequest { ops: Vec::new(), bases: Vec::new(), ..req.clone() };
+        let page = before.exchange(&read)?;
+        if page.reset || page.resync {
+            return Ok(after);
+        }
+        let cursor = if page.has_more { page.cursor } else { req.cursor_past_own(page.cursor, &after.results) };
+        Ok(SyncResponse { cursor, results: after.results, ..page })
+    }
+
     /// The digest tree of the live documents.
     pub fn digest(&self) -> &DigestTree {
         &self.digest

@@ -213,6 +213,38 @@ impl SyncRequest {
         }
     }
 
+    /// Whether a server may read this request's page while it applies its
+    /// ops (PROTOCOL.md §4.2): it has ops, its cursor is past the start (so
+    /// its own writes are never echoed to it), and it asks nothing whose
+    /// answer must count them: no `verify` or `fetch`, no namespace head
+    /// (`live_below`, `from_head`, sent only while a client has no op).
+    pub fn page_beside_ops(&self) -> bool {
+        !self.ops.is_empty()
+            && self.cursor.unwrap_or_default() > Cursor::START
+            && self.verify.is_none()
+            && self.fetch.is_empty()
+            && self.live_below.is_none()
+            && self.from_head.is_none()
+    }
+
+    /// The cursor of a page read beside this request's ops that ended the
+    /// log at `cursor` (PROTOCOL.md §4.2), given the ops' `results`: past
+    /// the request's own writes when they are all that came after it, as
+    /// a page read after them would say; else `cursor`, and the next page
+    /// passes over them.
+    pub fn cursor_past_own(&self, cursor: Cursor, results: &[OpResult]) -> Cursor {
+        let mut last = cursor.seq();
+        for (op, result) in self.ops.iter().zip(results) {
+            if let OpResult::Applied { seq } = *result {
+                if seq != last + 1 || op.stamp.node_id != self.node_id {
+                    return cursor;
+                }
+                last = seq;
+            }
+        }
+        Cursor(last)
+    }
+
     /// Decodes a request body, mapping every failure to a [`Violation`] with
     /// the right code.
     pub fn from_json(body: &[u8]) -> Result<Self, Violation> {

@@ -298,3 +298,40 @@ proptest! {
         prop_assert_eq!(doc.as_str(), expected.as_str());
     }
 }
+
+/// PROTOCOL.md §4.2: which requests may have their page read beside their
+/// ops, and how far such a page's cursor moves past their own writes.
+#[test]
+fn a_page_read_beside_its_ops_passes_only_its_own_writes_that_follow_it() {
+    let op = |node: &str| Op {
+        collection: "c".into(),
+        id: "k".into(),
+        stamp: Stamp::new(1, node),
+        payload: Payload::Delete,
+        op_id: None,
+    };
+    let mut req = SyncRequest::new("a", Some(Cursor(7)));
+    assert!(!req.page_beside_ops(), "nothing to apply");
+    req.ops = vec![op("a"), op("a"), op("a")];
+    assert!(req.page_beside_ops());
+    for other in [
+        SyncRequest { cursor: Some(Cursor::START), ..req.clone() },
+        SyncRequest { cursor: None, ..req.clone() },
+        SyncRequest { live_below: Some(3), ..req.clone() },
+        SyncRequest { from_head: Some(3), ..req.clone() },
+        SyncRequest { verify: Some(tide_core::Verify::Roots), ..req.clone() },
+    ] {
+        assert!(!other.page_beside_ops(), "{other:?}");
+    }
+
+    let superseded = OpResult::Superseded { lamport: 9, node_id: "b".into() };
+    let applied = |seq| OpResult::Applied { seq };
+    // Own writes right after the page's end: passed, whatever lost between them.
+    assert_eq!(req.cursor_past_own(Cursor(10), &[applied(11), superseded.clone(), applied(12)]), Cursor(12));
+    assert_eq!(req.cursor_past_own(Cursor(10), &[superseded.clone(), superseded.clone(), superseded]), Cursor(10));
+    // Another's change between the page's end and them: not passed.
+    assert_eq!(req.cursor_past_own(Cursor(10), &[applied(12), applied(13), applied(14)]), Cursor(10));
+    // A write under another node's stamp (a repair) is not skipped, so not passed.
+    req.ops[1] = op("b");
+    assert_eq!(req.cursor_past_own(Cursor(10), &[applied(11), applied(12), applied(13)]), Cursor(10));
+}

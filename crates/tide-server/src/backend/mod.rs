@@ -548,6 +548,45 @@ impl Policy {
     }
 }
 
+/// One exchange from its two parts: `apply`, the request's ops in a write
+/// group, and `read`, which reads its page (and digest and fetch answers).
+/// Neither future runs before it is awaited here.
+///
+/// The page is read after the ops are applied, so that it reflects them
+/// (PROTOCOL.md §4.2), unless [`SyncRequest::page_beside_ops`] says they
+/// cannot show in it: then both run at once, and the exchange waits for
+/// the slower (usually the write group's `fsync`), not for the two in turn.
+pub(crate) async fn exchange<R>(
+    request: &SyncRequest,
+    apply: impl std::future::Future<Output = Result<Vec<OpResult>, BackendError>>,
+    read: impl Fn() -> R,
+) -> Result<Reply, BackendError>
+where
+    R: std::future::Future<Output = Result<(Page, VerifyReply), BackendError>>,
+{
+    let (results, (page, verify)) = if request.ops.is_empty() {
+        (Vec::new(), read().await?)
+    } else if request.page_beside_ops() {
+        let (results, beside) = tokio::join!(apply, read());
+        let results = results?;
+        let (mut page, verify) = beside?;
+        if page.reset || page.resync {
+            // It started over from the beginning, where a page holds the
+            // request's own writes: read it again, after them.
+            (results, read().await?)
+        } else {
+            if !page.has_more {
+                page.cursor = request.cursor_past_own(page.cursor, &results);
+            }
+            (results, (page, verify))
+        }
+    } else {
+        let results = apply.await?;
+        (results, read().await?)
+    };
+    Ok(Reply::new(results, page, request.request_id.clone(), verify))
+}
+
 /// Refuses (`forbidden`, before anything is applied) a request that
 /// compares digests of, or fetches, a collection its principal may not
 /// read (PROTOCOL.md §15). Unsubscribed but readable collections may be

@@ -406,12 +406,14 @@ impl SqliteBackend {
         }
         self.bindings.check(principal, &req.node_id)?;
         if req.verify.is_none() && req.fetch.is_empty() {
-            // One statement: a snapshot of its own.
-            return Ok((self.page(&mut conn, ns, req, scope).await?, VerifyReply::default()));
+            // Mostly one statement: a snapshot of its own.
+            if let Some(page) = self.page(&mut conn, ns, req, scope.clone(), false).await? {
+                return Ok((page, VerifyReply::default()));
+            }
         }
         let mut tx = conn.begin().await.map_err(unavailable)?;
         let roots = scope.collections.clone();
-        let page = self.page(&mut tx, ns, req, scope).await?;
+        let page = self.page(&mut tx, ns, req, scope, true).await?.expect("a whole page");
         let mut verify = self.verify(&mut tx, ns, req, page.settled()).await?;
         super::roots_in_scope(&mut verify, roots.as_deref());
         tx.commit().await.map_err(unavailable)?;
@@ -420,13 +422,17 @@ impl SqliteBackend {
 
     /// The page a request asks for: one statement, unless the cursor is
     /// ahead of the namespace or the changes run past the byte budget.
+    /// Unless `whole`, `None` instead of a page that needs more than the
+    /// small-page statement, whose statements must then share a snapshot
+    /// (a transaction) for the page to be one.
     async fn page(
         &self,
         conn: &mut SqliteConnection,
         ns: &Namespace,
         req: &SyncRequest,
         scope: Scope,
-    ) -> Result<Page, BackendError> {
+        whole: bool,
+    ) -> Result<Option<Page>, BackendError> {
         let mut query = PageQuery::new(req, &self.limits, scope);
         loop {
             let default = query.limit == self.limits.changes_per_response_max;
@@ -440,7 +446,8 @@ impl SqliteBackend {
             let small: Option<SmallPageRow> = statement.fetch_optional(&mut *conn).await.map_err(unavailable)?;
             match query.small(small) {
                 SmallPage::Again => continue,
-                SmallPage::Done(page) => return Ok(page),
+                SmallPage::Done(page) => return Ok(Some(page)),
+                SmallPage::SumSizes if !whole => return Ok(None),
                 SmallPage::SumSizes => {}
             }
             let sql = if default { &self.page_default } else { &self.page_bound };
@@ -459,7 +466,7 @@ impl SqliteBackend {
                 Some(read) => read,
                 None => over_budget(conn, ns, &query).await?,
             };
-            return Ok(query.finish(read, ns_seq));
+            return Ok(Some(query.finish(read, ns_seq)));
         }
     }
 
@@ -1268,10 +1275,8 @@ impl Backend for SqliteBackend {
     async fn exchange(&self, principal: &Principal, request: Arc<SyncRequest>) -> Result<Reply, BackendError> {
         let scope = self.policy.scope(principal, &request);
         super::check_readable(&scope, &request)?;
-        let results =
-            if request.ops.is_empty() { Vec::new() } else { self.apply(principal, Arc::clone(&request)).await? };
-        let (page, verify) = self.read(principal, &request, scope).await?;
-        Ok(Reply::new(results, page, request.request_id.clone(), verify))
+        let apply = self.apply(principal, Arc::clone(&request));
+        super::exchange(&request, apply, || self.read(principal, &request, scope.clone())).await
     }
 
     async fn listen(&self, on_commit: CommitCallback) -> Result<(), BackendError> {

@@ -328,4 +328,8 @@ async fn the_builder_sets_timeouts_and_the_push_batch_and_refuses_a_poll_the_tim
     small.sync_once().await.unwrap();
     let pushes: Vec<usize> = server.traffic().iter().map(|e| e.request.ops.len()).filter(|n| *n > 0).collect();
     assert_eq!(pushes, [3, 3, 3, 1]);
+    // Every op went once, in outbox order, and none is left.
+    let ids: Vec<String> = server.traffic().iter().flat_map(|e| e.request.ops.iter().map(|o| o.id.clone())).collect();
+    assert_eq!(ids, (0..10).map(|i| format!("k{i}")).collect::<Vec<_>>());
+    assert_eq!(small.status().pending, 0);
 }

@@ -501,6 +501,16 @@ async fn collection_beside_concurrent_writers_loses_nothing() {
             }
         }
     }
+    // However the steps above interleaved with the writers (they may all
+    // run before any write), one tombstone is sure to fall behind the
+    // horizon: a delete followed by more than five writes.
+    let mut after = vec![Op { payload: Payload::Delete, ..put("w9", "gone", 1_000, 0) }];
+    after.extend((0..6).map(|i| put("w9", &format!("x{i}"), 1_001 + i, i)));
+    for op in after {
+        let reply = backend.exchange(&principal, Arc::new(req("w9", None, vec![op.clone()]))).await.unwrap();
+        let OpResult::Applied { seq } = reply.results[0] else { panic!("{:?}", reply.results) };
+        last.insert(op.id.clone(), (seq, op));
+    }
     let removed = collecting.await.unwrap() + backend.collect(5).await.unwrap().tombstones;
     let mut read = req("reader", None, vec![]);
     read.limit = Some(1_000);

@@ -293,7 +293,7 @@ impl Engine {
                 let page = docs.list_docs(after.as_deref(), 1_000).await.map_err(err)?;
                 let full = page.len() == 1_000;
                 after = page.last().map(|(id, _)| id.clone());
-                out.extend(page.into_iter().map(|(id, doc)| (id, doc.as_str().to_owned())));
+                out.extend(texts(page));
                 if !full {
                     return Ok(out);
                 }

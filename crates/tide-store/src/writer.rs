@@ -1512,7 +1512,6 @@ pub(crate) fn digest_columns(collection: &str, id: &str, stamp: &Stamp, doc: Opt
     (tide_core::digest::bucket(collection, id), tide_core::digest::version_hash(collection, id, stamp, doc).to_i64())
 }
 
-/// Answers a command that arrives after the store closed.
 impl Command {
     /// The ops a command commits, as [`CHECKPOINT_OPS`] counts them.
     fn ops(&self) -> u64 {
@@ -1537,6 +1536,7 @@ impl Command {
     }
 }
 
+/// Answers a command that arrives after the store closed.
 fn refuse(cmd: Command) {
     match cmd {
         Command::Write { reply, .. } => {

@@ -84,7 +84,7 @@ class Collection:
 
     async def scan(self) -> list[tuple[str, dict[str, Any]]]:
         rows = await self._tide._engine_or_raise(RuntimeError).scan(self._name)
-        return [(id, json.loads(text)) for id, text in rows]
+        return _docs(rows)
 
     def watch(self) -> AsyncIterator[ChangeEvent]:
         """This collection's changes from the first iteration on."""

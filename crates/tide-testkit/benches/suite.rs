@@ -26,6 +26,9 @@ use tide_core::{Op, Payload, Stamp, SyncRequest};
 use tide_server::{Server, ServerConfig, SqliteBackend, StaticTokens};
 use tide_transport::{Headers, HttpTransport, Transport};
 
+#[path = "suite/raw.rs"]
+mod raw;
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
@@ -324,9 +327,56 @@ async fn push(t: &mut Table, dir: &std::path::Path) {
         None,
         original.map(|o| format!("{o:.0} ops/s ({} ops)", n / 10)),
         original.map(|o| rate / o),
-        ">= 100,000 ops/s",
+        ">= 150,000 ops/s",
     );
     tide.close().await;
+    // The server's share: the same ops from a client with no store, to
+    // tide-server and to the raw limit's server, each in a process of its own.
+    let mut rates = Vec::new();
+    for (mut child, endpoint) in [server_child(dir, "push-lean"), raw_child(dir, "push")] {
+        rates.push(lean_push(&endpoint, n).await);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    t.row(
+        &format!("push {n} ops from a client with no store"),
+        format!("{:.0} ops/s", rates[0]),
+        Some(format!("{:.0} ops/s", rates[1])),
+        None,
+        Some(rates[0] / rates[1]),
+        "(the server's share; ratio to the raw limit)",
+    );
+}
+
+/// Ops per second of `n` new documents pushed in exchanges of 1,000 by a
+/// [`LeanClient`] (the requests built before the clock starts).
+async fn lean_push(endpoint: &str, n: usize) -> f64 {
+    let node = "lean-pusher";
+    let requests: Vec<SyncRequest> = (0..n)
+        .collect::<Vec<_>>()
+        .chunks(1_000)
+        .map(|chunk| {
+            let mut req = SyncRequest::new(node, None);
+            req.ops = chunk
+                .iter()
+                .map(|&i| Op {
+                    collection: "c".into(),
+                    id: format!("{i:026}"),
+                    stamp: Stamp::new(i as u64 + 1, node),
+                    payload: Payload::Put(tide_core::Doc::from_value(&doc(i)).unwrap()),
+                    op_id: None,
+                })
+                .collect();
+            req
+        })
+        .collect();
+    let mut conn = LeanClient::connect(endpoint, "bench").await;
+    let (start, mut cursor) = (Instant::now(), None);
+    for mut req in requests {
+        req.cursor = cursor;
+        cursor = Some(conn.exchange(&req).await.expect("the push is answered").0);
+    }
+    n as f64 / start.elapsed().as_secs_f64()
 }
 
 /// The child process for the initial sync: only the client, so its peak
@@ -703,7 +753,12 @@ async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
         let server_rss = peak_rss_mib_of(child.id());
         let _ = child.kill();
         let _ = child.wait();
+        let (mut child, endpoint) = raw_child(dir, &format!("load{clients}"));
+        let (raw, raw_lat, _, _) = load(&endpoint, "bench", clients, secs).await;
+        let _ = child.kill();
+        let _ = child.wait();
         let original = original_load(dir, clients, secs).await;
+        let raw_vs_original = original.as_ref().map_or(String::new(), |(o, _)| format!(", {:.1}x", raw / o));
         t.row(
             &format!("server, {clients} clients pushing and pulling"),
             format!(
@@ -713,7 +768,7 @@ async fn server_throughput(t: &mut Table, dir: &std::path::Path) {
                 pct(&lat, 990),
                 if errors > 0 { format!(" ({errors} errors)") } else { String::new() }
             ),
-            None,
+            Some(format!("{:.0} ex/s p99 {:.1} ms{raw_vs_original}", raw / 10.0, pct(&raw_lat, 990))),
             original.as_ref().map(|(o, l)| format!("{:.0} ex/s p99 {:.0} ms", o / 10.0, pct(l, 990))),
             original.as_ref().map(|(o, _)| ops / o),
             match clients {
@@ -797,12 +852,27 @@ fn server_child(dir: &std::path::Path, name: &str) -> (std::process::Child, Stri
 
 /// [`server_child`], on PostgreSQL at `postgres` if given.
 fn server_child_on(dir: &std::path::Path, name: &str, postgres: Option<&str>) -> (std::process::Child, String) {
+    child_serving(dir, name, "server", postgres)
+}
+
+/// The raw limit's server ([`raw`]) in a process of its own.
+fn raw_child(dir: &std::path::Path, name: &str) -> (std::process::Child, String) {
+    child_serving(dir, &format!("raw-{name}.db"), "raw-server", None)
+}
+
+/// This binary as a child `kind` serving at `dir/name`; its endpoint.
+fn child_serving(
+    dir: &std::path::Path,
+    name: &str,
+    kind: &str,
+    postgres: Option<&str>,
+) -> (std::process::Child, String) {
     let mut command = Command::new(std::env::current_exe().unwrap());
     if let Some(url) = postgres {
         command.env("TIDE_BENCH_CHILD_POSTGRES", url);
     }
     let mut child = command
-        .env("TIDE_BENCH_CHILD", "server")
+        .env("TIDE_BENCH_CHILD", kind)
         .env("GLIBC_TUNABLES", tide_server::GLIBC_TUNABLES)
         .arg(dir.join(name))
         .stdout(std::process::Stdio::piped())
@@ -1147,6 +1217,11 @@ async fn main() {
         };
         let endpoint = server(&dir, &name, config).await;
         println!("{endpoint}");
+        std::future::pending::<()>().await;
+    }
+    if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("raw-server") {
+        let path = std::env::args().skip(1).rfind(|a| !a.starts_with("--")).expect("a db path");
+        println!("{}", raw::serve(path.into()).await);
         std::future::pending::<()>().await;
     }
     if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("initial-sync") {

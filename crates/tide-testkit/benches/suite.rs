@@ -321,10 +321,14 @@ async fn push(t: &mut Table, dir: &std::path::Path) {
         Some(server) => python(PY_PUSH, &[&(n / 10).to_string(), &server.1]),
         None => None,
     };
+    let (mut child, raw_endpoint) = raw_child(dir, "push-outbox");
+    let raw = raw::push_from_outbox(&dir.join("raw-outbox.db"), n, &raw_endpoint).await;
+    let _ = child.kill();
+    let _ = child.wait();
     t.row(
         &format!("push {n} pending ops, one client"),
         format!("{rate:.0} ops/s ({} exchanges)", report.exchanges),
-        None,
+        Some(format!("{raw:.0} ops/s")),
         original.map(|o| format!("{o:.0} ops/s ({} ops)", n / 10)),
         original.map(|o| rate / o),
         ">= 150,000 ops/s",
@@ -709,8 +713,12 @@ impl LeanClient {
 
     /// The cursor and the number of changes of one exchange, or `None` if it failed.
     async fn exchange(&mut self, req: &SyncRequest) -> Option<(tide_core::Cursor, usize)> {
+        self.exchange_body(serde_json::to_vec(req).unwrap()).await
+    }
+
+    /// [`Self::exchange`] of a request already serialized.
+    async fn exchange_body(&mut self, body: Vec<u8>) -> Option<(tide_core::Cursor, usize)> {
         use http_body_util::BodyExt;
-        let body = serde_json::to_vec(req).unwrap();
         let request = http::Request::post(self.uri.path())
             .header("content-type", "application/json")
             .header("host", self.uri.authority()?.as_str())

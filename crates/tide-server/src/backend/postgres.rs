@@ -456,11 +456,17 @@ impl PostgresBackend {
 /// only if that total fits the budget `$6`, the first `$7` renderings
 /// joined and the seq of the last. `$5` names the collections in scope
 /// (NULL: every one).
+///
+/// Every page statement joins renderings in the order its subquery reads
+/// them (`ORDER BY seq LIMIT`), as the SQLite backend does: a plain
+/// aggregate consumes its one input in order. Before PostgreSQL 16,
+/// `string_agg(… ORDER BY seq)` sorted the rows again inside the aggregate,
+/// which cost a quarter of the page statement (BENCHMARKS.md).
 const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::bigint AS total, count(*) AS n \
        FROM (SELECT size FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) \
        ORDER BY seq LIMIT $7 + 1) s) \
      SELECT ns.seq, ns.horizon, g.total, g.n, p.text, p.last \
-     FROM g LEFT JOIN tide_namespaces AS ns ON ns.namespace = $1, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, max(seq) AS last \
+     FROM g LEFT JOIN tide_namespaces AS ns ON ns.namespace = $1, (SELECT string_agg(wire || seq || '}', ',') AS text, max(seq) AS last \
        FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) \
        ORDER BY seq LIMIT $7) w WHERE (SELECT total FROM g) <= $6) p";
 
@@ -471,7 +477,7 @@ const PAGE: &str = "WITH g AS MATERIALIZED (SELECT coalesce(sum(size + 1), 0)::b
 /// follows. No row without the namespace.
 const SMALL_PAGE: &str = "SELECT ns.seq, ns.horizon, ns.size_max, p.text, p.n, p.last, p.n = $7 AND EXISTS (SELECT 1 FROM tide_rows \
        WHERE namespace = $1 AND seq > p.last AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5))) \
-     FROM tide_namespaces AS ns, (SELECT string_agg(wire || seq || '}', ',' ORDER BY seq) AS text, count(*) AS n, \
+     FROM tide_namespaces AS ns, (SELECT string_agg(wire || seq || '}', ',') AS text, count(*) AS n, \
        max(seq) AS last FROM (SELECT seq, wire FROM tide_rows WHERE namespace = $1 AND seq > $2 \
        AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) ORDER BY seq LIMIT $7) w \
        WHERE (SELECT (size_max + 1) * $7 FROM tide_namespaces WHERE namespace = $1) <= $6) AS p \
@@ -514,7 +520,7 @@ async fn over_budget_in(
     let count = query.fitting(&sizes);
     let (text, last): (Option<String>, Option<i64>) = bind_page(
         sqlx::query_as(
-            "SELECT string_agg(wire || seq || '}', ',' ORDER BY seq), max(seq) FROM (SELECT seq, wire FROM tide_rows \
+            "SELECT string_agg(wire || seq || '}', ','), max(seq) FROM (SELECT seq, wire FROM tide_rows \
          WHERE namespace = $1 AND seq > $2 AND (($4 & 1) = 0 OR node_id <> $3) AND (NOT deleted OR seq > ($4 >> 1)) AND ($5::text[] IS NULL OR collection = ANY($5)) ORDER BY seq LIMIT $6) w",
         ),
         ns,

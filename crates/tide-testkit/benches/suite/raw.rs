@@ -192,3 +192,56 @@ fn page(path: &Path, cursor: i64, node: &str) -> (String, i64, i64, i64) {
             .unwrap()
     })
 }
+
+/// The raw limit of a push: `n` new documents in an outbox table (SQLite,
+/// `synchronous=NORMAL` as the suite's pushing client), sent to `endpoint` in
+/// exchanges of 1,000, each batch deleted once answered; ops per
+/// second. The outbox is filled before the clock starts.
+pub(crate) async fn push_from_outbox(path: &Path, n: usize, endpoint: &str) -> f64 {
+    let mut conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+         CREATE TABLE outbox (seq INTEGER PRIMARY KEY, collection TEXT, id TEXT, lamport INTEGER, doc TEXT);",
+    )
+    .unwrap();
+    let tx = conn.transaction().unwrap();
+    for i in 0..n {
+        let doc = serde_json::json!({"title": format!("document number {i}"), "body": "x".repeat(150), "n": i});
+        tx.execute(
+            "INSERT INTO outbox (collection, id, lamport, doc) VALUES ('c', ?1, ?2, ?3)",
+            rusqlite::params![format!("{i:026}"), i64::try_from(i).unwrap() + 1, doc.to_string()],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    let quote = |s: &str| serde_json::to_string(s).unwrap();
+    let mut server = crate::LeanClient::connect(endpoint, "bench").await;
+    let (start, mut cursor, mut pushed) = (std::time::Instant::now(), String::new(), 0);
+    while pushed < n {
+        let mut body = format!(r#"{{"node_id":"raw-pusher","cursor":"{cursor}","ops":["#);
+        let mut last = 0i64;
+        conn.prepare_cached("SELECT seq, collection, id, lamport, doc FROM outbox ORDER BY seq LIMIT 1000")
+            .unwrap()
+            .query_map([], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, i64>(3)?, row.get::<_, String>(4)?))
+            })
+            .unwrap()
+            .enumerate()
+            .for_each(|(i, row)| {
+                let (seq, collection, id, lamport, doc) = row.unwrap();
+                let comma = if i == 0 { "" } else { "," };
+                write!(
+                    body,
+                    r#"{comma}{{"collection":{},"id":{},"kind":"put","doc":{doc},"lamport":{lamport},"node_id":"raw-pusher"}}"#,
+                    quote(&collection),
+                    quote(&id)
+                )
+                .unwrap();
+                (last, pushed) = (seq, pushed + 1);
+            });
+        body.push_str("]}");
+        cursor = server.exchange_body(body.into_bytes()).await.expect("the push is answered").0.0.to_string();
+        conn.execute("DELETE FROM outbox WHERE seq <= ?1", [last]).unwrap();
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}

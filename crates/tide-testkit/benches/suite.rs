@@ -1,6 +1,7 @@
 //! The benchmark suite: every workload of BENCHMARKS.md in one command,
-//! beside the raw limits (plain SQLite, an empty HTTP round trip) and the
-//! original Python tide 0.2.1, measured in the same run.
+//! beside the raw limits (plain SQLite, an empty HTTP round trip, and a
+//! minimal sync server, [`raw`], under the same loads) and the original
+//! Python tide 0.2.1, measured in the same run.
 //!
 //! ```text
 //! TIDE_PYTHON=/path/to/python-with-tide-0.2.1 cargo bench -p tide-testkit --bench suite
@@ -12,8 +13,10 @@
 //! `TIDE_BENCH_SECS` (per load run, default 5), `TIDE_BENCH_CHURN` (churn
 //! writes, default 1,000,000) over `TIDE_BENCH_CHURN_KEYS` (10,000) with a
 //! horizon of `TIDE_BENCH_CHURN_HORIZON` changes (1,000), `TIDE_BENCH_QUERY_DOCS`
-//! (local queries, default 100,000). The table is printed and
-//! written as JSON to `target/bench-suite.json`.
+//! (local queries, default 100,000). `TIDE_BENCH_ONLY` runs some groups
+//! (`local`, `push`, `initial`, `load`, `live`, `fanout`, `churn`, `query`;
+//! comma-separated). The table is printed and written as JSON to
+//! `target/bench-suite.json`.
 #![expect(clippy::cast_precision_loss, reason = "rates and latencies are shown to a few digits")]
 
 use std::process::Command;
@@ -937,24 +940,7 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
     // TIDE_BENCH_SHARED=1 puts the idle clients in the writer's namespace,
     // so every write wakes them all.
     let shared = std::env::var("TIDE_BENCH_SHARED").is_ok_and(|v| v == "1");
-    for i in 0..idle {
-        let endpoint = endpoint.clone();
-        tokio::spawn(async move {
-            let token = if shared { "live" } else { "idle" };
-            let mut t = LeanClient::connect(&endpoint, token).await;
-            let mut cursor = None;
-            loop {
-                let mut req = SyncRequest::new(format!("idle{i}"), cursor);
-                req.wait = Some(Duration::from_secs(25));
-                if let Some((next, _)) = t.exchange(&req).await {
-                    cursor = Some(next);
-                } else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    t = LeanClient::connect(&endpoint, token).await;
-                }
-            }
-        });
-    }
+    let polls = idle_polls(&endpoint, if shared { "live" } else { "idle" }, idle);
     let open = |name: &str| {
         Tide::builder().path(dir.join(format!("{name}.db"))).endpoint(&endpoint).headers(auth("live")).open()
     };
@@ -978,6 +964,7 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
         lat.push(start.elapsed());
     }
     lat.sort();
+    drop(polls);
     let _ = child.kill();
     let _ = child.wait();
     t.row(
@@ -989,6 +976,89 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
         "p50 <= 10 ms, p99 <= 50 ms",
     );
 }
+/// `n` lean clients long-polling `endpoint` with `token`, each again as
+/// soon as answered; aborted when the set is dropped.
+fn idle_polls(endpoint: &str, token: &str, n: usize) -> tokio::task::JoinSet<()> {
+    let mut polls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (endpoint, token) = (endpoint.to_owned(), token.to_owned());
+        polls.spawn(async move {
+            let mut t = LeanClient::connect(&endpoint, &token).await;
+            let mut cursor = None;
+            loop {
+                let mut req = SyncRequest::new(format!("idle{i}"), cursor);
+                req.wait = Some(Duration::from_secs(25));
+                if let Some((next, _)) = t.exchange(&req).await {
+                    cursor = Some(next);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    t = LeanClient::connect(&endpoint, &token).await;
+                }
+            }
+        });
+    }
+    polls
+}
+
+/// One write waking 1,000 polls in its own namespace, server against
+/// server: a lean author writes one op per exchange and a lean watcher
+/// polls beside the idle ones; from the author's exchange to the watcher's
+/// answer, on tide-server and on the raw limit's server.
+async fn fan_out(t: &mut Table, dir: &std::path::Path) {
+    let (idle, writes) = (env_or("TIDE_BENCH_IDLE", 1_000), 200);
+    let mut rows = Vec::new();
+    for (mut child, endpoint) in [server_child(dir, "fan-out"), raw_child(dir, "fan-out")] {
+        let polls = idle_polls(&endpoint, "live", idle);
+        let (seen, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher_endpoint = endpoint.clone();
+        let watcher = tokio::spawn(async move {
+            let mut conn = LeanClient::connect(&watcher_endpoint, "live").await;
+            let mut cursor = None;
+            loop {
+                let mut req = SyncRequest::new("watcher", cursor);
+                req.wait = Some(Duration::from_secs(25));
+                let (next, changes) = conn.exchange(&req).await.expect("the watcher's poll is answered");
+                if changes > 0 && seen.send(Instant::now()).is_err() {
+                    return;
+                }
+                cursor = Some(next);
+            }
+        });
+        let mut author = LeanClient::connect(&endpoint, "live").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (mut lat, mut cursor) = (Vec::with_capacity(writes), None);
+        let d = tide_core::Doc::from_value(&doc(0)).unwrap();
+        for i in 0..writes {
+            let mut req = SyncRequest::new("author", cursor);
+            req.ops = vec![Op {
+                collection: "notes".into(),
+                id: format!("n{i}"),
+                stamp: Stamp::new(i as u64 + 1, "author"),
+                payload: Payload::Put(d.clone()),
+                op_id: None,
+            }];
+            let start = Instant::now();
+            cursor = Some(author.exchange(&req).await.expect("the write is answered").0);
+            let at = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv()).await;
+            lat.push(at.expect("the watcher sees the write").expect("the watcher runs") - start);
+        }
+        lat.sort();
+        watcher.abort();
+        drop(polls);
+        let _ = child.kill();
+        let _ = child.wait();
+        rows.push(format!("p50 {:.1} ms, p99 {:.1} ms", pct(&lat, 500), pct(&lat, 990)));
+    }
+    t.row(
+        &format!("one write waking {idle} polls in its namespace, lean watcher"),
+        rows[0].clone(),
+        Some(rows[1].clone()),
+        None,
+        None,
+        "p50 <= 20 ms (server against server)",
+    );
+}
+
 /// A caught-up replica of `n` documents proves it equals the server (one
 /// exchange comparing digests), then repairs 1,000 keys the server holds
 /// newer versions of that the change stream never brought it (written
@@ -1261,6 +1331,9 @@ async fn main() {
     }
     if run("live") {
         live(&mut t, dir.path()).await;
+    }
+    if run("fanout") {
+        fan_out(&mut t, dir.path()).await;
     }
     if run("churn") {
         churn(&mut t, dir.path()).await;

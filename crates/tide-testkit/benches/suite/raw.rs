@@ -53,25 +53,40 @@ struct Write {
     answer: tokio::sync::oneshot::Sender<Vec<Option<i64>>>,
 }
 
+/// A page: the changes joined, the last seq read, how many, and the head.
+type PageRead = (String, i64, i64, i64);
+
+/// What every connection shares.
+struct State {
+    writes: mpsc::Sender<Write>,
+    path: PathBuf,
+    /// The head after each commit, for held polls.
+    heads: tokio::sync::watch::Receiver<i64>,
+    /// The last page read for polls: its cursor, and the page with every
+    /// node's changes (a poll that finds its own in it reads its own).
+    shared: std::sync::Mutex<Option<(i64, Arc<PageRead>)>>,
+}
+
 /// Serves on a new loopback port; returns the endpoint.
 pub(crate) async fn serve(path: PathBuf) -> String {
     let (writes, rx) = mpsc::channel::<Write>();
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.execute_batch(SCHEMA).unwrap();
-    std::thread::spawn(move || writer(conn, &rx));
+    let (heads_tx, heads) = tokio::sync::watch::channel(0);
+    std::thread::spawn(move || writer(conn, &rx, &heads_tx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
-    let path = Arc::new(path);
+    let state = Arc::new(State { writes, path, heads, shared: std::sync::Mutex::new(None) });
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             stream.set_nodelay(true).unwrap();
-            let (writes, path) = (writes.clone(), Arc::clone(&path));
+            let state = Arc::clone(&state);
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (writes, path) = (writes.clone(), Arc::clone(&path));
+                    let state = Arc::clone(&state);
                     async move {
                         let body = req.into_body().collect().await?.to_bytes();
-                        let answer = exchange(&body, &writes, &path).await;
+                        let answer = exchange(&body, &state).await;
                         Ok::<_, hyper::Error>(hyper::Response::new(Full::new(bytes::Bytes::from(answer))))
                     }
                 });
@@ -84,8 +99,9 @@ pub(crate) async fn serve(path: PathBuf) -> String {
     endpoint
 }
 
-/// One exchange: its writes committed, then its page; the response body.
-async fn exchange(body: &[u8], writes: &mpsc::Sender<Write>, path: &Path) -> String {
+/// One exchange: its writes committed, then its page (a poll with nothing
+/// to read is held until a commit, up to its `wait_ms`); the response body.
+async fn exchange(body: &[u8], state: &State) -> String {
     let request: SyncRequest = serde_json::from_slice(body).expect("a well-formed request");
     let ops = request
         .ops
@@ -96,11 +112,28 @@ async fn exchange(body: &[u8], writes: &mpsc::Sender<Write>, path: &Path) -> Str
         Vec::new()
     } else {
         let (answer, answered) = tokio::sync::oneshot::channel();
-        writes.send(Write { node: request.node_id.clone(), ops, answer }).unwrap();
+        state.writes.send(Write { node: request.node_id.clone(), ops, answer }).unwrap();
         answered.await.unwrap()
     };
     let cursor = request.cursor.map_or(0, |c| i64::try_from(c.0).unwrap());
-    let (changes, last, count, head) = page(path, cursor, &request.node_id);
+    let (changes, last, count, head) = match request.wait.filter(|_| results.is_empty()) {
+        None => page(&state.path, cursor, &request.node_id),
+        Some(wait) => {
+            let mut heads = state.heads.clone();
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                heads.borrow_and_update();
+                let read = poll_page(state, cursor, &request.node_id);
+                if read.2 > 0 {
+                    break read;
+                }
+                let woken = tokio::time::timeout_at(deadline, heads.changed()).await;
+                if !matches!(woken, Ok(Ok(()))) {
+                    break read;
+                }
+            }
+        }
+    };
     let has_more = count == PAGE_LIMIT;
     let next = if has_more { last } else { head.max(cursor) };
     let mut out = String::with_capacity(changes.len() + 64 + 32 * results.len());
@@ -114,6 +147,25 @@ async fn exchange(body: &[u8], writes: &mpsc::Sender<Write>, path: &Path) -> Str
     }
     write!(out, r#"],"has_more":{has_more}}}"#).unwrap();
     out
+}
+
+/// A poll's page: the shared one when it was read at this cursor and holds
+/// none of the poll's own changes; else read (and shared when it is).
+fn poll_page(state: &State, cursor: i64, node: &str) -> PageRead {
+    let shared = state.shared.lock().unwrap().clone();
+    let read = match shared {
+        Some((at, read)) if at == cursor && read.3 == *state.heads.borrow() => read,
+        _ => {
+            let read = Arc::new(page(&state.path, cursor, ""));
+            *state.shared.lock().unwrap() = Some((cursor, Arc::clone(&read)));
+            read
+        }
+    };
+    if read.0.contains(&format!(r#""node_id":{},"seq""#, serde_json::to_string(node).unwrap())) {
+        page(&state.path, cursor, node)
+    } else {
+        PageRead::clone(&read)
+    }
 }
 
 /// An op as the change it becomes, rendered once, up to its seq.
@@ -133,7 +185,7 @@ fn wire(op: &tide_core::Op) -> String {
 }
 
 /// The writer thread: each group of waiting requests in one transaction.
-fn writer(mut conn: rusqlite::Connection, writes: &mpsc::Receiver<Write>) {
+fn writer(mut conn: rusqlite::Connection, writes: &mpsc::Receiver<Write>, heads: &tokio::sync::watch::Sender<i64>) {
     let mut head: i64 = conn.query_row("SELECT coalesce(max(seq), 0) FROM changes", [], |r| r.get(0)).unwrap();
     while let Ok(first) = writes.recv() {
         let group: Vec<Write> = std::iter::once(first).chain(writes.try_iter()).collect();
@@ -159,6 +211,7 @@ fn writer(mut conn: rusqlite::Connection, writes: &mpsc::Receiver<Write>) {
                 .collect()
         };
         tx.commit().unwrap();
+        heads.send_replace(head);
         for (w, results) in group.into_iter().zip(answers) {
             let _ = w.answer.send(results);
         }
@@ -170,9 +223,8 @@ thread_local! {
     static READER: RefCell<Option<rusqlite::Connection>> = const { RefCell::new(None) };
 }
 
-/// A page after `cursor` without `node`'s own changes: the changes
-/// joined, the last seq read, how many, and the head.
-fn page(path: &Path, cursor: i64, node: &str) -> (String, i64, i64, i64) {
+/// A page after `cursor` without `node`'s own changes.
+fn page(path: &Path, cursor: i64, node: &str) -> PageRead {
     READER.with_borrow_mut(|reader| {
         let conn = reader.get_or_insert_with(|| {
             let conn = rusqlite::Connection::open(path).unwrap();

@@ -940,7 +940,7 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
     // TIDE_BENCH_SHARED=1 puts the idle clients in the writer's namespace,
     // so every write wakes them all.
     let shared = std::env::var("TIDE_BENCH_SHARED").is_ok_and(|v| v == "1");
-    let polls = idle_polls(&endpoint, if shared { "live" } else { "idle" }, idle);
+    let polls = IdlePolls::start(&endpoint, if shared { "live" } else { "idle" }, idle);
     let open = |name: &str| {
         Tide::builder().path(dir.join(format!("{name}.db"))).endpoint(&endpoint).headers(auth("live")).open()
     };
@@ -951,6 +951,7 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
     let notes = author.collection::<Value>("notes");
     let mut lat = Vec::with_capacity(writes);
     for i in 0..writes {
+        let before = polls.counts();
         let start = Instant::now();
         notes.put(&format!("n{i}"), &doc(i)).await.unwrap();
         author.sync_once().await.unwrap();
@@ -962,6 +963,9 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
             }
         }
         lat.push(start.elapsed());
+        if shared {
+            polls.all_asking_again(before).await;
+        }
     }
     lat.sort();
     drop(polls);
@@ -976,28 +980,66 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
         "p50 <= 10 ms, p99 <= 50 ms",
     );
 }
-/// `n` lean clients long-polling `endpoint` with `token`, each again as
-/// soon as answered; aborted when the set is dropped.
-fn idle_polls(endpoint: &str, token: &str, n: usize) -> tokio::task::JoinSet<()> {
-    let mut polls = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let (endpoint, token) = (endpoint.to_owned(), token.to_owned());
-        polls.spawn(async move {
-            let mut t = LeanClient::connect(&endpoint, &token).await;
-            let mut cursor = None;
-            loop {
-                let mut req = SyncRequest::new(format!("idle{i}"), cursor);
-                req.wait = Some(Duration::from_secs(25));
-                if let Some((next, _)) = t.exchange(&req).await {
-                    cursor = Some(next);
-                } else {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    t = LeanClient::connect(&endpoint, &token).await;
+/// Lean clients long-polling a server, each again as soon as answered;
+/// aborted when dropped.
+struct IdlePolls {
+    _tasks: tokio::task::JoinSet<()>,
+    /// Answers that brought changes, over all the polls.
+    woken: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests sent, over all the polls.
+    sent: Arc<std::sync::atomic::AtomicUsize>,
+    n: usize,
+}
+
+impl IdlePolls {
+    /// `n` polls of `endpoint` with `token`.
+    fn start(endpoint: &str, token: &str, n: usize) -> Self {
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let (endpoint, token) = (endpoint.to_owned(), token.to_owned());
+            let (woken, sent) = (Arc::clone(&woken), Arc::clone(&sent));
+            tasks.spawn(async move {
+                let mut t = LeanClient::connect(&endpoint, &token).await;
+                let mut cursor = None;
+                loop {
+                    let mut req = SyncRequest::new(format!("idle{i}"), cursor);
+                    req.wait = Some(Duration::from_secs(25));
+                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if let Some((next, changes)) = t.exchange(&req).await {
+                        if changes > 0 {
+                            woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        cursor = Some(next);
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        t = LeanClient::connect(&endpoint, &token).await;
+                    }
                 }
-            }
-        });
+            });
+        }
+        Self { _tasks: tasks, woken, sent, n }
     }
-    polls
+
+    /// The counts of answers with changes and of requests sent so far.
+    fn counts(&self) -> (usize, usize) {
+        let load = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
+        (load(&self.woken), load(&self.sent))
+    }
+
+    /// Waits until every poll has had a write made after `before` (its
+    /// counts then) and asked again, and a moment for the server to take
+    /// those requests in: the next write then wakes them all at once,
+    /// rather than landing in the tail of this one's answers.
+    async fn all_asking_again(&self, before: (usize, usize)) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.counts().0 < before.0 + self.n || self.counts().1 < before.1 + self.n {
+            assert!(Instant::now() < deadline, "the idle polls were not all answered");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// One write waking 1,000 polls in its own namespace, server against
@@ -1008,7 +1050,7 @@ async fn fan_out(t: &mut Table, dir: &std::path::Path) {
     let (idle, writes) = (env_or("TIDE_BENCH_IDLE", 1_000), 200);
     let mut rows = Vec::new();
     for (mut child, endpoint) in [server_child(dir, "fan-out"), raw_child(dir, "fan-out")] {
-        let polls = idle_polls(&endpoint, "live", idle);
+        let polls = IdlePolls::start(&endpoint, "live", idle);
         let (seen, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         let watcher_endpoint = endpoint.clone();
         let watcher = tokio::spawn(async move {
@@ -1037,10 +1079,12 @@ async fn fan_out(t: &mut Table, dir: &std::path::Path) {
                 payload: Payload::Put(d.clone()),
                 op_id: None,
             }];
+            let before = polls.counts();
             let start = Instant::now();
             cursor = Some(author.exchange(&req).await.expect("the write is answered").0);
             let at = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv()).await;
             lat.push(at.expect("the watcher sees the write").expect("the watcher runs") - start);
+            polls.all_asking_again(before).await;
         }
         lat.sort();
         watcher.abort();

@@ -938,20 +938,25 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
     // what is measured is the server's wake-up of a thousand polls.
     let (mut child, endpoint) = server_child(dir, "live");
     // TIDE_BENCH_SHARED=1 puts the idle clients in the writer's namespace,
-    // so every write wakes them all.
+    // so every write wakes them all. They run in a process of their own,
+    // as the server does: a thousand clients are a thousand machines, not
+    // tasks queued beside the watcher's on its runtime.
     let shared = std::env::var("TIDE_BENCH_SHARED").is_ok_and(|v| v == "1");
-    let polls = IdlePolls::start(&endpoint, if shared { "live" } else { "idle" }, idle);
+    let mut polls = Command::new(std::env::current_exe().unwrap())
+        .env("TIDE_BENCH_CHILD", "idle-polls")
+        .args([endpoint.as_str(), if shared { "live" } else { "idle" }, &idle.to_string()])
+        .spawn()
+        .unwrap();
     let open = |name: &str| {
         Tide::builder().path(dir.join(format!("{name}.db"))).endpoint(&endpoint).headers(auth("live")).open()
     };
     let (author, watcher) = (open("author").await.unwrap(), open("watcher").await.unwrap());
     let _sync = watcher.sync_forever(Duration::from_hours(1)).await.unwrap();
     let mut watch = watcher.watch();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    held_polls_reach(&endpoint, idle + 1).await;
     let notes = author.collection::<Value>("notes");
     let mut lat = Vec::with_capacity(writes);
     for i in 0..writes {
-        let before = polls.counts();
         let start = Instant::now();
         notes.put(&format!("n{i}"), &doc(i)).await.unwrap();
         author.sync_once().await.unwrap();
@@ -963,12 +968,12 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
             }
         }
         lat.push(start.elapsed());
-        if shared {
-            polls.all_asking_again(before).await;
-        }
+        // One write wakes them all: the next waits until all are held again.
+        held_polls_reach(&endpoint, idle + 1).await;
     }
     lat.sort();
-    drop(polls);
+    let _ = polls.kill();
+    let _ = polls.wait();
     let _ = child.kill();
     let _ = child.wait();
     t.row(
@@ -980,6 +985,34 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
         "p50 <= 10 ms, p99 <= 50 ms",
     );
 }
+/// Waits until tide-server at `endpoint` holds `n` polls (its
+/// `tide_held_requests` gauge).
+async fn held_polls_reach(endpoint: &str, n: usize) {
+    use http_body_util::BodyExt;
+    let uri: http::Uri = endpoint.replace("/sync", "/metrics").parse().unwrap();
+    let authority = uri.authority().unwrap().as_str().to_owned();
+    let deadline = Instant::now() + Duration::from_mins(1);
+    loop {
+        let stream = tokio::net::TcpStream::connect(&authority).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let request = http::Request::get(uri.path())
+            .header("host", &authority)
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let body = sender.send_request(request).await.unwrap().into_body().collect().await.unwrap().to_bytes();
+        let held = String::from_utf8_lossy(&body)
+            .lines()
+            .find_map(|l| l.strip_prefix("tide_held_requests ")?.parse::<usize>().ok());
+        if held == Some(n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "tide-server holds {held:?} polls, not {n}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Lean clients long-polling a server, each again as soon as answered;
 /// aborted when dropped.
 struct IdlePolls {
@@ -1344,6 +1377,12 @@ async fn main() {
     if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("raw-server") {
         let path = std::env::args().skip(1).rfind(|a| !a.starts_with("--")).expect("a db path");
         println!("{}", raw::serve(path.into()).await);
+        std::future::pending::<()>().await;
+    }
+    if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("idle-polls") {
+        // The live run's idle clients: endpoint, token, how many; until killed.
+        let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+        let _polls = IdlePolls::start(&args[0], &args[1], args[2].parse().expect("a count"));
         std::future::pending::<()>().await;
     }
     if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("initial-sync") {

@@ -230,9 +230,10 @@ impl Rates {
 struct SharedReads(std::sync::Mutex<HashMap<PageKey, (u64, SharedPage)>>);
 
 /// Which page a poll wants: namespace, principal (whose access rules
-/// shape the page), subscription, cursor, limit, and whether it asks for
-/// the roots.
-type PageKey = (String, String, Option<Vec<String>>, u64, Option<u32>, bool);
+/// shape the page), subscription, cursor, most changes, the head it last
+/// began from the start at (`from_head`, for the resync rule), and whether
+/// it asks for the roots.
+type PageKey = (String, String, Option<Vec<String>>, u64, u32, Option<u64>, bool);
 
 /// A page read once for every poll that wants it.
 type SharedPage = Arc<tokio::sync::OnceCell<Option<Reply>>>;
@@ -253,6 +254,7 @@ impl SharedReads {
         principal: &Principal,
         request: &SyncRequest,
         version: u64,
+        limits: &tide_core::Limits,
     ) -> Option<Reply> {
         let roots = match &request.verify {
             None => false,
@@ -267,12 +269,19 @@ impl SharedReads {
             return None;
         }
         let cursor = request.cursor.unwrap_or_default();
+        // Polls asking for no limit, or for one at or above the server's,
+        // want the same page (tide's client asks for 1,000 changes, the
+        // original for no limit): at most the server's limit, which never
+        // gives a poll more than it asked for.
+        let most = u32::try_from(limits.changes_per_response_max).unwrap_or(u32::MAX);
+        let most = request.limit.map_or(most, |l| l.min(most));
         let key = (
             principal.namespace.as_str().to_owned(),
             principal.id.clone(),
             request.collections.clone(),
             cursor.seq(),
-            request.limit,
+            most,
+            request.from_head,
             roots,
         );
         let cell = {
@@ -295,7 +304,8 @@ impl SharedReads {
             .get_or_init(|| async {
                 // No node's changes are skipped: each poll checks its own below.
                 let mut pull = SyncRequest::new(SHARED_READER, Some(cursor));
-                pull.limit = request.limit;
+                pull.limit = Some(most);
+                pull.from_head = request.from_head;
                 pull.verify = request.verify.clone();
                 pull.collections = request.collections.clone();
                 backend.exchange(principal, Arc::new(pull)).await.ok()
@@ -625,7 +635,7 @@ impl Server {
         // after the same commit, at the same cursor, want the same page.
         let version = held.as_ref().map(|place| *place.commits.borrow());
         let shared = match version {
-            Some(version) => app.wakes.page(&app.backend, &principal, &request, version).await,
+            Some(version) => app.wakes.page(&app.backend, &principal, &request, version, limits).await,
             None => None,
         };
         let mut result = match shared {
@@ -654,7 +664,7 @@ impl Server {
                     break;
                 }
                 let version = *hold.commits.borrow_and_update();
-                result = match app.wakes.page(&app.backend, &principal, &request, version).await {
+                result = match app.wakes.page(&app.backend, &principal, &request, version, limits).await {
                     Some(reply) => Ok(reply),
                     None => self.run_exchange(&principal, &request, &span).await,
                 };

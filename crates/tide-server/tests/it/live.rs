@@ -207,20 +207,7 @@ impl tide_server::Backend for Counting {
 /// page; a poll whose own write is on it reads its own (no echo).
 #[tokio::test]
 async fn polls_woken_by_one_commit_share_one_read() {
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = tide_server::SqliteBackend::open(
-        &dir.path().join("s.db"),
-        tide_server::Durability::Normal,
-        tide_core::Limits::default(),
-    )
-    .await
-    .unwrap();
-    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let backend = Arc::new(Counting(sqlite, Arc::clone(&count)));
-    let server = tide_server::Server::new(backend, Arc::new(NoAuth::new("default")), ServerConfig::default());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { server.serve(listener, std::future::pending::<()>()).await });
+    let (addr, count) = counting_server().await;
     let endpoint = format!("http://{addr}/sync");
 
     let writer = HttpTransport::new(&endpoint).unwrap();
@@ -251,6 +238,66 @@ async fn polls_woken_by_one_commit_share_one_read() {
     // One shared read, and the writer's poll's own (a poll woken before the
     // shared read began may read it anew; never one per poll).
     assert!(reads <= 4, "{reads} reads for {} woken polls", polls + 1);
+}
+
+/// A poll asking for the server's most changes (tide's client) takes the
+/// page shared by polls asking for no limit (the original's): the same
+/// page, no read of its own. One that began from the start at a head (its
+/// `from_head`, which the resync rule reads) shares only with its likes.
+#[tokio::test]
+async fn polls_asking_for_the_same_page_in_other_words_share_it() {
+    let (addr, count) = counting_server().await;
+    let endpoint = format!("http://{addr}/sync");
+    let writer = HttpTransport::new(&endpoint).unwrap();
+    let start = writer.exchange(&push("w", "first", 1)).await.unwrap().cursor;
+    let mut waiting = Vec::new();
+    for i in 0..10 {
+        let t = HttpTransport::new(&endpoint).unwrap();
+        let node = format!("p{i}");
+        waiting.push(tokio::spawn(async move { t.exchange(&poll(&node, Some(start), Duration::from_secs(20))).await }));
+    }
+    until_held(addr, 10).await;
+    let mut write = push("w", "second", 2);
+    write.cursor = Some(start);
+    writer.exchange(&write).await.unwrap();
+    for w in waiting {
+        assert_eq!(w.await.unwrap().unwrap().changes.len(), 1);
+    }
+    let reads = || count.load(std::sync::atomic::Ordering::SeqCst);
+    let ids = |r: &tide_core::SyncResponse| r.changes.iter().map(|c| c.id.clone()).collect::<Vec<_>>();
+    let before = reads();
+    let mut limited = poll("q", Some(start), Duration::from_secs(20));
+    limited.limit = Some(u32::try_from(tide_core::Limits::default().changes_per_response_max).unwrap());
+    let r = HttpTransport::new(&endpoint).unwrap().exchange(&limited).await.unwrap();
+    assert_eq!(ids(&r), ["second"]);
+    assert_eq!(reads(), before, "the shared page was taken, not read again");
+    let mut fresh = poll("f", Some(start), Duration::from_secs(20));
+    fresh.from_head = Some(1);
+    let r = HttpTransport::new(&endpoint).unwrap().exchange(&fresh).await.unwrap();
+    assert_eq!(ids(&r), ["second"]);
+    assert_eq!(reads(), before + 1, "a poll with a from_head reads its page with it");
+}
+
+/// A SQLite server counting the exchanges its backend is asked for.
+async fn counting_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = tide_server::SqliteBackend::open(
+        &dir.path().join("s.db"),
+        tide_server::Durability::Normal,
+        tide_core::Limits::default(),
+    )
+    .await
+    .unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = Arc::new(Counting(sqlite, Arc::clone(&count)));
+    let server = tide_server::Server::new(backend, Arc::new(NoAuth::new("default")), ServerConfig::default());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _dir = dir;
+        server.serve(listener, std::future::pending::<()>()).await
+    });
+    (addr, count)
 }
 
 /// A page shared among polls is never given to a poll that took its place

@@ -169,3 +169,30 @@ async fn check_digests(store: &Store) {
         assert_eq!(store.digest_buckets(c, &groups).await.unwrap(), expected.buckets(c, &groups));
     }
 }
+
+/// A page's documents are stored as the very text they arrived as, each
+/// its own, whatever bytes they hold: multibyte characters, escapes, a
+/// tombstone between them, one document that is a prefix of the next.
+#[tokio::test]
+async fn a_page_stores_each_document_as_its_exact_text() {
+    let store = Store::open_in_memory().await.unwrap();
+    let texts = [
+        r#"{"s":"héllo wörld ✓ 😀 ĳ"}"#,
+        r#"{"q":"a \"quote\", a \\ backslash, a \n newline and \u0001","n":[1,2.5,-3e-7]}"#,
+        r#"{"s":"é"}"#,
+        r#"{"s":"é","t":{}}"#,
+    ];
+    let docs: Vec<tide_core::Doc> = texts.iter().map(|t| tide_core::Doc::parse(t).unwrap()).collect();
+    let mut page: Vec<Change> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| change(&format!("d{i}"), 1, "x", Payload::Put(d.clone()), i as u64 + 1))
+        .collect();
+    page.insert(2, change("gone", 1, "x", Payload::Delete, 9));
+    store.apply_page(page, Cursor(9)).await.unwrap();
+    for (i, d) in docs.iter().enumerate() {
+        let stored = store.get("c", &format!("d{i}")).await.unwrap().unwrap();
+        assert_eq!(stored.as_str(), d.as_str(), "document {i}");
+    }
+    assert_eq!(store.get("c", "gone").await.unwrap(), None);
+}

@@ -213,13 +213,8 @@ async fn polls_woken_by_one_commit_share_one_read() {
     let writer = HttpTransport::new(&endpoint).unwrap();
     let start = writer.exchange(&push("w", "first", 1)).await.unwrap().cursor;
     let polls = 40;
-    let mut waiting = Vec::new();
-    for i in 0..=polls {
-        // The last poll is the writer's own.
-        let node = if i == polls { "w".to_owned() } else { format!("p{i}") };
-        let t = HttpTransport::new(&endpoint).unwrap();
-        waiting.push(tokio::spawn(async move { t.exchange(&poll(&node, Some(start), Duration::from_secs(20))).await }));
-    }
+    // The last poll is the writer's own.
+    let waiting = polls_at(&endpoint, start, (0..polls).map(|i| format!("p{i}")).chain(["w".to_owned()]));
     until_held(addr, polls + 1).await;
     let before = count.load(std::sync::atomic::Ordering::SeqCst);
     let mut write = push("w", "second", 2);
@@ -250,12 +245,7 @@ async fn polls_asking_for_the_same_page_in_other_words_share_it() {
     let endpoint = format!("http://{addr}/sync");
     let writer = HttpTransport::new(&endpoint).unwrap();
     let start = writer.exchange(&push("w", "first", 1)).await.unwrap().cursor;
-    let mut waiting = Vec::new();
-    for i in 0..10 {
-        let t = HttpTransport::new(&endpoint).unwrap();
-        let node = format!("p{i}");
-        waiting.push(tokio::spawn(async move { t.exchange(&poll(&node, Some(start), Duration::from_secs(20))).await }));
-    }
+    let waiting = polls_at(&endpoint, start, (0..10).map(|i| format!("p{i}")));
     until_held(addr, 10).await;
     let mut write = push("w", "second", 2);
     write.cursor = Some(start);
@@ -276,6 +266,22 @@ async fn polls_asking_for_the_same_page_in_other_words_share_it() {
     let r = HttpTransport::new(&endpoint).unwrap().exchange(&fresh).await.unwrap();
     assert_eq!(ids(&r), ["second"]);
     assert_eq!(reads(), before + 1, "a poll with a from_head reads its page with it");
+}
+
+/// A 20 s long-poll at `cursor` by each of `nodes`, each on a connection
+/// of its own.
+fn polls_at(
+    endpoint: &str,
+    cursor: Cursor,
+    nodes: impl IntoIterator<Item = String>,
+) -> Vec<tokio::task::JoinHandle<Result<SyncResponse, tide_transport::Error>>> {
+    nodes
+        .into_iter()
+        .map(|node| {
+            let t = HttpTransport::new(endpoint).unwrap();
+            tokio::spawn(async move { t.exchange(&poll(&node, Some(cursor), Duration::from_secs(20))).await })
+        })
+        .collect()
 }
 
 /// A SQLite server counting the exchanges its backend is asked for.

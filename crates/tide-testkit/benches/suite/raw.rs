@@ -1,6 +1,6 @@
 //! The raw limit of a sync server on this machine: the least an exchange
-//! of the load must cost, built from the fastest parts measured in
-//! `server-fast-paths.md`, with none of tide's protocol around them.
+//! of the load must cost, built from the fastest parts measured for a
+//! hyper and SQLite sync server, with none of tide's protocol around them.
 //!
 //! - HTTP/1.1 keep-alive through hyper, as tide-server;
 //! - the request parsed with tide-core's types (the same parse as tide's);
@@ -10,12 +10,14 @@
 //!   `synchronous=FULL`;
 //! - each change rendered once when written; a page is one statement,
 //!   `group_concat(wire || seq || '}')` over a table whose rowid is the
-//!   seq, read on the serving thread's own connection.
+//!   seq, read on the serving thread's own connection;
+//! - a poll with nothing to read held until the next commit, and the polls
+//!   at one cursor sharing one read of their page.
 //!
 //! Left out, and each a cost tide pays: tokens, access rules, digests and
-//! their roots, node chains, tombstone horizons, byte budgets, long polls,
-//! limits, metrics. So tide-server cannot reach this; how near it comes,
-//! and how far this is from the original, is what the limit tells.
+//! their roots, node chains, tombstone horizons, byte budgets, limits,
+//! metrics. So tide-server cannot reach this; how near it comes, and how
+//! far this is from the original, is what the limit tells.
 
 use std::cell::RefCell;
 use std::fmt::Write as _;

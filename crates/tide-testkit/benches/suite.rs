@@ -32,6 +32,10 @@ use tide_transport::{Headers, HttpTransport, Transport};
 #[path = "suite/raw.rs"]
 mod raw;
 
+/// Ops per exchange of the suite's push by a client with no store, and of
+/// the raw limit's push (tide's own client pushes in batches of its own).
+const PUSH_OPS_PER_EXCHANGE: usize = 1_000;
+
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
@@ -355,13 +359,14 @@ async fn push(t: &mut Table, dir: &std::path::Path) {
     );
 }
 
-/// Ops per second of `n` new documents pushed in exchanges of 1,000 by a
-/// [`LeanClient`] (the requests built before the clock starts).
+/// Ops per second of `n` new documents pushed in exchanges of
+/// [`PUSH_OPS_PER_EXCHANGE`] by a [`LeanClient`] (the requests built
+/// before the clock starts).
 async fn lean_push(endpoint: &str, n: usize) -> f64 {
     let node = "lean-pusher";
     let requests: Vec<SyncRequest> = (0..n)
         .collect::<Vec<_>>()
-        .chunks(1_000)
+        .chunks(PUSH_OPS_PER_EXCHANGE)
         .map(|chunk| {
             let mut req = SyncRequest::new(node, None);
             req.ops = chunk
@@ -985,8 +990,8 @@ async fn live(t: &mut Table, dir: &std::path::Path) {
         "p50 <= 10 ms, p99 <= 50 ms",
     );
 }
-/// Waits until tide-server at `endpoint` holds `n` polls (its
-/// `tide_held_requests` gauge).
+/// Waits until the server at `endpoint` holds `n` polls (tide-server's
+/// `tide_held_requests` gauge, which the raw limit's server answers too).
 async fn held_polls_reach(endpoint: &str, n: usize) {
     use http_body_util::BodyExt;
     let uri: http::Uri = endpoint.replace("/sync", "/metrics").parse().unwrap();
@@ -1013,66 +1018,28 @@ async fn held_polls_reach(endpoint: &str, n: usize) {
     }
 }
 
-/// Lean clients long-polling a server, each again as soon as answered;
-/// aborted when dropped.
-struct IdlePolls {
-    _tasks: tokio::task::JoinSet<()>,
-    /// Answers that brought changes, over all the polls.
-    woken: Arc<std::sync::atomic::AtomicUsize>,
-    /// Requests sent, over all the polls.
-    sent: Arc<std::sync::atomic::AtomicUsize>,
-    n: usize,
-}
-
-impl IdlePolls {
-    /// `n` polls of `endpoint` with `token`.
-    fn start(endpoint: &str, token: &str, n: usize) -> Self {
-        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..n {
-            let (endpoint, token) = (endpoint.to_owned(), token.to_owned());
-            let (woken, sent) = (Arc::clone(&woken), Arc::clone(&sent));
-            tasks.spawn(async move {
-                let mut t = LeanClient::connect(&endpoint, &token).await;
-                let mut cursor = None;
-                loop {
-                    let mut req = SyncRequest::new(format!("idle{i}"), cursor);
-                    req.wait = Some(Duration::from_secs(25));
-                    sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    if let Some((next, changes)) = t.exchange(&req).await {
-                        if changes > 0 {
-                            woken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        }
-                        cursor = Some(next);
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        t = LeanClient::connect(&endpoint, &token).await;
-                    }
+/// `n` lean clients long-polling `endpoint` with `token`, each again as
+/// soon as answered; aborted when the set is dropped.
+fn idle_polls(endpoint: &str, token: &str, n: usize) -> tokio::task::JoinSet<()> {
+    let mut polls = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (endpoint, token) = (endpoint.to_owned(), token.to_owned());
+        polls.spawn(async move {
+            let mut t = LeanClient::connect(&endpoint, &token).await;
+            let mut cursor = None;
+            loop {
+                let mut req = SyncRequest::new(format!("idle{i}"), cursor);
+                req.wait = Some(Duration::from_secs(25));
+                if let Some((next, _)) = t.exchange(&req).await {
+                    cursor = Some(next);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    t = LeanClient::connect(&endpoint, &token).await;
                 }
-            });
-        }
-        Self { _tasks: tasks, woken, sent, n }
+            }
+        });
     }
-
-    /// The counts of answers with changes and of requests sent so far.
-    fn counts(&self) -> (usize, usize) {
-        let load = |c: &std::sync::atomic::AtomicUsize| c.load(std::sync::atomic::Ordering::SeqCst);
-        (load(&self.woken), load(&self.sent))
-    }
-
-    /// Waits until every poll has had a write made after `before` (its
-    /// counts then) and asked again, and a moment for the server to take
-    /// those requests in: the next write then wakes them all at once,
-    /// rather than landing in the tail of this one's answers.
-    async fn all_asking_again(&self, before: (usize, usize)) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.counts().0 < before.0 + self.n || self.counts().1 < before.1 + self.n {
-            assert!(Instant::now() < deadline, "the idle polls were not all answered");
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    polls
 }
 
 /// One write waking 1,000 polls in its own namespace, server against
@@ -1083,7 +1050,7 @@ async fn fan_out(t: &mut Table, dir: &std::path::Path) {
     let (idle, writes) = (env_or("TIDE_BENCH_IDLE", 1_000), 200);
     let mut rows = Vec::new();
     for (mut child, endpoint) in [server_child(dir, "fan-out"), raw_child(dir, "fan-out")] {
-        let polls = IdlePolls::start(&endpoint, "live", idle);
+        let polls = idle_polls(&endpoint, "live", idle);
         let (seen, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
         let watcher_endpoint = endpoint.clone();
         let watcher = tokio::spawn(async move {
@@ -1100,7 +1067,7 @@ async fn fan_out(t: &mut Table, dir: &std::path::Path) {
             }
         });
         let mut author = LeanClient::connect(&endpoint, "live").await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        held_polls_reach(&endpoint, idle + 1).await;
         let (mut lat, mut cursor) = (Vec::with_capacity(writes), None);
         let d = tide_core::Doc::from_value(&doc(0)).unwrap();
         for i in 0..writes {
@@ -1112,12 +1079,12 @@ async fn fan_out(t: &mut Table, dir: &std::path::Path) {
                 payload: Payload::Put(d.clone()),
                 op_id: None,
             }];
-            let before = polls.counts();
             let start = Instant::now();
             cursor = Some(author.exchange(&req).await.expect("the write is answered").0);
             let at = tokio::time::timeout(Duration::from_secs(30), seen_rx.recv()).await;
             lat.push(at.expect("the watcher sees the write").expect("the watcher runs") - start);
-            polls.all_asking_again(before).await;
+            // One write wakes them all: the next waits until all are held again.
+            held_polls_reach(&endpoint, idle + 1).await;
         }
         lat.sort();
         watcher.abort();
@@ -1382,7 +1349,7 @@ async fn main() {
     if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("idle-polls") {
         // The live run's idle clients: endpoint, token, how many; until killed.
         let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-        let _polls = IdlePolls::start(&args[0], &args[1], args[2].parse().expect("a count"));
+        let _polls = idle_polls(&args[0], &args[1], args[2].parse().expect("a count"));
         std::future::pending::<()>().await;
     }
     if std::env::var("TIDE_BENCH_CHILD").as_deref() == Ok("initial-sync") {

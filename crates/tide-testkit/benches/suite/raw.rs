@@ -12,7 +12,8 @@
 //!   `group_concat(wire || seq || '}')` over a table whose rowid is the
 //!   seq, read on the serving thread's own connection;
 //! - a poll with nothing to read held until the next commit, and the polls
-//!   at one cursor sharing one read of their page.
+//!   at one cursor sharing one read of their page; `GET /metrics` answers
+//!   how many are held, as tide-server's gauge does.
 //!
 //! Left out, and each a cost tide pays: tokens, access rules, digests and
 //! their roots, node chains, tombstone horizons, byte budgets, limits,
@@ -22,6 +23,7 @@
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 
 use http_body_util::{BodyExt, Full};
@@ -67,6 +69,25 @@ struct State {
     /// The last page read for polls: its cursor, and the page with every
     /// node's changes (a poll that finds its own in it reads its own).
     shared: std::sync::Mutex<Option<(i64, Arc<PageRead>)>>,
+    /// Polls waiting for a commit, answered to `GET /metrics` as
+    /// tide-server's `tide_held_requests` gauge is.
+    held: AtomicUsize,
+}
+
+/// A poll's place among the held ones, given back when dropped.
+struct Held<'a>(&'a AtomicUsize);
+
+impl<'a> Held<'a> {
+    fn take(held: &'a AtomicUsize) -> Self {
+        held.fetch_add(1, Ordering::SeqCst);
+        Self(held)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Serves on a new loopback port; returns the endpoint.
@@ -78,7 +99,7 @@ pub(crate) async fn serve(path: PathBuf) -> String {
     std::thread::spawn(move || writer(conn, &rx, &heads_tx));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let endpoint = format!("http://{}/sync", listener.local_addr().unwrap());
-    let state = Arc::new(State { writes, path, heads, shared: std::sync::Mutex::new(None) });
+    let state = Arc::new(State { writes, path, heads, shared: std::sync::Mutex::new(None), held: AtomicUsize::new(0) });
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             stream.set_nodelay(true).unwrap();
@@ -87,6 +108,10 @@ pub(crate) async fn serve(path: PathBuf) -> String {
                 let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let state = Arc::clone(&state);
                     async move {
+                        if req.method() == hyper::Method::GET {
+                            let gauge = format!("tide_held_requests {}\n", state.held.load(Ordering::SeqCst));
+                            return Ok(hyper::Response::new(Full::new(bytes::Bytes::from(gauge))));
+                        }
                         let body = req.into_body().collect().await?.to_bytes();
                         let answer = exchange(&body, &state).await;
                         Ok::<_, hyper::Error>(hyper::Response::new(Full::new(bytes::Bytes::from(answer))))
@@ -121,6 +146,7 @@ async fn exchange(body: &[u8], state: &State) -> String {
     let (changes, last, count, head) = match request.wait.filter(|_| results.is_empty()) {
         None => page(&state.path, cursor, &request.node_id),
         Some(wait) => {
+            let _held = Held::take(&state.held);
             let mut heads = state.heads.clone();
             let deadline = tokio::time::Instant::now() + wait;
             loop {
@@ -163,16 +189,20 @@ fn poll_page(state: &State, cursor: i64, node: &str) -> PageRead {
             read
         }
     };
-    if read.0.contains(&format!(r#""node_id":{},"seq""#, serde_json::to_string(node).unwrap())) {
+    if read.0.contains(&format!(r#""node_id":{},"seq""#, quote(node))) {
         page(&state.path, cursor, node)
     } else {
         PageRead::clone(&read)
     }
 }
 
+/// `s` as a JSON string.
+fn quote(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialize")
+}
+
 /// An op as the change it becomes, rendered once, up to its seq.
 fn wire(op: &tide_core::Op) -> String {
-    let quote = |s: &str| serde_json::to_string(s).unwrap();
     let (kind, doc) = match &op.payload {
         Payload::Put(doc) => ("put", doc.as_str()),
         Payload::Delete => ("delete", "null"),
@@ -248,9 +278,10 @@ fn page(path: &Path, cursor: i64, node: &str) -> PageRead {
 }
 
 /// The raw limit of a push: `n` new documents in an outbox table (SQLite,
-/// `synchronous=NORMAL` as the suite's pushing client), sent to `endpoint` in
-/// exchanges of 1,000, each batch deleted once answered; ops per
-/// second. The outbox is filled before the clock starts.
+/// `synchronous=NORMAL` as the suite's pushing client), sent to `endpoint`
+/// in exchanges of [`crate::PUSH_OPS_PER_EXCHANGE`], each batch deleted
+/// once answered; ops per second. The outbox is filled before the clock
+/// starts.
 pub(crate) async fn push_from_outbox(path: &Path, n: usize, endpoint: &str) -> f64 {
     let mut conn = rusqlite::Connection::open(path).unwrap();
     conn.execute_batch(
@@ -260,23 +291,21 @@ pub(crate) async fn push_from_outbox(path: &Path, n: usize, endpoint: &str) -> f
     .unwrap();
     let tx = conn.transaction().unwrap();
     for i in 0..n {
-        let doc = serde_json::json!({"title": format!("document number {i}"), "body": "x".repeat(150), "n": i});
         tx.execute(
             "INSERT INTO outbox (collection, id, lamport, doc) VALUES ('c', ?1, ?2, ?3)",
-            rusqlite::params![format!("{i:026}"), i64::try_from(i).unwrap() + 1, doc.to_string()],
+            rusqlite::params![format!("{i:026}"), i64::try_from(i).unwrap() + 1, crate::doc(i).to_string()],
         )
         .unwrap();
     }
     tx.commit().unwrap();
-    let quote = |s: &str| serde_json::to_string(s).unwrap();
     let mut server = crate::LeanClient::connect(endpoint, "bench").await;
     let (start, mut cursor, mut pushed) = (std::time::Instant::now(), String::new(), 0);
     while pushed < n {
         let mut body = format!(r#"{{"node_id":"raw-pusher","cursor":"{cursor}","ops":["#);
         let mut last = 0i64;
-        conn.prepare_cached("SELECT seq, collection, id, lamport, doc FROM outbox ORDER BY seq LIMIT 1000")
+        conn.prepare_cached("SELECT seq, collection, id, lamport, doc FROM outbox ORDER BY seq LIMIT ?1")
             .unwrap()
-            .query_map([], |row| {
+            .query_map([i64::try_from(crate::PUSH_OPS_PER_EXCHANGE).unwrap()], |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, i64>(3)?, row.get::<_, String>(4)?))
             })
             .unwrap()
